@@ -1,0 +1,1 @@
+"""The ``lorareg`` command line: thin click + rich commands over ``loralib`` and ``registry``."""

@@ -1,0 +1,102 @@
+"""Entry point of the ``lorareg`` command.
+
+Commands live in modules of this package and are imported only when run, so ``lorareg --help``
+and catalog commands start without importing torch. Every :class:`~loralib.errors.LoraError`
+becomes one line on stderr and a non-zero exit; tracebacks appear only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from loralib import __version__
+from loralib.errors import LoraError
+
+# name -> (module, function, one-line help). The help is here so that listing the commands
+# imports none of them.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("cli.adapters", "inspect_command", "Describe an adapter: format, architecture, modules, ranks, hashes."),
+    "convert": ("cli.adapters", "convert_command", "Convert an adapter between kohya, PEFT and diffusers formats."),
+}
+SECTIONS: list[tuple[str, list[str]]] = [
+    ("Adapters", ["inspect", "convert"]),
+]
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for _, names in SECTIONS for name in names if name in COMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for title, names in SECTIONS:
+            rows = [(n, COMMANDS[n][2]) for n in names if n in COMMANDS]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lorareg")
+@click.option("--home", type=click.Path(file_okay=False), envvar="LORAREG_HOME",
+              help="Catalog folder (default: $LORAREG_HOME or the per-user data folder).")
+@click.option("--debug", is_flag=True, envvar="LORAREG_DEBUG", help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+    """lorareg — train, convert, merge, resize and catalog LoRA adapters for Stable Diffusion.
+
+    Every command that takes an adapter accepts a .safetensors file, a PEFT or diffusers folder,
+    a catalog name or hash prefix, or a Hub repo id.
+    """
+    ctx.obj = {"home": home, "debug": debug}
+
+
+def _error(message: str, code: int) -> int:
+    from .output import print_error
+
+    print_error(message)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and turn every user-facing error into one line and an exit code."""
+    debug = "--debug" in (argv or sys.argv[1:]) or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
+    try:
+        code = cli.main(args=argv, prog_name="lorareg", standalone_mode=False)
+    except LoraError as exc:
+        if debug:
+            raise
+        code = _error(str(exc), exc.exit_code)
+    except click.exceptions.Abort:
+        code = _error("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = _error("interrupted", 130)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        code = _error(f"{exc.strerror or exc}{where}", 1)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        code = _error(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
+                      "and please report it", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""loralib — read, write, convert, merge and resize LoRA adapters for Stable Diffusion.
+
+The core API::
+
+    import loralib
+    info = loralib.inspect("my_lora.safetensors")      # header only, no tensors loaded
+    adapter = loralib.load("my_lora.safetensors")      # any supported format -> LoraAdapter
+    adapter.save("out_dir", format="peft")             # kohya (default), peft or diffusers
+
+Importing ``loralib`` is cheap: torch is imported only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraAdapter", "LoraModule", "convert", "inspect", "load", "save", "LoraError"]
+
+from .errors import LoraError
+
+
+def __getattr__(name: str):
+    if name in ("LoraAdapter", "LoraModule"):
+        from . import adapter
+
+        return getattr(adapter, name)
+    if name in ("load", "save", "convert"):
+        from . import formats
+
+        return getattr(formats, {"load": "load_adapter", "save": "save_adapter", "convert": "convert"}[name])
+    if name == "inspect":
+        from .inspection import inspect
+
+        return inspect
+    raise AttributeError(f"module 'loralib' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""The layers of a real base model that an adapter can target, under lorareg's internal keys.
+
+Used wherever an adapter meets a model: fusing (bake), training, checking that an adapter fits
+a model, and building full-size module tables on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from .naming.kohya import TE_ROOT
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The weight shape of an adaptable layer."""
+
+    out_features: int
+    in_features: int
+    kernel_size: tuple[int, int] | None  # None for Linear
+
+    @property
+    def is_conv(self) -> bool:
+        """True for a Conv2d layer."""
+        return self.kernel_size is not None
+
+
+def _canonical(component: str, path: str) -> str:
+    if component != UNET and not path.startswith(TE_ROOT + ".") and path != "text_projection":
+        path = f"{TE_ROOT}.{path}"
+    return f"{component}.{path}"
+
+
+def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear and Conv2d layer of one component, keyed by internal key.
+
+    Text encoders' embeddings are not LoRA targets and are left out.
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            layers[_canonical(component, name)] = module
+    return layers
+
+
+def pipeline_layers(pipe) -> dict[str, nn.Module]:
+    """Every adaptable layer of a diffusers pipeline's UNet and text encoders."""
+    layers = {}
+    for component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
+        model = getattr(pipe, component, None)
+        if model is not None:
+            layers.update(adaptable_layers(component, model))
+    return layers
+
+
+def layer_shape(module: nn.Module) -> LayerShape:
+    """The shape of a Linear or Conv2d layer."""
+    if isinstance(module, nn.Conv2d):
+        return LayerShape(module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size))
+    return LayerShape(module.out_features, module.in_features, None)
+
+
+def full_size_layers(architecture: str, components: tuple[str, ...] = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)) -> dict[str, LayerShape]:
+    """The adaptable layers of a full-size SD1.5, SD2.1 or SDXL model, built on the meta device (no weights)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    arch = ARCHITECTURES[architecture]
+    shapes: dict[str, LayerShape] = {}
+    with torch.device("meta"):
+        if UNET in components:
+            unet = UNet2DConditionModel(**arch.unet_config)
+            shapes.update({k: layer_shape(m) for k, m in adaptable_layers(UNET, unet).items()})
+        for component, config in arch.text_encoders.items():
+            if component in components:
+                cls = CLIPTextModelWithProjection if component == TEXT_ENCODER_2 else CLIPTextModel
+                model = cls(CLIPTextConfig(**config))
+                shapes.update({k: layer_shape(m) for k, m in adaptable_layers(component, model).items()})
+    return shapes

@@ -1,0 +1,1 @@
+"""Reading, hashing and atomically writing safetensors files, without torch where possible."""

@@ -1,0 +1,122 @@
+"""Serialise tensors to a safetensors file, hashing the bytes as they are written.
+
+The tensor-data hash must go into the file's own metadata (``sshs_model_hash``), and it does not
+depend on the header, so the data is hashed first, the metadata completed, then the file written
+once under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_file
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, FileHashes, StreamHasher
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_BYTE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without copying where possible."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(_BYTE_VIEW[t.element_size()]).numpy()).cast("B")
+
+
+SELF_HASHES = ("tensor_sha256", "tensor_sha256_0x", "legacy")
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    self_hashes: Mapping[str, str] | None = None,
+) -> FileHashes:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically and return the file's hashes.
+
+    ``self_hashes`` maps metadata keys to hashes of the file itself that they must hold:
+    ``tensor_sha256`` (kohya's ``sshs_model_hash``), ``tensor_sha256_0x`` (ModelSpec's
+    ``hash_sha256``) or ``legacy`` (``sshs_legacy_hash``, computed on the final bytes at offset
+    1 MiB; left out when the header itself reaches that far).
+    """
+    # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    views, entries, offset = [], {}, 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"cannot store tensor {name} of dtype {tensor.dtype} in safetensors")
+        view = tensor_bytes(tensor)
+        entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + len(view)]}
+        views.append(view)
+        offset += len(view)
+    meta = dict(metadata or {})
+    self_hashes = dict(self_hashes or {})
+    if self_hashes:
+        data_hash = hashlib.sha256()
+        for view in views:
+            data_hash.update(view)
+        digest = data_hash.hexdigest()
+        for key, kind in self_hashes.items():
+            meta[key] = {"tensor_sha256": digest, "tensor_sha256_0x": "0x" + digest, "legacy": "0" * 8}[kind]
+    raw = _header_bytes(entries, meta)
+    legacy_keys = [k for k, kind in self_hashes.items() if kind == "legacy"]
+    if legacy_keys:
+        # The placeholder has the value's length, so filling it in keeps every offset.
+        legacy = _legacy_hash(8 + len(raw), views)
+        for key in legacy_keys:
+            if legacy is None:
+                del meta[key]
+            else:
+                meta[key] = legacy
+        raw = _header_bytes(entries, meta)
+    prefix = struct.pack("<Q", len(raw))
+    hasher = StreamHasher(8 + len(raw))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for chunk in (prefix, raw, *views):
+            f.write(chunk)
+            hasher.update(chunk)
+    return hasher.result()
+
+
+def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:
+    header = {"__metadata__": metadata, **entries} if metadata else entries
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _legacy_hash(data_start: int, views: list[memoryview]) -> str | None:
+    """The legacy hash of a file whose data starts at ``data_start``, or None if the header covers 1 MiB."""
+    if data_start > LEGACY_OFFSET:
+        return None
+    legacy, position = hashlib.sha256(), data_start
+    for view in views:
+        lo, hi = max(position, LEGACY_OFFSET), min(position + len(view), LEGACY_OFFSET + LEGACY_LENGTH)
+        if lo < hi:
+            legacy.update(view[lo - position:hi - position])
+        position += len(view)
+    return legacy.hexdigest()[:8]
+
+
+def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load tensors (all, or only ``names``) from a safetensors file whose header was validated."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path)), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in (names if names is not None else f.keys())}

@@ -1,0 +1,130 @@
+"""diffusers LoRA files, current and legacy.
+
+Current (written): ``unet.<path>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.…``,
+``text_encoder_2.…``, with the per-component PEFT ``LoraConfig`` in the ``lora_adapter_metadata``
+entry of the safetensors metadata (flattened as ``unet.r``, ``unet.lora_alpha``, …); without
+it the scale is 1 (alpha = rank).
+
+Legacy (read only, scale 1): the 0.21-era ``<path>.lora.down.weight`` with text encoders as
+``<path>.lora_linear_layer.down.weight``, and the attention-processor format
+``<attention>.processor.to_q_lora.down.weight`` (with or without ``unet.``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+from typing import TYPE_CHECKING
+
+from ..architectures import UNET
+from ..errors import CorruptFileError
+from .base import AdapterIndex, ModuleEntry
+from .detect import ATTN_PROCS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_OLD, DIFFUSERS_OLD_KEY, ATTN_PROC_KEY
+from .peft import canonical_key, component_of
+from .peft_config import build_config, config_path, resolve_alpha
+from .source import TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+_ALPHA_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.alpha$")
+# Attention-processor LoRA names the projection; text encoders call them q_proj…out_proj.
+_UNET_PROJECTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
+                    "add_k_proj": "add_k_proj", "add_v_proj": "add_v_proj"}
+_TE_PROJECTION = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _component_configs(metadata: dict[str, str], path_name: str) -> dict[str, dict]:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from None
+    configs: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _classify(name: str) -> tuple[str | None, str, str] | None:
+    """(component prefix, module path, factor 'down'/'up') of any diffusers spelling."""
+    if match := DIFFUSERS_KEY.match(name):
+        component, path, ab = match.groups()
+        return component, path, "down" if ab == "A" else "up"
+    if match := ATTN_PROC_KEY.match(name):
+        component, parent, projection, factor = match.groups()
+        parent = parent.removesuffix(".processor")
+        is_text = component not in (None, UNET) or ".self_attn" in f".{parent}"
+        table = _TE_PROJECTION if is_text else _UNET_PROJECTION
+        return component, f"{parent}.{table[projection]}", factor
+    if match := DIFFUSERS_OLD_KEY.match(name):
+        return match.groups()
+    return None
+
+
+def parse(source: TensorSource) -> AdapterIndex:
+    """Index a diffusers LoRA file in any of its spellings."""
+    factors: dict[tuple[str | None, str], dict[str, str]] = {}
+    alphas: dict[tuple[str | None, str], str] = {}
+    spelling = Counter()
+    unrecognised = []
+    for name in source.names:
+        if match := _ALPHA_KEY.match(name):
+            alphas[match.group(1), match.group(2)] = name
+            continue
+        parsed = _classify(name)
+        if parsed is None:
+            unrecognised.append(name)
+            continue
+        component, path, factor = parsed
+        factors.setdefault((component, path), {})[factor] = name
+        spelling[DIFFUSERS if DIFFUSERS_KEY.match(name) else ATTN_PROCS if ATTN_PROC_KEY.match(name) else DIFFUSERS_OLD] += 1
+    if unrecognised:
+        raise CorruptFileError(
+            f"{source.path.name} has {len(unrecognised)} key(s) that are not diffusers LoRA weights, "
+            f"e.g. {', '.join(sorted(unrecognised)[:3])}")
+    configs = _component_configs(source.metadata, source.path.name)
+    entries: dict[str, ModuleEntry] = {}
+    for (component, path), parts in factors.items():
+        if set(parts) != {"down", "up"}:
+            raise CorruptFileError(f"{source.path.name}: module {path} lacks its {'up' if 'down' in parts else 'down'} factor")
+        component = component or component_of(path, "", source.shapes[parts["down"]][1])
+        key = canonical_key(component, path)
+        if key in entries:
+            raise CorruptFileError(f"{source.path.name} adapts {key} twice")
+        entry = ModuleEntry(key, source, parts["down"], parts["up"])
+        entry.check_shapes()
+        if (component, path) in alphas or (None, path) in alphas:
+            entry.alpha = source.scalar(alphas.get((component, path)) or alphas[None, path])
+        elif component in configs:
+            entry.alpha = resolve_alpha(configs[component], key.split(".", 1)[1], entry.rank)
+        entries[key] = entry
+    kind = spelling.most_common(1)[0][0] if spelling else DIFFUSERS
+    metadata = {k: v for k, v in source.metadata.items() if k != METADATA_KEY}
+    return AdapterIndex(kind, [source], entries, metadata)
+
+
+def state_dict(adapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The current-diffusers tensors of an adapter and its ``lora_adapter_metadata`` entry."""
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    for key, module in adapter.modules.items():
+        module = module.without_mid()
+        if dtype is not None:
+            module = module.to(dtype)
+        tensors[f"{key}.lora_A.weight"] = module.down
+        tensors[f"{key}.lora_B.weight"] = module.up
+        per_component.setdefault(key.split(".", 1)[0], {})[config_path(key)] = (module.rank, module.alpha)
+    flat = {}
+    for component, ranks_alphas in per_component.items():
+        config = build_config(ranks_alphas)
+        config.pop("peft_type")
+        flat.update({f"{component}.{field}": value for field, value in config.items()})
+    return tensors, {METADATA_KEY: json.dumps(flat, sort_keys=True)}

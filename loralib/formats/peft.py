@@ -1,0 +1,130 @@
+"""PEFT ``save_pretrained`` folders: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+A PEFT adapter belongs to one model, so a pipeline adapter is a folder per component: the UNet
+adapter at the top (what ``PeftModel.from_pretrained(unet, folder)`` expects) and the text
+encoders in ``text_encoder/`` and ``text_encoder_2/`` subfolders. Keys are
+``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight``; the config's ``r``,
+``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` give each module's scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from ..errors import CorruptFileError, UnsupportedFormatError
+from ..naming.kohya import TE_ROOT
+from .base import AdapterIndex, ModuleEntry
+from .detect import PEFT, PEFT_KEY
+from .peft_config import build_config, config_path, resolve_alpha
+from .source import TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+SUBFOLDERS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
+_TE_ROOTS = (TE_ROOT + ".", "encoder.layers.", "embeddings.", "final_layer_norm", "text_projection")
+
+
+def read_config(folder: Path) -> dict:
+    """Read and check a folder's ``adapter_config.json``."""
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptFileError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}",
+                               "PEFT needs both files; without the config the scale of each module is unknown") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptFileError(f"{path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedFormatError(f"{folder} is a PEFT {peft_type} adapter, not a LoRA",
+                                     "Only plain LoRA adapters can be converted")
+    if config.get("use_dora"):
+        raise UnsupportedFormatError(f"{folder} is a PEFT DoRA adapter",
+                                     "DoRA rescales the base weights and is not a plain low-rank update")
+    return config
+
+
+def component_of(path: str, folder_name: str, in_features: int) -> str:
+    """Which pipeline component a PEFT module path belongs to."""
+    if folder_name in SUBFOLDERS:
+        return folder_name
+    if path.startswith(_TE_ROOTS):
+        return TEXT_ENCODER_2 if in_features == 1280 else TEXT_ENCODER
+    return UNET
+
+
+def canonical_key(component: str, path: str) -> str:
+    """The internal key of a component's module path (text encoders gain ``text_model.``)."""
+    if component != UNET and not path.startswith(TE_ROOT + ".") and path != "text_projection":
+        path = f"{TE_ROOT}.{path}"
+    return f"{component}.{path}"
+
+
+def parse(source: TensorSource, config: dict) -> AdapterIndex:
+    """Index one PEFT ``adapter_model.safetensors`` with its config."""
+    pairs: dict[str, dict[str, str]] = {}
+    unrecognised = []
+    for name in source.names:
+        match = PEFT_KEY.match(name)
+        if match is None:
+            unrecognised.append(name)
+            continue
+        pairs.setdefault(match.group(1), {})[match.group(2)] = name
+    if unrecognised:
+        raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
+    folder_name = source.path.parent.name
+    entries: dict[str, ModuleEntry] = {}
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CorruptFileError(f"{source.path}: module {path} lacks lora_{'B' if 'A' in ab else 'A'}")
+        component = component_of(path, folder_name, source.shapes[ab["A"]][1])
+        key = canonical_key(component, path)
+        entry = ModuleEntry(key, source, ab["A"], ab["B"])
+        entry.check_shapes()
+        entry.alpha = resolve_alpha(config, key.split(".", 1)[1], entry.rank)
+        entries[key] = entry
+    return AdapterIndex(PEFT, [source], entries, dict(source.metadata))
+
+
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def component_files(folder: Path) -> list[Path]:
+    """The adapter files of a PEFT folder (top level and component subfolders), safetensors preferred."""
+    files = []
+    for location in (folder, *(folder / sub for sub in SUBFOLDERS)):
+        for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+            if (location / name).is_file() and (location / CONFIG_NAME).is_file():
+                files.append(location / name)
+                break
+    return files
+
+
+def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The PEFT tensors and config of one component of an adapter."""
+    tensors, ranks_alphas = {}, {}
+    for key, module in adapter.modules.items():
+        if key.split(".", 1)[0] != component:
+            continue
+        module = module.without_mid()
+        if dtype is not None:
+            module = module.to(dtype)
+        path = key.split(".", 1)[1]
+        tensors[f"base_model.model.{path}.lora_A.weight"] = module.down
+        tensors[f"base_model.model.{path}.lora_B.weight"] = module.up
+        ranks_alphas[config_path(key)] = (module.rank, module.alpha)
+    return tensors, build_config(ranks_alphas)
+
+
+def relative_folder(component: str) -> str:
+    """Where a component's adapter goes inside a PEFT folder ("" for the UNet)."""
+    return "" if component == UNET else component

@@ -1,0 +1,72 @@
+"""Where an adapter's tensors come from: a safetensors file read lazily, or an in-memory dict.
+
+Readers see only names, shapes, dtypes and metadata until an adapter is actually loaded, so
+``inspect`` and the catalog never load a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptFileError
+from ..files.header import SafetensorsHeader, read_header
+
+
+@dataclass
+class TensorSource:
+    """One file's tensors: names, shapes, dtypes and metadata, with tensors loaded on request."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str] = field(default_factory=dict)
+    header: SafetensorsHeader | None = None
+    tensors: dict[str, Any] | None = None  # set for in-memory sources (opted-in pickle files)
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path) -> TensorSource:
+        """A source over a safetensors file; only its header is read."""
+        header = read_header(path)
+        return cls(Path(path), {n: t.shape for n, t in header.tensors.items()},
+                   {n: t.dtype for n, t in header.tensors.items()}, header.metadata, header=header)
+
+    @classmethod
+    def from_state_dict(cls, path: str | Path, state_dict: dict[str, Any], metadata: dict[str, str] | None = None) -> TensorSource:
+        """A source over tensors already in memory (from a pickle file the user opted to read)."""
+        from ..files.writer import _DTYPE_NAMES
+
+        tensors = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
+        return cls(Path(path), {k: tuple(v.shape) for k, v in tensors.items()},
+                   {k: _DTYPE_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items()},
+                   metadata or {}, tensors=tensors)
+
+    @property
+    def names(self) -> list[str]:
+        """All tensor names."""
+        return list(self.shapes)
+
+    @property
+    def is_truncated(self) -> bool:
+        """True when the file ends before its tensor data does."""
+        return self.header is not None and self.header.is_truncated
+
+    def scalar(self, name: str) -> float:
+        """The value of a one-element tensor (such as an alpha), read without loading others."""
+        if self.tensors is not None:
+            return float(self.tensors[name].reshape(-1)[0])
+        return self.header.read_scalar(name)
+
+    def load(self, names: list[str]) -> dict[str, Any]:
+        """Load the named tensors as torch tensors."""
+        if self.tensors is not None:
+            return {n: self.tensors[n] for n in names}
+        self.header.require_complete()
+        from ..files.writer import load_tensors
+
+        try:
+            return load_tensors(self.path, names)
+        except Exception as exc:  # the library's own errors are not user-facing
+            raise CorruptFileError(f"{self.path.name} could not be read: {exc}", "The file may be damaged") from None
+

@@ -1,0 +1,87 @@
+"""The metadata lorareg writes: kohya's ``ss_*``, Stability's ``modelspec.*`` and its own history.
+
+Input metadata is kept; what an operation changed is updated (rank, alpha, architecture), the
+hashes are computed on the bytes actually written, and every operation is appended to
+``lorareg.history`` — a JSON list of records with the operation, its inputs (file name and
+tensor hash) and its parameters — which the catalog reads to show lineage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .architectures import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from .adapter import LoraAdapter
+
+HISTORY_KEY = "lorareg.history"
+# Hashes that describe the file they are stored in; stale once anything is rewritten.
+SELF_HASHES = {"sshs_model_hash": "tensor_sha256", "sshs_legacy_hash": "legacy",
+               "modelspec.hash_sha256": "tensor_sha256_0x"}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def history(metadata: dict[str, str]) -> list[dict]:
+    """The operation records stored in a file's metadata (oldest first)."""
+    try:
+        records = json.loads(metadata.get(HISTORY_KEY, "[]"))
+    except json.JSONDecodeError:
+        return []
+    return records if isinstance(records, list) else []
+
+
+def input_record(adapter: LoraAdapter, weight: float | None = None) -> dict:
+    """How an operation's record names one input: file name, format and hashes."""
+    record = {"file": adapter.source_path.name if adapter.source_path else None, "format": adapter.source_format}
+    hashes = adapter.source_hashes
+    if hashes is not None:
+        record.update(tensor_sha256=hashes.tensor_sha256, sha256=hashes.sha256)
+    if weight is not None:
+        record["weight"] = weight
+    return record
+
+
+def build(adapter: LoraAdapter, *, title: str, operation: dict | None) -> dict[str, str]:
+    """The metadata to write for ``adapter`` (hash entries are filled in by the writer)."""
+    meta = {k: v for k, v in adapter.metadata.items() if k not in SELF_HASHES}
+    modules = list(adapter.modules.values())
+    ranks = Counter(m.rank for m in modules)
+    alphas = Counter(m.alpha for m in modules)
+    linear = [m for m in modules if not m.is_conv]
+    conv = [m for m in modules if m.is_conv]
+    main = linear or conv
+    uniform_rank = len({m.rank for m in main}) == 1
+    uniform_alpha = len({m.alpha for m in main}) == 1
+    meta["ss_network_module"] = "networks.lora"
+    meta["ss_network_dim"] = str(main[0].rank) if main and uniform_rank else "Dynamic"
+    meta["ss_network_alpha"] = _number(main[0].alpha) if main and uniform_alpha else "Dynamic"
+    if conv and linear:
+        args = json.loads(meta.get("ss_network_args") or "{}") if meta.get("ss_network_args", "").startswith("{") else {}
+        if len({m.rank for m in conv}) == 1 and len({m.alpha for m in conv}) == 1:
+            args.update(conv_dim=str(conv[0].rank), conv_alpha=_number(conv[0].alpha))
+        meta["ss_network_args"] = json.dumps(args)
+    arch = ARCHITECTURES.get(adapter.architecture)
+    if arch is not None:
+        meta["ss_base_model_version"] = arch.ss_base_model_version
+        meta["ss_v2"] = str(arch.name == "sd2")
+        meta["modelspec.architecture"] = arch.modelspec_architecture
+        meta["modelspec.implementation"] = arch.modelspec_implementation
+        meta.setdefault("modelspec.resolution", f"{arch.resolution}x{arch.resolution}")
+    meta["modelspec.sai_model_spec"] = "1.0.0"
+    meta.setdefault("modelspec.title", title)
+    meta["modelspec.date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    meta["ss_output_name"] = title
+    if operation is not None:
+        record = {**operation, "tool": f"lorareg {__version__}",
+                  "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
+                  "alphas": {_number(a): n for a, n in sorted(alphas.items())}}
+        meta[HISTORY_KEY] = json.dumps(history(adapter.metadata) + [record])
+    return meta

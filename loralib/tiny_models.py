@@ -1,0 +1,82 @@
+"""Tiny random Stable Diffusion pipelines, built offline in about a second.
+
+They have the real diffusers/transformers classes and the real module names, with small widths
+where that is harmless: SD1-shaped (one text encoder, cross-attention width 768) and
+SDXL-shaped (two text encoders of widths 768 and 1280, cross-attention width 2048, SDXL's block
+layout, so SGM names match the full-size model). Used by the demo, the tests and the
+benchmarks wherever a real base model cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_ARCHITECTURES = ("sd1", "sdxl")
+_VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over single characters (transformers ships no vocabulary files)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _VOCAB_CHARS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def _text_config(hidden: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=2 + 2 * len(_VOCAB_CHARS), max_position_embeddings=77, projection_dim=projection,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1, sample_size=64)
+
+
+def build_tiny_pipeline(architecture: str = "sd1", seed: int = 0):
+    """A tiny random pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``)."""
+    import torch
+    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"tiny pipelines exist for {', '.join(TINY_ARCHITECTURES)}, not {architecture!r}")
+    torch.manual_seed(seed)
+    if architecture == "sd1":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=768, sample_size=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8, norm_num_groups=8)
+        return StableDiffusionPipeline(
+            unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config(768, 768)), tokenizer=tiny_tokenizer(),
+            scheduler=DDPMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    time_dim, projection = 8, 32
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=2048, sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=8, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + projection)
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config(768, 768)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(1280, projection)),
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), scheduler=EulerDiscreteScheduler())
+
+
+def save_tiny_pipeline(path: str | Path, architecture: str = "sd1", seed: int = 0) -> Path:
+    """Build a tiny pipeline and ``save_pretrained`` it to ``path``; returns the folder."""
+    path = Path(path)
+    build_tiny_pipeline(architecture, seed).save_pretrained(path)
+    return path

@@ -1,0 +1,87 @@
+"""Shared test fixtures: isolation from the user's machine, tiny pipelines, the real fixtures, the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+REAL_LORAS = SHARED_FIXTURES / "real-loras"
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """No test touches the user's catalog or Hub cache, and none reaches the network."""
+    home = tmp_path_factory.mktemp("lorareg-home")
+    monkeypatch.setenv("LORAREG_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("LORAREG_DEBUG", raising=False)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def real_loras() -> Path:
+    """The folder of real adapter files published by others (../shared/fixtures/real-loras)."""
+    if not REAL_LORAS.is_dir():
+        pytest.skip("../shared/fixtures is not present in this checkout (CI always has it)")
+    return REAL_LORAS
+
+
+@pytest.fixture(scope="session")
+def key_lists() -> Path:
+    """The folder of real adapters' key lists (../shared/fixtures/key-lists)."""
+    folder = SHARED_FIXTURES / "key-lists"
+    if not folder.is_dir():
+        pytest.skip("../shared/fixtures is not present in this checkout (CI always has it)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> Path:
+    """A tiny random SD1-shaped pipeline saved with save_pretrained (built once per session)."""
+    from loralib.tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL-shaped pipeline saved with save_pretrained (built once per session)."""
+    from loralib.tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@dataclass
+class CliResult:
+    """What one ``lorareg`` invocation did."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def lorareg(capsys):
+    """Run the real ``lorareg`` entry point in-process: ``lorareg("inspect", path)`` -> CliResult."""
+    from cli.main import main
+
+    def run(*args: str | os.PathLike) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
