@@ -21,9 +21,31 @@ from loralib.errors import LoraError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("cli.adapters", "inspect_command", "Describe an adapter: format, architecture, modules, ranks, hashes."),
     "convert": ("cli.adapters", "convert_command", "Convert an adapter between kohya, PEFT and diffusers formats."),
+    "merge": ("cli.compose", "merge_command", "Merge adapters with weights (exact, or best rank-k; ties, dare)."),
+    "resize": ("cli.compose", "resize_command", "Reduce an adapter's rank by exact SVD (fixed or dynamic rank)."),
+    "bake": ("cli.compose", "bake_command", "Fuse adapters into a base model (diffusers folder or single file)."),
+    "extract": ("cli.compose", "extract_command", "Extract a LoRA from the difference of two models."),
+    "add": ("cli.catalog", "add_command", "Add adapter files to the catalog (headers and hashes only)."),
+    "scan": ("cli.catalog", "scan_command", "Index a folder of adapters in place, incrementally and resumably."),
+    "list": ("cli.catalog", "list_command", "List catalog adapters (filter by architecture, format, tag)."),
+    "search": ("cli.catalog", "search_command", "Full-text search over names, tags, trigger words, metadata."),
+    "show": ("cli.catalog", "show_command", "Everything known about an adapter: hashes, files, source, lineage."),
+    "tag": ("cli.catalog", "tag_command", "Add (+tag) and remove (-tag) tags of a catalog adapter."),
+    "rm": ("cli.catalog", "rm_command", "Remove adapters from the catalog (files kept unless --delete-file)."),
+    "verify": ("cli.catalog", "verify_command", "Re-hash catalog files; report missing, moved and changed ones."),
+    "lineage": ("cli.catalog", "lineage_command", "The merge/resize/convert tree an adapter came from."),
+    "push": ("cli.hub", "push_command", "Upload an adapter to the Hugging Face Hub with a model card."),
+    "pull": ("cli.hub", "pull_command", "Download an adapter from the Hub, verify its SHA-256, register it."),
+    "train": ("cli.train", "train_command", "Train a LoRA on captioned images (TOML config or options)."),
+    "generate": ("cli.generate", "generate_command", "Render images with a base model and weighted adapters."),
+    "tiny-model": ("cli.train", "tiny_model_command", "Build a tiny random SD1/SD2/SDXL base model (demos, tests)."),
 }
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Adapters", ["inspect", "convert"]),
+    ("Composition", ["merge", "resize", "bake", "extract"]),
+    ("Catalog", ["add", "scan", "list", "search", "show", "tag", "rm", "verify", "lineage"]),
+    ("Hub", ["push", "pull"]),
+    ("Training and generation", ["train", "generate", "tiny-model"]),
 ]
 
 

@@ -13,7 +13,10 @@ def console(stderr: bool = False):
     """A rich console (imported lazily; rich costs tens of milliseconds)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output is for logs and scripts: do not wrap hashes and paths at 80 columns.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def print_error(message: str) -> None:

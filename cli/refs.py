@@ -7,21 +7,50 @@ registry, which imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import shlex
+import sqlite3
 from pathlib import Path
 
 import click
 
-from loralib.errors import InputNotFoundError
+from loralib.errors import LoraError
+
+
+def catalog_home(ctx: click.Context | None) -> str | None:
+    """The catalog folder chosen with ``--home`` / ``LORAREG_HOME`` (None: the default)."""
+    root = ctx.find_root() if ctx is not None else None
+    return (root.obj or {}).get("home") if root is not None and isinstance(root.obj, dict) else None
 
 
 def resolve_adapter(ctx: click.Context, reference: str) -> Path:
-    """The local path of an adapter reference (file, folder, catalog name, hash prefix or Hub id)."""
+    """The local path of an adapter reference: an existing file or folder first, then a catalog
+    name, a hash prefix (tensor SHA-256/A1111, file SHA-256/AutoV2, legacy), then a Hub repo id
+    ``user/repo[@rev]`` (downloaded into the Hub cache, verified and registered)."""
     path = Path(reference).expanduser()
-    if path.exists():
+    if path.exists():  # the common case, without opening the catalog
         return path
-    raise InputNotFoundError(f"{reference} does not exist", "Check the path")
+    from registry.resolve import resolve
+
+    return resolve(reference, catalog_home(ctx))
 
 
 def register_output(ctx: click.Context, result, operation: dict) -> None:
-    """Record a written adapter and its lineage in the catalog (no-op until the catalog exists)."""
-    return None
+    """Record a written adapter (a loralib ``SaveResult``) and its lineage in the catalog.
+
+    ``operation`` holds ``"operation"``, ``"inputs"`` (paths or input records), optional
+    ``"weights"``, and the parameters. The output exists whatever happens here, so a catalog
+    problem is reported as a warning and does not fail the command.
+    """
+    from registry.catalog import Catalog
+
+    from .output import note
+
+    hashes = result.hashes if getattr(result, "format", None) != "peft" else None
+    try:
+        with Catalog(catalog_home(ctx)) as catalog:
+            added = catalog.register_output(result.path, operation, hashes=hashes)
+    except (LoraError, sqlite3.Error, OSError) as exc:
+        note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
+        return
+    verb = "registered as" if added.created else "already in the catalog as"
+    note(f"{verb} {added.entry.name} (see: lorareg show {shlex.quote(added.entry.name)})")

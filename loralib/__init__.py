@@ -14,7 +14,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraAdapter", "LoraModule", "convert", "inspect", "load", "save", "LoraError"]
+__all__ = ["LoraAdapter", "LoraModule", "convert", "inspect", "load", "save", "LoraError",
+           "merge", "resize", "bake", "extract"]
 
 from .errors import LoraError
 
@@ -32,4 +33,8 @@ def __getattr__(name: str):
         from .inspection import inspect
 
         return inspect
+    if name in ("merge", "resize", "bake", "extract"):
+        from . import compose
+
+        return getattr(compose, name)
     raise AttributeError(f"module 'loralib' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from .architectures import COMPONENTS, UNKNOWN
 from .errors import CorruptFileError
 
 if TYPE_CHECKING:
-    from .files.hashes import FileHashes
+    from .files.hashes import Deferred, FileHashes
     from .formats.base import SaveResult
 
 
@@ -148,6 +148,7 @@ class LoraAdapter:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
     _source_hashes: FileHashes | None = field(default=None, repr=False)
+    _source_tensor_sha256: Deferred | None = field(default=None, repr=False)
 
     @property
     def components(self) -> list[str]:
@@ -175,12 +176,32 @@ class LoraAdapter:
 
     @property
     def source_hashes(self) -> FileHashes | None:
-        """Hashes of the file this adapter was read from (computed on first use)."""
-        if self._source_hashes is None and self.source_path is not None and self.source_path.is_file():
+        """Hashes of the safetensors file this adapter was read from (computed on first use).
+
+        For a PEFT folder, the file of its first component; None for pickle files.
+        """
+        if self._source_hashes is None and self.source_path is not None:
+            from .errors import CorruptFileError
             from .files.hashes import hash_file
 
-            self._source_hashes = hash_file(self.source_path)
+            path = self.source_path
+            if path.is_dir():
+                from .formats.peft import component_files
+
+                path = next(iter(component_files(path)), None) or path / "pytorch_lora_weights.safetensors"
+            try:
+                self._source_hashes = hash_file(path)
+            except (CorruptFileError, OSError):
+                return None
         return self._source_hashes
+
+    @property
+    def source_tensor_sha256(self) -> str | None:
+        """SHA-256 of the source file's tensor data (its catalog identity); hashed while it loads."""
+        if self._source_tensor_sha256 is not None:
+            return self._source_tensor_sha256.result()
+        hashes = self.source_hashes
+        return hashes.tensor_sha256 if hashes is not None else None
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .architectures import ARCHITECTURES, FOREIGN_FAMILIES, UNKNOWN, detect_architecture
+from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, UNKNOWN, detect_architecture
 from .errors import LoraError
 from .files.hashes import hash_file
 from .formats import Inputs, identify_inputs, index_inputs, open_inputs, refuse
@@ -140,7 +140,8 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
         entries = list(index.modules.values())
         detection = index.architecture
         architecture, evidence = detection.name, detection.evidence
-        components = dict(Counter(e.key.split(".", 1)[0] for e in entries))
+        counts = Counter(e.key.split(".", 1)[0] for e in entries)
+        components = {c: counts[c] for c in COMPONENTS if c in counts}
         ranks = dict(sorted(index.rank_counts().items()))
         alphas = dict(sorted(index.alpha_counts().items()))
         conv = sum(e.is_conv for e in entries)

@@ -39,11 +39,11 @@ def history(metadata: dict[str, str]) -> list[dict]:
 
 
 def input_record(adapter: LoraAdapter, weight: float | None = None) -> dict:
-    """How an operation's record names one input: file name, format and hashes."""
+    """How an operation's record names one input: file name, format and tensor hash (its identity)."""
     record = {"file": adapter.source_path.name if adapter.source_path else None, "format": adapter.source_format}
-    hashes = adapter.source_hashes
-    if hashes is not None:
-        record.update(tensor_sha256=hashes.tensor_sha256, sha256=hashes.sha256)
+    tensor_sha256 = adapter.source_tensor_sha256
+    if tensor_sha256 is not None:
+        record["tensor_sha256"] = tensor_sha256
     if weight is not None:
         record["weight"] = weight
     return record

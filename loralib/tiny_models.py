@@ -1,7 +1,8 @@
 """Tiny random Stable Diffusion pipelines, built offline in about a second.
 
 They have the real diffusers/transformers classes and the real module names, with small widths
-where that is harmless: SD1-shaped (one text encoder, cross-attention width 768) and
+where that is harmless: SD1-shaped (one text encoder, cross-attention width 768), SD2-shaped
+(cross-attention and text-encoder width 1024, linear projections, v-prediction) and
 SDXL-shaped (two text encoders of widths 768 and 1280, cross-attention width 2048, SDXL's block
 layout, so SGM names match the full-size model). Used by the demo, the tests and the
 benchmarks wherever a real base model cannot be downloaded.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TINY_ARCHITECTURES = ("sd1", "sdxl")
+TINY_ARCHITECTURES = ("sd1", "sd2", "sdxl")
 _VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -53,15 +54,17 @@ def build_tiny_pipeline(architecture: str = "sd1", seed: int = 0):
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny pipelines exist for {', '.join(TINY_ARCHITECTURES)}, not {architecture!r}")
     torch.manual_seed(seed)
-    if architecture == "sd1":
+    if architecture in ("sd1", "sd2"):
+        width = 768 if architecture == "sd1" else 1024  # SD2: OpenCLIP-H width, linear projections, v-prediction
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=768, sample_size=8,
+            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=width, sample_size=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8, norm_num_groups=8)
+            attention_head_dim=8, norm_num_groups=8, use_linear_projection=architecture == "sd2")
+        prediction = "epsilon" if architecture == "sd1" else "v_prediction"
         return StableDiffusionPipeline(
-            unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config(768, 768)), tokenizer=tiny_tokenizer(),
-            scheduler=DDPMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config(width, width)), tokenizer=tiny_tokenizer(),
+            scheduler=DDPMScheduler(clip_sample=False, steps_offset=1, prediction_type=prediction), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     time_dim, projection = 8, 32
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=2048, sample_size=8,
@@ -79,4 +82,34 @@ def save_tiny_pipeline(path: str | Path, architecture: str = "sd1", seed: int = 
     """Build a tiny pipeline and ``save_pretrained`` it to ``path``; returns the folder."""
     path = Path(path)
     build_tiny_pipeline(architecture, seed).save_pretrained(path)
+    return path
+
+
+def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int = 0, force: bool = False) -> Path:
+    """Build a tiny pipeline and write it to the folder ``path`` atomically (for ``lorareg tiny-model``).
+
+    An existing non-empty folder is replaced only with ``force``.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from .errors import InvalidArgumentError, OutputExistsError
+
+    path = Path(path)
+    if architecture not in TINY_ARCHITECTURES:
+        raise InvalidArgumentError(f"tiny models exist for {', '.join(TINY_ARCHITECTURES)}, not {architecture!r}")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file", "Give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputExistsError(f"{path} already exists and is not empty", "Pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        build_tiny_pipeline(architecture, seed).save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

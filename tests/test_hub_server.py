@@ -256,6 +256,11 @@ def test_readme_front_matter_goes_through_validate_yaml(hub: HubServer, api: HfA
         api.upload_file(path_or_fileobj=b"---\n- just\n- a list\n---\n", path_in_repo="README.md", repo_id=REPO)
     assert hub.head(REPO) == head
 
+    # A list at its key's own indentation is valid YAML (PyYAML and ModelCardData write it so).
+    compact = b"---\nlicense: mit\ntags:\n- lora\n- text-to-image\nbase_model: a/b\n---\n"
+    api.upload_file(path_or_fileobj=compact, path_in_repo="README.md", repo_id=REPO)
+    assert hub.file_bytes(REPO, "README.md") == compact
+
 
 def test_commit_endpoint_rejects_lfs_and_stores_odd_names_verbatim(hub: HubServer, api: HfApi) -> None:
     api.create_repo(REPO)

@@ -75,6 +75,40 @@ class StreamHasher:
         return FileHashes(self._whole.hexdigest(), self._data.hexdigest(), self._legacy.hexdigest()[:8])
 
 
+def tensor_data_sha256(path: str | os.PathLike, data_start: int) -> str:
+    """SHA-256 of a safetensors file's tensor data only (one pass; kohya's ``sshs_model_hash``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Deferred:
+    """A value computed in a background thread (hashing releases the GIL, so it overlaps other work)."""
+
+    def __init__(self, fn, *args) -> None:
+        import threading
+
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self._error = exc
+
+    def result(self):
+        """Wait for the value (re-raising the background error, if any)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def hash_file(path: str | os.PathLike, data_start: int | None = None) -> FileHashes:
     """Compute every hash of a safetensors file in one pass over its bytes."""
     path = Path(path)

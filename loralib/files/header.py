@@ -8,6 +8,7 @@ trusted, so a damaged or hostile header becomes a :class:`~loralib.errors.Corrup
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -86,17 +87,21 @@ class SafetensorsHeader:
                 "Download or copy the file again",
             )
 
-    def read_scalar(self, name: str) -> float:
-        """Read a one-element tensor (such as a kohya ``alpha``) straight from the file."""
-        info = self.tensors[name]
-        if info.numel != 1:
-            raise CorruptFileError(f"{self.path.name}: tensor {name} should hold one value, it has shape {list(info.shape)}")
+    def read_scalars(self, names: list[str]) -> dict[str, float]:
+        """Read one-element tensors (such as kohya ``alpha`` values) straight from the file."""
+        values = {}
         with open(self.path, "rb") as f:
-            f.seek(self.data_start + info.begin)
-            raw = f.read(info.nbytes)
-        if len(raw) != info.nbytes:
-            self.require_complete()
-        return decode_scalar(info.dtype, raw, f"{self.path.name}: tensor {name}")
+            for name in names:
+                info = self.tensors[name]
+                if info.numel != 1:
+                    raise CorruptFileError(
+                        f"{self.path.name}: tensor {name} should hold one value, it has shape {list(info.shape)}")
+                f.seek(self.data_start + info.begin)
+                raw = f.read(info.nbytes)
+                if len(raw) != info.nbytes:
+                    self.require_complete()
+                values[name] = decode_scalar(info.dtype, raw, f"{self.path.name}: tensor {name}")
+        return values
 
 
 _SCALAR_FORMATS = {"F16": "<e", "F32": "<f", "F64": "<d", "I8": "<b", "U8": "<B", "I16": "<h", "U16": "<H",
@@ -155,7 +160,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             )
         raw = f.read(header_size)
     try:
-        parsed = json.loads(raw.decode("utf-8"))
+        parsed = _parse_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CorruptFileError(
             f"{name} is not a safetensors file: its header is not valid JSON",
@@ -167,6 +172,18 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     tensors = {key: _parse_tensor(key, entry, name) for key, entry in parsed.items()}
     _check_layout(tensors, name)
     return SafetensorsHeader(path, header_size, file_size, tensors, metadata)
+
+
+def _parse_json(raw: bytes):
+    # A large header is thousands of small objects; the garbage collector would rescan every live
+    # object of the program several times while they are created, for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _parse_metadata(value: object, name: str) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """Serialise tensors to a safetensors file, hashing the bytes as they are written.
 
-The tensor-data hash must go into the file's own metadata (``sshs_model_hash``), and it does not
-depend on the header, so the data is hashed first, the metadata completed, then the file written
-once under a temporary name and renamed into place.
+The tensor-data hash must go into the file's own metadata (``sshs_model_hash``). It does not
+depend on the header, so the file is written once under a temporary name with fixed-length
+placeholders in the header, the data hashed alongside, the header completed in place, and the
+file renamed into place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_file
-from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, FileHashes, StreamHasher
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -39,6 +40,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 SELF_HASHES = ("tensor_sha256", "tensor_sha256_0x", "legacy")
+_PLACEHOLDER = {"tensor_sha256": "0" * 64, "tensor_sha256_0x": "0x" + "0" * 64, "legacy": "0" * 8}
 
 
 def write_safetensors(
@@ -46,13 +48,16 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     self_hashes: Mapping[str, str] | None = None,
-) -> FileHashes:
-    """Write ``tensors`` and ``metadata`` to ``path`` atomically and return the file's hashes.
+) -> str:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically; return the SHA-256 of the tensor data.
 
     ``self_hashes`` maps metadata keys to hashes of the file itself that they must hold:
     ``tensor_sha256`` (kohya's ``sshs_model_hash``), ``tensor_sha256_0x`` (ModelSpec's
     ``hash_sha256``) or ``legacy`` (``sshs_legacy_hash``, computed on the final bytes at offset
     1 MiB; left out when the header itself reaches that far).
+
+    The header is first written with placeholders of the final values' length while the data is
+    hashed in a second thread as it is written; then the header is rewritten in place. One pass.
     """
     # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -68,31 +73,34 @@ def write_safetensors(
         offset += len(view)
     meta = dict(metadata or {})
     self_hashes = dict(self_hashes or {})
-    if self_hashes:
-        data_hash = hashlib.sha256()
-        for view in views:
-            data_hash.update(view)
-        digest = data_hash.hexdigest()
-        for key, kind in self_hashes.items():
-            meta[key] = {"tensor_sha256": digest, "tensor_sha256_0x": "0x" + digest, "legacy": "0" * 8}[kind]
+    meta.update({key: _PLACEHOLDER[kind] for key, kind in self_hashes.items()})
     raw = _header_bytes(entries, meta)
-    legacy_keys = [k for k, kind in self_hashes.items() if kind == "legacy"]
-    if legacy_keys:
-        # The placeholder has the value's length, so filling it in keeps every offset.
-        legacy = _legacy_hash(8 + len(raw), views)
-        for key in legacy_keys:
-            if legacy is None:
-                del meta[key]
-            else:
-                meta[key] = legacy
-        raw = _header_bytes(entries, meta)
-    prefix = struct.pack("<Q", len(raw))
-    hasher = StreamHasher(8 + len(raw))
+    data_start = 8 + len(raw)
+    digest = Deferred(_sha256_of, views)
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        for chunk in (prefix, raw, *views):
-            f.write(chunk)
-            hasher.update(chunk)
-    return hasher.result()
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for view in views:
+            f.write(view)
+        tensor_sha256 = digest.result()
+        if self_hashes:
+            legacy = _legacy_hash(data_start, views)
+            values = {"tensor_sha256": tensor_sha256, "tensor_sha256_0x": "0x" + tensor_sha256, "legacy": legacy}
+            meta.update({key: values[kind] for key, kind in self_hashes.items()})
+            meta = {k: v for k, v in meta.items() if v is not None}  # no legacy hash if the header covers 1 MiB
+            final = _header_bytes(entries, meta)
+            if len(final) > len(raw):
+                raise AssertionError("a filled-in placeholder made the header longer")
+            f.seek(8)
+            f.write(final + b" " * (len(raw) - len(final)))  # trailing spaces are valid header padding
+    return tensor_sha256
+
+
+def _sha256_of(views: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for view in views:
+        digest.update(view)
+    return digest.hexdigest()
 
 
 def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:

@@ -150,7 +150,12 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format."""
     from ..adapter import LoraAdapter, LoraModule
 
+    from ..files.hashes import Deferred, tensor_data_sha256
+
     index = index_adapter(path, allow_pickle=allow_pickle)
+    main = index.sources[0]
+    # The tensor hash (the adapter's identity in operation records) is computed while tensors load.
+    identity = Deferred(tensor_data_sha256, main.path, main.header.data_start) if main.header else None
     tensors = {}
     for source in index.sources:
         wanted = [n for e in index.modules.values() if e.source is source for n in (e.down, e.up, e.mid) if n]
@@ -163,7 +168,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
                                   loaded[e.mid] if e.mid else None)
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),
-                       embeddings, Path(path))
+                       embeddings, Path(path), _source_tensor_sha256=identity)
 
 
 def _normalise_format(format: str) -> str:
@@ -204,18 +209,18 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
             check_output(existing[0], force=False)
         stem = title or target.name
         metadata = meta.build(adapter, title=stem, operation=operation)
-        files, main_hashes = [], None
+        files, main_hash = [], None
         with atomic_dir(target) as tmp:
             for component in adapter.components:
                 tensors, config = peft.component_state(adapter, component, dtype)
                 folder = tmp / peft.relative_folder(component)
                 folder.mkdir(exist_ok=True)
-                hashes = write_safetensors(folder / peft.WEIGHTS_NAME, tensors, {"format": "pt", **metadata},
-                                           meta.SELF_HASHES)
+                tensor_sha256 = write_safetensors(folder / peft.WEIGHTS_NAME, tensors, {"format": "pt", **metadata},
+                                                  meta.SELF_HASHES)
                 (folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 files += [target / peft.relative_folder(component) / n for n in (peft.WEIGHTS_NAME, peft.CONFIG_NAME)]
-                main_hashes = main_hashes or hashes
-        return SaveResult(files[0], format, files, main_hashes, notes)
+                main_hash = main_hash or tensor_sha256
+        return SaveResult(files[0], format, files, main_hash, notes)
     if format == "diffusers" and (path.is_dir() or str(path).endswith(("/", "\\"))):
         path.mkdir(exist_ok=True)
         path = path / diffusers.WEIGHTS_NAME
@@ -226,8 +231,8 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
     else:
         tensors, extra = diffusers.state_dict(adapter, dtype=dtype)
         metadata = {"format": "pt", **metadata, **extra}
-    hashes = write_safetensors(path, tensors, metadata, meta.SELF_HASHES)
-    return SaveResult(path, format, [path], hashes, notes)
+    tensor_sha256 = write_safetensors(path, tensors, metadata, meta.SELF_HASHES)
+    return SaveResult(path, format, [path], tensor_sha256, notes)
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,

@@ -99,10 +99,20 @@ class AdapterIndex:
 
 @dataclass
 class SaveResult:
-    """What a writer wrote: the adapter's main file, every file, and the main file's hashes."""
+    """What a writer wrote: the adapter's main file, every file, and the main file's tensor hash."""
 
     path: Path
     format: str
     files: list[Path]
-    hashes: FileHashes
+    tensor_sha256: str
     notes: list[str] = field(default_factory=list)
+    _hashes: FileHashes | None = field(default=None, repr=False)
+
+    @property
+    def hashes(self) -> FileHashes:
+        """Every hash of the main file (the whole-file SHA-256 is computed on first use)."""
+        if self._hashes is None:
+            from ..files.hashes import hash_file
+
+            self._hashes = hash_file(self.path)
+        return self._hashes

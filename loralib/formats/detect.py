@@ -36,7 +36,7 @@ ATTN_PROCS = Kind("diffusers-attnprocs", "diffusers attention-processor LoRA (to
 CLONEOFSIMO = Kind("cloneofsimo", "cloneofsimo lora_diffusion LoRA", True)
 
 _LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
-    (re.compile(r"\.hada_w[12]_[ab]$"), Kind("lycoris-loha", "LyCORIS LoHa", False)),
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), Kind("lycoris-loha", "LyCORIS LoHa", False)),
     (re.compile(r"\.lokr_w[12](_[ab])?$"), Kind("lycoris-lokr", "LyCORIS LoKr", False)),
     (re.compile(r"\.(oft_blocks|oft_diag|oft_R)$"), Kind("lycoris-oft", "LyCORIS OFT/BOFT", False)),
     (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA", False)),
@@ -117,8 +117,8 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
 def _is_textual_inversion(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> bool:
     if len(names) > 16 or any(_LORA_HINT.search(n) for n in names):
         return False
-    return all(n in _TI_NAMES or n.startswith("string_to_param") or len(shapes[n]) in (1, 2) and shapes[n][-1] in (768, 1024, 1280)
-               for n in names)
+    return all(n in _TI_NAMES or n.startswith("string_to_param.")
+               or ("." not in n and len(shapes[n]) in (1, 2) and shapes[n][-1] in (768, 1024, 1280)) for n in names)
 
 
 def looks_like_broken_lora(names: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from ..errors import CorruptFileError
 from .base import AdapterIndex, ModuleEntry
 from .detect import ATTN_PROCS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_OLD, DIFFUSERS_OLD_KEY, ATTN_PROC_KEY
 from .peft import canonical_key, component_of
-from .peft_config import build_config, config_path, resolve_alpha
+from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ def parse(source: TensorSource) -> AdapterIndex:
         raise CorruptFileError(
             f"{source.path.name} has {len(unrecognised)} key(s) that are not diffusers LoRA weights, "
             f"e.g. {', '.join(sorted(unrecognised)[:3])}")
-    configs = _component_configs(source.metadata, source.path.name)
+    scales = {component: PeftScales(config) for component, config in _component_configs(source.metadata, source.path.name).items()}
+    alpha_values = source.scalars(list(alphas.values()))
     entries: dict[str, ModuleEntry] = {}
     for (component, path), parts in factors.items():
         if set(parts) != {"down", "up"}:
@@ -102,9 +103,9 @@ def parse(source: TensorSource) -> AdapterIndex:
         entry = ModuleEntry(key, source, parts["down"], parts["up"])
         entry.check_shapes()
         if (component, path) in alphas or (None, path) in alphas:
-            entry.alpha = source.scalar(alphas.get((component, path)) or alphas[None, path])
-        elif component in configs:
-            entry.alpha = resolve_alpha(configs[component], key.split(".", 1)[1], entry.rank)
+            entry.alpha = alpha_values[alphas.get((component, path)) or alphas[None, path]]
+        elif component in scales:
+            entry.alpha = scales[component].alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
     kind = spelling.most_common(1)[0][0] if spelling else DIFFUSERS
     metadata = {k: v for k, v in source.metadata.items() if k != METADATA_KEY}

@@ -53,6 +53,7 @@ def parse(source: TensorSource) -> AdapterIndex:
         else:
             unrecognised.append(name)
     layout = _sgm_layout(source, modules)
+    alphas = source.scalars([parts["alpha"] for parts in modules.values() if "alpha" in parts])
     entries: dict[str, ModuleEntry] = {}
     for name, parts in modules.items():
         key = parse_module_name(name, layout)
@@ -64,7 +65,7 @@ def parse(source: TensorSource) -> AdapterIndex:
             raise CorruptFileError(f"{source.path.name}: module {name} has no {missing} weight", "The file is incomplete")
         if key in entries:
             raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
-        alpha = source.scalar(parts["alpha"]) if "alpha" in parts else None
+        alpha = alphas[parts["alpha"]] if "alpha" in parts else None
         entry = ModuleEntry(key, source, parts["lora_down.weight"], parts["lora_up.weight"], alpha,
                             parts.get("lora_mid.weight"))
         entry.check_shapes()
@@ -94,7 +95,9 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.
         tensors[f"{name}.lora_up.weight"] = module.up
         if module.mid is not None:
             tensors[f"{name}.lora_mid.weight"] = module.mid
-        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        # float32 as sd-scripts writes it, unless that would round this alpha
+        exact = float(torch.tensor(module.alpha, dtype=torch.float32)) == module.alpha
+        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32 if exact else torch.float64)
     for token, vectors in adapter.embeddings.items():
         name, _, part = token.replace(".", "_").partition("/")
         tensors[f"bundle_emb.{name}.{part or 'string_to_param.*'}"] = vectors.reshape(-1, vectors.shape[-1])

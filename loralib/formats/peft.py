@@ -19,7 +19,7 @@ from ..errors import CorruptFileError, UnsupportedFormatError
 from ..naming.kohya import TE_ROOT
 from .base import AdapterIndex, ModuleEntry
 from .detect import PEFT, PEFT_KEY
-from .peft_config import build_config, config_path, resolve_alpha
+from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
     if unrecognised:
         raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
     folder_name = source.path.parent.name
+    scales = PeftScales(config)
     entries: dict[str, ModuleEntry] = {}
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -90,7 +91,7 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
         key = canonical_key(component, path)
         entry = ModuleEntry(key, source, ab["A"], ab["B"])
         entry.check_shapes()
-        entry.alpha = resolve_alpha(config, key.split(".", 1)[1], entry.rank)
+        entry.alpha = scales.alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
     return AdapterIndex(PEFT, [source], entries, dict(source.metadata))
 
@@ -110,7 +111,13 @@ def component_files(folder: Path) -> list[Path]:
 
 
 def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The PEFT tensors and config of one component of an adapter."""
+    """The PEFT tensors and config of one component of an adapter.
+
+    Text-encoder paths are spelled as the installed transformers builds the model (with or
+    without ``text_model.``), because PEFT loads by exact module path.
+    """
+    from ..base_model import text_model_prefix
+
     tensors, ranks_alphas = {}, {}
     for key, module in adapter.modules.items():
         if key.split(".", 1)[0] != component:
@@ -119,6 +126,8 @@ def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple
         if dtype is not None:
             module = module.to(dtype)
         path = key.split(".", 1)[1]
+        if component != UNET and path.startswith(TE_ROOT + "."):
+            path = text_model_prefix(component) + path.removeprefix(TE_ROOT + ".")
         tensors[f"base_model.model.{path}.lora_A.weight"] = module.down
         tensors[f"base_model.model.{path}.lora_B.weight"] = module.up
         ranks_alphas[config_path(key)] = (module.rank, module.alpha)

@@ -24,56 +24,89 @@ def config_path(key: str) -> str:
     return path.removeprefix(TE_ROOT + ".")
 
 
-def _pattern_key(patterns: Mapping[str, object], name: str) -> str | None:
-    for pattern in patterns:
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", name):
-                return pattern
-        except re.error:
-            continue
-    return None
+_PLAIN_KEY = re.compile(r"[\w.]+")
 
 
-def resolve_alpha(config: Mapping, name: str, rank: int) -> float:
-    """The kohya-convention alpha (``scale · rank``) PEFT would use for module ``name`` of rank ``rank``."""
-    alpha_patterns = config.get("alpha_pattern") or {}
-    key = _pattern_key(alpha_patterns, name)
-    alpha = float(alpha_patterns[key] if key is not None else config.get("lora_alpha", 8))
-    if config.get("use_rslora"):
-        return alpha * rank / math.sqrt(rank)
-    return alpha
+class PatternTable:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key (in order) that matches the
+    end of a module name at a ``.`` boundary wins.
+
+    PEFT matches keys as regular expressions; plain keys (letters, digits, ``_`` and ``.``) are
+    looked up by suffix in a dictionary, which gives the same answer for real module names in
+    time independent of the number of patterns. Other keys are matched as regular expressions.
+    """
+
+    def __init__(self, patterns: Mapping[str, object] | None) -> None:
+        patterns = dict(patterns or {})
+        self._order = {key: i for i, key in enumerate(patterns)}
+        self._literal = {k: v for k, v in patterns.items() if _PLAIN_KEY.fullmatch(k)}
+        self._regex = []
+        for i, (key, value) in enumerate(patterns.items()):
+            if key not in self._literal:
+                try:
+                    self._regex.append((i, re.compile(rf"(.*\.)?({key})$"), value))
+                except re.error:
+                    continue
+
+    def lookup(self, name: str) -> tuple[bool, object]:
+        """``(True, value)`` of the first pattern matching ``name``, or ``(False, None)``."""
+        best: tuple[int, object] | None = None
+        parts = name.split(".")
+        for start in range(len(parts)):
+            suffix = ".".join(parts[start:])
+            if suffix in self._literal and (best is None or self._order[suffix] < best[0]):
+                best = (self._order[suffix], self._literal[suffix])
+        for index, pattern, value in self._regex:
+            if best is not None and index > best[0]:
+                break
+            if pattern.match(name):
+                best = (index, value)
+                break
+        return (True, best[1]) if best is not None else (False, None)
 
 
-def resolve_rank(config: Mapping, name: str) -> int:
-    """The rank PEFT would give module ``name``."""
-    rank_patterns = config.get("rank_pattern") or {}
-    key = _pattern_key(rank_patterns, name)
-    return int(rank_patterns[key] if key is not None else config.get("r", 8))
+class PeftScales:
+    """Resolves each module's rank and kohya-convention alpha under one PEFT ``LoraConfig``."""
+
+    def __init__(self, config: Mapping) -> None:
+        self.config = config
+        self.ranks = PatternTable(config.get("rank_pattern"))
+        self.alphas = PatternTable(config.get("alpha_pattern"))
+
+    def rank(self, name: str) -> int:
+        """The rank PEFT would give module ``name``."""
+        found, value = self.ranks.lookup(name)
+        return int(value if found else self.config.get("r", 8))
+
+    def alpha(self, name: str, rank: int) -> float:
+        """The kohya-convention alpha (``scale · rank``) of module ``name`` of rank ``rank``."""
+        found, value = self.alphas.lookup(name)
+        alpha = float(value if found else self.config.get("lora_alpha", 8))
+        if self.config.get("use_rslora"):
+            return alpha * rank / math.sqrt(rank)
+        return alpha
 
 
 def build_config(ranks_alphas: Mapping[str, tuple[int, float]]) -> dict:
     """A ``LoraConfig`` dict reproducing each module's (rank, alpha), keyed by config path.
 
     The most common rank and alpha become ``r`` and ``lora_alpha``; the rest go into the
-    patterns. Pattern keys are escaped only if PEFT's regex matching would otherwise pick the
-    wrong entry for some module.
+    patterns, keyed by each module's full path.
     """
     r = Counter(rank for rank, _ in ranks_alphas.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in ranks_alphas.values()).most_common(1)[0][0]
-    for escape in (False, True):
-        quote = re.escape if escape else str
-        config = {
-            "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha),
-            "target_modules": sorted(ranks_alphas),
-            "rank_pattern": {quote(n): rank for n, (rank, _) in sorted(ranks_alphas.items()) if rank != r},
-            "alpha_pattern": {quote(n): _number(a) for n, (_, a) in sorted(ranks_alphas.items()) if a != alpha},
-            "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
-            "init_lora_weights": True, "fan_in_fan_out": False,
-        }
-        if all(resolve_rank(config, n) == rank and resolve_alpha(config, n, rank) == a
-               for n, (rank, a) in ranks_alphas.items()):
-            return config
-    raise AssertionError("could not express the module alphas as a PEFT config")
+    config = {
+        "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "target_modules": sorted(ranks_alphas),
+        "rank_pattern": {n: rank for n, (rank, _) in sorted(ranks_alphas.items()) if rank != r},
+        "alpha_pattern": {n: _number(a) for n, (_, a) in sorted(ranks_alphas.items()) if a != alpha},
+        "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
+        "init_lora_weights": True, "fan_in_fan_out": False,
+    }
+    scales = PeftScales(config)
+    wrong = [n for n, (rank, a) in ranks_alphas.items() if scales.rank(n) != rank or scales.alpha(n, rank) != a]
+    if wrong:  # only if one module's path were the suffix of another's
+        raise AssertionError(f"PEFT patterns cannot tell these modules apart: {wrong[:3]}")
+    return config
 
 
 def _number(value: float) -> int | float:

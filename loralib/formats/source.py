@@ -52,11 +52,11 @@ class TensorSource:
         """True when the file ends before its tensor data does."""
         return self.header is not None and self.header.is_truncated
 
-    def scalar(self, name: str) -> float:
-        """The value of a one-element tensor (such as an alpha), read without loading others."""
+    def scalars(self, names: list[str]) -> dict[str, float]:
+        """The values of one-element tensors (such as alphas), read without loading others."""
         if self.tensors is not None:
-            return float(self.tensors[name].reshape(-1)[0])
-        return self.header.read_scalar(name)
+            return {name: float(self.tensors[name].reshape(-1)[0]) for name in names}
+        return self.header.read_scalars(names)
 
     def load(self, names: list[str]) -> dict[str, Any]:
         """Load the named tensors as torch tensors."""

@@ -905,6 +905,11 @@ def _check_front_matter(content: str) -> tuple[list[str], list[str]]:
         elif indent:
             if not seen_key:
                 errors.append(f"line {number}: indented content before any top-level key")
+        elif line.startswith("- ") or line.rstrip() == "-":
+            # A block sequence may sit at its key's own indentation (what PyYAML and
+            # huggingface_hub's ModelCardData write): valid as the value of the key above.
+            if not seen_key:
+                errors.append(f"line {number}: a list item before any top-level key")
         else:
             key, colon, rest = line.partition(":")
             if not colon or not key.strip() or key.startswith(("-", "[", "{")) or (rest and not rest[0].isspace()):

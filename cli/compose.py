@@ -1,0 +1,270 @@
+"""``lorareg merge``, ``resize``, ``bake`` and ``extract``: composition of adapters and models.
+
+Adapter arguments take an optional weight after the last colon (``a.safetensors:0.7``); an
+argument that is an existing path as a whole (``C:\\loras\\x.safetensors``, ``odd:name``) has
+weight 1. torch is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from loralib.errors import InvalidArgumentError, OutputExistsError
+
+from .output import human_size, note, print_json, progress
+from .refs import register_output, resolve_adapter
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FORMATS = ["kohya", "peft", "diffusers"]
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_weighted(argument: str) -> tuple[str, float]:
+    """Split ``REF:WEIGHT`` at the last colon; a whole argument that exists as a path has weight 1."""
+    if Path(argument).expanduser().exists() or ":" not in argument:
+        return argument, 1.0
+    reference, _, tail = argument.rpartition(":")
+    if _NUMBER.match(tail.strip()) and reference:
+        return reference, float(tail)
+    if "/" in tail or "\\" in tail:  # a colon inside a path (C:\…, hf:user/repo), not a weight
+        return argument, 1.0
+    raise InvalidArgumentError(f"cannot read the weight in {argument!r}: {tail!r} is not a number",
+                               "Write ADAPTER:WEIGHT, e.g. style.safetensors:0.7 (or ADAPTER alone for weight 1)")
+
+
+def _resolve_weighted(ctx: click.Context, arguments: tuple[str, ...]) -> list[tuple[Path, float]]:
+    return [(resolve_adapter(ctx, reference), weight) for reference, weight in map(parse_weighted, arguments)]
+
+
+def _refuse_existing(output: Path, force: bool) -> None:
+    """Fail before any work when the output exists (the writer checks again when it writes)."""
+    if force or not output.exists():
+        return
+    if output.is_file() or any(output.iterdir()):
+        raise OutputExistsError(f"{output} already exists", "Pass --force to overwrite it, or choose another output path")
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _rank_options(function):
+    options = [
+        click.option("--rank", "-r", type=int, help="Keep at most this rank per module (best approximation)."),
+        click.option("--dynamic", metavar="RULE",
+                     help="Choose the rank per module: sv_fro:F (retained Frobenius norm ≥ F), sv_ratio:N "
+                          "(σ ≥ σ_max/N) or sv_cumulative:F (Σσ ≥ F of the total)."),
+        click.option("--max-rank", type=int, help="Cap on the rank a --dynamic rule may choose."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _output_options(function):
+    options = [
+        click.option("-o", "--output", type=click.Path(), required=True, help="Output file (or folder for --to peft)."),
+        click.option("--to", "fmt", type=click.Choice(FORMATS), default="kohya", show_default=True,
+                     help="Output format."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)),
+                     help="Store factors in this dtype (default: the inputs')."),
+        click.option("--force", is_flag=True, help="Overwrite an existing output."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result and per-module report as JSON."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
+    """Save a composition, record it in the catalog and print its summary."""
+    result = composition.save(output, fmt, force=force)
+    register_output(ctx, result, composition.operation)
+    size = sum(f.stat().st_size for f in result.files if f.exists())
+    report = composition.report
+    if as_json:
+        print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],
+                    "size": size, "hashes": result.hashes.to_dict(), "notes": result.notes,
+                    "report": report.to_dict()})
+        return
+    for line in report.notes + result.notes:
+        note(line)
+    _print_summary(composition, result, size)
+
+
+def _print_summary(composition, result, size: int) -> None:
+    from rich.table import Table
+
+    from .output import console
+
+    report = composition.report
+    adapter = composition.adapter
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("wrote", f"{result.path} [dim]({result.format})[/]")
+    components = ", ".join(f"{c} {sum(1 for k in adapter.modules if k.startswith(c + '.'))}"
+                           for c in adapter.components)
+    table.add_row("modules", f"{len(adapter.modules)} ({components})")
+    table.add_row("rank", _ranks(report.ranks))
+    retained = report.retained_summary()
+    if retained and report.max_error == 0:
+        table.add_row("retained energy", "1 on every module (exact)")
+    elif retained:
+        table.add_row("retained energy", f"min {retained['min']:.4f}  median {retained['median']:.4f}  "
+                                         f"max {retained['max']:.4f}  [dim](‖ΔW_k‖/‖ΔW‖ per module)[/]")
+        table.add_row("largest error", f"{report.max_error:.4f} relative, in {report.worst_module}")
+    table.add_row("size", f"{human_size(size)}, {report.parameters:,} values")
+    table.add_row("A1111 hash", f"{result.hashes.a1111}  [dim]AutoV2 {result.hashes.autov2}[/]")
+    console().print(table)
+
+
+def _ranks(ranks: dict[int, int]) -> str:
+    if len(ranks) <= 4:
+        return ", ".join(f"{r} ×{n}" for r, n in ranks.items())
+    return f"{min(ranks)}–{max(ranks)} ({len(ranks)} different ranks)"
+
+
+@click.command("merge")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@_rank_options
+@click.option("--method", type=click.Choice(["concat", "linear", "ties", "dare"]), default="concat", show_default=True,
+              help="concat: the exact weighted sum. linear: peft's factor-wise sum (not exact). "
+                   "ties / dare: the papers' methods on each module's ΔW.")
+@click.option("--density", type=float, help="ties/dare: fraction of each ΔW's entries to keep (0 < d ≤ 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="ties/dare: how the dense merged ΔW is factorised.")
+@_output_options
+@click.pass_context
+def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
+                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, output: str,
+                  fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
+
+    Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
+    is the best rank-K approximation of the exact sum (no rank-K adapter is closer), computed
+    without ever forming a dense weight matrix.
+
+    \b
+    Examples:
+      lorareg merge a.safetensors:0.7 b.safetensors:0.3 -o ab.safetensors
+      lorareg merge a.safetensors:0.7 b.safetensors:-0.3 c_peft_dir:1.0 --rank 32 -o abc.safetensors
+      lorareg merge a:0.5 b:0.5 --method ties --density 0.3 --rank 32 -o t.safetensors
+    """
+    from loralib.compose import merge
+
+    inputs = _resolve_weighted(ctx, adapters)
+    _refuse_existing(Path(output), force)
+    with progress("merging", enabled=not as_json) as update:
+        composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
+                            seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
+    _finish(ctx, composition, output, fmt, force, as_json)
+
+
+@click.command("resize")
+@click.argument("adapter")
+@_rank_options
+@_output_options
+@click.pass_context
+def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: str | None, max_rank: int | None,
+                   output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
+
+    Modules already at or below --rank are kept bit for bit.
+
+    \b
+    Examples:
+      lorareg resize big.safetensors --rank 16 -o small.safetensors
+      lorareg resize big.safetensors --dynamic sv_fro:0.95 --max-rank 64 -o small.safetensors
+    """
+    from loralib.compose import resize
+
+    source = resolve_adapter(ctx, adapter)
+    _refuse_existing(Path(output), force)
+    with progress("resizing", enabled=not as_json) as update:
+        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
+    _finish(ctx, composition, output, fmt, force, as_json)
+
+
+@click.command("bake")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("-o", "--output", type=click.Path(), required=True,
+              help="Output folder (diffusers base) or .safetensors file (single-file base).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, force: bool,
+                 as_json: bool) -> None:
+    """Fuse adapters into BASE (a diffusers folder or a single-file checkpoint) and write a new model.
+
+    Each adapted weight becomes W + Σ weight · ΔW, added in float32 and stored in the base's
+    dtype. The output has the base's layout: a diffusers folder or a single .safetensors file.
+
+    \b
+    Examples:
+      lorareg bake sd15_model/ style.safetensors:0.8 detail.safetensors:0.4 -o merged_model/
+      lorareg bake sdxl_base.safetensors style.safetensors -o sdxl_style.safetensors
+    """
+    from loralib.compose import bake
+
+    base_path = Path(base).expanduser()
+    inputs = _resolve_weighted(ctx, adapters)
+    with progress("baking", enabled=not as_json) as update:
+        result = bake(base_path, inputs, output, force=force, progress=update)
+    if as_json:
+        print_json({"output": str(result.path), "kind": result.kind, "files": [str(f) for f in result.files],
+                    "layers": result.layers, "modules": result.modules, "notes": result.notes})
+        return
+    for line in result.notes:
+        note(line)
+    size = sum(f.stat().st_size for f in result.files if f.exists())
+    kind = "diffusers folder" if result.kind == "diffusers" else "single-file checkpoint"
+    click.echo(f"wrote {kind} {result.path} ({human_size(size)})")
+    click.echo(f"  fused {result.modules} adapter modules into {result.layers} weights")
+
+
+@click.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@_rank_options
+@click.option("--conv-rank", type=int, help="Also extract 3×3 convolutions (LoCon) at this rank.")
+@click.option("--component", "components", multiple=True,
+              type=click.Choice(["unet", "text_encoder", "text_encoder_2"]),
+              help="Only these components (repeatable; default: all present in both models).")
+@click.option("--min-diff", type=float, default=0.0, show_default=True,
+              help="Leave out layers whose largest change is at most this.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="auto: randomized where the rank is far below the layer size, else exact.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@_output_options
+@click.pass_context
+def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None, dynamic: str | None,
+                    max_rank: int | None, conv_rank: int | None, components: tuple[str, ...], min_diff: float,
+                    svd: str, seed: int, output: str, fmt: str, dtype: str | None, force: bool,
+                    as_json: bool) -> None:
+    """Extract a LoRA from the difference TUNED − BASE (diffusers folders or single-file checkpoints).
+
+    Works one layer at a time, so memory stays small whatever the model size.
+
+    \b
+    Examples:
+      lorareg extract sd15_base/ my_finetune/ --rank 32 -o extracted.safetensors
+      lorareg extract base.safetensors tuned.safetensors --dynamic sv_fro:0.9 --max-rank 64 -o x.safetensors
+    """
+    from loralib.compose import extract
+
+    _refuse_existing(Path(output), force)
+    with progress("extracting", enabled=not as_json) as update:
+        composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
+                              max_rank=max_rank, conv_rank=conv_rank, components=components or None,
+                              min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
+    _finish(ctx, composition, output, fmt, force, as_json)

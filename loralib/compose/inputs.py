@@ -1,0 +1,139 @@
+"""The inputs of a composition: adapters with weights, loaded and checked to fit together.
+
+Every check runs before any output is computed or written: all inputs must be plain LoRAs (the
+loader refuses LoHa/LoKr with a clear message), of one architecture, and every module present in
+several inputs must adapt a layer of the same shape in each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..adapter import LoraAdapter, LoraModule
+from ..architectures import ARCHITECTURES, UNKNOWN
+from ..base_model import LayerShape
+from ..errors import InvalidArgumentError, MismatchError
+
+AdapterLike = Union[LoraAdapter, str, Path]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class WeightedAdapter:
+    """One input: the adapter, its weight, and how messages name it."""
+
+    adapter: LoraAdapter
+    weight: float
+    name: str
+
+
+def adapter_name(adapter: LoraAdapter, position: int) -> str:
+    """How messages name an input: its file name, else its position."""
+    return adapter.source_path.name if adapter.source_path else f"input {position + 1}"
+
+
+def load(adapter: AdapterLike) -> LoraAdapter:
+    """An adapter object, loading it when given a path."""
+    if isinstance(adapter, LoraAdapter):
+        return adapter
+    from ..formats import load_adapter
+
+    return load_adapter(adapter)
+
+
+def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]]) -> list[WeightedAdapter]:
+    """Load ``[(adapter_or_path, weight), …]`` (a bare adapter has weight 1) and check the weights."""
+    loaded = []
+    for position, item in enumerate(inputs):
+        source, weight = item if isinstance(item, tuple) else (item, 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight!r}, not a number") from None
+        if not math.isfinite(weight):
+            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight}", "Use a finite number")
+        adapter = load(source)
+        loaded.append(WeightedAdapter(adapter, weight, adapter_name(adapter, position)))
+    if not loaded:
+        raise InvalidArgumentError("nothing to combine: no input adapters were given")
+    return loaded
+
+
+def layer_signature(module: LoraModule) -> tuple[int, int, tuple[int, int]]:
+    """``(out, in, kernel)`` of the adapted layer; a Linear and a 1×1 conv of equal widths agree."""
+    return module.out_features, module.in_features, module.kernel_size
+
+
+def check_compatible(inputs: Sequence[WeightedAdapter]) -> str:
+    """Raise :class:`MismatchError` unless the inputs fit one model; returns their architecture."""
+    known = [(w.name, w.adapter.architecture) for w in inputs if w.adapter.architecture in ARCHITECTURES]
+    for name, arch in known[1:]:
+        if arch != known[0][1]:
+            first_name, first_arch = known[0]
+            raise MismatchError(
+                f"{first_name} is a {ARCHITECTURES[first_arch].title} adapter but {name} is a "
+                f"{ARCHITECTURES[arch].title} adapter; they cannot be combined",
+                "Combine adapters made for the same base model")
+    seen: dict[str, tuple[str, LoraModule]] = {}
+    for item in inputs:
+        for key, module in item.adapter.modules.items():
+            if key not in seen:
+                seen[key] = (item.name, module)
+                continue
+            other_name, other = seen[key]
+            if layer_signature(other) != layer_signature(module):
+                raise MismatchError(
+                    f"{key} adapts a layer of shape {list(other.weight_shape)} in {other_name} but "
+                    f"{list(module.weight_shape)} in {item.name}",
+                    "The adapters were made for different base models")
+    return known[0][1] if known else UNKNOWN
+
+
+def union_keys(inputs: Sequence[WeightedAdapter]) -> list[str]:
+    """Every module key of any input, in order of first appearance."""
+    keys: dict[str, None] = {}
+    for item in inputs:
+        keys.update(dict.fromkeys(item.adapter.modules))
+    return list(keys)
+
+
+def common_dtype(adapters: Iterable[LoraAdapter]) -> torch.dtype:
+    """The storage dtype the inputs share, else float32."""
+    dtypes = {a.dtype for a in adapters if a.dtype is not None}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def output_shape(modules: Sequence[LoraModule]) -> LayerShape:
+    """The layer the merged modules adapt; a conv if any input stores it as one."""
+    conv = next((m for m in modules if m.is_conv), None)
+    first = conv or modules[0]
+    return LayerShape(first.out_features, first.in_features, conv.kernel_size if conv else None)
+
+
+def module_from_factors(up: torch.Tensor, down: torch.Tensor, shape: LayerShape, dtype: torch.dtype) -> LoraModule:
+    """A module with ``ΔW = up @ down`` for a layer of ``shape`` (alpha = rank, so scale 1)."""
+    rank = int(down.shape[0])
+    if shape.is_conv:
+        kh, kw = shape.kernel_size
+        down = down.reshape(rank, shape.in_features, kh, kw)
+        up = up.reshape(shape.out_features, rank, 1, 1)
+    return LoraModule(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(rank))
+
+
+def merge_embeddings(inputs: Sequence[WeightedAdapter], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Textual-inversion tokens of all inputs; on a name clash the first input's vectors win (noted)."""
+    merged: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for item in inputs:
+        for token, vectors in item.adapter.embeddings.items():
+            if token not in merged:
+                merged[token], owner[token] = vectors, item.name
+            elif not torch.equal(merged[token], vectors):
+                notes.append(f"token {token} is defined by both {owner[token]} and {item.name}; kept {owner[token]}'s")
+    return merged

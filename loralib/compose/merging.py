@@ -1,0 +1,188 @@
+"""Merge LoRA adapters: ``merge([(a, 0.7), (b, -0.3)], rank=32)``.
+
+Methods, per module:
+
+- ``concat`` (default): the exact weighted sum ``Σ w_i · scale_i · up_i @ down_i``, written as
+  the concatenation ``up = [w_1 s_1 up_1, …]``, ``down = [down_1; …]`` (rank = sum of ranks).
+  With a rank (or dynamic rule) the sum is then truncated optimally through the QR route,
+  never forming the dense ``m × n`` matrix.
+- ``linear``: peft's ``combination_type="linear"`` — factor-wise weighted sums
+  ``up = Σ √|c_i| up_i``, ``down = Σ sign(c_i) √|c_i| down_i`` (equal ranks required). This is NOT
+  the weighted sum of deltas (cross terms appear); it exists to reproduce peft, and the report
+  gives its exact error against the true sum.
+- ``ties`` / ``dare``: see :mod:`loralib.compose.ties_dare`; computed on dense per-module deltas,
+  then truncated to the requested rank (default: the sum of the input ranks).
+
+The output uses alpha = rank (scale 1) on every module, so its ``ΔW`` is exactly its factors'
+product and its alpha metadata is a whole number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..adapter import LoraAdapter, LoraModule
+from ..errors import InvalidArgumentError, MismatchError
+from ..metadata import input_record
+from .inputs import (AdapterLike, Progress, WeightedAdapter, check_compatible, common_dtype, load_weighted,
+                     merge_embeddings, module_from_factors, output_shape, union_keys)
+from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, work_dtype
+from .parallel import map_modules
+from .rank_rules import RankRule, rank_rule
+from .reduce import keeps_everything, reduce_dense, reduce_factors
+from .report import CompositionReport, ModuleReport
+from .result import Composition, storage_bytes
+from .ties_dare import dare, module_seed, task_vectors, ties
+
+METHODS = ("concat", "linear", "ties", "dare")
+
+Part = tuple[LoraModule, float, int]  # module, weight, input position
+
+
+def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int | None = None, *,
+          method: str = "concat", dynamic: str | None = None, max_rank: int | None = None,
+          density: float | None = None, seed: int = 0, svd: str = "auto", dtype: torch.dtype | None = None,
+          progress: Progress | None = None) -> Composition:
+    """Merge weighted adapters (objects or paths) into one; see the module docstring for methods.
+
+    ``rank`` truncates every module to at most that rank (best approximation); ``dynamic``
+    (``sv_fro:0.95``, ``sv_ratio:N``, ``sv_cumulative:F``) chooses per module, capped by ``max_rank``.
+    ``density`` and ``seed`` are TIES/DARE parameters; ``svd`` (``auto``, ``exact``,
+    ``randomized``) how their dense deltas are factorised. ``dtype`` is the output's storage dtype
+    (default: the inputs' common dtype, else float32).
+    """
+    method = _check_method(method, density)
+    if svd not in SVD_METHODS:
+        raise InvalidArgumentError(f"unknown SVD method {svd!r}", f"Choose one of {', '.join(SVD_METHODS)}")
+    rule = rank_rule(rank, dynamic, max_rank)
+    items = load_weighted(inputs)
+    architecture = check_compatible(items)
+    if method == "linear":
+        _check_equal_ranks(items)
+    dtype = dtype or common_dtype(i.adapter for i in items)
+    report = CompositionReport("merge")
+    keys = union_keys(items)
+
+    def merge_one(key: str) -> tuple[LoraModule, ModuleReport] | None:
+        parts = [(item.adapter.modules[key], item.weight, position) for position, item in enumerate(items)
+                 if key in item.adapter.modules and item.weight != 0]
+        if not parts:
+            return None
+        up, down, entry = _merge_module(key, parts, method, rule, density, seed, svd)
+        return module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
+
+    modules: dict[str, LoraModule] = {}
+    for key, merged in zip(keys, map_modules(merge_one, keys, progress)):
+        if merged is not None:
+            modules[key], report.modules[key] = merged
+    skipped = len(keys) - len(modules)
+    if skipped:
+        report.notes.append(f"left out {skipped} module(s) that only inputs of weight 0 adapt")
+    if not modules:
+        raise InvalidArgumentError("the merge is empty: every input has weight 0")
+    embeddings = merge_embeddings(items, report.notes)
+    metadata = {"modelspec.merged_from": ", ".join(i.name for i in items)}
+    adapter = LoraAdapter(modules, architecture, None, metadata, embeddings)
+    report.parameters, report.bytes = adapter.parameter_count, storage_bytes(adapter)
+    operation = {"operation": "merge", "method": method, "rank": rank,
+                 "inputs": [input_record(i.adapter, i.weight) for i in items],
+                 "params": _params(rule, density, seed, method, svd)}
+    return Composition(adapter, report, operation)
+
+
+def _check_method(method: str, density: float | None) -> str:
+    method = method.lower()
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown merge method {method!r}", f"Choose one of {', '.join(METHODS)}")
+    if method in ("ties", "dare"):
+        if density is None:
+            raise InvalidArgumentError(f"{method} needs a density: the fraction of each delta's entries to keep",
+                                       "Give --density, e.g. 0.2 (the TIES paper keeps 20%) or 0.5")
+        if not 0 < density <= 1:
+            raise InvalidArgumentError(f"the density must be in (0, 1], not {density}")
+    elif density is not None:
+        raise InvalidArgumentError(f"a density applies to the ties and dare methods, not {method}")
+    return method
+
+
+def _check_equal_ranks(items: Sequence[WeightedAdapter]) -> None:
+    ranks: dict[str, tuple[int, str]] = {}
+    for item in items:
+        for key, module in item.adapter.modules.items():
+            first = ranks.setdefault(key, (module.rank, item.name))
+            if first[0] != module.rank:
+                raise MismatchError(
+                    f"the linear method needs equal ranks, but {key} has rank {first[0]} in {first[1]} "
+                    f"and {module.rank} in {item.name}",
+                    "Use the default exact method (concat), optionally with --rank")
+
+
+def _params(rule: RankRule | None, density: float | None, seed: int, method: str, svd: str) -> dict:
+    params = rule.params() if rule is not None else {}
+    if method in ("ties", "dare"):
+        params.update(density=density, svd=svd)
+    if method == "dare":
+        params["seed"] = seed
+    return params
+
+
+def _merge_module(key: str, parts: Sequence[Part], method: str, rule: RankRule | None, density: float | None,
+                  seed: int, svd: str) -> tuple[torch.Tensor, torch.Tensor, ModuleReport]:
+    total_rank = sum(module.rank for module, _, _ in parts)
+    if method in ("ties", "dare"):
+        deltas = task_vectors([(module, weight) for module, weight, _ in parts])
+        if method == "ties":
+            merged = ties(deltas, density)
+        else:
+            merged = dare(deltas, density, [module_seed(seed, key, position) for _, _, position in parts])
+        return reduce_dense(merged, rule or RankRule("fixed", total_rank), svd=svd, seed=seed,
+                            input_rank=total_rank)
+    if method == "concat":
+        if keeps_everything(rule, total_rank):
+            up, down = exact_factors(parts)
+            return up, down, ModuleReport(total_rank, total_rank)
+        up, down, scale = stacked_factors(parts)
+        return reduce_factors(up, down, rule, scale)
+    exact_up, exact_down = exact_factors(parts)
+    up, down = _linear(parts)
+    if not keeps_everything(rule, up.shape[1]):
+        up, down, _ = reduce_factors(up, down, rule)
+    error = relative_distance(up, down, exact_up, exact_down)
+    return up, down, ModuleReport(parts[0][0].rank, int(down.shape[0]),
+                                  norm_ratio(up, down, exact_up, exact_down), error)
+
+
+def exact_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the exact weighted sum ``Σ w_i · scale_i · up_i @ down_i``: concatenated, each block balanced."""
+    dtype = work_dtype(*(t for module, _, _ in parts for t in (module.up, module.down)))
+    ups, downs = [], []
+    for module, weight, _ in parts:
+        up, down = module.factors(dtype)
+        up, down = balance(up, down, weight * module.scale)
+        ups.append(up)
+        downs.append(down)
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def stacked_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(up, down, scale)`` with ``up @ diag(scale) @ down`` the exact weighted sum (no scaling pass)."""
+    dtype = work_dtype(*(t for module, _, _ in parts for t in (module.up, module.down)))
+    factors = [module.factors(dtype) for module, _, _ in parts]
+    scale = torch.cat([torch.full((module.rank,), weight * module.scale, dtype=torch.float64)
+                       for module, weight, _ in parts])
+    return torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors], dim=0), scale
+
+
+def _linear(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's "linear" combination: weighted sums of the factors, the sign on ``down``."""
+    dtype = work_dtype(*(t for module, _, _ in parts for t in (module.up, module.down)))
+    up_sum, down_sum = 0, 0
+    for module, weight, _ in parts:
+        up, down = module.factors(dtype)
+        coefficient = weight * module.scale
+        root = abs(coefficient) ** 0.5
+        up_sum = up_sum + root * up
+        down_sum = down_sum + (root if coefficient >= 0 else -root) * down
+    return up_sum, down_sum

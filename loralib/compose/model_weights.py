@@ -1,0 +1,245 @@
+"""A base model on disk, addressed by lorareg's internal layer keys.
+
+Two layouts are read: a diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/`` with
+safetensors weights, sharded or not, any variant) and a single-file checkpoint in Stability's
+original layout, as A1111 and ComfyUI load it:
+
+- UNet: ``model.diffusion_model.<SGM path>.weight`` (translated with :mod:`loralib.naming.sgm`;
+  the block layout is read from the checkpoint's own key names);
+- CLIP text encoders: ``cond_stage_model.transformer.text_model.…`` (SD1) and
+  ``conditioner.embedders.0.transformer.text_model.…`` (SDXL's first);
+- OpenCLIP text encoders: ``cond_stage_model.model.transformer.resblocks.N.…`` (SD2) and
+  ``conditioner.embedders.1.model.…`` (SDXL's second), whose attention keeps q, k and v stacked
+  in one ``in_proj_weight``; each projection is a block of rows of it.
+
+Only Linear and Conv2d weights are addressed (the layers a LoRA can adapt). Nothing here loads
+a tensor until asked, and reading one layer reads only its bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from ..base_model import LayerShape
+from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
+from ..files.header import SafetensorsHeader, read_header
+from ..naming.sgm import UNetLayout, sgm_to_diffusers
+
+DIFFUSERS_COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIXES = {"cond_stage_model.transformer.": TEXT_ENCODER, "conditioner.embedders.0.transformer.": TEXT_ENCODER}
+OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": TEXT_ENCODER, "conditioner.embedders.1.model.": TEXT_ENCODER_2}
+_OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
+                              r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
+_OPEN_CLIP_NAMES = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                    "mlp.c_proj.weight": "mlp.fc2"}
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one layer's weight is stored: a tensor of a file, or a block of its rows."""
+
+    file: Path
+    name: str
+    shape: tuple[int, ...]  # the layer's weight shape
+    dtype: str  # safetensors dtype name
+    rows: tuple[int, int] | None = None
+
+
+def layer_shape(shape: tuple[int, ...]) -> LayerShape:
+    """The :class:`LayerShape` of a stored Linear or Conv2d weight."""
+    if len(shape) == 4:
+        return LayerShape(shape[0], shape[1], (shape[2], shape[3]))
+    return LayerShape(shape[0], shape[1], None)
+
+
+def _text_key(component: str, path: str) -> str | None:
+    if "embeddings." in path or path.endswith("embedding"):
+        return None
+    if not path.startswith("text_model.") and path != "text_projection":
+        path = "text_model." + path
+    return f"{component}.{path}"
+
+
+def diffusers_slots(component: str, header: SafetensorsHeader) -> dict[str, Slot]:
+    """The adaptable layers in one weight file of a diffusers component folder."""
+    slots = {}
+    for name, info in header.tensors.items():
+        if not name.endswith(".weight") or len(info.shape) not in ((2, 4) if component == UNET else (2,)):
+            continue
+        path = name[: -len(".weight")]
+        key = f"{UNET}.{path}" if component == UNET else _text_key(component, path)
+        if key is not None:
+            slots[key] = Slot(header.path, name, tuple(info.shape), info.dtype)
+    return slots
+
+
+def infer_layout(names: list[str]) -> UNetLayout:
+    """The UNet block layout of an original-layout checkpoint, from its key names alone."""
+    inputs: dict[int, set[int]] = {}
+    downsamplers, up_attention = [], set()
+    for name in names:
+        if match := re.match(re.escape(UNET_PREFIX) + r"input_blocks\.(\d+)\.(\d+)\.(\w+)", name):
+            n, m = int(match.group(1)), int(match.group(2))
+            inputs.setdefault(n, set()).add(m)
+            if match.group(3) == "op":
+                downsamplers.append(n)
+        elif match := re.match(re.escape(UNET_PREFIX) + r"output_blocks\.(\d+)\.1\.transformer_blocks", name):
+            up_attention.add(int(match.group(1)))
+    if not downsamplers:
+        raise InvalidArgumentError("the checkpoint's UNet has no downsampling layers; its block layout is unknown")
+    layers = min(downsamplers) - 1
+    per_block = layers + 1
+    blocks = (max(inputs) - 1) // per_block + 1
+    down_attention = tuple(any(1 in inputs.get(1 + b * per_block + j, ()) for j in range(layers)) for b in range(blocks))
+    up_attention_blocks = tuple(any(b * per_block + j in up_attention for j in range(per_block)) for b in range(blocks))
+    return UNetLayout(layers, down_attention, up_attention_blocks)
+
+
+def checkpoint_slots(header: SafetensorsHeader) -> dict[str, Slot]:
+    """The adaptable layers of a single-file checkpoint in the original layout."""
+    names = list(header.tensors)
+    layout = infer_layout(names)
+    slots: dict[str, Slot] = {}
+    for name, info in header.tensors.items():
+        shape, dtype = tuple(info.shape), info.dtype
+        if name.startswith(UNET_PREFIX) and name.endswith(".weight") and len(shape) in (2, 4):
+            path = sgm_to_diffusers(name[len(UNET_PREFIX):], layout)
+            if path is not None:
+                slots[f"{UNET}.{path[: -len('.weight')]}"] = Slot(header.path, name, shape, dtype)
+            continue
+        for prefix, component in CLIP_PREFIXES.items():
+            if name.startswith(prefix) and name.endswith(".weight") and len(shape) == 2:
+                key = _text_key(component, name[len(prefix): -len(".weight")])
+                if key is not None:
+                    slots[key] = Slot(header.path, name, shape, dtype)
+        for prefix, component in OPEN_CLIP_PREFIXES.items():
+            if name.startswith(prefix) and (match := _OPEN_CLIP_LAYER.match(name[len(prefix):])):
+                base = f"{component}.text_model.encoder.layers.{match.group(1)}"
+                if match.group(2) == "attn.in_proj_weight":
+                    width = shape[0] // 3
+                    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                        slots[f"{base}.self_attn.{proj}"] = Slot(header.path, name, (width, shape[1]), dtype,
+                                                                 (i * width, (i + 1) * width))
+                else:
+                    slots[f"{base}.{_OPEN_CLIP_NAMES[match.group(2)]}"] = Slot(header.path, name, shape, dtype)
+    return slots
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Every safetensors weight file of a diffusers component folder (all variants and shards)."""
+    return sorted(p for p in folder.glob("*.safetensors") if p.name.split(".")[0].split("-")[0] in _WEIGHT_STEMS)
+
+
+def preferred_files(files: list[Path]) -> list[Path]:
+    """One consistent set of weight files: the plain (non-variant) ones if present, else one variant."""
+    def variant(path: Path) -> str:
+        stem = _SHARD.sub("", path.name[: -len(".safetensors")])
+        return stem.split(".", 1)[1] if "." in stem else ""
+
+    variants = sorted({variant(p) for p in files})
+    chosen = "" if "" in variants else (variants[0] if variants else "")
+    return [p for p in files if variant(p) == chosen]
+
+
+@dataclass
+class ModelWeights:
+    """A base model (diffusers folder or single-file checkpoint) and where each adaptable layer lives."""
+
+    path: Path
+    kind: str  # "diffusers" or "checkpoint"
+    slots: dict[str, Slot]
+    _files: ExitStack = field(default_factory=ExitStack, repr=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelWeights:
+        """Index the model at ``path`` from its file headers."""
+        path = Path(path)
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist", "Check the path")
+        if path.is_dir():
+            return cls(path, "diffusers", _diffusers_folder_slots(path))
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeFileError(f"{path.name} is a pickle checkpoint; reading it would run code stored in it",
+                                  "Convert it to .safetensors first")
+        header = read_header(path)
+        header.require_complete()
+        if not any(n.startswith(UNET_PREFIX) for n in header.tensors):
+            if any("lora" in n.lower() for n in header.tensors):
+                raise NotALoraError(f"{path.name} is a LoRA adapter, not a base model",
+                                    "Give a checkpoint or a diffusers folder as the base model")
+            raise NotALoraError(f"{path.name} is not a Stable Diffusion checkpoint: it has no "
+                                f"'{UNET_PREFIX}' weights", "Give a single-file checkpoint or a diffusers folder")
+        return cls(path, "checkpoint", checkpoint_slots(header))
+
+    def shapes(self) -> dict[str, LayerShape]:
+        """Every addressed layer's shape."""
+        return {k: layer_shape(s.shape) for k, s in self.slots.items()}
+
+    def read(self, key: str):
+        """The stored weight of one layer (a torch tensor in its stored dtype)."""
+        from safetensors import safe_open
+
+        slot = self.slots[key]
+        handle = self._handles.get(slot.file)
+        if handle is None:
+            handle = self._handles[slot.file] = self._files.enter_context(safe_open(slot.file, framework="pt"))
+        if slot.rows is None:
+            return handle.get_tensor(slot.name)
+        return handle.get_slice(slot.name)[slot.rows[0]: slot.rows[1]]
+
+    def close(self) -> None:
+        """Release the open files."""
+        self._files.close()
+        self._handles.clear()
+
+    def __enter__(self) -> ModelWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def component_folders(path: Path) -> Iterator[tuple[str, Path]]:
+    """The adaptable components present in a diffusers folder."""
+    for component in DIFFUSERS_COMPONENTS:
+        folder = path / component
+        if folder.is_dir():
+            yield component, folder
+
+
+def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
+    folders = list(component_folders(path))
+    if not folders:
+        raise InputNotFoundError(f"{path} is not a diffusers model folder: it has no unet/ or text_encoder/ folder",
+                                 "Give the folder that holds model_index.json, or a single-file checkpoint")
+    slots: dict[str, Slot] = {}
+    for component, folder in folders:
+        files = preferred_files(weight_files(folder))
+        if not files:
+            if any(folder.glob("*.bin")):
+                raise UnsafeFileError(f"{folder} holds only pickle (.bin) weights",
+                                      "Re-save the model with safetensors (save_pretrained(..., safe_serialization=True))")
+            raise InputNotFoundError(f"{folder} has no safetensors weights")
+        for file in files:
+            header = read_header(file)
+            header.require_complete()
+            slots.update(diffusers_slots(component, header))
+    return slots
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (float types only)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])

@@ -1,0 +1,61 @@
+"""Process modules on a small pool of threads, each running torch single-threaded.
+
+Per-module work here is a few milliseconds of small matrix algebra, where torch's intra-op
+threads mostly wait on each other (and slow down badly when other processes share the cores).
+Running independent modules side by side, one core each, keeps every core busy instead. torch
+releases the GIL inside its operations, so plain threads suffice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch operations on one intra-op thread inside the block (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def map_modules(function: Callable[[Item], Result], items: Sequence[Item],
+                progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> list[Result]:
+    """``[function(item) for item in items]``, computed ``workers`` at a time (default: torch's thread count).
+
+    Results come back in order; ``progress(done, total)`` is called as they do. At most
+    ``workers`` items are in flight, so memory stays bounded by what that many calls hold.
+    """
+    workers = workers or torch.get_num_threads()
+    total = len(items)
+    results: list[Result] = []
+    if workers <= 1 or total < 2:
+        for item in items:
+            results.append(function(item))
+            if progress:
+                progress(len(results), total)
+        return results
+    with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+        pending = []
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > 2 * workers:  # keep a few queued, not the whole model
+                results.append(pending.pop(0).result())
+                if progress:
+                    progress(len(results), total)
+        for future in pending:
+            results.append(future.result())
+            if progress:
+                progress(len(results), total)
+    return results

@@ -1,0 +1,39 @@
+"""What merge, resize and extract return: the new adapter, its report, and the operation record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .report import CompositionReport
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import LoraAdapter
+    from ..formats.base import SaveResult
+
+
+@dataclass
+class Composition:
+    """A computed adapter, not yet written.
+
+    ``operation`` is the record that :meth:`save` stores in the file's ``lorareg.history``
+    (inputs with their hashes and weights, method, rank, parameters).
+    """
+
+    adapter: LoraAdapter
+    report: CompositionReport
+    operation: dict
+
+    def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
+             dtype: torch.dtype | None = None) -> SaveResult:
+        """Write the adapter (atomically; refuses to overwrite unless ``force``) with its operation record."""
+        return self.adapter.save(path, format, force=force, dtype=dtype, operation=self.operation)
+
+
+def storage_bytes(adapter: LoraAdapter) -> int:
+    """Bytes the adapter's factors occupy in their dtype (the tensor data of the written file)."""
+    return sum(t.numel() * t.element_size() for m in adapter.modules.values()
+               for t in (m.down, m.up, m.mid) if t is not None)

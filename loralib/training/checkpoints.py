@@ -1,0 +1,126 @@
+"""Resumable training checkpoints: ``<output_dir>/checkpoints/step-00000010/``.
+
+A checkpoint holds the trainable LoRA tensors (``trainable.safetensors``), the optimizer, learning-
+rate scheduler and gradient-scaler states and the step counter (``training_state.pt``, read back
+with ``weights_only=True``), and the configuration it was made with (``config.json``). Every random
+draw of step N is derived from the seed and N, so restoring these states continues a run exactly:
+a resumed run ends with the same adapter as an uninterrupted one.
+
+A checkpoint folder is written under a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint that ``--resume latest`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptFileError, InputNotFoundError, MismatchError
+
+FOLDER = "checkpoints"
+STATE_FILE = "training_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+CONFIG_FILE = "config.json"
+_NAME = re.compile(r"^step-(\d+)$")
+# Keys whose change makes a checkpoint unusable: they decide which parameters exist and what they mean.
+STRUCTURAL_KEYS = ("base_model", "rank", "alpha", "target_modules", "conv_rank", "conv_alpha",
+                   "train_text_encoder", "optimizer")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    step: int
+    trainable: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    """Where a run's checkpoints live."""
+    return Path(output_dir) / FOLDER
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as ``(step, folder)``."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file() and (path / TRAINABLE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: Path, resume: str | Path) -> Path:
+    """The checkpoint folder that ``--resume`` names: ``latest`` or a path."""
+    if str(resume) == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise InputNotFoundError(f"there is no checkpoint in {checkpoints_dir(output_dir)} to resume from",
+                                     "Start without --resume, or give the output_dir of the earlier run")
+        return found[-1][1]
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise InputNotFoundError(f"{path} is not a lorareg checkpoint folder (it has no {STATE_FILE})",
+                                 "Pass --resume latest, or a folder under checkpoints/")
+    return path
+
+
+def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
+                    config: dict[str, Any], keep: int | None = None) -> Path:
+    """Write a checkpoint for ``step`` atomically; keep only the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_file
+
+    parent = checkpoints_dir(output_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / TRAINABLE_FILE)
+        torch.save({**state, "step": step}, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep is not None:
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint folder (no pickle code runs: ``weights_only=True``)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        trainable = load_file(path / TRAINABLE_FILE)
+        config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+    except Exception as exc:
+        raise CorruptFileError(f"the checkpoint {path} cannot be read ({type(exc).__name__})",
+                               "Resume from an older checkpoint (pass its folder to --resume)") from None
+    return Checkpoint(path, int(state["step"]), trainable, state, config)
+
+
+def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+    """Refuse to resume with a configuration that changes which parameters are trained."""
+    changed = [f"{key} ({checkpoint.config[key]!r} -> {config.get(key)!r})" for key in STRUCTURAL_KEYS
+               if key in checkpoint.config and checkpoint.config[key] != config.get(key)]
+    if changed:
+        raise MismatchError(f"the checkpoint {checkpoint.path.name} was made with a different {', '.join(changed)}",
+                            "Resume with the same settings, or start a new run with --force")

@@ -1,0 +1,182 @@
+"""Loading a base model for training or generation: a Hub id, a local diffusers folder or a single file.
+
+The result is a :class:`BaseModel` holding the pipeline's parts (UNet, VAE, text encoders,
+tokenizers, scheduler) and the architecture they form (sd1, sd2, sdxl). Problems become one
+clear :class:`~loralib.errors.LoraError`: a missing path, a Hub id without network, a pickle file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..architectures import SD1, SD2, SDXL
+from ..errors import InputNotFoundError, InvalidArgumentError, LoraError, UnsafeFileError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+@dataclass
+class BaseModel:
+    """The parts of a Stable Diffusion pipeline that training and generation use."""
+
+    source: str
+    architecture: str
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL (two text encoders, size and crop conditioning)."""
+        return self.architecture == SDXL.name
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for every Stable Diffusion VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def components(self) -> dict[str, Any]:
+        """The modules by their pipeline names (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+        parts = {"unet": self.unet, "text_encoder": self.text_encoders[0]}
+        if len(self.text_encoders) > 1:
+            parts["text_encoder_2"] = self.text_encoders[1]
+        return parts
+
+    def pipeline(self, *, unet=None, text_encoders: list[Any] | None = None, scheduler=None):
+        """A diffusers text-to-image pipeline over these parts (optionally with replaced ones)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        unet = unet if unet is not None else self.unet
+        encoders = text_encoders if text_encoders is not None else self.text_encoders
+        scheduler = scheduler if scheduler is not None else self.scheduler
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                             tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1],
+                                             unet=unet, scheduler=scheduler)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=encoders[0], tokenizer=self.tokenizers[0],
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
+def architecture_of(unet, text_encoder_count: int) -> str:
+    """sd1, sd2 or sdxl, from the UNet config and the number of text encoders."""
+    if text_encoder_count > 1 or unet.config.get("addition_embed_type") == "text_time":
+        return SDXL.name
+    return SD2.name if unet.config.cross_attention_dim == 1024 else SD1.name
+
+
+def _dtype_argument(dtype) -> dict[str, Any]:
+    """Loading in float32 is the default; naming it only draws a deprecation warning from new diffusers."""
+    import torch
+
+    return {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+
+
+def _from_pipeline(source: str, pipe) -> BaseModel:
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+    return BaseModel(source, architecture_of(pipe.unet, len(encoders)), pipe.unet, pipe.vae, encoders, tokenizers,
+                     pipe.scheduler)
+
+
+def _pipeline_class(model_index: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if "text_encoder_2" in model_index else StableDiffusionPipeline
+
+
+def _load_folder(folder: Path, source: str, dtype):
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise InvalidArgumentError(f"{folder} is not a diffusers model folder (it has no model_index.json)",
+                                   "Give a diffusers folder, a single-file .safetensors checkpoint or a Hub id")
+    model_index = json.loads(index_file.read_text())
+    if "unet" not in model_index or "text_encoder" not in model_index:
+        raise InvalidArgumentError(f"{folder} holds a {model_index.get('_class_name', 'pipeline')} without a UNet "
+                                   "and text encoder", "lorareg trains SD1.x, SD2.x and SDXL models")
+    cls = _pipeline_class(model_index)
+    kwargs = _dtype_argument(dtype)
+    if "safety_checker" in model_index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return _from_pipeline(source, cls.from_pretrained(folder, **kwargs))
+
+
+def _load_single_file(path: Path, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..files.header import read_header
+
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise UnsafeFileError(f"{path.name} is a pickle checkpoint; loading it would run code stored in it",
+                              "Use the .safetensors version of the model")
+    names = list(read_header(path).tensors)
+    if not any(n.startswith("model.diffusion_model.") for n in names):
+        raise InvalidArgumentError(f"{path.name} is not a single-file Stable Diffusion checkpoint (it has no "
+                                   "model.diffusion_model.* weights)", "Give a full model, not an adapter or a part")
+    cls = StableDiffusionXLPipeline if any(n.startswith("conditioner.embedders.1.") for n in names) \
+        else StableDiffusionPipeline
+    try:
+        return _from_pipeline(str(path), cls.from_single_file(path, **_dtype_argument(dtype)))
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise InputNotFoundError(
+            f"could not load the single-file checkpoint {path.name}: diffusers needs the model's configuration "
+            f"from the Hugging Face Hub{' and HF_HUB_OFFLINE is set' if offline else ''} ({type(exc).__name__})",
+            "Run once with network access so the configuration is cached, or use a diffusers folder") from None
+
+
+def _load_hub(repo_id: str, dtype):
+    from diffusers import DiffusionPipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", local_files_only=offline)).read_text())
+    except Exception as exc:
+        reason = "there is no network access (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache" \
+            if offline else f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        raise InputNotFoundError(f"cannot load the base model {repo_id} from the Hub: {reason}",
+                                 "Connect to the network, or give a local diffusers folder or .safetensors file "
+                                 "(lorareg tiny-model builds a tiny one offline)") from None
+    cls = _pipeline_class(index) if "unet" in index else DiffusionPipeline
+    kwargs = _dtype_argument(dtype)
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return _from_pipeline(repo_id, cls.from_pretrained(repo_id, **kwargs))
+
+
+def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
+    """Load the base model at ``reference``: a local diffusers folder, a ``.safetensors`` file or a Hub id.
+
+    ``dtype`` (a torch dtype) is the dtype of every loaded weight (default float32).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    text = str(reference)
+    path = Path(text).expanduser()
+    try:
+        if path.is_dir():
+            return _load_folder(path, str(path), dtype)
+        if path.is_file():
+            return _load_single_file(path, dtype)
+    except LoraError:
+        raise
+    except Exception as exc:
+        raise InvalidArgumentError(f"could not load the base model {text}: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                                   "Check that it is a complete Stable Diffusion model") from None
+    if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _load_hub(text, dtype)
+    raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",
+                             "Check base_model (--base)")

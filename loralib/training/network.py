@@ -1,0 +1,107 @@
+"""The trained LoRA layers: which layers get them, adding them with peft, reading them back.
+
+Layers are chosen on lorareg's internal keys (the names every format is written from), so the
+trained adapter's modules are exactly the chosen layers:
+
+- ``attention``: q, k, v and out projections of every attention (UNet) / self-attention (CLIP);
+- ``transformer``: attention plus feed-forward and the transformer blocks' ``proj_in``/``proj_out``
+  (the layers kohya's LoRA trains);
+- ``locon``: transformer plus the ResNet blocks' convolutions, time-embedding projections and the
+  down/up-samplers (kohya's LoCon); 3×3 convs get ``conv_rank``/``conv_alpha``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..adapter import LoraModule
+from ..base_model import adaptable_layers
+from ..synthetic import ATTENTION, FEED_FORWARD, PROJECTION
+
+ADAPTER_NAME = "default"
+_RESNET = re.compile(r"\.(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")
+
+
+def _wanted(key: str, preset: str) -> bool:
+    if ATTENTION.search(key):
+        return True
+    if preset in ("transformer", "locon") and (FEED_FORWARD.search(key) or PROJECTION.search(key)):
+        return True
+    return preset == "locon" and key.startswith("unet.") and bool(_RESNET.search(key))
+
+
+def target_layers(component: str, model: nn.Module, preset: str) -> dict[str, str]:
+    """``{module path in model: internal key}`` of the layers ``preset`` adapts in one component."""
+    keys = {id(module): key for key, module in adaptable_layers(component, model).items()}
+    targets = {}
+    for name, module in model.named_modules():
+        key = keys.get(id(module))
+        if key is not None and _wanted(key, preset):
+            targets[name] = key
+    return targets
+
+
+def add_lora(model: nn.Module, targets: dict[str, str], *, rank: int, alpha: float, conv_rank: int,
+             conv_alpha: float, dropout: float) -> None:
+    """Add peft LoRA layers to ``targets`` of ``model`` (only they will require gradients).
+
+    Uses diffusers' / transformers' own ``add_adapter`` so the model stays loadable by their code.
+    """
+    from peft import LoraConfig
+
+    modules = dict(model.named_modules())
+    wide = [name for name in targets if isinstance(modules[name], nn.Conv2d) and modules[name].kernel_size != (1, 1)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets),
+                        rank_pattern={re.escape(n): conv_rank for n in wide},
+                        alpha_pattern={re.escape(n): conv_alpha for n in wide}, init_lora_weights=True)
+    model.requires_grad_(False)
+    model.add_adapter(config)
+
+
+def lora_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Module]:
+    """``{internal key: peft LoRA layer}`` after :func:`add_lora`."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and name in targets:
+            found[targets[name]] = module
+    return found
+
+
+def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule]:
+    """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down)."""
+    modules = {}
+    for key, layer in layers.items():
+        down = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
+        up = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone()
+        rank = layer.r[ADAPTER_NAME]
+        alpha = float(layer.lora_alpha[ADAPTER_NAME])
+        if layer.use_rslora.get(ADAPTER_NAME, False):  # rsLoRA scales by alpha / sqrt(r); restate as alpha' / r
+            alpha *= rank ** 0.5
+        modules[key] = LoraModule(down, up, alpha)
+    return modules
+
+
+def trainable_parameters(model: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    """Every parameter that requires a gradient, named ``<prefix>.<parameter path>``."""
+    return {f"{prefix}.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(parameters: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors into the live parameters (exactly; names and shapes must match)."""
+    missing = sorted(set(parameters) - set(tensors))
+    unexpected = sorted(set(tensors) - set(parameters))
+    if missing or unexpected:
+        from ..errors import MismatchError
+
+        raise MismatchError(f"the checkpoint's LoRA layers do not match this configuration "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. "
+                            f"{(missing + unexpected)[0]})",
+                            "Resume with the configuration the checkpoint was made with")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(tensors[name].to(parameter.dtype))

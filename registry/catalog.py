@@ -1,0 +1,520 @@
+"""The catalog of adapters: add, look up, list, search, tag, remove, and record outputs with their parents.
+
+::
+
+    from registry.catalog import Catalog
+    with Catalog() as catalog:                       # $LORAREG_HOME or the per-user data folder
+        entry = catalog.add("pixel.safetensors", tags=["style"], triggers=["pxl style"]).entry
+        catalog.search("pixel")                       # full-text, best match first
+        catalog.get("pixel")                          # by name, hash prefix or file path
+
+An adapter is identified by the SHA-256 of its tensor data, so copies of a file and files that
+differ only in metadata are one entry with several paths. Reading imports neither torch nor
+sqlite-utils (which creates and migrates the schema, see :mod:`registry.schema`); every write runs
+in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from loralib.errors import InputNotFoundError, InvalidArgumentError, LoraError
+
+from .home import catalog_path
+from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps
+from .schema import connect, now, write
+
+if TYPE_CHECKING:
+    from loralib.files.hashes import FileHashes
+
+    from .describe import FileFacts
+
+HASH_PREFIX = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{8,64})$")
+SORTS = {"name": "a.name COLLATE NOCASE", "added": "a.added_at DESC, a.id DESC",
+         "updated": "a.updated_at DESC, a.id DESC", "size": "a.size DESC, a.id"}
+_FTS_SYNTAX = re.compile(r'["*()^:+{}]|\b(AND|OR|NOT|NEAR)\b')
+MAX_NAME = 200
+PARENT_COLUMNS = ("tensor_sha256", "sha256", "file", "path", "format", "weight")
+
+
+class Stored(NamedTuple):
+    """What storing one file did: the adapter's id, whether the entry is new, whether the path is new to it."""
+
+    adapter_id: int
+    created: bool
+    new_path: bool
+
+
+@dataclass
+class AddResult:
+    """What :meth:`Catalog.add` did: the entry, whether it is new, and whether the path is new to it."""
+
+    entry: Entry
+    created: bool
+    new_path: bool
+
+
+@dataclass
+class RemoveResult:
+    """What :meth:`Catalog.remove` did: the removed entry and the files deleted (if asked)."""
+
+    entry: Entry
+    deleted: list[str] = field(default_factory=list)
+
+
+def check_name(name: str) -> str:
+    """A valid catalog name (trimmed), or :class:`InvalidArgumentError`.
+
+    Any text works (quotes, unicode, SQL characters) except slashes, which would read as a
+    path or a Hub repo id, and control characters.
+    """
+    cleaned = " ".join(str(name).split())
+    if not cleaned:
+        raise InvalidArgumentError("an adapter name cannot be empty")
+    if re.search(r"[\x00-\x1f\x7f/\\]", str(name).strip()):
+        raise InvalidArgumentError(f"the name {name!r} contains a slash or a control character",
+                                   "Slashes would read as a path or a Hub repo id; choose another name")
+    if len(cleaned) > MAX_NAME:
+        raise InvalidArgumentError(f"the name is {len(cleaned)} characters long (the limit is {MAX_NAME})")
+    return cleaned
+
+
+def clean_tags(tags: Iterable[str]) -> list[str]:
+    """Tags as stored: trimmed, lower-case, without repeats."""
+    from .describe import unique
+
+    return unique([" ".join(str(t).split()).lower() for t in tags if str(t).strip()])
+
+
+def fts_query(text: str) -> str:
+    """The FTS5 query for a search string.
+
+    Plain words match as prefixes, all of them required (``pix art`` finds "pixel-art"). A
+    string using FTS5 syntax (quotes, ``*``, ``AND``/``OR``/``NOT``, parentheses, ``col:``) is
+    passed through as written.
+    """
+    text = text.strip()
+    if not text:
+        raise InvalidArgumentError("the search text is empty", "Give at least one word")
+    if _FTS_SYNTAX.search(text):
+        return text
+    words = [w for w in text.split() if re.search(r"\w", w)]
+    if not words:
+        raise InvalidArgumentError(f"there is no word to search for in {text!r}", "Give at least one word or name")
+    return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+
+
+class Catalog:
+    """An open catalog database. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, home: str | os.PathLike | None = None) -> None:
+        self.path = catalog_path(home)
+        self.conn = connect(self.path)
+        self.conn.row_factory = sqlite3.Row
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self.conn.close()
+
+    # -- looking up ------------------------------------------------------------------------ #
+
+    def _entries(self, where: str, params: Sequence = (), columns: Sequence[str] | None = None,
+                 tail: str = "") -> list[Entry]:
+        cols = ", ".join(f"a.{c}" for c in columns) if columns else "a.*"
+        rows = self.conn.execute(f"SELECT {cols} FROM adapters a WHERE {where} {tail}", params).fetchall()
+        return [Entry.from_row(r) for r in rows]
+
+    def by_id(self, adapter_id: int) -> Entry | None:
+        """The entry with database id ``adapter_id`` (all fields)."""
+        found = self._entries("a.id = ?", (adapter_id,))
+        return found[0] if found else None
+
+    def by_name(self, name: str) -> Entry | None:
+        """The entry named ``name`` (case-insensitive)."""
+        found = self._entries("a.name = ? COLLATE NOCASE", (" ".join(name.split()),))
+        return found[0] if found else None
+
+    def by_tensor_hash(self, tensor_sha256: str) -> Entry | None:
+        """The entry whose tensor data has this SHA-256."""
+        found = self._entries("a.tensor_sha256 = ?", (tensor_sha256.lower(),))
+        return found[0] if found else None
+
+    def by_path(self, path: str | os.PathLike) -> Entry | None:
+        """The entry one of whose files is at ``path`` (a file, or a PEFT folder)."""
+        from .describe import absolute, main_file
+
+        target = absolute(path)
+        candidates = [str(target), str(main_file(target))] if target.exists() else [str(target)]
+        for candidate in candidates:
+            found = self._entries("a.id = (SELECT adapter_id FROM files WHERE path = ?)", (candidate,))
+            if found:
+                return found[0]
+        return None
+
+    def by_hash_prefix(self, text: str) -> list[Entry]:
+        """Entries whose tensor SHA-256 (A1111/AutoV3), file SHA-256 (AutoV2) or legacy hash starts with ``text``.
+
+        ``text`` is at least 8 hex digits, optionally written ``sha256:…`` or ``0x…``.
+        """
+        match = HASH_PREFIX.match(text.strip())
+        if match is None:
+            return []
+        prefix = match.group(1).lower()
+        upper = prefix + "g"  # 'g' sorts after every hex digit: a range scan on the index
+        where = ("a.tensor_sha256 >= ?1 AND a.tensor_sha256 < ?2 OR a.sha256 >= ?1 AND a.sha256 < ?2 "
+                 "OR a.id IN (SELECT adapter_id FROM files WHERE sha256 >= ?1 AND sha256 < ?2)")
+        params: tuple = (prefix, upper)
+        if len(prefix) == 8:
+            where += " OR a.legacy = ?1"
+        return self._entries(where, params, tail="ORDER BY a.name COLLATE NOCASE LIMIT 20")
+
+    def find(self, reference: str) -> Entry | None:
+        """The entry for a name, a hash prefix or a file path; None when nothing matches.
+
+        Raises :class:`InvalidArgumentError` when a hash prefix matches several entries.
+        """
+        entry = self.by_name(reference)
+        if entry is not None:
+            return entry
+        matches = self.by_hash_prefix(reference)
+        if len(matches) > 1:
+            names = ", ".join(e.name for e in matches[:5])
+            raise InvalidArgumentError(f"the hash prefix {reference} matches {len(matches)} adapters ({names})",
+                                       "Give more digits of the hash, or the name")
+        if matches:
+            return matches[0]
+        if os.path.exists(os.path.expanduser(reference)):
+            return self.by_path(reference)
+        return None
+
+    def get(self, reference: str) -> Entry:
+        """Like :meth:`find`, but raises :class:`InputNotFoundError` when nothing matches."""
+        entry = self.find(reference)
+        if entry is None:
+            if os.path.exists(os.path.expanduser(reference)):
+                raise InputNotFoundError(f"{reference} is not in the catalog", f"Add it with: lorareg add {reference}")
+            raise InputNotFoundError(f"no adapter named {reference!r} in the catalog",
+                                     "See `lorareg list` or `lorareg search`; hash prefixes need at least 8 hex digits")
+        return entry
+
+    def files(self, entry: Entry) -> list[FileRecord]:
+        """Every path recorded for ``entry``, usable ones first."""
+        rows = self.conn.execute(
+            "SELECT path, size, mtime_ns, sha256, state, problem, seen_at FROM files WHERE adapter_id = ? "
+            "ORDER BY state != 'ok', seen_at DESC", (entry.id,)).fetchall()
+        return [FileRecord(**dict(r)) for r in rows]
+
+    def local_path(self, entry: Entry) -> Path:
+        """A path on this machine that loaders accept for ``entry`` (a file or a PEFT folder)."""
+        from .describe import adapter_root
+
+        for record in self.files(entry):
+            path = Path(record.path)
+            if record.state == "ok" and path.is_file():
+                return adapter_root(path)
+        for record in self.files(entry):
+            if Path(record.path).is_file():
+                return adapter_root(Path(record.path))
+        hint = (f"Pull it again with: lorareg pull {entry.source_repo}" if entry.source_repo
+                else "Run `lorareg verify` to look for moved files, or `lorareg scan FOLDER`")
+        raise InputNotFoundError(f"the catalog entry {entry.name!r} has no file on this machine any more", hint)
+
+    def parents(self, entry: Entry) -> list[ParentRecord]:
+        """The inputs of the operation that made ``entry`` (with their names when they are in the catalog)."""
+        rows = self.conn.execute(
+            "SELECT p.position, p.tensor_sha256, p.sha256, p.file, p.path, p.format, p.weight, a.name "
+            "FROM parents p LEFT JOIN adapters a ON a.tensor_sha256 = p.tensor_sha256 "
+            "WHERE p.child_id = ? ORDER BY p.position", (entry.id,)).fetchall()
+        return [ParentRecord(*r) for r in rows]
+
+    def children(self, entry: Entry) -> list[Entry]:
+        """Entries made from ``entry`` by an operation."""
+        return self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?)", (entry.tensor_sha256,),
+                             SUMMARY_COLUMNS, "ORDER BY a.name COLLATE NOCASE")
+
+    # -- listing and searching ------------------------------------------------------------- #
+
+    @staticmethod
+    def _filters(architecture: str | None, format: str | None, tag: str | None) -> tuple[list[str], list]:
+        where, params = [], []
+        if architecture:
+            where.append("a.architecture = ?")
+            params.append(architecture.lower())
+        if format:
+            where.append("a.format = ?")
+            params.append(format.lower())
+        if tag:
+            where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
+            params.append(" ".join(tag.split()).lower())
+        return where, params
+
+    def list(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
+             sort: str = "name", limit: int | None = 100, offset: int = 0) -> list[Entry]:
+        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all."""
+        if sort not in SORTS:
+            raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
+        where, params = self._filters(architecture, format, tag)
+        tail = f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
+        return self._entries(" AND ".join(where) or "1", [*params, -1 if limit is None else limit, offset],
+                             SUMMARY_COLUMNS, tail)
+
+    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None) -> int:
+        """How many entries match the filters of :meth:`list`."""
+        where, params = self._filters(architecture, format, tag)
+        return self.conn.execute(f"SELECT count(*) FROM adapters a WHERE {' AND '.join(where) or '1'}", params).fetchone()[0]
+
+    def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
+               limit: int | None = 100) -> tuple[list[Entry], int]:
+        """Full-text search over names, titles, tags, triggers, descriptions, metadata and Hub repos.
+
+        Returns the best ``limit`` matches (summary fields) and the number of all matches. A query
+        that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with one clear line.
+        """
+        query = fts_query(text)
+        where, params = self._filters(architecture, format, tag)
+        condition = " AND ".join(["adapters_fts MATCH ?", *where])
+        cols = ", ".join(f"a.{c}" for c in SUMMARY_COLUMNS)
+        join = "FROM adapters_fts JOIN adapters a ON a.id = adapters_fts.rowid"
+        try:
+            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ?",
+                                     [query, *params, -1 if limit is None else limit]).fetchall()
+            if limit is None or len(rows) < limit:
+                total = len(rows)
+            elif where:
+                total = self.conn.execute(f"SELECT count(*) {join} WHERE {condition}", [query, *params]).fetchone()[0]
+            else:  # counting in the index alone is several times faster than through the join
+                total = self.conn.execute("SELECT count(*) FROM adapters_fts WHERE adapters_fts MATCH ?",
+                                          [query]).fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            reason = str(exc).removeprefix("fts5: ")
+            raise InvalidArgumentError(
+                f"the search {text!r} is not valid full-text query syntax ({reason})",
+                'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
+                "operators are AND, OR, NOT, prefix*, and column:word") from None
+        return [Entry.from_row(r) for r in rows], total
+
+    # -- writing --------------------------------------------------------------------------- #
+
+    def add(self, path: str | os.PathLike, *, name: str | None = None, tags: Iterable[str] = (),
+            triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
+            source: dict | None = None, operation: dict | None = None, hashes: FileHashes | None = None,
+            fallback_name: str | None = None) -> AddResult:
+        """Record the adapter at ``path`` (a file or a PEFT/diffusers folder), reading its header and hashes.
+
+        An adapter already in the catalog (same tensor data) gains the path, tags and triggers;
+        a ``name`` renames it. ``source`` is ``{"source": "hub", "repo", "revision", "commit", "file"}``
+        for Hub downloads. A new entry without ``name`` is named ``fallback_name`` or after its file
+        (with ``-2``, ``-3``… when taken).
+        """
+        from .describe import describe
+
+        facts = describe(path, hashes)
+        with write(self.conn):
+            stored = self._store(facts, name=name, tags=tags, triggers=triggers, description=description,
+                                 samples=samples, source=source, operation=operation, fallback_name=fallback_name)
+        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path)
+
+    def add_many(self, facts: Iterable[FileFacts]) -> list[Stored]:
+        """Record several described files in one transaction (``scan`` does this in batches)."""
+        with write(self.conn):
+            return [self._store(f) for f in facts]
+
+    def register_output(self, path: str | os.PathLike, operation: dict, *, hashes: FileHashes | None = None,
+                        name: str | None = None) -> AddResult:
+        """Record an adapter an operation just wrote, with its parents, weights and parameters.
+
+        ``operation`` is the dict the command passed: ``"operation"``, ``"inputs"`` (paths or input
+        records ``{file, format, tensor_sha256, sha256, weight}``), optional ``"weights"``, optional
+        ``"samples"`` (images made with the adapter), and the parameters (a training run passes its
+        config and dataset summary). It is stored whole, completed by what the file's own history
+        record says about the same operation.
+        """
+        from .describe import describe
+        from .lineage import history_record, parent_records
+        from .samples import sample_record
+
+        facts = describe(path, hashes)
+        parents = parent_records(self, operation, facts)
+        written = history_record(facts.metadata, operation.get("operation"))
+        record = {**{k: v for k, v in written.items() if k != "inputs"}, **operation, "inputs": parents}
+        source = {"source": "output", "file": str(facts.root)}
+        samples = [s if isinstance(s, dict) else sample_record(s) for s in operation.get("samples") or []
+                   if isinstance(s, dict) or os.path.isfile(s)]
+        with write(self.conn):
+            stored = self._store(facts, name=name, source=source, operation=record, parents=parents, samples=samples)
+        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path)
+
+    def _store(self, facts: FileFacts, *, name: str | None = None, tags: Iterable[str] = (),
+               triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
+               source: dict | None = None, operation: dict | None = None, parents: list[dict] | None = None,
+               fallback_name: str | None = None) -> Stored:
+        """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
+        from .describe import unique
+        from .lineage import history_parents
+
+        stamp = now()
+        columns = facts.columns()
+        existing = self.by_tensor_hash(facts.tensor_sha256)
+        tags, user_triggers = clean_tags(tags), unique([" ".join(t.split()) for t in triggers if t.strip()])
+        source_columns = _source_columns(source)
+        if existing is None:
+            if name:
+                new_name = check_name(name)
+                self._require_free(new_name, None)
+            else:
+                new_name = self._free_name(fallback_name or facts.default_name())
+            row = {**columns, "name": new_name, "tags": dumps(tags), "user_triggers": dumps(user_triggers),
+                   "triggers": dumps(unique(user_triggers + facts.file_triggers())),
+                   "description": description or facts.metadata.get("modelspec.description"),
+                   "samples": dumps(list(samples)), "operation": None if operation is None else dumps(operation),
+                   "added_at": stamp, "updated_at": stamp, **(source_columns or {"source": "file"})}
+            adapter_id = self._insert("adapters", row)
+        else:
+            adapter_id = existing.id
+            all_triggers = unique(existing.user_triggers + user_triggers)
+            changes = {**columns, "updated_at": stamp, "tags": dumps(unique(existing.tags + tags)),
+                       "user_triggers": dumps(all_triggers),
+                       "triggers": dumps(unique(all_triggers + facts.file_triggers()))}
+            if name and check_name(name) != existing.name:
+                self._require_free(check_name(name), existing.id)
+                changes["name"] = check_name(name)
+            if description:
+                changes["description"] = description
+            if samples:
+                changes["samples"] = dumps(existing.samples + [s for s in samples if s not in existing.samples])
+            if source_columns and (existing.source == "file" or source_columns["source"] == "hub"):
+                changes.update(source_columns)
+            if operation is not None and existing.operation is None:
+                changes["operation"] = dumps(operation)
+            self._update(adapter_id, changes)
+        if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
+            chosen = parents if parents is not None else history_parents(facts.metadata)
+            for i, parent in enumerate(p for p in chosen if p.get("tensor_sha256") != facts.tensor_sha256):
+                self._insert("parents", {"child_id": adapter_id, "position": i,
+                                         **{k: parent.get(k) for k in PARENT_COLUMNS}})
+        owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (str(facts.path),)).fetchone()
+        self._upsert_file({"path": str(facts.path), "adapter_id": adapter_id, "size": facts.size,
+                           "mtime_ns": facts.mtime_ns, "sha256": facts.hashes.get("sha256"), "state": "ok",
+                           "problem": None, "seen_at": stamp})
+        return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id)
+
+    def _insert(self, table: str, row: dict) -> int:
+        """Insert one row (column names come from this module, values are bound parameters)."""
+        sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+        return self.conn.execute(sql, list(row.values())).lastrowid
+
+    def _update(self, adapter_id: int, changes: dict) -> None:
+        """Change columns of one adapter."""
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        self.conn.execute(f"UPDATE adapters SET {assignments} WHERE id = ?", [*changes.values(), adapter_id])
+
+    def _upsert_file(self, row: dict) -> None:
+        """Insert a ``files`` row, or update the one with the same path."""
+        updates = ", ".join(f"{column} = excluded.{column}" for column in row if column != "path")
+        self.conn.execute(f"INSERT INTO files ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                          f"ON CONFLICT(path) DO UPDATE SET {updates}", list(row.values()))
+
+    def _name_holder(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM adapters WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        return row[0] if row else None
+
+    def _free_name(self, base: str) -> str:
+        """``base``, or ``base-2``, ``base-3``… when it is taken."""
+        candidate, n = base[:MAX_NAME], 1
+        while self._name_holder(candidate) is not None:
+            n += 1
+            candidate = f"{base[:MAX_NAME - 8]}-{n}"
+        return candidate
+
+    def _require_free(self, name: str, owner_id: int | None) -> None:
+        holder = self._name_holder(name)
+        if holder is not None and holder != owner_id:
+            other = self.by_id(holder)
+            raise InvalidArgumentError(f"the name {name!r} is already used by another adapter "
+                                       f"(A1111 hash {other.tensor_sha256[:12]})", "Choose another name with --name")
+
+    def record_file(self, path: str, *, state: str, problem: str | None = None, size: int | None = None,
+                    mtime_ns: int | None = None) -> None:
+        """Remember a file that is not a usable adapter (``not-lora``, ``damaged``) so a rescan skips it."""
+        with write(self.conn):
+            self._upsert_file({"path": path, "adapter_id": None, "size": size, "mtime_ns": mtime_ns, "sha256": None,
+                               "state": state, "problem": problem, "seen_at": now()})
+
+    def update(self, reference: str, *, name: str | None = None, description: str | None = None,
+               add_tags: Iterable[str] = (), remove_tags: Iterable[str] = (), add_triggers: Iterable[str] = (),
+               remove_triggers: Iterable[str] = (), samples: Iterable[dict] = ()) -> Entry:
+        """Change what the user controls: name, description, tags, trigger words, sample images."""
+        from .describe import unique
+
+        with write(self.conn):
+            entry = self.get(reference)
+            changes: dict[str, Any] = {"updated_at": now()}
+            if name is not None and check_name(name) != entry.name:
+                self._require_free(check_name(name), entry.id)
+                changes["name"] = check_name(name)
+            if description is not None:
+                changes["description"] = description or None
+            drop = set(clean_tags(remove_tags))
+            changes["tags"] = dumps([t for t in unique(entry.tags + clean_tags(add_tags)) if t not in drop])
+            drop_triggers = {t.casefold() for t in remove_triggers}
+            user = [t for t in unique(entry.user_triggers + [" ".join(t.split()) for t in add_triggers])
+                    if t.casefold() not in drop_triggers]
+            changes["user_triggers"] = dumps(user)
+            changes["triggers"] = dumps([t for t in unique(user + entry.triggers) if t.casefold() not in drop_triggers])
+            samples = list(samples)
+            if samples:
+                changes["samples"] = dumps(entry.samples + [s for s in samples if s not in entry.samples])
+            self._update(entry.id, changes)
+            return self.by_id(entry.id)
+
+    def tag(self, reference: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> Entry:
+        """Add and remove tags of an entry."""
+        return self.update(reference, add_tags=add, remove_tags=remove)
+
+    def record_push(self, entry: Entry, record: dict) -> None:
+        """Remember that ``entry`` was pushed to the Hub (``record``: repo, commit, files, date)."""
+        with write(self.conn):
+            current = self.by_id(entry.id)
+            self._update(entry.id, {"hub": dumps(current.hub + [record]), "updated_at": now()})
+
+    def remove(self, reference: str, *, delete_files: bool = False) -> RemoveResult:
+        """Remove an entry from the catalog. Its files are deleted only when ``delete_files`` is true."""
+        from .describe import adapter_files, adapter_root
+
+        with write(self.conn):
+            entry = self.get(reference)
+            paths = [Path(r.path) for r in self.files(entry)]
+            self.conn.execute("DELETE FROM adapters WHERE id = ?", (entry.id,))
+        deleted = []
+        if delete_files:
+            for path in paths:
+                for file in adapter_files(adapter_root(path) if path.exists() else path):
+                    try:
+                        file.unlink()
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        raise LoraError(f"{entry.name} was removed from the catalog, but {file} could not be deleted: "
+                                        f"{exc.strerror or exc}") from None
+                    deleted.append(str(file))
+        return RemoveResult(entry, deleted)
+
+
+def _source_columns(source: dict | None) -> dict | None:
+    if not source:
+        return None
+    return {"source": source.get("source", "file"), "source_repo": source.get("repo"),
+            "source_revision": source.get("revision"), "source_commit": source.get("commit"),
+            "source_file": source.get("file")}

@@ -1,0 +1,174 @@
+"""What the catalog learns from an adapter file: its header facts, hashes, size and mtime.
+
+Only the header is parsed (``loralib.inspect``); the bytes are read once to hash them. torch is
+never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from loralib.files.hashes import FileHashes
+from loralib.formats import peft
+from loralib.inspection import InspectReport, inspect, top_tags
+from loralib.metadata import HISTORY_KEY, history
+
+from .records import dumps
+
+TOP_TAGS = 5
+KEYWORD_TAGS = 50
+# Metadata entries whose values are hashes, images or bulky numeric JSON: not worth searching.
+_UNSEARCHED = {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "modelspec.thumbnail", "ss_bucket_info",
+               "ss_datasets", "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", HISTORY_KEY}
+_NOT_WORDS = re.compile(r"^([-+]?[\d.eE+-]+|true|false|none|null|[0-9a-fA-Fx]{16,}|[\[{].*)$", re.DOTALL | re.IGNORECASE)
+GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "diffusion_pytorch_model", "model", "lora"}
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """An absolute, normalised path (symlinks kept: a Hub snapshot path stays a snapshot path)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def adapter_root(path: Path) -> Path:
+    """What a loader must be given for the adapter stored in file ``path``.
+
+    That is the file itself, except for PEFT weights: their folder, or the folder above when
+    the file is a component (``text_encoder/``, …) of a pipeline adapter.
+    """
+    if path.name in (peft.WEIGHTS_NAME, peft.PICKLE_WEIGHTS_NAME) and (path.parent / peft.CONFIG_NAME).is_file():
+        folder = path.parent
+        return folder.parent if folder.name in peft.SUBFOLDERS else folder
+    return path
+
+
+def main_file(root: Path) -> Path:
+    """The file whose hashes identify the adapter at ``root`` (a file, or a PEFT folder)."""
+    if root.is_dir():
+        files = peft.component_files(root)
+        if files:
+            return files[0]
+    return root
+
+
+def adapter_files(root: Path) -> list[Path]:
+    """The files that make up the adapter at ``root``: the file, or a PEFT folder's weights and configs."""
+    if not root.is_dir():
+        return [root]
+    files = peft.component_files(root)
+    return files + [f.parent / peft.CONFIG_NAME for f in files]
+
+
+@dataclass
+class FileFacts:
+    """An adapter file as the catalog records it."""
+
+    path: Path  # the main file (hashed; size and mtime recorded)
+    root: Path  # what loaders are given: the file, or a PEFT folder
+    size: int
+    mtime_ns: int
+    report: InspectReport
+    hashes: dict[str, str]
+
+    @property
+    def tensor_sha256(self) -> str:
+        """The adapter's identity."""
+        return self.hashes["tensor_sha256"]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's safetensors metadata."""
+        return self.report.metadata
+
+    def default_name(self) -> str:
+        """A name for a new entry: the file's stem, or its folder's name for generic file names."""
+        stem = self.root.name if self.root.is_dir() else self.root.stem
+        if stem.lower() in GENERIC_STEMS and not self.root.is_dir():
+            stem = self.root.parent.name or stem
+        return clean_name(stem) or self.tensor_sha256[:12]
+
+    def file_triggers(self) -> list[str]:
+        """Trigger words the file itself names: ModelSpec's trigger phrase, then kohya's most frequent tags."""
+        phrase = self.metadata.get("modelspec.trigger_phrase", "")
+        words = [w.strip() for w in phrase.split(",") if w.strip()]
+        return unique(words + top_tags(self.metadata, TOP_TAGS))
+
+    def columns(self) -> dict:
+        """The ``adapters`` columns that come from the file (refreshed whenever the file changes)."""
+        r = self.report
+        dtypes = Counter(r.dtypes)
+        meta = self.metadata
+        return {
+            "tensor_sha256": self.tensor_sha256, "sha256": self.hashes.get("sha256"), "legacy": self.hashes.get("legacy"),
+            "format": r.format, "architecture": r.architecture, "plain_lora": int(r.plain_lora),
+            "components": dumps(r.components), "modules": r.modules,
+            "ranks": dumps({str(k): v for k, v in r.ranks.items()}),
+            "alphas": dumps({_number(k): v for k, v in r.alphas.items()}),
+            "dtype": dtypes.most_common(1)[0][0] if dtypes else None, "size": r.file_size, "tensors": r.tensors,
+            "parameters": r.parameters, "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
+            "metadata": dumps(meta), "keywords": metadata_keywords(meta), "damaged": int(r.damaged),
+            "problems": dumps(r.problems),
+        }
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def describe(path: str | os.PathLike, hashes: FileHashes | None = None) -> FileFacts:
+    """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder) and hash it.
+
+    ``hashes`` may be passed when they are already known (a writer computed them). Raises
+    :class:`~loralib.errors.LoraError` subclasses for files that are not adapters or are unreadable.
+    """
+    given = absolute(path)
+    root = adapter_root(given) if given.is_file() else given
+    report = inspect(root, hashes=hashes is None)
+    main = absolute(report.files[0]) if report.files else main_file(root)
+    stat = main.stat()
+    found = hashes.to_dict() if hashes is not None else dict(report.hashes)
+    report.hashes = found
+    return FileFacts(main, root, stat.st_size, stat.st_mtime_ns, report, found)
+
+
+def metadata_keywords(metadata: dict[str, str]) -> str:
+    """The searchable words of a file's metadata.
+
+    Textual values (titles, base model names, optimizer, notes…), the dataset folder names, the
+    50 most frequent caption tags and the operations and input files of ``lorareg.history``;
+    not hashes, numbers, thumbnails or bulky JSON, which would only slow the index down.
+    """
+    words = [v.strip() for k, v in metadata.items()
+             if k not in _UNSEARCHED and len(v) < 500 and not _NOT_WORDS.match(v.strip())]
+    words += top_tags(metadata, KEYWORD_TAGS)
+    try:
+        folders = json.loads(metadata.get("ss_dataset_dirs") or "{}")
+        words += list(folders) if isinstance(folders, dict) else []
+    except json.JSONDecodeError:
+        pass
+    for record in history(metadata):
+        if isinstance(record, dict):
+            words.append(str(record.get("operation", "")))
+            words += [str(i.get("file")) for i in record.get("inputs", []) if isinstance(i, dict) and i.get("file")]
+    return " ".join(unique([w for w in words if w]))
+
+
+def clean_name(text: str) -> str:
+    """``text`` made usable as a catalog name: slashes and control characters replaced, spaces trimmed."""
+    text = re.sub(r"[\x00-\x1f\x7f/\\]", "_", text)
+    return " ".join(text.split())
+
+
+def unique(items: list[str]) -> list[str]:
+    """``items`` without repeats (case-insensitive), in their first order."""
+    seen, out = set(), []
+    for item in items:
+        key = item.casefold()
+        if item and key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

@@ -1,0 +1,463 @@
+"""Push adapters to the Hugging Face Hub with a model card, and pull them back, verified.
+
+Everything goes through ``huggingface_hub`` (its cache, revision pinning, the standard login:
+``HF_TOKEN`` or ``hf auth login``). ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE`` and
+``HF_HUB_OFFLINE`` are read when a function runs, not when the library was imported. A token is
+passed to the library and never stored, logged or printed by lorareg.
+
+``pull`` pins the download to the commit the revision resolves to, checks the file's SHA-256
+against the one the Hub lists (huggingface_hub does not), deletes a download that does not match
+and registers nothing, and refuses file names that would land outside its destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from loralib import __version__
+from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
+from loralib.files.hashes import hash_file
+from loralib.formats import peft
+
+from .catalog import AddResult, Catalog
+from .describe import GENERIC_STEMS, absolute, adapter_root, clean_name
+from .records import Entry
+from .schema import now
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+    from loralib.files.hashes import FileHashes
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+REVISION = re.compile(r"^[\w./-]{1,200}$")
+LAYOUTS = ("diffusers", "peft")
+DEFAULT_REVISION = "main"
+
+
+class HubError(LoraError):
+    """The Hub could not be reached, refused a request, or sent something wrong."""
+
+
+def parse_repo_ref(text: str) -> tuple[str, str | None]:
+    """``user/repo[@revision]`` (also ``hf://…`` and ``https://huggingface.co/…``) -> (repo id, revision)."""
+    ref = text.strip()
+    for prefix in ("hf://", "https://huggingface.co/", "http://huggingface.co/"):
+        ref = ref.removeprefix(prefix)
+    repo, _, revision = ref.partition("@")
+    repo = repo.strip("/")
+    if not REPO_ID.match(repo) or ".." in repo or (revision and not REVISION.match(revision)):
+        raise InvalidArgumentError(f"{text!r} is not a Hub repo id", "Write it as user/repo or user/repo@revision")
+    return repo, revision or None
+
+
+def is_repo_ref(text: str) -> bool:
+    """True when ``text`` reads as ``user/repo[@revision]``."""
+    try:
+        parse_repo_ref(text)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
+def endpoint() -> str | None:
+    """The Hub endpoint from ``HF_ENDPOINT`` now (None: the library's default, huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+
+
+def cache_dir() -> Path:
+    """huggingface_hub's download cache, from the environment now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` asks for no network access."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def safe_repo_path(name: str) -> bool:
+    """True for a repo file name that stays inside any folder it is downloaded into."""
+    if not name or name.startswith("/") or "\\" in name or any(ord(c) < 32 for c in name):
+        return False
+    parts = PurePosixPath(name).parts
+    return all(part not in ("", ".", "..") and ":" not in part for part in parts) and not name.endswith("/")
+
+
+def _api(token: str | None) -> HfApi:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=token, library_name="lorareg", library_version=__version__)
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx", "requests"):
+        try:
+            imported = __import__(module)
+        except ImportError:
+            continue
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            found = getattr(imported, name, None)
+            if isinstance(found, type) and issubclass(found, BaseException):
+                types.append(found)
+    return tuple(types)
+
+
+def _first_line(exc: BaseException, count: int = 1) -> str:
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    return " ".join(lines[:count]) if lines else type(exc).__name__
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None = None, filename: str | None = None) -> Iterator[None]:
+    """Turn whatever huggingface_hub or the network raises into one clear :class:`HubError` line."""
+    from huggingface_hub import errors
+
+    where = endpoint() or "https://huggingface.co"
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    login = "Log in with `hf auth login` or set HF_TOKEN"
+    try:
+        yield
+    except LoraError:
+        raise
+    except errors.OfflineModeIsEnabled:
+        raise HubError("HF_HUB_OFFLINE is set, so the Hub cannot be reached",
+                       "Unset HF_HUB_OFFLINE to use the network") from None
+    except errors.GatedRepoError:
+        raise HubError(f"{repo_id} is a gated repo",
+                       f"Accept its conditions on the Hub, then {login[0].lower()}{login[1:]}") from None
+    except errors.RepositoryNotFoundError:
+        raise HubError(f"the Hub repo {repo_id} was not found at {where}",
+                       f"Check the name; if it is private, {login[0].lower()}{login[1:]}") from None
+    except errors.RevisionNotFoundError:
+        raise HubError(f"the revision {revision!r} does not exist in {repo_id}",
+                       "Use a branch, a tag or a commit id of the repo") from None
+    except (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError) as exc:
+        if isinstance(exc, errors.LocalEntryNotFoundError):
+            raise HubError(f"the Hub at {where} could not be reached to download {filename or 'a file'} of {at}",
+                           "Check the network connection and HF_ENDPOINT") from None
+        raise HubError(f"{at} has no file {filename!r}", "List its files on the Hub and pass one with --file") from None
+    except errors.HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status == 401:
+            raise HubError(f"the Hub at {where} rejected the credentials (401 Unauthorized)",
+                           f"{login} with a valid token") from None
+        if status == 403:
+            raise HubError(f"no permission for {repo_id} (403 Forbidden)",
+                           "Use a token with write access to that namespace, or push to your own namespace") from None
+        message = (getattr(exc, "server_message", None) or "").splitlines()[0:1]
+        raise HubError(f"the Hub answered {status or 'an error'} for {at}" + (f": {message[0]}" if message else ""),
+                       "Try again later") from None
+    except ValueError as exc:  # huggingface_hub's own checks, e.g. model card metadata the Hub rejects
+        raise HubError(f"the Hub refused the request for {at}: {_first_line(exc, 3)}") from None
+    except _network_error_types() as exc:
+        raise HubError(f"cannot reach the Hub at {where}: {_first_line(exc)}",
+                       "Check the network connection and HF_ENDPOINT") from None
+
+
+# -- pull ------------------------------------------------------------------------------------ #
+
+@dataclass
+class PullResult:
+    """A verified download and its catalog entry."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    file: str
+    path: Path
+    added: AddResult
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {"repo": self.repo_id, "revision": self.revision, "commit": self.commit, "file": self.file,
+                "path": str(self.path), "files": self.files, "name": self.added.entry.name,
+                "new": self.added.created, "hashes": self.added.entry.hashes}
+
+
+def _choose_file(repo_id: str, revision: str, names: list[str], wanted: str | None) -> str:
+    """The adapter file to download: ``wanted``, or the only ``.safetensors`` file (top level first)."""
+    unsafe = [n for n in names if not safe_repo_path(n)]
+    if wanted is not None:
+        if not safe_repo_path(wanted):
+            raise HubError(f"refusing the file name {wanted!r}: it would be written outside the download folder")
+        if wanted not in names:
+            choices = ", ".join(n for n in names if n.endswith(".safetensors") and n not in unsafe)
+            raise HubError(f"{repo_id}@{revision} has no file {wanted!r}", f"Choose one of: {choices[:300]}")
+        return wanted
+    usable = [n for n in names if n not in unsafe and n.endswith(".safetensors")]
+    top = [n for n in usable if "/" not in n]
+    candidates = top or usable
+    skipped = f" ({len(unsafe)} file names pointing outside the repo were ignored)" if unsafe else ""
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise HubError(f"{repo_id}@{revision} holds no .safetensors file{skipped}", "Pass the adapter's file with --file")
+    raise HubError(f"{repo_id}@{revision} holds several adapter files: {', '.join(candidates[:6])}{skipped}",
+                   "Choose one with --file")
+
+
+def _companions(filename: str, names: list[str]) -> list[str]:
+    """Files a PEFT adapter needs beside its weights: configs and component subfolders."""
+    path = PurePosixPath(filename)
+    if path.name != peft.WEIGHTS_NAME:
+        return []
+    folder = path.parent
+    wanted = [folder / peft.CONFIG_NAME]
+    for sub in peft.SUBFOLDERS:
+        wanted += [folder / sub / peft.WEIGHTS_NAME, folder / sub / peft.CONFIG_NAME]
+    present = set(names)
+    return [str(p) for p in wanted if str(p) in present and str(p) != filename and safe_repo_path(str(p))]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1()  # noqa: S324 - git object ids are SHA-1 by definition
+    digest.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _discard(path: Path, destination: Path, local_dir: Path | None, filename: str) -> None:
+    """Delete a bad download (and the cache entries that would hand it out again)."""
+    targets = [path]
+    real = Path(os.path.realpath(path))
+    if real != path and real.is_relative_to(Path(os.path.realpath(destination))):
+        targets.append(real)
+    if local_dir is not None:
+        meta = local_dir / ".cache" / "huggingface" / "download"
+        targets += [meta / f"{filename}.metadata", meta / f"{filename}.lock"]
+    for target in targets:
+        with contextlib.suppress(OSError):
+            target.unlink()
+
+
+def _verify(path: Path, sibling: Any, filename: str, repo_id: str, commit: str) -> FileHashes | None:
+    """Compare a download with the SHA-256 (LFS files) or git blob id (others) the Hub lists.
+
+    Returns the file's hashes when it is a readable safetensors file (so it is read once).
+    """
+    lfs = getattr(sibling, "lfs", None)
+    expected_size = getattr(sibling, "size", None)
+    hashes = None
+    if lfs is not None and getattr(lfs, "sha256", None):
+        try:
+            hashes = hash_file(path)
+            actual = hashes.sha256
+        except LoraError:  # not a readable safetensors file: hash its bytes alone
+            actual = _file_sha256(path)
+        expected, kind = lfs.sha256, "SHA-256"
+    elif getattr(sibling, "blob_id", None):
+        actual, expected, kind = _git_blob_id(path), sibling.blob_id, "git blob id"
+    else:
+        raise HubError(f"the Hub lists no hash for {filename} in {repo_id}",
+                       "lorareg only registers downloads it can verify")
+    size = path.stat().st_size
+    if actual != expected or (expected_size is not None and size != expected_size):
+        raise CorruptFileError(
+            f"the download of {filename} from {repo_id}@{commit[:12]} is corrupt: its {kind} is {actual[:16]}… "
+            f"({size} bytes) but the Hub lists {expected[:16]}… ({expected_size} bytes)",
+            "It was deleted and nothing was registered; try again")
+    return hashes
+
+
+def _card_fields(repo_id: str, commit: str, token: str | None) -> tuple[list[str], list[str]]:
+    """Tags and trigger word from the repo's model card (always into the cache; empty when unreadable)."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    from .model_card import ARCHITECTURE_TAGS, STANDARD_TAGS
+
+    try:
+        path = hf_hub_download(repo_id, "README.md", revision=commit, endpoint=endpoint(), token=token,
+                               cache_dir=cache_dir())
+        data = ModelCard.load(path).data.to_dict()
+    except Exception:  # a card is a courtesy; an unreadable one must not stop the pull
+        return [], []
+    standard = set(STANDARD_TAGS) | set(ARCHITECTURE_TAGS.values())
+    tags = [str(t) for t in data.get("tags") or [] if isinstance(t, (str, int)) and str(t) not in standard]
+    prompt = data.get("instance_prompt")
+    return tags, [str(prompt)] if isinstance(prompt, (str, int, float)) and str(prompt).strip() else []
+
+
+def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name: str | None = None,
+         tags: Iterable[str] = (), local_dir: str | os.PathLike | None = None, token: str | None = None) -> PullResult:
+    """Download an adapter from ``user/repo[@revision]``, verify it, and register it in ``catalog``.
+
+    The file goes into the huggingface_hub cache (or ``local_dir``), pinned to the commit the
+    revision resolves to. Tags and the trigger word of the repo's model card are kept.
+    """
+    from huggingface_hub import hf_hub_download
+
+    repo_id, revision = parse_repo_ref(reference)
+    revision = revision or DEFAULT_REVISION
+    if offline():
+        raise HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded",
+                       "Unset HF_HUB_OFFLINE, or use an adapter that is already in the catalog")
+    destination = absolute(local_dir) if local_dir is not None else cache_dir()
+    api = _api(token)
+    with hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    commit = info.sha
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    chosen = _choose_file(repo_id, revision, list(siblings), filename)
+    wanted = [chosen, *_companions(chosen, list(siblings))]
+    downloaded: list[Path] = []
+    hashes: list[FileHashes | None] = []
+    for item in wanted:
+        with hub_errors(repo_id, revision, item):
+            local = Path(hf_hub_download(repo_id, item, revision=commit, endpoint=endpoint(), token=token,
+                                         cache_dir=None if local_dir else destination,
+                                         local_dir=destination if local_dir else None))
+        local = absolute(local)
+        if not local.is_relative_to(destination):
+            _discard(local, destination, None, item)
+            raise HubError(f"the download of {item!r} landed outside {destination}; it was deleted")
+        try:
+            hashes.append(_verify(local, siblings[item], item, repo_id, commit))
+        except LoraError:
+            for path in [*downloaded, local]:
+                _discard(path, destination, destination if local_dir else None, item)
+            raise
+        downloaded.append(local)
+    card_tags, triggers = _card_fields(repo_id, commit, token) if "README.md" in siblings else ([], [])
+    root = adapter_root(downloaded[0])
+    default = PurePosixPath(chosen).stem
+    if default.lower() in GENERIC_STEMS:
+        default = repo_id.split("/", 1)[1]
+    source = {"source": "hub", "repo": repo_id, "revision": revision, "commit": commit, "file": chosen}
+    added = catalog.add(root, name=name, fallback_name=clean_name(default), tags=[*card_tags, *tags],
+                        triggers=triggers, source=source, hashes=hashes[0] if root == downloaded[0] else None)
+    return PullResult(repo_id, revision, commit, chosen, root, added, [str(p) for p in downloaded])
+
+
+# -- push ------------------------------------------------------------------------------------ #
+
+@dataclass
+class PushResult:
+    """What ``push`` uploaded, and where."""
+
+    repo_id: str
+    commit: str
+    url: str
+    files: list[str]
+    weight_name: str
+    private: bool
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {"repo": self.repo_id, "commit": self.commit, "url": self.url, "files": self.files,
+                "weight_name": self.weight_name, "private": self.private}
+
+
+def weight_file_name(entry: Entry) -> str:
+    """The kohya file's name in the repo: the catalog name made file-safe."""
+    stem = re.sub(r"[^\w.-]+", "_", entry.name, flags=re.ASCII).strip("._") or f"lora_{entry.tensor_sha256[:12]}"
+    return f"{stem}.safetensors"
+
+
+def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False, also: Iterable[str] = (),
+         license: str | None = None, base_model: str | None = None, message: str | None = None,
+         token: str | None = None) -> PushResult:
+    """Upload ``entry`` to ``repo_id`` (created if needed) in kohya format, with a model card.
+
+    ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``) and
+    ``peft`` (a ``peft/`` folder). Sample images recorded in the catalog become the card's widget.
+    Converting (an adapter not stored as kohya, or ``also``) needs torch.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    from .lineage import lineage, render
+    from .model_card import CardInputs, model_card
+
+    repo_id, revision = parse_repo_ref(repo_id)
+    if revision:
+        raise InvalidArgumentError("push writes to the main branch", f"Give the repo as {repo_id}, without @{revision}")
+    layouts = [x.strip().lower() for x in also if x.strip()]
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown layout {unknown[0]!r} for --also", f"Choose from {', '.join(LAYOUTS)}")
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", "Unset HF_HUB_OFFLINE to use the network")
+    source = catalog.local_path(entry)
+    weight_name = weight_file_name(entry)
+    uploads: list[tuple[str, Path | bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="lorareg-push-") as tmp:
+        work = Path(tmp)
+        if entry.format == "kohya" and source.is_file():
+            kohya_file = source
+        else:
+            kohya_file = _convert(source, work / weight_name, "kohya")[0]
+        uploads.append((weight_name, kohya_file))
+        if "diffusers" in layouts:
+            out = _convert(source, work / "diffusers" / "pytorch_lora_weights.safetensors", "diffusers")
+            uploads += [(f"diffusers/{p.relative_to(work / 'diffusers').as_posix()}", p) for p in out]
+        if "peft" in layouts:
+            out = _convert(source, work / "peft", "peft")
+            uploads += [(f"peft/{p.relative_to(work / 'peft').as_posix()}", p) for p in out]
+        widget = []
+        for sample in entry.samples:
+            image = Path(str(sample.get("path", "")))
+            if image.is_file():
+                uploads.append((f"images/{image.name}", image))
+                widget.append({"text": str(sample.get("prompt") or ""), "output": {"url": f"images/{image.name}"}})
+        card = model_card(entry, CardInputs(
+            repo_id=repo_id, weight_name=weight_name, hashes=hash_file(kohya_file).to_dict(),
+            lineage=render(lineage(catalog, entry)), widget=widget, extra_layouts=layouts,
+            base_model=base_model, license=license))
+        uploads.append(("README.md", card.encode("utf-8")))
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+                      for name, data in uploads]
+        api = _api(token)
+        with hub_errors(repo_id):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.create_commit(repo_id, operations, commit_message=message or f"Upload {entry.name} with lorareg")
+    files = [name for name, _ in uploads]
+    catalog.record_push(entry, {"repo": repo_id, "commit": info.oid, "file": weight_name, "files": files,
+                                "date": now()})
+    return PushResult(repo_id, info.oid, info.commit_url, files, weight_name, private)
+
+
+def _convert(source: Path, output: Path, fmt: str) -> list[Path]:
+    """Write ``source`` in another format for upload (imports torch)."""
+    from loralib.formats import convert
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return list(convert(source, output, fmt).files)
+
+
+def find_pulled(catalog: Catalog, repo_id: str, revision: str | None) -> Entry | None:
+    """An entry already pulled from ``repo_id`` (at ``revision`` when given) that still has a file here."""
+    rows = catalog.conn.execute(
+        "SELECT id FROM adapters WHERE source_repo = ?1 AND (?2 IS NULL OR source_revision = ?2 OR source_commit = ?2) "
+        "ORDER BY updated_at DESC", (repo_id, revision)).fetchall()
+    for (adapter_id,) in rows:
+        entry = catalog.by_id(adapter_id)
+        try:
+            catalog.local_path(entry)
+        except InputNotFoundError:
+            continue
+        return entry
+    return None

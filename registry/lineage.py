@@ -1,0 +1,215 @@
+"""Where an adapter came from: the tree of operations (convert, resize, merge, train…) behind it.
+
+Parents come from two places. A lorareg command that writes an adapter records its operation
+(inputs with weights, parameters) when it registers the output. And loralib appends every
+operation to the ``lorareg.history`` list in the file's own metadata, with each input's tensor
+hash, so a file made elsewhere and only scanned later still names its parents. Parents are
+matched by tensor hash: a parent in the catalog is followed through its own entry; one that is
+not is followed through the history the child file carries (its metadata came from its first
+input, so the records before the last describe that input).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loralib.errors import LoraError
+from loralib.metadata import history
+
+from .records import ParentRecord
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .describe import FileFacts
+    from .records import Entry
+
+INPUT_KEYS = ("file", "path", "format", "tensor_sha256", "sha256", "weight")
+# Keys of an operation record that are not its parameters.
+NOT_PARAMS = {"operation", "inputs", "tool", "date", "ranks", "alphas", "weights"}
+
+
+def _input(record: dict) -> dict:
+    """An input record with JSON-safe values and the weight as a float."""
+    out = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in record.items()}
+    if out.get("weight") is not None:
+        out["weight"] = float(out["weight"])
+    return out
+
+
+def history_parents(metadata: dict[str, str]) -> list[dict]:
+    """The inputs of the last operation in a file's ``lorareg.history`` (empty if it has none)."""
+    records = history(metadata)
+    if not records or not isinstance(records[-1], dict):
+        return []
+    return [_input(i) for i in records[-1].get("inputs", []) if isinstance(i, dict)]
+
+
+def _describe_input(catalog: Catalog, item: Any) -> dict:
+    """An input given as a path: its catalog entry or its own hashes (a non-adapter input keeps only its path)."""
+    from .describe import absolute, describe
+
+    path = absolute(item)
+    record: dict[str, Any] = {"file": path.name, "path": str(path)}
+    if not path.exists():
+        return record
+    entry = catalog.by_path(path)
+    if entry is not None:
+        record.update(tensor_sha256=entry.tensor_sha256, sha256=entry.sha256, format=entry.format)
+        return record
+    try:
+        facts = describe(path)
+    except LoraError:  # a dataset folder or a base model: named, not hashed
+        return record
+    record.update(tensor_sha256=facts.tensor_sha256, sha256=facts.hashes.get("sha256"), format=facts.report.format)
+    return record
+
+
+def history_record(metadata: dict[str, str], operation: str | None) -> dict:
+    """The last record of a file's history when it is for ``operation`` (empty otherwise)."""
+    records = history(metadata)
+    last = records[-1] if records and isinstance(records[-1], dict) else {}
+    return last if last.get("operation") == operation else {}
+
+
+def parent_records(catalog: Catalog, operation: dict, facts: FileFacts) -> list[dict]:
+    """The parents of a freshly written adapter, from the operation a command passed and the file's history.
+
+    Inputs given as paths are identified through the catalog or by hashing them; an optional
+    ``"weights"`` list fills in weights; hashes the file's own last history record holds for
+    the same operation fill in what is still missing.
+    """
+    inputs = operation.get("inputs") or []
+    weights = operation.get("weights") if isinstance(operation.get("weights"), (list, tuple)) else []
+    last = history_record(facts.metadata, operation.get("operation"))
+    from_file = [i for i in last.get("inputs", []) if isinstance(i, dict)]
+    parents = []
+    for i, item in enumerate(inputs):
+        record = _input(item) if isinstance(item, dict) else _describe_input(catalog, item)
+        if record.get("weight") is None and i < len(weights) and weights[i] is not None:
+            record["weight"] = float(weights[i])
+        if i < len(from_file):
+            for key, value in _input(from_file[i]).items():
+                if record.get(key) is None:
+                    record[key] = value
+        parents.append(record)
+    return parents if inputs else [_input(i) for i in from_file]
+
+
+@dataclass
+class LineageNode:
+    """One adapter in a lineage tree, with the operation that made it and its inputs."""
+
+    label: str
+    name: str | None = None
+    tensor_sha256: str | None = None
+    file: str | None = None
+    format: str | None = None
+    weight: float | None = None
+    operation: str | None = None
+    params: dict = field(default_factory=dict)
+    in_catalog: bool = False
+    from_history: bool = False
+    repeated: bool = False
+    parents: list[LineageNode] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready nested dictionary."""
+        return asdict(self)
+
+
+def _params(record: dict | None) -> dict:
+    return {k: v for k, v in (record or {}).items() if k not in NOT_PARAMS}
+
+
+def lineage(catalog: Catalog, entry: Entry, *, max_depth: int = 32) -> LineageNode:
+    """The tree of operations and inputs behind ``entry``, as far back as anything records."""
+    full = catalog.by_id(entry.id) or entry
+    return _from_entry(catalog, full, None, frozenset(), max_depth)
+
+
+def _from_entry(catalog: Catalog, entry: Entry, weight: float | None, seen: frozenset, depth: int) -> LineageNode:
+    if not entry.metadata and entry.operation is None:
+        entry = catalog.by_id(entry.id) or entry
+    records = [r for r in history(entry.metadata) if isinstance(r, dict)]
+    made_by = entry.operation or (records[-1] if records else None)
+    node = LineageNode(label=entry.name, name=entry.name, tensor_sha256=entry.tensor_sha256,
+                       file=os.path.basename(entry.source_file) if entry.source_file else None, format=entry.format,
+                       weight=weight, operation=(made_by or {}).get("operation"), params=_params(made_by),
+                       in_catalog=True)
+    if entry.id in seen:
+        node.repeated = True
+        return node
+    if depth <= 0:
+        return node
+    carried = records[:-1] if records and made_by and records[-1].get("operation") == made_by.get("operation") else []
+    for parent in catalog.parents(entry):
+        node.parents.append(_from_parent(catalog, parent, carried if parent.position == 0 else [],
+                                         seen | {entry.id}, depth - 1))
+    return node
+
+
+def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], seen: frozenset, depth: int) -> LineageNode:
+    found = catalog.by_tensor_hash(parent.tensor_sha256) if parent.tensor_sha256 else None
+    if found is not None:
+        return _from_entry(catalog, found, parent.weight, seen, depth)
+    label = parent.file or (parent.tensor_sha256[:12] if parent.tensor_sha256 else "unknown input")
+    node = LineageNode(label=label, tensor_sha256=parent.tensor_sha256, file=parent.file, format=parent.format,
+                       weight=parent.weight)
+    if not carried or depth <= 0:
+        return node
+    made_by = carried[-1]
+    node.operation, node.params, node.from_history = made_by.get("operation"), _params(made_by), True
+    inputs = [_input(i) for i in made_by.get("inputs", []) if isinstance(i, dict)]
+    for i, record in enumerate(inputs):
+        grand = ParentRecord(i, record.get("tensor_sha256"), record.get("sha256"), record.get("file"),
+                             record.get("path"), record.get("format"), record.get("weight"))
+        node.parents.append(_from_parent(catalog, grand, carried[:-1] if i == 0 else [], seen, depth - 1))
+    return node
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def operation_summary(operation: str | None, params: dict) -> str:
+    """One line about an operation: ``resize (rank=4)``, ``convert (diffusers → kohya)``."""
+    if not operation:
+        return ""
+    if isinstance(params.get("params"), dict):
+        params = {**{k: v for k, v in params.items() if k != "params"}, **params["params"]}
+    if params.get("from_format") or params.get("to_format"):
+        detail = f"{params.get('from_format') or '?'} → {params.get('to_format') or '?'}"
+    else:
+        scalars = [f"{k}={v}" for k, v in params.items() if isinstance(v, (str, int, float, bool)) and v not in ("", None)]
+        detail = ", ".join(scalars[:4])
+    return f"{operation} ({detail})" if detail else operation
+
+
+def node_line(node: LineageNode) -> str:
+    """The text of one node: weight, label, how it was made, and whether the catalog knows it."""
+    parts = []
+    if node.weight is not None:
+        parts.append(f"{_number(node.weight)} ×")
+    parts.append(node.label)
+    if node.operation:
+        parts.append(f"← {operation_summary(node.operation, node.params)}")
+    if node.tensor_sha256:
+        parts.append(f"[{node.tensor_sha256[:12]}]")
+    if not node.in_catalog:
+        parts.append("(not in the catalog" + (", from the file's history)" if node.from_history else ")"))
+    if node.repeated:
+        parts.append("(shown above)")
+    return " ".join(parts)
+
+
+def render(node: LineageNode) -> list[str]:
+    """The tree as text lines with box-drawing branches (used by the CLI and the model card)."""
+    lines = [node_line(node)]
+    for i, parent in enumerate(node.parents):
+        last = i == len(node.parents) - 1
+        sub = render(parent)
+        lines.append(("└── " if last else "├── ") + sub[0])
+        lines.extend(("    " if last else "│   ") + line for line in sub[1:])
+    return lines

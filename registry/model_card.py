@@ -1,0 +1,127 @@
+"""The README.md (model card) that ``push`` uploads with an adapter.
+
+YAML front matter the Hub reads (``base_model``, ``library_name``, ``license``,
+``instance_prompt``, ``tags``, ``widget``) and a body that says how to load the adapter in
+diffusers, ComfyUI and AUTOMATIC1111, its trigger words, lineage, training settings and hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loralib import __version__
+from loralib.inspection import architecture_title, metadata_summary
+
+from .records import Entry
+
+BASE_MODELS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
+               "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+ARCHITECTURE_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+STANDARD_TAGS = ("text-to-image", "diffusers", "lora", "template:sd-lora")
+
+
+@dataclass
+class CardInputs:
+    """Everything a model card shows besides the catalog entry."""
+
+    repo_id: str
+    weight_name: str
+    hashes: dict[str, str]
+    lineage: list[str] = field(default_factory=list)
+    widget: list[dict] = field(default_factory=list)
+    extra_layouts: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    license: str | None = None
+
+
+def base_model_for(entry: Entry, override: str | None = None) -> str | None:
+    """The Hub id of the base model: the override, a Hub id in the training metadata, or the architecture's default."""
+    if override:
+        return override
+    trained_on = entry.metadata.get("ss_sd_model_name", "")
+    if trained_on.count("/") == 1 and not trained_on.endswith((".safetensors", ".ckpt")) and " " not in trained_on:
+        return trained_on
+    return BASE_MODELS.get(entry.architecture or "")
+
+
+def front_matter(entry: Entry, inputs: CardInputs) -> dict:
+    """The YAML metadata block as a dictionary (keys without a value are left out)."""
+    tags = [*STANDARD_TAGS]
+    if entry.architecture in ARCHITECTURE_TAGS:
+        tags.append(ARCHITECTURE_TAGS[entry.architecture])
+    tags += [t for t in entry.tags if t not in tags]
+    data = {
+        "base_model": base_model_for(entry, inputs.base_model),
+        "library_name": "diffusers",
+        "license": inputs.license or LICENSES.get(entry.architecture or "", "other"),
+        "instance_prompt": entry.triggers[0] if entry.triggers else None,
+        "tags": tags,
+        "widget": inputs.widget or None,
+    }
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _yaml(data: dict) -> str:
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(**data).to_yaml()
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code, safe whatever backticks it holds."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence}{text}{fence}" if fence == "`" else f"{fence} {text} {fence}"
+
+
+def model_card(entry: Entry, inputs: CardInputs) -> str:
+    """The full README.md text."""
+    meta = front_matter(entry, inputs)
+    title = entry.title or entry.name
+    stem = inputs.weight_name.rsplit(".", 1)[0]
+    prompt = entry.triggers[0] if entry.triggers else "a photo"
+    lines = ["---", _yaml(meta).rstrip(), "---", "", f"# {title}", ""]
+    if entry.description:
+        lines += [entry.description, ""]
+    lines += [f"A LoRA adapter for {architecture_title(entry.architecture or 'unknown')}"
+              + (f" (`{meta['base_model']}`)" if meta.get("base_model") else "") + ".", ""]
+    if entry.triggers:
+        lines += ["## Trigger words", "", "Use these words in the prompt:", ""]
+        lines += [f"- {_code(t)}" for t in entry.triggers] + [""]
+    lines += ["## Use it with diffusers", "", "```python", "import torch",
+              "from diffusers import AutoPipelineForText2Image", "",
+              f"pipe = AutoPipelineForText2Image.from_pretrained({meta.get('base_model', 'BASE_MODEL')!r}, "
+              "torch_dtype=torch.float16).to(\"cuda\")",
+              f"pipe.load_lora_weights({inputs.repo_id!r}, weight_name={inputs.weight_name!r})",
+              f"image = pipe({prompt!r}).images[0]", "```", ""]
+    lines += ["## Use it in ComfyUI, AUTOMATIC1111 and Forge", "",
+              f"Download [`{inputs.weight_name}`](./{inputs.weight_name}) (kohya format) into `ComfyUI/models/loras/` "
+              "and load it with a **LoraLoader** node, or into `stable-diffusion-webui/models/Lora/` and write "
+              f"{_code(f'<lora:{stem}:1>')} in the prompt.", ""]
+    if inputs.extra_layouts:
+        lines += ["## Other layouts", ""]
+        if "diffusers" in inputs.extra_layouts:
+            lines.append("- `diffusers/pytorch_lora_weights.safetensors`: diffusers key names "
+                         f"(`pipe.load_lora_weights({inputs.repo_id!r}, subfolder=\"diffusers\")`).")
+        if "peft" in inputs.extra_layouts:
+            lines.append("- `peft/`: a PEFT `save_pretrained` folder (UNet at the top, text encoders in subfolders), "
+                         f"for `PeftModel.from_pretrained(pipe.unet, {inputs.repo_id!r}, subfolder=\"peft\")`.")
+        lines.append("")
+    lines += ["## Details", "", "| | |", "|---|---|",
+              f"| architecture | {architecture_title(entry.architecture or 'unknown')} |",
+              f"| modules | {entry.modules} ({', '.join(f'{k} {v}' for k, v in entry.components.items())}) |",
+              f"| rank | {entry.rank_text} |",
+              f"| alpha | {', '.join(entry.alphas) or '—'} |",
+              f"| dtype | {entry.dtype or '—'} |", ""]
+    training = {k: v for k, v in metadata_summary(entry.metadata).items() if k.startswith("ss_")}
+    if training:
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {str(v).replace('|', '/')[:200]} |" for k, v in training.items()] + [""]
+    if len(inputs.lineage) > 1:
+        lines += ["## Lineage", "", "How this adapter was made (newest first):", "", "```", *inputs.lineage, "```", ""]
+    lines += [f"## Hashes of `{inputs.weight_name}`", "", "| hash | value |", "|---|---|"]
+    labels = {"sha256": "SHA-256", "autov2": "AutoV2 (Civitai)", "tensor_sha256": "tensor SHA-256 (AutoV3, sshs_model_hash)",
+              "a1111": "A1111 LoRA hash", "legacy": "legacy (AutoV1)"}
+    lines += [f"| {label} | `{inputs.hashes[key]}` |" for key, label in labels.items() if inputs.hashes.get(key)]
+    lines += ["", f"Published with lorareg {__version__}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Index a folder of adapters in place, incrementally.
+
+Only headers are parsed (and the bytes hashed once); a file whose size and mtime match what the
+catalog recorded is skipped without being opened, so a rescan costs one ``stat`` per file.
+Results are committed in small batches: a scan that is interrupted (Ctrl-C, a kill, a crash)
+leaves a consistent catalog holding every batch committed so far, and the next scan skips those
+files and completes the rest. Files that are not adapters are counted and remembered (so a
+rescan skips them too); damaged ones are flagged; neither stops the scan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loralib.errors import CorruptFileError, InputNotFoundError, LoraError, NotALoraError, UnsafeFileError
+from loralib.formats import PICKLE_SUFFIXES
+
+from .catalog import Catalog
+from .describe import FileFacts, absolute, adapter_root, describe, main_file
+from .schema import now, write
+
+Progress = Callable[[int, int], None]
+ADAPTER_SUFFIXES = (".safetensors",)
+BATCH_FILES = 200
+BATCH_SECONDS = 0.5
+
+
+@dataclass
+class ScanReport:
+    """What a scan found. Paths are listed for the files that need attention."""
+
+    folder: str
+    found: int = 0
+    added: int = 0
+    updated: int = 0
+    extra_paths: int = 0
+    unchanged: int = 0
+    not_lora: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    pickles: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def indexed(self) -> int:
+        """Files read and recorded in this run."""
+        return self.added + self.updated + self.extra_paths
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {**asdict(self), "indexed": self.indexed}
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """Raised when a scan is interrupted; ``report`` says what was committed before it stopped."""
+
+    def __init__(self, report: ScanReport) -> None:
+        super().__init__("scan interrupted")
+        self.report = report
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    """Adapter and pickle files under ``folder``, skipping hidden entries and our own partial writes."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if recursive:
+                yield from _walk(Path(entry.path), recursive)
+        elif entry.name.lower().endswith(ADAPTER_SUFFIXES + PICKLE_SUFFIXES) and entry.is_file():
+            yield Path(entry.path)
+
+
+def _candidates(folder: Path, recursive: bool, pickles: list[str]) -> list[Path]:
+    """One main file per adapter: components of a PEFT folder are read with its main file."""
+    files: dict[Path, None] = {}
+    for path in _walk(folder, recursive):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            pickles.append(str(path))
+            continue
+        root = adapter_root(path)
+        files.setdefault(main_file(root) if root != path else path, None)
+    return list(files)
+
+
+def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True, progress: Progress | None = None,
+         batch_files: int = BATCH_FILES, batch_seconds: float = BATCH_SECONDS) -> ScanReport:
+    """Index every adapter under ``folder`` into ``catalog``; see the module docstring.
+
+    ``progress(done, total)`` is called as files are checked. On KeyboardInterrupt the files
+    already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
+    with the report.
+    """
+    start = time.perf_counter()
+    root = absolute(folder)
+    if not root.is_dir():
+        raise InputNotFoundError(f"{folder} is not a folder", "Give the folder that holds your adapters")
+    report = ScanReport(str(root))
+    files = _candidates(root, recursive, report.pickles)
+    report.found = len(files)
+    known = _known_files(catalog, root)
+    to_read = [(path, stat) for path, stat in _stats(files)
+               if not _unchanged(path, known.pop(str(path), None), stat, report)]
+    done = len(files) - len(to_read)
+    if progress is not None:
+        progress(done, len(files))
+    batch = _Batch(catalog, report, batch_files, batch_seconds)
+    try:
+        for path, stat in to_read:
+            batch.add(path, stat, _describe_outcome(path))
+            done += 1
+            if progress is not None:
+                progress(done, len(files))
+        batch.flush()
+        _mark_missing(catalog, known, report, root, recursive)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        try:
+            batch.flush()
+        finally:
+            report.seconds = time.perf_counter() - start
+        raise ScanInterrupted(report) from None
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _known_files(catalog: Catalog, root: Path) -> dict[str, tuple]:
+    """What the catalog recorded for files under ``root``: path -> (size, mtime_ns, state).
+
+    The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``.
+    """
+    prefix = str(root).rstrip(os.sep) + os.sep
+    rows = catalog.conn.execute(
+        "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' ELSE f.state END "
+        "FROM files f LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.path >= ? AND f.path < ?",
+        (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def _stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
+    for path in files:
+        try:
+            yield path, path.stat()
+        except OSError:  # vanished since the walk
+            continue
+
+
+def _unchanged(path: Path, known: tuple | None, stat: os.stat_result, report: ScanReport) -> bool:
+    """True (and counted) when the catalog saw this file with the same size and mtime."""
+    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] == "missing":
+        return False
+    report.unchanged += 1
+    if known[2] in ("not-lora", "damaged"):
+        (report.not_lora if known[2] == "not-lora" else report.damaged).append(str(path))
+    return True
+
+
+Outcome = tuple[str, "FileFacts | str"]  # ("ok", facts) or ("not-lora" / "damaged", problem)
+
+
+def _describe_outcome(path: Path) -> Outcome:
+    """Describe one file; what is wrong with it, if anything, as a state and a message."""
+    try:
+        return "ok", describe(path)
+    except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
+        return "not-lora", str(exc)
+    except (CorruptFileError, LoraError, OSError) as exc:
+        return "damaged", str(exc)
+
+
+class _Batch:
+    """Files read but not yet committed; committed together every few hundred files or half second."""
+
+    def __init__(self, catalog: Catalog, report: ScanReport, size: int, seconds: float) -> None:
+        self.catalog, self.report, self.size, self.seconds = catalog, report, size, seconds
+        self.facts: list[FileFacts] = []
+        self.problems: list[tuple[Path, os.stat_result, str, str]] = []
+        self.flushed_at = time.monotonic()
+
+    def add(self, path: Path, stat: os.stat_result, outcome: Outcome) -> None:
+        """Queue one file's outcome; commit when the batch is full or old enough."""
+        state, found = outcome
+        if state == "ok":
+            self.facts.append(found)
+            if found.report.damaged:
+                self.report.damaged.append(str(path))
+        else:
+            self.problems.append((path, stat, state, found))
+            (self.report.not_lora if state == "not-lora" else self.report.damaged).append(str(path))
+        if len(self.facts) + len(self.problems) >= self.size or time.monotonic() - self.flushed_at >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the queued files in one transaction."""
+        if self.facts or self.problems:
+            with write(self.catalog.conn):
+                for path, stat, state, problem in self.problems:
+                    self.catalog.record_file(str(path), state=state, problem=problem, size=stat.st_size,
+                                             mtime_ns=stat.st_mtime_ns)
+                stored = self.catalog.add_many(self.facts)
+            for result in stored:
+                if result.created:
+                    self.report.added += 1
+                elif result.new_path:
+                    self.report.extra_paths += 1
+                else:
+                    self.report.updated += 1
+        self.facts, self.problems = [], []
+        self.flushed_at = time.monotonic()
+
+
+def _mark_missing(catalog: Catalog, known: dict[str, tuple], report: ScanReport, root: Path, recursive: bool) -> None:
+    """Files the catalog knew under ``root`` that are gone: kept, marked ``missing``."""
+    gone = [p for p, (_, _, state) in known.items()
+            if state != "missing" and (recursive or Path(p).parent == root) and not os.path.exists(p)]
+    if not gone:
+        return
+    with write(catalog.conn):
+        for path in gone:
+            catalog.conn.execute("UPDATE files SET state = 'missing', seen_at = ? WHERE path = ?", (now(), path))
+    report.missing.extend(gone)

@@ -1,0 +1,117 @@
+"""The training configuration: TOML + pydantic, every key on the command line, all problems at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from loralib.training.config import (KEY_SECTIONS, SECTIONS, ConfigError, TrainConfig, default_toml, load_config,
+                                     reference_markdown)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_file_is_commented_and_loads_back_to_the_defaults(tmp_path):
+    text = default_toml()
+    lines = text.splitlines()
+    for key in KEY_SECTIONS:
+        index = next(i for i, line in enumerate(lines) if line.startswith((f"{key} =", f"# {key} =")))
+        assert lines[index - 1].startswith("# "), key  # every key is explained right above it
+    parsed = tomllib.loads(text)
+    assert set(parsed) == set(SECTIONS)
+    loaded = load_config(_write(tmp_path, text))
+    expected = TrainConfig().model_dump()
+    got = loaded.model_dump()
+    assert got["data"].pop("data_dir") == tmp_path / "data"  # relative paths are relative to the file
+    expected["data"].pop("data_dir")
+    assert got == expected
+
+
+def test_the_tutorial_flat_layout_and_sections_mean_the_same(tmp_path):
+    flat = load_config(_write(tmp_path, 'model_name = "cat"\nrank = 16\nbatch_size = 2\nnum_epochs = 3\n'
+                                        'learning_rate = 5e-5\nbase_model = "a/b"\n'))
+    nested = load_config(_write(tmp_path, '[model]\nmodel_name = "cat"\nbase_model = "a/b"\n[network]\nrank = 16\n'
+                                          '[training]\nbatch_size = 2\nnum_epochs = 3\nlearning_rate = 5e-5\n'))
+    assert flat == nested
+    assert flat.network.rank == 16 and flat.training.learning_rate == 5e-5 and flat.alpha == 16.0
+
+
+def test_overrides_beat_the_file_in_every_spelling(tmp_path):
+    path = _write(tmp_path, '[network]\nrank = 4\n[training]\nseed = 1\n[data]\ndata_dir = "pics"\n')
+    config = load_config(path, {"rank": "32", "training.seed": 7, "noise-offset": "0.1", "data_dir": Path("mine")})
+    assert config.network.rank == 32 and config.training.seed == 7 and config.training.noise_offset == 0.1
+    assert config.data.data_dir == Path("mine")  # command-line paths stay relative to the working directory
+    assert load_config(path).data.data_dir == tmp_path / "pics"
+
+
+def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
+    path = _write(tmp_path, '\n'.join([
+        'networ_rank = 4',
+        '[network]', 'rank = 0', 'target_modules = "everything"',
+        '[training]', 'learning_rate = -1', 'lerning_rate = 1e-4', 'mixed_precision = "fp8"',
+        '[data]', 'resolution = 100', 'crop = "middle"',
+        '[sampler]', 'x = 1']))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"batch_size": "two"})
+    problems = caught.value.problems
+    text = str(caught.value)
+    assert len(problems) == 10, problems
+    for expected in ("networ_rank: unknown key (did you mean 'conv_rank' or 'rank'?)", "network.rank: input should be greater than "
+                     "or equal to 1 (got 0)", "network.target_modules:", "training.learning_rate: input should be "
+                     "greater than 0 (got -1)", "training.lerning_rate: unknown key (did you mean 'learning_rate'?)",
+                     "training.mixed_precision:", "data.resolution: must be a multiple of 8", "data.crop:",
+                     "sampler: unknown section (did you mean 'sampling'?)", "training.batch_size:"):
+        assert expected in text, expected
+    assert text.startswith(f"{path} has 10 problems") and "\n" not in text
+
+
+def test_settings_that_only_fail_together(tmp_path):
+    with pytest.raises(ConfigError, match="data.resolution \\(96\\) must be a multiple of data.bucket_step"):
+        load_config(None, {"enable_bucket": True, "resolution": 96, "bucket_step": 64})
+
+
+def test_broken_toml_is_one_line_with_the_place(tmp_path):
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        load_config(_write(tmp_path, 'rank = 4\nlearning_rate = = 1\n'))
+
+
+def test_the_docs_reference_is_the_one_generated_from_the_model():
+    assert reference_markdown() in (ROOT / "docs" / "training.md").read_text()
+
+
+def test_cli_reports_a_bad_config_before_doing_anything(tmp_path, lorareg):
+    path = _write(tmp_path, f'rank = -3\nlearning_rate = "fast"\n[output]\noutput_dir = "{tmp_path / "out"}"\n')
+    res = lorareg("train", path)
+    assert res.code == 1
+    assert res.err.startswith(f"error: {path} has 2 problems: network.rank:")
+    assert "training.learning_rate: input should be a valid number" in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config_is_the_commented_default_with_overrides(lorareg):
+    res = lorareg("train", "--print-config")
+    assert res.code == 0 and res.out == default_toml()
+    res = lorareg("train", "--print-config", "--rank", "16", "--no-cache-latents", "--sample-prompts", "a",
+                  "--sample-prompts", "b")
+    parsed = tomllib.loads(res.out)
+    assert parsed["network"]["rank"] == 16 and parsed["data"]["cache_latents"] is False
+    assert parsed["sampling"]["sample_prompts"] == ["a", "b"]
+
+
+def test_every_key_is_an_option_and_help_needs_no_torch():
+    code = ("import sys\nfrom cli.main import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY:', sorted(m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "HEAVY: []" in done.stdout
+    for key in KEY_SECTIONS:
+        assert f"--{key.replace('_', '-')}" in done.stdout, key

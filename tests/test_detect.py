@@ -1,0 +1,110 @@
+"""Format and family detection from key names, on real adapters' key lists and hand-made cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loralib.architectures import detect_architecture
+from loralib.formats.detect import identify
+
+FLUX_LISTS = [
+    "invokeai__flux_control_lora_format__state_dict_keys.json",
+    "invokeai__flux_dora_onetrainer_format__state_dict_keys.json",
+    "invokeai__flux_lokr_bfl_format__state_dict_keys.json",
+    "invokeai__flux_lora_aitoolkit_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_base_model_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_dora_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_no_proj_mlp_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_v2_format__state_dict_keys.json",
+    "invokeai__flux_lora_diffusers_with_norm_out_format__state_dict_keys.json",
+    "invokeai__flux_lora_kohya_format__state_dict_keys.json",
+    "invokeai__flux_lora_kohya_with_te1_and_te3_format__state_dict_keys.json",
+    "invokeai__flux_lora_kohya_with_te1_format__state_dict_keys.json",
+    "invokeai__flux_lora_xlabs_format__state_dict_keys.json",
+]
+
+
+def _load(key_lists, name):
+    data = json.loads((key_lists / name).read_text())
+    shapes = data.get("keys_to_shapes") or {k: [4, 3072] for k in data["keys"]}
+    return list(shapes), {k: tuple(v) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("name", FLUX_LISTS)
+def test_every_flux_key_list_is_named_flux_and_never_read_as_sd(key_lists, name):
+    names, shapes = _load(key_lists, name)
+    kind = identify(names, shapes, {"ss_base_model_version": "sd_1.5"})  # metadata lies; keys decide
+    assert kind is not None and kind.family == "flux" and not kind.plain_lora
+
+
+def test_flux_control_lora_and_lokr_and_dora_are_told_apart(key_lists):
+    assert "LoKr" in identify(*_load(key_lists, "invokeai__flux_lokr_bfl_format__state_dict_keys.json"), {}).title
+    assert "DoRA" in identify(*_load(key_lists, "invokeai__flux_dora_onetrainer_format__state_dict_keys.json"), {}).title
+
+
+def test_kohya_sd15_key_list_is_kohya(key_lists):
+    data = json.loads((key_lists / "kohya_sd15_lora_with_te__ppdiffusers_mapping.json").read_text())
+    shapes = {k: (4, 768) if "lora_down" in k else (768, 4) if "lora_up" in k else () for k in data["keys"]}
+    assert identify(list(shapes), shapes, {}).format == "kohya"
+
+
+def _excerpt_block(key_lists, marker: str) -> list[str]:
+    text = (key_lists / "issue_excerpts_PARTIAL.md").read_text()
+    block = text.split(marker, 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("marker, expected", [
+    ("## LyCORIS LoHa, SD1.5", "lycoris-loha"),
+    ("## LyCORIS LoHa with Tucker conv", "lycoris-loha"),
+    ("## SDXL kohya LoRA, Stability/SGM block naming", "kohya"),
+    ("## SDXL (Illustrious) kohya LoRA with lora_te1", "kohya"),
+    ("## SD1.5 kohya LoRA with unusual", "lycoris-ia3"),
+])
+def test_quoted_key_fragments(key_lists, marker, expected):
+    names = _excerpt_block(key_lists, marker)
+    shapes = {n: (4, 4) for n in names}
+    assert identify(names, shapes, {}).format == expected
+
+
+def test_sdxl_lokr_fragment(key_lists):
+    names = [n for n in _excerpt_block(key_lists, "## SDXL kohya LoRA, lora_te2 (turn 23)") if "lokr" in n]
+    assert identify(names, {n: (4, 4) for n in names}, {}).format == "lycoris-lokr"
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"], "checkpoint"),
+    (["down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.0.conv1.bias"], "checkpoint"),
+    (["emb_params"], "textual-inversion"),
+    (["clip_l", "clip_g"], "textual-inversion"),
+    (["base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight",
+      "base_model.model.down_blocks.0.attentions.0.proj_in.lora_B.weight"], "peft"),
+    (["unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in.lora_B.weight"], "diffusers"),
+    (["text_encoder_2.text_model.encoder.layers.14.self_attn.v_proj.lora_linear_layer.up.weight"], "diffusers-old"),
+    (["unet:0:down", "unet:0:up"], "cloneofsimo"),
+    (["joint_blocks.0.x_block.attn.qkv.lora_down.weight"], "sd3-adapter"),
+])
+def test_hand_made_key_sets(names, expected):
+    shapes = {n: (4, 768) for n in names}
+    assert identify(names, shapes, {}).format == expected
+
+
+def test_nothing_recognisable():
+    assert identify(["foo", "bar.baz"], {"foo": (3,), "bar.baz": (2, 2)}, {}) is None
+    assert identify([], {}, {}) is None
+
+
+@pytest.mark.parametrize("widths, expected", [
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": 768}, "sd1"),
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": 1024}, "sd2"),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": 2048}, "sdxl"),
+    ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": 1280}, "sdxl"),
+    ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 1024}, "sd2"),
+    ({"unet.down_blocks.2.attentions.0.transformer_blocks.5.attn1.to_q": 1280}, "sdxl"),
+    ({"unet.down_blocks.0.attentions.0.proj_in": 32}, "unknown"),
+])
+def test_architecture_from_widths(widths, expected):
+    assert detect_architecture(widths).name == expected

@@ -1,0 +1,89 @@
+"""Hashes match their definitions (A1111, kohya, Civitai) and are computed on the bytes written."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loralib.files.hashes import hash_file
+from loralib.files.header import read_header
+from loralib.files.writer import write_safetensors
+from loralib.metadata import SELF_HASHES
+
+
+def _a1111_legacy(path) -> str:
+    """A1111's old model hash, written out from its definition."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _big_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a.lora_down.weight": torch.randn(8, 40000, generator=g), "a.lora_up.weight": torch.randn(300, 8, generator=g)}
+
+
+def test_hashes_follow_their_definitions(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file(_big_tensors(), path, metadata={"ss_network_dim": "8"})
+    raw = path.read_bytes()
+    start = read_header(path).data_start
+    hashes = hash_file(path)
+    assert hashes.sha256 == hashlib.sha256(raw).hexdigest()
+    assert hashes.autov2 == hashes.sha256[:10]
+    assert hashes.tensor_sha256 == hashlib.sha256(raw[start:]).hexdigest() == hashes.autov3
+    assert hashes.a1111 == hashes.tensor_sha256[:12]
+    assert hashes.legacy == _a1111_legacy(path)
+
+
+def test_small_file_legacy_hash_is_of_nothing(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file({"w": torch.zeros(4)}, path)
+    assert hash_file(path).legacy == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"
+
+
+def test_tensor_hash_ignores_metadata(tmp_path):
+    tensors = _big_tensors()
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(tensors, a, metadata={"title": "one"})
+    save_file(tensors, b, metadata={"title": "two, a longer title"})
+    ha, hb = hash_file(a), hash_file(b)
+    assert ha.sha256 != hb.sha256
+    assert ha.tensor_sha256 == hb.tensor_sha256
+
+
+def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
+    path = tmp_path / "w.safetensors"
+    returned = write_safetensors(path, _big_tensors(), {"ss_network_dim": "8"}, SELF_HASHES)
+    recomputed = hash_file(path)
+    assert returned == recomputed.tensor_sha256
+    metadata = read_header(path).metadata
+    assert metadata["sshs_model_hash"] == recomputed.tensor_sha256
+    assert metadata["modelspec.hash_sha256"] == "0x" + recomputed.tensor_sha256
+    assert metadata["sshs_legacy_hash"] == recomputed.legacy == _a1111_legacy(path)
+    with safe_open(str(path), "pt") as f:  # the safetensors library reads what we wrote
+        assert torch.equal(f.get_tensor("a.lora_up.weight"), _big_tensors()["a.lora_up.weight"])
+
+
+def test_writer_leaves_out_the_legacy_hash_when_the_header_covers_it(tmp_path):
+    path = tmp_path / "h.safetensors"
+    tensors = {f"t{i:05d}.lora_down.weight": torch.zeros(1) for i in range(30000)}  # a header over 1 MiB
+    write_safetensors(path, tensors, {}, SELF_HASHES)
+    header = read_header(path)
+    assert header.data_start > 0x100000
+    assert "sshs_legacy_hash" not in header.metadata
+    assert header.metadata["sshs_model_hash"] == hash_file(path).tensor_sha256
+
+
+def test_writer_round_trips_every_dtype(tmp_path):
+    tensors = {f"t{i}": torch.arange(6, dtype=torch.float32).reshape(2, 3).to(dt) for i, dt in
+               enumerate([torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.uint8])}
+    path = tmp_path / "d.safetensors"
+    write_safetensors(path, tensors)
+    with safe_open(str(path), "pt") as f:
+        for name, tensor in tensors.items():
+            loaded = f.get_tensor(name)
+            assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)

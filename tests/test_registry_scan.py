@@ -1,0 +1,154 @@
+"""`scan` is incremental and survives being killed; parallel processes share the catalog safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import registry.scan as scan_module
+from registry.catalog import Catalog
+from registry.scan import scan
+from registry.schema import SCHEMA_VERSION
+from tests.conftest import ROOT
+from tests.helpers.small_loras import small_lora_bytes, write_small_loras
+
+KILL_FILES = 1000
+
+
+def _consistent(home: Path) -> tuple[int, int]:
+    """Check the catalog's integrity and its invariants; return (adapters, adapter files)."""
+    conn = sqlite3.connect(home / "catalog.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    adapters = conn.execute("SELECT count(*) FROM adapters").fetchone()[0]
+    files = conn.execute("SELECT count(*) FROM files WHERE adapter_id IS NOT NULL").fetchone()[0]
+    assert conn.execute("SELECT count(*) FROM adapters_fts").fetchone()[0] == adapters
+    conn.close()
+    return adapters, files
+
+
+def test_rescan_skips_unchanged_files_and_notices_changes(tmp_path, monkeypatch):
+    folder = tmp_path / "loras"
+    paths = write_small_loras(folder, 30)
+    write_small_loras(folder / "sub", 2, start=100)
+    (folder / "notes.txt").write_text("not an adapter")
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with Catalog(tmp_path / "home") as catalog:
+        first = scan(catalog, folder)
+        assert (first.found, first.added, len(first.damaged)) == (33, 32, 1)
+        calls = []
+        real = scan_module.describe
+        monkeypatch.setattr(scan_module, "describe", lambda path, *a: calls.append(path) or real(path, *a))
+        again = scan(catalog, folder)
+        assert (again.unchanged, again.added, again.updated, calls) == (33, 0, 0, [])
+        assert len(again.damaged) == 1
+        paths[0].write_bytes(small_lora_bytes(500))          # new tensor data under an old name
+        paths[1].write_bytes(small_lora_bytes(1, metadata={"modelspec.title": "edited"}))  # metadata only
+        paths[2].unlink()
+        write_small_loras(folder, 1, start=200)
+        third = scan(catalog, folder)
+        assert (third.added, third.updated, third.unchanged, len(calls)) == (2, 1, 30, 3)
+        assert third.missing == [str(paths[2])]
+        assert catalog.count() == 34  # the adapter whose file was overwritten stays known, without a file
+        assert catalog.files(catalog.get("lora_00000")) == []
+        flat = scan(catalog, folder, recursive=False)
+        assert flat.found == 31 and flat.missing == []
+    assert _consistent(tmp_path / "home")[0] == 34
+
+
+def test_progress_is_reported_for_every_file(tmp_path):
+    write_small_loras(tmp_path / "loras", 12)
+    seen = []
+    with Catalog(tmp_path / "home") as catalog:
+        scan(catalog, tmp_path / "loras", progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 12) for i in range(0, 13)]
+
+
+@pytest.fixture(scope="module")
+def many_loras(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("many") / "loras"
+    write_small_loras(folder, KILL_FILES)
+    return folder
+
+
+def _start_scan(folder: Path, home: Path) -> subprocess.Popen:
+    env = {**os.environ, "LORAREG_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "scan", str(folder)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_batch(home: Path, process: subprocess.Popen) -> None:
+    """Wait until the running scan has committed something (at least one batch)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            conn = sqlite3.connect(home / "catalog.db", timeout=5)
+            count = conn.execute("SELECT count(*) FROM files").fetchone()[0]
+            conn.close()
+            if count:
+                return
+        except sqlite3.OperationalError:  # not created yet
+            pass
+        time.sleep(0.01)
+    raise AssertionError("the scan committed nothing within 60 s")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_killed_scan_leaves_a_consistent_catalog_that_the_next_scan_completes(many_loras, tmp_path, how):
+    home = tmp_path / "home"
+    process = _start_scan(many_loras, home)
+    _wait_for_first_batch(home, process)
+    process.send_signal(how)
+    out, err = process.communicate(timeout=60)
+    adapters, files = _consistent(home)
+    assert 0 < adapters < KILL_FILES and adapters == files, "the scan should have been stopped part way"
+    if how == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:  # Ctrl-C and kill: what was read is saved, and the user is told how to go on
+        assert process.returncode == 130 and "run the same scan again to finish" in err and "Traceback" not in err
+    with Catalog(home) as catalog:
+        report = scan(catalog, many_loras)
+    assert report.unchanged == adapters and report.added == KILL_FILES - adapters
+    assert _consistent(home) == (KILL_FILES, KILL_FILES)
+
+
+ADDER = """
+import sys
+from pathlib import Path
+from registry.catalog import Catalog
+for path in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with Catalog() as catalog:       # a new connection each time, as separate lorareg runs would
+        catalog.add(path, tags=["added"])
+"""
+
+
+def test_parallel_processes_adding_and_scanning_never_lose_entries_or_fail(tmp_path):
+    write_small_loras(tmp_path / "a", 300, start=0)
+    write_small_loras(tmp_path / "b", 300, start=400)
+    write_small_loras(tmp_path / "c", 40, start=800)
+    env = {**os.environ, "LORAREG_HOME": str(tmp_path / "home")}
+    commands = [[sys.executable, "-m", "cli.main", "scan", str(tmp_path / "a"), "--json"],
+                [sys.executable, "-m", "cli.main", "scan", str(tmp_path / "b"), "--json"],
+                [sys.executable, "-c", ADDER, str(tmp_path / "c")]]
+    processes = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in commands]  # all start on an empty home: they also race to create the schema
+    results = [p.communicate(timeout=120) for p in processes]
+    for process, (_, err) in zip(processes, results):
+        assert process.returncode == 0, err
+        assert "locked" not in err and "Traceback" not in err
+    assert [json.loads(results[i][0])["added"] for i in (0, 1)] == [300, 300]
+    assert _consistent(tmp_path / "home") == (640, 640)
+    with Catalog(tmp_path / "home") as catalog:
+        assert catalog.count(tag="added") == 40
+        # three processes raced to create the schema; each migration ran once
+        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == \
+            list(range(1, SCHEMA_VERSION + 1))
