@@ -5,7 +5,7 @@ both text encoders, rank 32, fp16, random factors. Each conversion is timed agai
 ``safetensors`` load + save of the same file in the same run (best of several repeats), so the
 ratio is independent of the machine.
 
-    .venv/bin/python benchmarks/convert.py [--repeats 3] [--rank 32]
+    .venv/bin/python benchmarks/convert.py [--repeats 7] [--rank 32]
 """
 
 from __future__ import annotations
@@ -25,20 +25,22 @@ from loralib.formats import convert
 from loralib.synthetic import random_adapter, select_layers
 
 
-def best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` runs of ``fn`` (seconds)."""
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn, output: Path) -> float:
+    """Seconds one run of ``fn`` takes to write a fresh ``output``.
+
+    The previous output is deleted first (untimed), so every run writes a new file as a user's
+    conversion does; replacing an existing file costs extra on some filesystems.
+    """
+    shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -56,15 +58,19 @@ def main() -> None:
             save_file(load_file(source), work / "plain.safetensors")
 
         def to_peft() -> None:
-            convert(source, work / "peft", "peft", force=True)
+            convert(source, work / "peft", "peft")
 
         def back() -> None:
-            convert(work / "peft", work / "back.safetensors", "kohya", force=True)
+            convert(work / "peft", work / "back.safetensors", "kohya")
 
-        to_peft()  # warm the page cache for every file involved
-        baseline = best_time(plain, args.repeats)
-        peft_time = best_time(to_peft, args.repeats)
-        back_time = best_time(back, args.repeats)
+        plain()  # warm the page cache and the code paths
+        to_peft()
+        runs = {"plain": [], "peft": [], "back": []}
+        for _ in range(args.repeats):  # interleaved, so that a busy spell of the machine hits all three
+            runs["plain"].append(timed(plain, work / "plain.safetensors"))
+            runs["peft"].append(timed(to_peft, work / "peft"))
+            runs["back"].append(timed(back, work / "back.safetensors"))
+        baseline, peft_time, back_time = (min(runs[k]) for k in ("plain", "peft", "back"))
         print(f"{'step':<34}{'seconds':>9}{'ratio':>8}")
         print(f"{'safetensors load + save (baseline)':<34}{baseline:>9.3f}{1:>8.2f}")
         print(f"{'kohya -> PEFT':<34}{peft_time:>9.3f}{peft_time / baseline:>8.2f}")

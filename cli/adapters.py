@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from loralib.dtypes import STORAGE_DTYPES, storage_dtype
+
 from .output import human_size, note, print_json
 from .refs import register_output, resolve_adapter
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @click.command("inspect")
@@ -107,7 +108,7 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--to", "fmt", type=click.Choice(["kohya", "peft", "diffusers"]), default="kohya", show_default=True,
               help="Output format.")
 @click.option("-o", "--output", type=click.Path(), help="Output file (kohya, diffusers) or folder (peft, diffusers).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Store factors in this dtype (default: as read).")
+@click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)), help="Store factors in this dtype (default: as read).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
@@ -123,13 +124,11 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
       lorareg convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
       lorareg convert x.safetensors --to diffusers -o pytorch_lora_weights.safetensors
     """
-    import torch
-
     from loralib.formats import convert
 
     source = resolve_adapter(ctx, adapter)
     target = Path(output) if output else default_output(source, fmt)
-    result = convert(source, target, fmt, force=force, dtype=getattr(torch, DTYPES[dtype]) if dtype else None,
+    result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
                      drop_embeddings=drop_embeddings, allow_pickle=allow_pickle)
     register_output(ctx, result, {"operation": "convert", "inputs": [str(source)], "to_format": fmt})
     if as_json:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
+from loralib.dtypes import STORAGE_DTYPES, storage_dtype
 from loralib.errors import InvalidArgumentError, OutputExistsError
 
 from .output import human_size, note, print_json, progress
 from .refs import register_output, resolve_adapter
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FORMATS = ["kohya", "peft", "diffusers"]
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -48,11 +48,7 @@ def _refuse_existing(output: Path, force: bool) -> None:
 
 
 def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPES[name])
+    return storage_dtype(name) if name is not None else None
 
 
 def _rank_options(function):
@@ -73,7 +69,7 @@ def _output_options(function):
         click.option("-o", "--output", type=click.Path(), required=True, help="Output file (or folder for --to peft)."),
         click.option("--to", "fmt", type=click.Choice(FORMATS), default="kohya", show_default=True,
                      help="Output format."),
-        click.option("--dtype", type=click.Choice(sorted(DTYPES)),
+        click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)),
                      help="Store factors in this dtype (default: the inputs')."),
         click.option("--force", is_flag=True, help="Overwrite an existing output."),
         click.option("--json", "as_json", is_flag=True, help="Print the result and per-module report as JSON."),

@@ -203,6 +203,14 @@ class LoraAdapter:
         hashes = self.source_hashes
         return hashes.tensor_sha256 if hashes is not None else None
 
+    def source_tensor_sha256_for_metadata(self) -> str | None:
+        """Like :attr:`source_tensor_sha256`, but without waiting: while the hash is still being
+        computed this is a same-length placeholder, which the writer fills in when it completes the
+        file's header."""
+        if self._source_tensor_sha256 is not None:
+            return self._source_tensor_sha256.placeholder()
+        return self.source_tensor_sha256
+
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""
         return replace(self, modules={k: m.to(dtype) for k, m in self.modules.items()})

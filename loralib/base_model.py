@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from .naming.kohya import TE_ROOT
+from .naming import TE_ROOT, internal_key
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,6 @@ class LayerShape:
         return self.kernel_size is not None
 
 
-def _canonical(component: str, path: str) -> str:
-    if component != UNET and not path.startswith(TE_ROOT + ".") and path != "text_projection":
-        path = f"{TE_ROOT}.{path}"
-    return f"{component}.{path}"
-
-
 def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear and Conv2d layer of one component, keyed by internal key.
 
@@ -44,7 +38,7 @@ def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            layers[_canonical(component, name)] = module
+            layers[internal_key(component, name)] = module
     return layers
 
 

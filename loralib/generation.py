@@ -175,7 +175,7 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
 
 
 def _pipeline_architecture(pipe) -> str:
-    from .training.models import architecture_of
+    from .pipelines import architecture_of
 
     return architecture_of(pipe.unet, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
 
@@ -301,7 +301,7 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     import torch
 
     from .formats import load_adapter
-    from .training.models import load_base_model
+    from .pipelines import load_base_model
 
     if num_samples < 1:
         raise InvalidArgumentError(f"num_samples must be at least 1 (got {num_samples})")

@@ -41,7 +41,7 @@ def history(metadata: dict[str, str]) -> list[dict]:
 def input_record(adapter: LoraAdapter, weight: float | None = None) -> dict:
     """How an operation's record names one input: file name, format and tensor hash (its identity)."""
     record = {"file": adapter.source_path.name if adapter.source_path else None, "format": adapter.source_format}
-    tensor_sha256 = adapter.source_tensor_sha256
+    tensor_sha256 = adapter.source_tensor_sha256_for_metadata()
     if tensor_sha256 is not None:
         record["tensor_sha256"] = tensor_sha256
     if weight is not None:
@@ -55,8 +55,9 @@ def build(adapter: LoraAdapter, *, title: str, operation: dict | None) -> dict[s
     modules = list(adapter.modules.values())
     ranks = Counter(m.rank for m in modules)
     alphas = Counter(m.alpha for m in modules)
-    linear = [m for m in modules if not m.is_conv]
-    conv = [m for m in modules if m.is_conv]
+    # sd-scripts counts 1x1 convs (SD1's proj_in/proj_out) with the linear layers: conv_dim is for k×k LoCon
+    conv = [m for m in modules if m.is_conv and m.kernel_size != (1, 1)]
+    linear = [m for m in modules if not (m.is_conv and m.kernel_size != (1, 1))]
     main = linear or conv
     uniform_rank = len({m.rank for m in main}) == 1
     uniform_alpha = len({m.alpha for m in main}) == 1
@@ -76,7 +77,10 @@ def build(adapter: LoraAdapter, *, title: str, operation: dict | None) -> dict[s
         meta["modelspec.implementation"] = arch.modelspec_implementation
         meta.setdefault("modelspec.resolution", f"{arch.resolution}x{arch.resolution}")
     meta["modelspec.sai_model_spec"] = "1.0.0"
-    meta.setdefault("modelspec.title", title)
+    if operation is None or operation.get("operation") == "convert":
+        meta.setdefault("modelspec.title", title)  # the same adapter keeps its title
+    else:
+        meta["modelspec.title"] = title  # a new adapter is named after its file
     meta["modelspec.date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     meta["ss_output_name"] = title
     if operation is not None:

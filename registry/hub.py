@@ -27,6 +27,7 @@ from loralib import __version__
 from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
 from loralib.files.hashes import hash_file
 from loralib.formats import peft
+from loralib.hub_ids import parse_repo_ref
 
 from .catalog import AddResult, Catalog
 from .describe import GENERIC_STEMS, absolute, adapter_root, clean_name
@@ -38,35 +39,12 @@ if TYPE_CHECKING:
 
     from loralib.files.hashes import FileHashes
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-REVISION = re.compile(r"^[\w./-]{1,200}$")
 LAYOUTS = ("diffusers", "peft")
 DEFAULT_REVISION = "main"
 
 
 class HubError(LoraError):
     """The Hub could not be reached, refused a request, or sent something wrong."""
-
-
-def parse_repo_ref(text: str) -> tuple[str, str | None]:
-    """``user/repo[@revision]`` (also ``hf://…`` and ``https://huggingface.co/…``) -> (repo id, revision)."""
-    ref = text.strip()
-    for prefix in ("hf://", "https://huggingface.co/", "http://huggingface.co/"):
-        ref = ref.removeprefix(prefix)
-    repo, _, revision = ref.partition("@")
-    repo = repo.strip("/")
-    if not REPO_ID.match(repo) or ".." in repo or (revision and not REVISION.match(revision)):
-        raise InvalidArgumentError(f"{text!r} is not a Hub repo id", "Write it as user/repo or user/repo@revision")
-    return repo, revision or None
-
-
-def is_repo_ref(text: str) -> bool:
-    """True when ``text`` reads as ``user/repo[@revision]``."""
-    try:
-        parse_repo_ref(text)
-    except InvalidArgumentError:
-        return False
-    return True
 
 
 def endpoint() -> str | None:

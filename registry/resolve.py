@@ -35,7 +35,9 @@ def resolve(reference: str, home: str | os.PathLike | None = None, *, allow_hub:
             if entry is not None:
                 return catalog.local_path(entry)
     if allow_hub and not reference.lower().endswith(_FILE_SUFFIXES):
-        from .hub import find_pulled, is_repo_ref, offline, parse_repo_ref, pull
+        from loralib.hub_ids import is_repo_ref, parse_repo_ref
+
+        from .hub import find_pulled, offline, pull
 
         if is_repo_ref(reference):
             repo_id, revision = parse_repo_ref(reference)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loralib.errors import CorruptFileError, InputNotFoundError, LoraError, NotALoraError, UnsafeFileError
-from loralib.formats import PICKLE_SUFFIXES
+from loralib.files import PICKLE_SUFFIXES, is_pickle
 
 from .catalog import Catalog
 from .describe import FileFacts, absolute, adapter_root, describe, main_file
@@ -84,7 +84,7 @@ def _candidates(folder: Path, recursive: bool, pickles: list[str]) -> list[Path]
     """One main file per adapter: components of a PEFT folder are read with its main file."""
     files: dict[Path, None] = {}
     for path in _walk(folder, recursive):
-        if path.suffix.lower() in PICKLE_SUFFIXES:
+        if is_pickle(path):
             pickles.append(str(path))
             continue
         root = adapter_root(path)

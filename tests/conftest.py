@@ -60,6 +60,17 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
 
 
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one thread: OpenMP's spinning second thread only slows them down on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class CliResult:
     """What one ``lorareg`` invocation did."""

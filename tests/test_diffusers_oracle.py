@@ -8,8 +8,6 @@ the adapter applies, so the fused weight is exactly diffusers' ΔW).
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -17,51 +15,19 @@ import loralib
 from loralib.architectures import ARCHITECTURES
 from loralib.base_model import pipeline_layers
 from loralib.formats import convert
-from loralib.formats.peft import canonical_key
+from loralib.naming import internal_key
+from tests.helpers.diffusers_oracle import COMPONENTS, component_weights, load_with_diffusers
+from tests.helpers.diffusers_oracle import pipeline_class
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj", "conv_shortcut"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-def _pipeline_class(arch):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-
-
-def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    return {c: {k: v.detach().clone() for k, v in getattr(pipe, c).state_dict().items()}
-            for c in COMPONENTS if getattr(pipe, c, None) is not None}
-
-
-class _LogCatcher(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _fuse_with_diffusers(arch, base_dir, lora_file):
-    """Load ``lora_file`` with diffusers' load_lora_weights, fuse it, and return the weights and warnings."""
-    pipe = _pipeline_class(arch).from_pretrained(base_dir)
-    catcher = _LogCatcher()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for logger in loggers:
-        logger.addHandler(catcher)
-    try:
-        pipe.load_lora_weights(str(lora_file), adapter_name="x")
-    finally:
-        for logger in loggers:
-            logger.removeHandler(catcher)
-    injected = sum(1 for c in COMPONENTS if getattr(pipe, c, None) is not None
-                   for _, m in getattr(pipe, c).named_modules() if hasattr(m, "lora_A") and "x" in m.lora_A)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    return _weights(pipe), catcher.messages, injected
+    """Fused weights, warnings and the number of injected LoRA layers after diffusers loads ``lora_file``."""
+    pipe, warnings, injected, _ = load_with_diffusers(arch, base_dir, lora_file)
+    return component_weights(pipe), warnings, injected
 
 
 def _diffusers_written_lora(arch, base_dir, path, *, legacy_spelling=False, unet_alpha_pattern=None,
@@ -76,7 +42,7 @@ def _diffusers_written_lora(arch, base_dir, path, *, legacy_spelling=False, unet
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = _pipeline_class(arch).from_pretrained(base_dir)
+    pipe = pipeline_class(arch).from_pretrained(base_dir)
     torch.manual_seed(3)
     layers = {}
     unet_config = LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS, init_lora_weights=False,
@@ -93,7 +59,7 @@ def _diffusers_written_lora(arch, base_dir, path, *, legacy_spelling=False, unet
             model.add_adapter(config)
             layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
             metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
-    _pipeline_class(arch).save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
+    pipeline_class(arch).save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
     live = {}
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
@@ -101,7 +67,7 @@ def _diffusers_written_lora(arch, base_dir, path, *, legacy_spelling=False, unet
             if hasattr(module, "lora_A") and "default" in module.lora_A:
                 a = module.lora_A["default"].weight.detach().flatten(1)
                 b = module.lora_B["default"].weight.detach().flatten(1)
-                key = canonical_key(component, name)
+                key = internal_key(component, name)
                 live[key] = (module.scaling["default"] * b @ a).reshape(module.base_layer.weight.shape)
     return path, live
 
@@ -135,12 +101,12 @@ def test_files_we_convert_fuse_like_the_diffusers_original(arch, request, tmp_pa
     from peft import PeftModel
 
     convert(original, tmp_path / "peft", "peft")
-    pipe = _pipeline_class(arch).from_pretrained(base_dir)
+    pipe = pipeline_class(arch).from_pretrained(base_dir)
     for component in adapter.components:
         folder = tmp_path / "peft" / ("" if component == "unet" else component)
         merged = PeftModel.from_pretrained(getattr(pipe, component), folder).merge_and_unload()
         setattr(pipe, component, merged)
-    assert _max_diff(_weights(pipe), expected) <= 1e-6
+    assert _max_diff(component_weights(pipe), expected) <= 1e-6
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -163,7 +129,7 @@ def test_we_read_the_alphas_the_trained_model_used(arch, request, tmp_path):
     convert(original, tmp_path / "d.safetensors", "diffusers")
     fused, _, injected = _fuse_with_diffusers(arch, base_dir, tmp_path / "d.safetensors")
     assert injected == len(live)
-    pipe = _pipeline_class(arch).from_pretrained(base_dir)
+    pipe = pipeline_class(arch).from_pretrained(base_dir)
     names = {id(m): (c, n) for c in COMPONENTS if getattr(pipe, c, None) is not None
              for n, m in getattr(pipe, c).named_modules()}
     for key, module in pipeline_layers(pipe).items():

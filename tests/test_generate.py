@@ -15,8 +15,7 @@ from loralib.base_model import layer_shape, pipeline_layers
 from loralib.files.hashes import hash_file
 from loralib.generation import AdapterUse, fuse_adapters, read_parameters
 from loralib.synthetic import random_adapter, select_layers
-from tests.helpers.training import pipeline_class
-from tests.helpers.training import one_thread  # noqa: F401  (the fixture)
+from tests.helpers.diffusers_oracle import pipeline_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 

@@ -62,7 +62,7 @@ def test_sd2_v_prediction_and_buckets(tmp_path, lorareg):
     three shapes train in three buckets; diffusers loads the result exactly."""
     from PIL import Image
 
-    from tests.helpers.training import load_with_diffusers
+    from tests.helpers.diffusers_oracle import load_with_diffusers
 
     assert lorareg("tiny-model", tmp_path / "base", "--arch", "sd2").code == 0
     data = tmp_path / "data"

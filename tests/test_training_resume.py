@@ -20,7 +20,6 @@ import loralib
 from loralib.training import Trainer, load_config, train
 from loralib.training.checkpoints import list_checkpoints
 from tests.helpers.training import ROOT, quick_settings, small_dataset
-from tests.helpers.training import one_thread  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 

@@ -13,8 +13,8 @@ import torch
 import loralib
 from loralib.base_model import pipeline_layers
 from loralib.files.header import read_header
-from tests.helpers.training import load_with_diffusers, pipeline_class, train_and_evaluate
-from tests.helpers.training import one_thread  # noqa: F401  (the fixture)
+from tests.helpers.diffusers_oracle import load_with_diffusers, pipeline_class
+from tests.helpers.training import train_and_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 

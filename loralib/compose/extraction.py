@@ -23,7 +23,8 @@ from ..errors import InvalidArgumentError, MismatchError
 from ..synthetic import PROJECTION, select_layers
 from .inputs import Progress, module_from_factors
 from .lowrank import SVD_METHODS
-from .model_weights import ModelWeights, torch_dtype
+from ..dtypes import from_safetensors
+from .model_weights import ModelWeights
 from .rank_rules import RankRule, rank_rule
 from .reduce import reduce_dense
 from .report import CompositionReport
@@ -133,5 +134,5 @@ def _dims(shape: LayerShape) -> list[int]:
 
 def _stored_dtype(model: ModelWeights, targets: dict[str, LayerShape]) -> torch.dtype:
     first = next(iter(targets), None)
-    return torch_dtype(model.slots[first].dtype) if first is not None else torch.float32
+    return from_safetensors(model.slots[first].dtype) if first is not None else torch.float32
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from ..base_model import LayerShape
 from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
+from ..files import is_pickle
 from ..files.header import SafetensorsHeader, read_header
+from ..naming import internal_key
 from ..naming.sgm import UNetLayout, sgm_to_diffusers
 
 DIFFUSERS_COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -40,8 +42,6 @@ _OPEN_CLIP_NAMES = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weig
                     "mlp.c_proj.weight": "mlp.fc2"}
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,10 @@ def layer_shape(shape: tuple[int, ...]) -> LayerShape:
 
 
 def _text_key(component: str, path: str) -> str | None:
+    """The internal key of a text-encoder layer; None for embeddings, which no LoRA adapts."""
     if "embeddings." in path or path.endswith("embedding"):
         return None
-    if not path.startswith("text_model.") and path != "text_projection":
-        path = "text_model." + path
-    return f"{component}.{path}"
+    return internal_key(component, path)
 
 
 def diffusers_slots(component: str, header: SafetensorsHeader) -> dict[str, Slot]:
@@ -169,7 +168,7 @@ class ModelWeights:
             raise InputNotFoundError(f"{path} does not exist", "Check the path")
         if path.is_dir():
             return cls(path, "diffusers", _diffusers_folder_slots(path))
-        if path.suffix.lower() in PICKLE_SUFFIXES:
+        if is_pickle(path):
             raise UnsafeFileError(f"{path.name} is a pickle checkpoint; reading it would run code stored in it",
                                   "Convert it to .safetensors first")
         header = read_header(path)
@@ -238,8 +237,3 @@ def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
     return slots
 
 
-def torch_dtype(name: str):
-    """The torch dtype of a safetensors dtype name (float types only)."""
-    import torch
-
-    return getattr(torch, TORCH_DTYPES[name])

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import secrets
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,24 +79,45 @@ class StreamHasher:
 
 
 def tensor_data_sha256(path: str | os.PathLike, data_start: int) -> str:
-    """SHA-256 of a safetensors file's tensor data only (one pass; kohya's ``sshs_model_hash``)."""
+    """SHA-256 of a safetensors file's tensor data only (kohya's ``sshs_model_hash``).
+
+    The file is memory-mapped and hashed in place, without copying it through read buffers.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        f.seek(data_start)
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= data_start:
+            return digest.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            for start in range(data_start, size, _CHUNK):
+                digest.update(view[start:start + _CHUNK])
     return digest.hexdigest()
 
 
 class Deferred:
-    """A value computed in a background thread (hashing releases the GIL, so it overlaps other work)."""
+    """A value computed in a background thread (hashing releases the GIL, so it overlaps other work).
+
+    A deferred hex digest can be written into metadata before it is known: :meth:`placeholder`
+    gives a random string of the digest's length, which :func:`fill_placeholders` replaces when
+    the file's header is completed (see :mod:`loralib.files.writer`).
+    """
 
     def __init__(self, fn, *args) -> None:
         import threading
 
         self._value = self._error = None
+        self._token: str | None = None
         self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
         self._thread.start()
+
+    def placeholder(self) -> str:
+        """The value if it is ready, else a 64-character stand-in for a SHA-256 hex digest."""
+        if not self._thread.is_alive():
+            return self.result()
+        if self._token is None:
+            self._token = secrets.token_hex(32)
+            _PENDING[self._token] = self
+        return self._token
 
     def _run(self, fn, *args) -> None:
         try:
@@ -107,6 +131,35 @@ class Deferred:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+_PENDING: weakref.WeakValueDictionary[str, Deferred] = weakref.WeakValueDictionary()
+
+
+def fill_placeholders(data: dict) -> bool:
+    """Replace, in place, every pending placeholder in ``data``'s string values (also inside nested
+    dicts and lists) by its value, waiting for it. Strings keep their length. True if any changed."""
+    pending = {token: deferred for token, deferred in list(_PENDING.items())}
+    if not pending:
+        return False
+    changed = False
+
+    def fill(value):
+        nonlocal changed
+        if isinstance(value, str):
+            for token, deferred in pending.items():
+                if token in value:
+                    value, changed = value.replace(token, deferred.result()), True
+            return value
+        if isinstance(value, dict):
+            for key in value:
+                value[key] = fill(value[key])
+        elif isinstance(value, list):
+            value[:] = [fill(item) for item in value]
+        return value
+
+    fill(data)
+    return changed
 
 
 def hash_file(path: str | os.PathLike, data_start: int | None = None) -> FileHashes:

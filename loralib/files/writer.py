@@ -13,18 +13,13 @@ import json
 import os
 import struct
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
+from ..dtypes import to_safetensors
 from .atomic import atomic_file
-from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, fill_placeholders
 
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 _BYTE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -64,10 +59,11 @@ def write_safetensors(
     views, entries, offset = [], {}, 0
     for name in names:
         tensor = tensors[name]
-        if tensor.dtype not in _DTYPE_NAMES:
+        dtype_name = to_safetensors(tensor.dtype)
+        if dtype_name is None:
             raise TypeError(f"cannot store tensor {name} of dtype {tensor.dtype} in safetensors")
         view = tensor_bytes(tensor)
-        entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        entries[name] = {"dtype": dtype_name, "shape": list(tensor.shape),
                          "data_offsets": [offset, offset + len(view)]}
         views.append(view)
         offset += len(view)
@@ -83,7 +79,7 @@ def write_safetensors(
         for view in views:
             f.write(view)
         tensor_sha256 = digest.result()
-        if self_hashes:
+        if fill_placeholders(meta) or self_hashes:
             legacy = _legacy_hash(data_start, views)
             values = {"tensor_sha256": tensor_sha256, "tensor_sha256_0x": "0x" + tensor_sha256, "legacy": legacy}
             meta.update({key: values[kind] for key, kind in self_hashes.items()})
@@ -120,11 +116,3 @@ def _legacy_hash(data_start: int, views: list[memoryview]) -> str | None:
             legacy.update(view[lo - position:hi - position])
         position += len(view)
     return legacy.hexdigest()[:8]
-
-
-def load_tensors(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Load tensors (all, or only ``names``) from a safetensors file whose header was validated."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path)), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in (names if names is not None else f.keys())}

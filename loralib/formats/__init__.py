@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import (CorruptFileError, InputNotFoundError, InvalidArgumentError, NotALoraError,
                       UnsafeFileError, UnsupportedFormatError)
+from ..files import is_pickle
 from . import cloneofsimo, diffusers, kohya, peft
 from .base import AdapterIndex, SaveResult
 from .detect import CLONEOFSIMO, KOHYA, PEFT, Kind, identify, looks_like_broken_lora
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from ..adapter import LoraAdapter
 
 WRITE_FORMATS = ("kohya", "peft", "diffusers")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Inputs:
 
 
 def _open_file(path: Path, allow_pickle: bool) -> TensorSource:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if is_pickle(path):
         if not allow_pickle:
             raise UnsafeFileError(
                 f"{path.name} is a pickle file ({path.suffix}); reading it would run code stored in it",
@@ -220,6 +220,7 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
                 (folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 files += [target / peft.relative_folder(component) / n for n in (peft.WEIGHTS_NAME, peft.CONFIG_NAME)]
                 main_hash = main_hash or tensor_sha256
+        _complete(operation)
         return SaveResult(files[0], format, files, main_hash, notes)
     if format == "diffusers" and (path.is_dir() or str(path).endswith(("/", "\\"))):
         path.mkdir(exist_ok=True)
@@ -232,7 +233,17 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
         tensors, extra = diffusers.state_dict(adapter, dtype=dtype)
         metadata = {"format": "pt", **metadata, **extra}
     tensor_sha256 = write_safetensors(path, tensors, metadata, meta.SELF_HASHES)
+    _complete(operation)
     return SaveResult(path, format, [path], tensor_sha256, notes)
+
+
+def _complete(operation: dict | None) -> None:
+    """Fill in the input hashes an operation record named before they were computed (see
+    :meth:`LoraAdapter.source_tensor_sha256_for_metadata`), so callers get final values."""
+    if operation is not None:
+        from ..files.hashes import fill_placeholders
+
+        fill_placeholders(operation)
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,

@@ -63,9 +63,23 @@ DIFFUSERS_OLD_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)
 ATTN_PROC_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:processor\.)?"
                            r"(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight$")
 CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
+# The key spellings of the plain formats, most specific first (a PEFT key also reads as diffusers).
+_SPELLINGS = {KOHYA: KOHYA_KEY, PEFT: PEFT_KEY, ATTN_PROCS: ATTN_PROC_KEY, DIFFUSERS_OLD: DIFFUSERS_OLD_KEY,
+              DIFFUSERS: DIFFUSERS_KEY}
+
+
+# Words without which none of the foreign-family patterns can match: a substring test over all
+# names is a hundred times faster than the patterns, which then run only where one is present.
+_FOREIGN_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks", "x_embedder", "guidance_in", "img_in",
+                  "txt_in", "joint_blocks", "context_block", "x_block", "pos_embed", "lora_te3_", "lora_transformer_",
+                  "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context")
+_LYCORIS_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _LYCORIS))
 
 
 def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    text = "\n".join(names)
+    if not any(word in text for word in _FOREIGN_WORDS):
+        return None
     if any(_FLUX.search(n) for n in names):
         return "flux"
     if any(_SD3.search(n) for n in names):
@@ -84,7 +98,9 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     if not names:
         return None
     family = _family(names, shapes)
-    lycoris = next((kind for pattern, kind in _LYCORIS for n in names if pattern.search(n)), None)
+    lycoris = None
+    if any(_LYCORIS_ANY.search(n) for n in names):
+        lycoris = next(kind for pattern, kind in _LYCORIS for n in names if pattern.search(n))
     if family is not None:
         title = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
         if any(_LORA_HINT.search(n) for n in names):
@@ -97,14 +113,12 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
         return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
     if all(CLONEOFSIMO_KEY.match(n) or metadata.get(n) == "<embed>" for n in names) and any(CLONEOFSIMO_KEY.match(n) for n in names):
         return CLONEOFSIMO
-    counts = {
-        KOHYA: sum(bool(KOHYA_KEY.match(n)) for n in names),
-        PEFT: sum(bool(PEFT_KEY.match(n)) for n in names),
-        ATTN_PROCS: sum(bool(ATTN_PROC_KEY.match(n)) for n in names),
-        DIFFUSERS_OLD: sum(bool(DIFFUSERS_OLD_KEY.match(n)) for n in names),
-        DIFFUSERS: sum(bool(DIFFUSERS_KEY.match(n)) for n in names),
-    }
-    best = max(counts, key=counts.get)  # ties resolve in the order above
+    counts = dict.fromkeys(_SPELLINGS, 0)
+    for name in names:  # each key counts for the first spelling it matches, in the order of _SPELLINGS
+        kind = next((kind for kind, pattern in _SPELLINGS.items() if pattern.match(name)), None)
+        if kind is not None:
+            counts[kind] += 1
+    best = max(counts, key=counts.get)  # ties resolve in the order of _SPELLINGS
     if counts[best]:
         return best
     if _is_textual_inversion(names, shapes):

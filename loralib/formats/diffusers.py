@@ -22,7 +22,8 @@ from ..architectures import UNET
 from ..errors import CorruptFileError
 from .base import AdapterIndex, ModuleEntry
 from .detect import ATTN_PROCS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_OLD, DIFFUSERS_OLD_KEY, ATTN_PROC_KEY
-from .peft import canonical_key, component_of
+from ..naming import internal_key
+from .peft import component_of
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
 
@@ -97,7 +98,7 @@ def parse(source: TensorSource) -> AdapterIndex:
         if set(parts) != {"down", "up"}:
             raise CorruptFileError(f"{source.path.name}: module {path} lacks its {'up' if 'down' in parts else 'down'} factor")
         component = component or component_of(path, "", source.shapes[parts["down"]][1])
-        key = canonical_key(component, path)
+        key = internal_key(component, path)
         if key in entries:
             raise CorruptFileError(f"{source.path.name} adapts {key} twice")
         entry = ModuleEntry(key, source, parts["down"], parts["up"])

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from ..errors import CorruptFileError, UnsupportedFormatError
-from ..naming.kohya import TE_ROOT
+from ..naming import TE_ROOT, internal_key
 from .base import AdapterIndex, ModuleEntry
 from .detect import PEFT, PEFT_KEY
 from .peft_config import PeftScales, build_config, config_path
@@ -62,13 +62,6 @@ def component_of(path: str, folder_name: str, in_features: int) -> str:
     return UNET
 
 
-def canonical_key(component: str, path: str) -> str:
-    """The internal key of a component's module path (text encoders gain ``text_model.``)."""
-    if component != UNET and not path.startswith(TE_ROOT + ".") and path != "text_projection":
-        path = f"{TE_ROOT}.{path}"
-    return f"{component}.{path}"
-
-
 def parse(source: TensorSource, config: dict) -> AdapterIndex:
     """Index one PEFT ``adapter_model.safetensors`` with its config."""
     pairs: dict[str, dict[str, str]] = {}
@@ -88,7 +81,7 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
         if set(ab) != {"A", "B"}:
             raise CorruptFileError(f"{source.path}: module {path} lacks lora_{'B' if 'A' in ab else 'A'}")
         component = component_of(path, folder_name, source.shapes[ab["A"]][1])
-        key = canonical_key(component, path)
+        key = internal_key(component, path)
         entry = ModuleEntry(key, source, ab["A"], ab["B"])
         entry.check_shapes()
         entry.alpha = scales.alpha(key.split(".", 1)[1], entry.rank)

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
-from ..naming.kohya import TE_ROOT
+from ..naming import TE_ROOT
 
 
 def config_path(key: str) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptFileError
 from ..files.header import SafetensorsHeader, read_header
 
 
@@ -35,11 +34,11 @@ class TensorSource:
     @classmethod
     def from_state_dict(cls, path: str | Path, state_dict: dict[str, Any], metadata: dict[str, str] | None = None) -> TensorSource:
         """A source over tensors already in memory (from a pickle file the user opted to read)."""
-        from ..files.writer import _DTYPE_NAMES
+        from ..dtypes import to_safetensors
 
         tensors = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
         return cls(Path(path), {k: tuple(v.shape) for k, v in tensors.items()},
-                   {k: _DTYPE_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items()},
+                   {k: to_safetensors(v.dtype) or str(v.dtype) for k, v in tensors.items()},
                    metadata or {}, tensors=tensors)
 
     @property
@@ -62,11 +61,7 @@ class TensorSource:
         """Load the named tensors as torch tensors."""
         if self.tensors is not None:
             return {n: self.tensors[n] for n in names}
-        self.header.require_complete()
-        from ..files.writer import load_tensors
+        from ..files.reader import read_tensors
 
-        try:
-            return load_tensors(self.path, names)
-        except Exception as exc:  # the library's own errors are not user-facing
-            raise CorruptFileError(f"{self.path.name} could not be read: {exc}", "The file may be damaged") from None
+        return read_tensors(self.header, names)
 

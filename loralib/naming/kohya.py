@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from . import internal_key
 from .sgm import UNetLayout, diffusers_to_sgm, is_sgm_path, sgm_to_diffusers
 
 # Segment names of the diffusers UNet, the transformers CLIP text models and the SGM UNet.
@@ -32,7 +33,6 @@ SEGMENTS = frozenset({
 _LONGEST = max(s.count("_") + 1 for s in SEGMENTS)
 
 PREFIX_COMPONENT = {"lora_unet": UNET, "lora_te": TEXT_ENCODER, "lora_te1": TEXT_ENCODER, "lora_te2": TEXT_ENCODER_2}
-TE_ROOT = "text_model"
 
 
 @lru_cache(maxsize=65536)
@@ -75,13 +75,9 @@ def parse_module_name(name: str, layout: UNetLayout) -> str | None:
     path = unflatten(flat)
     if path is None:
         return None
-    if component == UNET:
-        if is_sgm_path(path):
-            path = sgm_to_diffusers(path, layout)
-        return None if path is None else f"{component}.{path}"
-    if not path.startswith(TE_ROOT + ".") and path != "text_projection":
-        path = f"{TE_ROOT}.{path}"
-    return f"{component}.{path}"
+    if component == UNET and is_sgm_path(path):
+        path = sgm_to_diffusers(path, layout)
+    return None if path is None else internal_key(component, path)
 
 
 def module_name(key: str, *, sgm_layout: UNetLayout | None, two_text_encoders: bool) -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import LoraAdapter, LoraModule
+from ..dtypes import storage_dtype
 from .config import TrainConfig
 from .dataset import BatchPlan, Dataset
 
-SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -124,7 +124,5 @@ def build_adapter(modules: dict[str, LoraModule], architecture: str, metadata: d
 def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, operation: dict | None,
                  force: bool = False):
     """Write ``adapter`` in the configured format and dtype, atomically; returns the SaveResult."""
-    import torch
-
-    dtype = getattr(torch, SAVE_DTYPES[config.output.save_dtype])
+    dtype = storage_dtype(config.output.save_dtype)
     return adapter.save(path, config.output.output_format, force=force, dtype=dtype, operation=operation)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError
 from .config import TrainConfig
 from .dataset import BatchPlan, Dataset, load_image, plan_crop
-from .models import BaseModel
+from ..pipelines import BaseModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .models import BaseModel
+from ..pipelines import BaseModel
 
 
 def render_samples(base: BaseModel, unet, text_encoders: list[Any], config: TrainConfig, step: int, folder: Path,

@@ -233,7 +233,7 @@ class Trainer:
         self.weight_dtype = WEIGHT_DTYPES[cfg.training.mixed_precision]
 
     def _load_models(self) -> None:
-        from .models import load_base_model
+        from ..pipelines import load_base_model
         from .objective import Objective
 
         self.on_phase("loading the base model", 0, 1)

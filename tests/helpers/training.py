@@ -1,27 +1,12 @@
-"""Helpers for the training and generation tests: small datasets, configs, and diffusers as the oracle."""
+"""Helpers for the training and generation tests: small datasets and quick configs."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DATA = ROOT / "examples" / "data"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-@pytest.fixture
-def one_thread():
-    """Run tiny models on one thread: OpenMP's spinning second thread only slows them down on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_dataset(root: Path, count: int = 2) -> Path:
@@ -62,52 +47,3 @@ def train_and_evaluate(root: Path, base: Path, images: int, timesteps: tuple[int
     finally:
         torch.set_num_threads(threads)
     return {"result": result, "before": before, "after": after, "base": base}
-
-
-def pipeline_class(architecture: str):
-    """The diffusers pipeline class of a tiny model."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
-
-
-class WarningCatcher(logging.Handler):
-    """Collects WARNING-and-above records of the libraries under test."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def load_with_diffusers(architecture: str, base: Path, lora_file: Path, weight: float = 1.0):
-    """Load ``lora_file`` with diffusers' own ``load_lora_weights`` and fuse it.
-
-    Returns ``(pipeline with fused weights, warnings logged while loading, LoRA layers injected,
-    adapters listed by get_list_adapters)``.
-    """
-    from diffusers.utils import logging as diffusers_logging
-
-    pipe = pipeline_class(architecture).from_pretrained(base)
-    diffusers_logging.set_verbosity_warning()  # another test may have quietened it
-    catcher = WarningCatcher()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    for logger in loggers:
-        logger.addHandler(catcher)
-    try:
-        pipe.load_lora_weights(str(lora_file), adapter_name="trained")
-    finally:
-        for logger in loggers:
-            logger.removeHandler(catcher)
-    injected = sum(1 for c in COMPONENTS if getattr(pipe, c, None) is not None
-                   for _, m in getattr(pipe, c).named_modules() if hasattr(m, "lora_A") and "trained" in m.lora_A)
-    listed = pipe.get_list_adapters()
-    pipe.fuse_lora(lora_scale=weight)
-    pipe.unload_lora_weights()
-    # diffusers notes each text encoder the file does not adapt; that is not a problem with the file
-    trained = {c for c, names in listed.items() if "trained" in names}
-    messages = [m for m in catcher.messages
-                if not any(f"prefix='{c}'" in m and m.startswith("No LoRA keys") for c in COMPONENTS if c not in trained)]
-    return pipe, messages, injected, listed

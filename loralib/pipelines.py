@@ -1,4 +1,4 @@
-"""Loading a base model for training or generation: a Hub id, a local diffusers folder or a single file.
+"""Loading a base model pipeline for training or generation: a Hub id, a local diffusers folder or a single file.
 
 The result is a :class:`BaseModel` holding the pipeline's parts (UNet, VAE, text encoders,
 tokenizers, scheduler) and the architecture they form (sd1, sd2, sdxl). Problems become one
@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..architectures import SD1, SD2, SDXL
-from ..errors import InputNotFoundError, InvalidArgumentError, LoraError, UnsafeFileError
+from .architectures import SD1, SD2, SDXL
+from .errors import InputNotFoundError, InvalidArgumentError, LoraError, UnsafeFileError
+from .files import is_pickle
+from .hub_ids import is_repo_ref, parse_repo_ref
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 @dataclass
@@ -113,9 +112,9 @@ def _load_folder(folder: Path, source: str, dtype):
 def _load_single_file(path: Path, dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..files.header import read_header
+    from .files.header import read_header
 
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if is_pickle(path):
         raise UnsafeFileError(f"{path.name} is a pickle checkpoint; loading it would run code stored in it",
                               "Use the .safetensors version of the model")
     names = list(read_header(path).tensors)
@@ -134,25 +133,27 @@ def _load_single_file(path: Path, dtype):
             "Run once with network access so the configuration is cached, or use a diffusers folder") from None
 
 
-def _load_hub(repo_id: str, dtype):
+def _load_hub(reference: str, dtype):
     from diffusers import DiffusionPipeline
 
+    repo_id, revision = parse_repo_ref(reference)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         from huggingface_hub import hf_hub_download
 
-        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", local_files_only=offline)).read_text())
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision,
+                                                     local_files_only=offline)).read_text())
     except Exception as exc:
         reason = "there is no network access (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache" \
             if offline else f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-        raise InputNotFoundError(f"cannot load the base model {repo_id} from the Hub: {reason}",
+        raise InputNotFoundError(f"cannot load the base model {reference} from the Hub: {reason}",
                                  "Connect to the network, or give a local diffusers folder or .safetensors file "
                                  "(lorareg tiny-model builds a tiny one offline)") from None
     cls = _pipeline_class(index) if "unet" in index else DiffusionPipeline
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    return _from_pipeline(repo_id, cls.from_pretrained(repo_id, **kwargs))
+    return _from_pipeline(reference, cls.from_pretrained(repo_id, revision=revision, **kwargs))
 
 
 def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
@@ -176,7 +177,7 @@ def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
         raise InvalidArgumentError(f"could not load the base model {text}: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
                                    "Check that it is a complete Stable Diffusion model") from None
-    if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+    if is_repo_ref(text) and not text.startswith((".", "/", "~")):
         return _load_hub(text, dtype)
     raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",
                              "Check base_model (--base)")
