@@ -43,12 +43,10 @@ def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bo
 def _counts(counts: dict, unit: str = "") -> str:
     if not counts:
         return "—"
-    parts = [f"{_num(k)}{unit} ×{v}" for k, v in counts.items()]
+    from loralib.inspection import format_number
+
+    parts = [f"{format_number(k)}{unit} ×{v}" for k, v in counts.items()]
     return ", ".join(parts) if len(parts) <= 6 else f"{', '.join(parts[:6])}, … ({len(parts)} values)"
-
-
-def _num(value) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _print_report(report, show_metadata: bool) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from loralib.dtypes import STORAGE_DTYPES, storage_dtype
-from loralib.errors import InvalidArgumentError, OutputExistsError
+from loralib.errors import InvalidArgumentError
+from loralib.files.atomic import refuse_overwrite
 
 from .output import human_size, note, print_json, progress
 from .refs import register_output, resolve_adapter
@@ -37,14 +38,6 @@ def parse_weighted(argument: str) -> tuple[str, float]:
 
 def _resolve_weighted(ctx: click.Context, arguments: tuple[str, ...]) -> list[tuple[Path, float]]:
     return [(resolve_adapter(ctx, reference), weight) for reference, weight in map(parse_weighted, arguments)]
-
-
-def _refuse_existing(output: Path, force: bool) -> None:
-    """Fail before any work when the output exists (the writer checks again when it writes)."""
-    if force or not output.exists():
-        return
-    if output.is_file() or any(output.iterdir()):
-        raise OutputExistsError(f"{output} already exists", "Pass --force to overwrite it, or choose another output path")
 
 
 def _dtype(name: str | None):
@@ -158,7 +151,7 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     from loralib.compose import merge
 
     inputs = _resolve_weighted(ctx, adapters)
-    _refuse_existing(Path(output), force)
+    refuse_overwrite(output, force)
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
@@ -184,7 +177,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     from loralib.compose import resize
 
     source = resolve_adapter(ctx, adapter)
-    _refuse_existing(Path(output), force)
+    refuse_overwrite(output, force)
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
     _finish(ctx, composition, output, fmt, force, as_json)
@@ -258,7 +251,7 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
     """
     from loralib.compose import extract
 
-    _refuse_existing(Path(output), force)
+    refuse_overwrite(output, force)
     with progress("extracting", enabled=not as_json) as update:
         composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,

@@ -58,12 +58,15 @@ class InspectReport:
         """A JSON-ready dictionary (metadata values that hold JSON are left as strings)."""
         data = asdict(self)
         data["ranks"] = {str(k): v for k, v in self.ranks.items()}
-        data["alphas"] = {_fmt(k): v for k, v in self.alphas.items()}
+        data["alphas"] = {format_number(k): v for k, v in self.alphas.items()}
         return data
 
 
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+def format_number(value: float | int | str) -> str:
+    """A rank, alpha or weight for people to read: ``8``, ``0.75``, ``1e-05`` (not ``8.0``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return str(value)
 
 
 def _metadata_claim(metadata: dict[str, str]) -> str | None:

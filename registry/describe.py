@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loralib.files.hashes import FileHashes
 from loralib.formats import peft
-from loralib.inspection import InspectReport, inspect, top_tags
+from loralib.inspection import InspectReport, format_number, inspect, top_tags
 from loralib.metadata import HISTORY_KEY, history
 
 from .records import dumps
@@ -107,7 +107,7 @@ class FileFacts:
             "format": r.format, "architecture": r.architecture, "plain_lora": int(r.plain_lora),
             "components": dumps(r.components), "modules": r.modules,
             "ranks": dumps({str(k): v for k, v in r.ranks.items()}),
-            "alphas": dumps({_number(k): v for k, v in r.alphas.items()}),
+            "alphas": dumps({format_number(k): v for k, v in r.alphas.items()}),
             "dtype": dtypes.most_common(1)[0][0] if dtypes else None, "size": r.file_size, "tensors": r.tensors,
             "parameters": r.parameters, "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
             "metadata": dumps(meta), "keywords": metadata_keywords(meta), "damaged": int(r.damaged),
@@ -115,8 +115,7 @@ class FileFacts:
         }
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
 
 
 def describe(path: str | os.PathLike, hashes: FileHashes | None = None) -> FileFacts:

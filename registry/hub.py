@@ -202,21 +202,22 @@ def _companions(filename: str, names: list[str]) -> list[str]:
     return [str(p) for p in wanted if str(p) in present and str(p) != filename and safe_repo_path(str(p))]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digest(path: Path, digest) -> str:
+    """``digest`` (a hashlib object, possibly already fed a prefix) updated with the file's bytes."""
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return _digest(path, hashlib.sha256())
 
 
 def _git_blob_id(path: Path) -> str:
     digest = hashlib.sha1()  # noqa: S324 - git object ids are SHA-1 by definition
     digest.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _digest(path, digest)
 
 
 def _discard(path: Path, destination: Path, local_dir: Path | None, filename: str) -> None:

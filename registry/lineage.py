@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loralib.errors import LoraError
+from loralib.inspection import format_number
 from loralib.metadata import history
 
 from .records import ParentRecord
@@ -169,10 +170,6 @@ def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], se
     return node
 
 
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
 def operation_summary(operation: str | None, params: dict) -> str:
     """One line about an operation: ``resize (rank=4)``, ``convert (diffusers → kohya)``."""
     if not operation:
@@ -191,7 +188,7 @@ def node_line(node: LineageNode) -> str:
     """The text of one node: weight, label, how it was made, and whether the catalog knows it."""
     parts = []
     if node.weight is not None:
-        parts.append(f"{_number(node.weight)} ×")
+        parts.append(f"{format_number(node.weight)} ×")
     parts.append(node.label)
     if node.operation:
         parts.append(f"← {operation_summary(node.operation, node.params)}")

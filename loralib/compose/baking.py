@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
-from ..files.atomic import atomic_dir, check_output
+from ..files.atomic import atomic_dir, check_output, refuse_overwrite
 from ..files.header import read_header
 from ..files.writer import write_safetensors
 from ..metadata import HISTORY_KEY, history, input_record
@@ -100,8 +100,7 @@ def _check_output(model: ModelWeights, output: Path, force: bool) -> None:
         raise OutputExistsError(f"{output} is the base model", "Write the baked model to another folder")
     if not output.parent.exists():
         check_output(output, force)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise OutputExistsError(f"{output} already exists", "Pass --force to overwrite it, or choose another output path")
+    refuse_overwrite(output, force)
 
 
 def _fused_modules(items: list[WeightedAdapter]) -> dict[str, list[tuple[object, float]]]:

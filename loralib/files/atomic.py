@@ -33,6 +33,19 @@ def check_output(path: str | os.PathLike, force: bool = False, inputs: tuple[Pat
     return path
 
 
+def refuse_overwrite(path: str | os.PathLike, force: bool = False) -> None:
+    """Refuse an output that exists as a file or a non-empty folder, unless ``force``.
+
+    For checks made before the work starts; an empty folder counts as free (a folder output may
+    have been created for it). The writer checks again when it writes.
+    """
+    path = Path(path)
+    if force or not path.exists():
+        return
+    if not path.is_dir() or any(path.iterdir()):
+        raise OutputExistsError(f"{path} already exists", "Pass --force to overwrite it, or choose another output path")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds."""

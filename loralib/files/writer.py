@@ -34,7 +34,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(_BYTE_VIEW[t.element_size()]).numpy()).cast("B")
 
 
-SELF_HASHES = ("tensor_sha256", "tensor_sha256_0x", "legacy")
 _PLACEHOLDER = {"tensor_sha256": "0" * 64, "tensor_sha256_0x": "0x" + "0" * 64, "legacy": "0" * 8}
 
 

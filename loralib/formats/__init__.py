@@ -36,11 +36,6 @@ class Inputs:
     sources: list[TensorSource]
     peft_configs: dict[Path, dict] = field(default_factory=dict)
 
-    @property
-    def names(self) -> list[str]:
-        """Every tensor name in every file."""
-        return [n for s in self.sources for n in s.names]
-
 
 def _open_file(path: Path, allow_pickle: bool) -> TensorSource:
     if is_pickle(path):
