@@ -6,7 +6,7 @@ on a 100,000-entry catalog.
 Goals (issue 4): first scan >= 500 files/s, rescan >= 5,000 files/s, ``lorareg list`` and
 ``lorareg search`` as whole commands (a new process, Python start-up included) < 0.5 s.
 
-Scan rates are measured in-process (the ``registry.scan.scan`` call) and, for reference, as the
+Scan rates are measured in-process (the ``lorareg.registry.scan.scan`` call) and, for reference, as the
 whole ``lorareg scan`` command. Baselines measured in the same run: hashing the same files with
 hashlib (the I/O floor of any scan that identifies files by content), and starting Python with
 ``python -c pass`` (the floor of any command).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers.small_loras import write_small_loras  # noqa: E402
 
-LORAREG = [sys.executable, "-m", "cli.main"]
+LORAREG = [sys.executable, "-m", "lorareg"]
 CAPTION_WORDS = tuple(f"{a}{b}" for a in ("red", "blue", "dark", "soft", "tall", "old", "tiny", "wide", "bright", "pale")
                       for b in ("hair", "eyes", "sky", "dress", "light", "tree", "cloud", "river", "wall", "smile",
                                 "hat", "coat", "road", "sea", "moon", "star", "shadow", "window", "flower", "stone"))
@@ -60,8 +60,8 @@ def _hash_floor(paths: list[Path]) -> float:
 
 def bench_scan(work: Path, files: int, runs: int, env: dict[str, str]) -> dict:
     """First scan and rescan of ``files`` small LoRA files, in-process (median of ``runs``) and as a command."""
-    from registry.catalog import Catalog
-    from registry.scan import scan
+    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.scan import scan
 
     folder = work / "loras"
     paths = write_small_loras(folder, files)
@@ -89,7 +89,7 @@ def bench_scan(work: Path, files: int, runs: int, env: dict[str, str]) -> dict:
 def _synthetic_rows(count: int, seed: int = 0):
     """Rows shaped like real entries: names, tags, triggers, ss_* metadata (30 caption tags, bucket info), hashes,
     one file each. A style word such as "pixel" is in about a third of them: a broad search."""
-    from registry.describe import metadata_keywords
+    from lorareg.registry.describe import metadata_keywords
 
     rnd = random.Random(seed)
     stamp = "2025-01-01T00:00:00Z"
@@ -124,8 +124,8 @@ def _synthetic_rows(count: int, seed: int = 0):
 
 def build_catalog(home: Path, entries: int) -> tuple[str, str]:
     """A catalog of ``entries`` synthetic rows inserted directly (the FTS index is kept by its triggers)."""
-    from registry.catalog import Catalog
-    from registry.schema import write
+    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.schema import write
 
     with Catalog(home) as catalog:
         conn = catalog.conn

@@ -172,7 +172,7 @@ def _run(command: list[str], env: dict) -> tuple[dict, float]:
 
 def lorareg_command(args, output: Path, cached: bool) -> list[str]:
     """The ``lorareg train`` command of one run."""
-    command = [sys.executable, "-m", "cli.main", "train", "--json", "--force", "--base", str(args.base),
+    command = [sys.executable, "-m", "lorareg", "train", "--json", "--force", "--base", str(args.base),
                "--data", str(DATA), "-o", str(output), "--name", "bench", "--resolution", str(args.resolution),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--target-modules", "attention",
                "--max-train-steps", str(args.steps), "--learning-rate", "1e-4", "--mixed-precision", args.precision,

@@ -17,7 +17,7 @@ from .refs import catalog_home
 
 
 def _open(ctx: click.Context):
-    from registry.catalog import Catalog
+    from lorareg.registry.catalog import Catalog
 
     return Catalog(catalog_home(ctx))
 
@@ -52,7 +52,7 @@ def add_command(ctx: click.Context, paths: tuple[str, ...], name: str | None, ta
       lorareg add loras/*.safetensors --tag sdxl
     """
     from loralib.errors import InvalidArgumentError
-    from registry.samples import sample_record
+    from lorareg.registry.samples import sample_record
 
     if name and len(paths) > 1:
         raise InvalidArgumentError("--name gives one adapter a name, but several paths were given",
@@ -107,7 +107,7 @@ def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: boo
       lorareg scan ~/stable-diffusion-webui/models/Lora
       lorareg scan ComfyUI/models/loras --json
     """
-    from registry.scan import ScanInterrupted, scan
+    from lorareg.registry.scan import ScanInterrupted, scan
 
     reports = []
     with _open(ctx) as catalog, _terminate_as_interrupt():
@@ -284,7 +284,7 @@ def show_command(ctx: click.Context, reference: str, as_json: bool, show_metadat
       lorareg show pixel-art
       lorareg show 1a2b3c4d5e6f --json
     """
-    from registry.lineage import lineage
+    from lorareg.registry.lineage import lineage
 
     with _open(ctx) as catalog:
         entry = catalog.get(reference)
@@ -301,7 +301,7 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     from rich.table import Table
 
     from loralib.inspection import architecture_title, metadata_summary
-    from registry.lineage import operation_summary, render
+    from lorareg.registry.lineage import operation_summary, render
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)
@@ -372,7 +372,7 @@ def lineage_command(ctx: click.Context, reference: str, depth: int, as_json: boo
     Example:
       lorareg lineage abc-merged
     """
-    from registry.lineage import lineage, render
+    from lorareg.registry.lineage import lineage, render
 
     with _open(ctx) as catalog:
         tree = lineage(catalog, catalog.get(reference), max_depth=depth)
@@ -457,7 +457,7 @@ def verify_command(ctx: click.Context, references: tuple[str, ...], folders: tup
       lorareg verify
       lorareg verify pixel-art --search ~/Downloads
     """
-    from registry.verify import verify
+    from lorareg.registry.verify import verify
 
     with _open(ctx) as catalog, progress("verifying", enabled=not as_json and sys.stderr.isatty()) as update:
         report = verify(catalog, references, search=folders, progress=update)

@@ -38,8 +38,8 @@ def push_command(ctx: click.Context, reference: str, repo_id: str, private: bool
     """
     import os
 
-    from registry.catalog import Catalog
-    from registry.hub import push
+    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.hub import push
 
     with Catalog(catalog_home(ctx)) as catalog:
         entry = catalog.find(reference)
@@ -77,8 +77,8 @@ def pull_command(ctx: click.Context, repo: str, filename: str | None, name: str 
       lorareg pull alice/pixel-art-lora
       lorareg pull alice/pixel-art-lora@v1.0 --file pixel-art.safetensors --dir ~/webui/models/Lora
     """
-    from registry.catalog import Catalog
-    from registry.hub import pull
+    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.hub import pull
 
     with Catalog(catalog_home(ctx)) as catalog:
         result = pull(catalog, repo, filename=filename, name=name, tags=tags, local_dir=local_dir)

@@ -29,7 +29,7 @@ def resolve_adapter(ctx: click.Context, reference: str) -> Path:
     path = Path(reference).expanduser()
     if path.exists():  # the common case, without opening the catalog
         return path
-    from registry.resolve import resolve
+    from lorareg.registry.resolve import resolve
 
     return resolve(reference, catalog_home(ctx))
 
@@ -41,7 +41,7 @@ def register_output(ctx: click.Context, result, operation: dict) -> None:
     ``"weights"``, and the parameters. The output exists whatever happens here, so a catalog
     problem is reported as a warning and does not fail the command.
     """
-    from registry.catalog import Catalog
+    from lorareg.registry.catalog import Catalog
 
     from .output import note
 

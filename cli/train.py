@@ -146,7 +146,7 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
       lorareg train train.toml
       lorareg train --data data/ --base stable-diffusion-v1-5/stable-diffusion-v1-5 --rank 8 --epochs 10
       lorareg train train.toml --resume latest
-      accelerate launch -m cli.main train train.toml      # several GPUs or machines
+      accelerate launch -m lorareg train train.toml      # several GPUs or machines
     """
     from loralib.training.config import load_config
 

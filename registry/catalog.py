@@ -2,7 +2,7 @@
 
 ::
 
-    from registry.catalog import Catalog
+    from lorareg.registry.catalog import Catalog
     with Catalog() as catalog:                       # $LORAREG_HOME or the per-user data folder
         entry = catalog.add("pixel.safetensors", tags=["style"], triggers=["pxl style"]).entry
         catalog.search("pixel")                       # full-text, best match first
@@ -10,7 +10,7 @@
 
 An adapter is identified by the SHA-256 of its tensor data, so copies of a file and files that
 differ only in metadata are one entry with several paths. Reading imports neither torch nor
-sqlite-utils (which creates and migrates the schema, see :mod:`registry.schema`); every write runs
+sqlite-utils (which creates and migrates the schema, see :mod:`lorareg.registry.schema`); every write runs
 in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
 """
 

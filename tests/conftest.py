@@ -83,7 +83,7 @@ class CliResult:
 @pytest.fixture
 def lorareg(capsys):
     """Run the real ``lorareg`` entry point in-process: ``lorareg("inspect", path)`` -> CliResult."""
-    from cli.main import main
+    from lorareg.cli.main import main
 
     def run(*args: str | os.PathLike) -> CliResult:
         capsys.readouterr()

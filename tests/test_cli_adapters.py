@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loralib
-from cli.main import COMMANDS
+from lorareg.cli.main import COMMANDS
 from loralib.base_model import layer_shape, pipeline_layers
 from loralib.tiny_models import build_tiny_pipeline
 from tests.conftest import ROOT
@@ -18,7 +18,7 @@ from tests.helpers.adapters import assert_same_factors, varied_adapter
 
 HELP_PROBE = """
 import resource, sys
-from cli.main import main
+from lorareg.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit as exit:

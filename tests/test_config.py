@@ -109,7 +109,7 @@ def test_print_config_is_the_commented_default_with_overrides(lorareg):
 
 
 def test_every_key_is_an_option_and_help_needs_no_torch():
-    code = ("import sys\nfrom cli.main import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom lorareg.cli.main import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY:', sorted(m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "HEAVY: []" in done.stdout

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from loralib.files.hashes import hash_file
-from registry.catalog import Catalog
-from registry.hub import safe_repo_path
+from lorareg.registry.catalog import Catalog
+from lorareg.registry.hub import safe_repo_path
 from tests.helpers.hub_server import HubServer
 from tests.helpers.small_loras import sd1_attention_layers, small_lora_bytes
 

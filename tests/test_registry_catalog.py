@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from loralib.files.hashes import hash_file
-from registry.catalog import Catalog
-from registry.home import catalog_home, catalog_path
-from registry.schema import SCHEMA_VERSION, CatalogError, connect, write
+from lorareg.registry.catalog import Catalog
+from lorareg.registry.home import catalog_home, catalog_path
+from lorareg.registry.schema import SCHEMA_VERSION, CatalogError, connect, write
 from tests.conftest import ROOT
 from tests.helpers.small_loras import small_lora_bytes, write_small_loras
 
@@ -224,7 +224,7 @@ def test_catalog_location_follows_home_option_environment_and_xdg(lorareg, tmp_p
 
 
 def test_schema_is_versioned_in_wal_mode_and_migrates_forward(tmp_path, monkeypatch):
-    import registry.schema as schema
+    import lorareg.registry.schema as schema
 
     path = tmp_path / "catalog.db"
     with Catalog(tmp_path) as catalog:
@@ -250,7 +250,7 @@ def test_schema_is_versioned_in_wal_mode_and_migrates_forward(tmp_path, monkeypa
 
 def test_a_version_1_catalog_is_migrated_with_its_data(tmp_path):
     """Version 1 indexed the raw metadata JSON; version 2 indexes its words and the tags."""
-    import registry.schema as schema
+    import lorareg.registry.schema as schema
 
     conn = sqlite3.connect(tmp_path / "catalog.db", isolation_level=None)
     schema.migrate(conn, {1: schema.MIGRATIONS[1]})
@@ -299,7 +299,7 @@ def test_scan_of_real_files_registers_adapters_and_counts_the_rest(lorareg, real
 
 CATALOG_SESSION = """
 import sys
-from cli.main import main
+from lorareg.cli.main import main
 def run(*args):
     try:
         main(list(args))

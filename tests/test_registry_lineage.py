@@ -9,7 +9,7 @@ import pytest
 
 from loralib.files.hashes import hash_file
 from loralib.synthetic import random_adapter
-from registry.catalog import Catalog
+from lorareg.registry.catalog import Catalog
 from tests.helpers.small_loras import sd1_attention_layers
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import registry.scan as scan_module
-from registry.catalog import Catalog
-from registry.scan import scan
-from registry.schema import SCHEMA_VERSION
+import lorareg.registry.scan as scan_module
+from lorareg.registry.catalog import Catalog
+from lorareg.registry.scan import scan
+from lorareg.registry.schema import SCHEMA_VERSION
 from tests.conftest import ROOT
 from tests.helpers.small_loras import small_lora_bytes, write_small_loras
 
@@ -81,7 +81,7 @@ def many_loras(tmp_path_factory) -> Path:
 
 def _start_scan(folder: Path, home: Path) -> subprocess.Popen:
     env = {**os.environ, "LORAREG_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "scan", str(folder)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(folder)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -124,7 +124,7 @@ def test_a_killed_scan_leaves_a_consistent_catalog_that_the_next_scan_completes(
 ADDER = """
 import sys
 from pathlib import Path
-from registry.catalog import Catalog
+from lorareg.registry.catalog import Catalog
 for path in sorted(Path(sys.argv[1]).glob("*.safetensors")):
     with Catalog() as catalog:       # a new connection each time, as separate lorareg runs would
         catalog.add(path, tags=["added"])
@@ -136,8 +136,8 @@ def test_parallel_processes_adding_and_scanning_never_lose_entries_or_fail(tmp_p
     write_small_loras(tmp_path / "b", 300, start=400)
     write_small_loras(tmp_path / "c", 40, start=800)
     env = {**os.environ, "LORAREG_HOME": str(tmp_path / "home")}
-    commands = [[sys.executable, "-m", "cli.main", "scan", str(tmp_path / "a"), "--json"],
-                [sys.executable, "-m", "cli.main", "scan", str(tmp_path / "b"), "--json"],
+    commands = [[sys.executable, "-m", "lorareg", "scan", str(tmp_path / "a"), "--json"],
+                [sys.executable, "-m", "lorareg", "scan", str(tmp_path / "b"), "--json"],
                 [sys.executable, "-c", ADDER, str(tmp_path / "c")]]
     processes = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c in commands]  # all start on an empty home: they also race to create the schema

@@ -29,7 +29,7 @@ def test_several_processes_share_the_batches(tiny_sd1, tmp_path):
     """Two CPU processes under torchrun (what accelerate launch does on GPUs): DDP over gloo."""
     data = small_dataset(tmp_path / "data", 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli.main", "train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lorareg", "train",
                "--base", str(tiny_sd1), "--data", str(data), "-o", str(tmp_path / "out"), "--name", "ddp",
                "--resolution", "32", "--rank", "4", "--max-train-steps", "2", "--no-tensorboard", "--json"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -89,7 +89,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sd1, tmp_path):
     data = small_dataset(tmp_path / "data", 2)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "cli.main", "train", "--base", str(tiny_sd1), "--data", str(data), "-o", str(out),
+    command = [sys.executable, "-m", "lorareg", "train", "--base", str(tiny_sd1), "--data", str(data), "-o", str(out),
                "--name", "t", "--resolution", "32", "--rank", "4", "--max-train-steps", "100000", "--no-tensorboard"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines = []

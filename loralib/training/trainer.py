@@ -3,7 +3,7 @@
 :class:`Trainer` checks everything a user can get wrong first (output, data, model), adds peft
 LoRA layers (:mod:`.network`), minimises the denoising loss (:mod:`.objective`), writes checkpoints
 (:mod:`.checkpoints`), samples (:mod:`.sampling`) and the adapter (:mod:`.export`). It runs through
-``accelerate``, so ``accelerate launch -m cli.main train …`` spreads the same run over several
+``accelerate``, so ``accelerate launch -m lorareg train …`` spreads the same run over several
 GPUs or machines (batches are sharded over processes; files are written by the main process).
 
 Every random draw of optimizer step N comes from generators seeded with ``(seed, N)``, so a run
