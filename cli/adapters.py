@@ -128,7 +128,7 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     target = Path(output) if output else default_output(source, fmt)
     result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
                      drop_embeddings=drop_embeddings, allow_pickle=allow_pickle)
-    register_output(ctx, result, {"operation": "convert", "inputs": [str(source)], "to_format": fmt})
+    register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],
                     "hashes": result.hashes.to_dict(), "notes": result.notes})

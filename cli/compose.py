@@ -75,7 +75,7 @@ def _output_options(function):
 def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
     """Save a composition, record it in the catalog and print its summary."""
     result = composition.save(output, fmt, force=force)
-    register_output(ctx, result, composition.operation)
+    register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
     if as_json:

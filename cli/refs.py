@@ -10,10 +10,15 @@ from __future__ import annotations
 import shlex
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from loralib.errors import LoraError
+from loralib.records import OperationRecord
+
+if TYPE_CHECKING:
+    from loralib.formats.base import SaveResult
 
 
 def catalog_home(ctx: click.Context | None) -> str | None:
@@ -34,12 +39,12 @@ def resolve_adapter(ctx: click.Context, reference: str) -> Path:
     return resolve(reference, catalog_home(ctx))
 
 
-def register_output(ctx: click.Context, result, operation: dict) -> None:
+def register_output(ctx: click.Context, result: SaveResult) -> None:
     """Record a written adapter (a loralib ``SaveResult``) and its lineage in the catalog.
 
-    ``operation`` holds ``"operation"``, ``"inputs"`` (paths or input records), optional
-    ``"weights"``, and the parameters. The output exists whatever happens here, so a catalog
-    problem is reported as a warning and does not fail the command.
+    The operation that made it is the record the writer stored in the file (``result.operation``).
+    The output exists whatever happens here, so a catalog problem is reported as a warning and
+    does not fail the command.
     """
     from lorareg.registry.catalog import Catalog
 
@@ -48,7 +53,7 @@ def register_output(ctx: click.Context, result, operation: dict) -> None:
     hashes = result.hashes if getattr(result, "format", None) != "peft" else None
     try:
         with Catalog(catalog_home(ctx)) as catalog:
-            added = catalog.register_output(result.path, operation, hashes=hashes)
+            added = catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes)
     except (LoraError, sqlite3.Error, OSError) as exc:
         note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
         return

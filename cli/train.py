@@ -179,7 +179,7 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
                  f"from step {trainer.step}; output in {trainer.output_dir}")
         result = trainer.run()
     if result.save is not None:
-        register_output(ctx, result.save, result.operation)
+        register_output(ctx, result.save)
     if as_json:
         print_json(result.to_dict())
     else:

@@ -5,7 +5,7 @@ The core API::
     import loralib
     info = loralib.inspect("my_lora.safetensors")      # header only, no tensors loaded
     adapter = loralib.load("my_lora.safetensors")      # any supported format -> LoraAdapter
-    adapter.save("out_dir", format="peft")             # kohya (default), peft or diffusers
+    loralib.save(adapter, "out_dir", format="peft")    # kohya (default), peft or diffusers
 
 Importing ``loralib`` is cheap: torch is imported only by the functions that need it.
 """

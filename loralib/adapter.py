@@ -2,8 +2,9 @@
 
 A :class:`LoraAdapter` maps internal module keys (``unet.down_blocks.0…to_q``,
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``; see :mod:`loralib.naming`) to
-:class:`LoraModule` factors. Every file format is read into this and written from this; nothing
-else in lorareg knows how a format spells its keys.
+:class:`LoraModule` factors. Every file format is read into this and written from this (by
+:mod:`loralib.formats`, which this module knows nothing of); nothing else in lorareg knows how a
+format spells its keys.
 
 Alpha follows kohya's convention everywhere: a module adds ``ΔW = (alpha / rank) · up @ down``.
 Readers translate other conventions (PEFT's per-module patterns, rsLoRA's ``alpha / √rank``,
@@ -23,8 +24,7 @@ from .architectures import COMPONENTS, UNKNOWN
 from .errors import CorruptFileError
 
 if TYPE_CHECKING:
-    from .files.hashes import Deferred, FileHashes
-    from .formats.base import SaveResult
+    from .files.hashes import Deferred
 
 
 @dataclass
@@ -147,8 +147,7 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
-    _source_hashes: FileHashes | None = field(default=None, repr=False)
-    _source_tensor_sha256: Deferred | None = field(default=None, repr=False)
+    source_hash: Deferred | None = field(default=None, repr=False)  # SHA-256 of the source's tensor data
 
     @property
     def components(self) -> list[str]:
@@ -175,55 +174,10 @@ class LoraAdapter:
         return sum(m.parameter_count for m in self.modules.values())
 
     @property
-    def source_hashes(self) -> FileHashes | None:
-        """Hashes of the safetensors file this adapter was read from (computed on first use).
-
-        For a PEFT folder, the file of its first component; None for pickle files.
-        """
-        if self._source_hashes is None and self.source_path is not None:
-            from .errors import CorruptFileError
-            from .files.hashes import hash_file
-
-            path = self.source_path
-            if path.is_dir():
-                from .formats.peft import component_files
-
-                path = next(iter(component_files(path)), None) or path / "pytorch_lora_weights.safetensors"
-            try:
-                self._source_hashes = hash_file(path)
-            except (CorruptFileError, OSError):
-                return None
-        return self._source_hashes
-
-    @property
     def source_tensor_sha256(self) -> str | None:
-        """SHA-256 of the source file's tensor data (its catalog identity); hashed while it loads."""
-        if self._source_tensor_sha256 is not None:
-            return self._source_tensor_sha256.result()
-        hashes = self.source_hashes
-        return hashes.tensor_sha256 if hashes is not None else None
-
-    def source_tensor_sha256_for_metadata(self) -> str | None:
-        """Like :attr:`source_tensor_sha256`, but without waiting: while the hash is still being
-        computed this is a same-length placeholder, which the writer fills in when it completes the
-        file's header."""
-        if self._source_tensor_sha256 is not None:
-            return self._source_tensor_sha256.placeholder()
-        return self.source_tensor_sha256
+        """SHA-256 of the source file's tensor data (its identity; hashed while it loads), or None."""
+        return self.source_hash.result() if self.source_hash is not None else None
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""
         return replace(self, modules={k: m.to(dtype) for k, m in self.modules.items()})
-
-    def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
-             dtype: torch.dtype | None = None, drop_embeddings: bool = False,
-             operation: dict | None = None) -> SaveResult:
-        """Write the adapter to ``path`` in ``format`` (``kohya``, ``peft`` or ``diffusers``).
-
-        The write is atomic and refuses to overwrite an existing output unless ``force``.
-        ``operation`` describes how the adapter was made (it is recorded in the metadata).
-        """
-        from .formats import save_adapter
-
-        return save_adapter(self, path, format, force=force, dtype=dtype,
-                            drop_embeddings=drop_embeddings, operation=operation)

@@ -6,28 +6,14 @@ a model, and building full-size module tables on the ``meta`` device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from .layers import LayerShape
 from .naming import TE_ROOT, internal_key
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The weight shape of an adaptable layer."""
-
-    out_features: int
-    in_features: int
-    kernel_size: tuple[int, int] | None  # None for Linear
-
-    @property
-    def is_conv(self) -> bool:
-        """True for a Conv2d layer."""
-        return self.kernel_size is not None
 
 
 def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:

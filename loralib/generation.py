@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .adapter import LoraAdapter
+    from .files.hashes import FileHashes
 
 # lorareg's scheduler names -> (diffusers class, extra config, A1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -267,10 +268,20 @@ def read_parameters(path: str | Path) -> str | None:
 def adapter_use(adapter: LoraAdapter, weight: float, name: str | None = None) -> AdapterUse:
     """How an adapter read from a file is named and hashed in the infotext."""
     path = adapter.source_path
-    hashes = adapter.source_hashes if path is not None and path.is_file() else None
+    hashes = _file_hashes(path) if path is not None and path.is_file() else None
     if name is None:
         name = path.stem if path is not None and path.is_file() else (path.name if path is not None else "lora")
     return AdapterUse(name, float(weight), path, hashes.a1111 if hashes else None, hashes.sha256 if hashes else None)
+
+
+def _file_hashes(path: Path) -> FileHashes | None:
+    from .errors import CorruptFileError
+    from .files.hashes import hash_file
+
+    try:
+        return hash_file(path)
+    except (CorruptFileError, OSError):  # a pickle file, or one that changed: named without a hash
+        return None
 
 
 @dataclass

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .architectures import ARCHITECTURES
+from .records import InputRecord, OperationRecord
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
+    from .files.hashes import Deferred
 
 HISTORY_KEY = "lorareg.history"
 # Hashes that describe the file they are stored in; stale once anything is rewritten.
@@ -38,18 +41,29 @@ def history(metadata: dict[str, str]) -> list[dict]:
     return records if isinstance(records, list) else []
 
 
-def input_record(adapter: LoraAdapter, weight: float | None = None) -> dict:
-    """How an operation's record names one input: file name, format and tensor hash (its identity)."""
-    record = {"file": adapter.source_path.name if adapter.source_path else None, "format": adapter.source_format}
-    tensor_sha256 = adapter.source_tensor_sha256_for_metadata()
-    if tensor_sha256 is not None:
-        record["tensor_sha256"] = tensor_sha256
-    if weight is not None:
-        record["weight"] = weight
-    return record
+def input_record(adapter: LoraAdapter, weight: float | None = None) -> InputRecord:
+    """How an operation's record names one input: file name and path, format and tensor hash (its identity)."""
+    path = adapter.source_path
+    return InputRecord(file=path.name if path else None, format=adapter.source_format,
+                       path=str(path.absolute()) if path else None, weight=weight,
+                       pending_sha256=adapter.source_hash)
 
 
-def build(adapter: LoraAdapter, *, title: str, operation: dict | None) -> dict[str, str]:
+@dataclass
+class FileMetadata:
+    """The metadata a writer stores: its values, the placeholders in them for hashes still being
+    computed (each with the value it stands for), and the operation record as written."""
+
+    values: dict[str, str]
+    pending: dict[str, Deferred] = field(default_factory=dict)
+    operation: OperationRecord | None = None
+
+    def completed_operation(self) -> OperationRecord | None:
+        """The operation record with its pending hashes resolved (once the file is written)."""
+        return self.operation.completed() if self.operation is not None else None
+
+
+def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None) -> FileMetadata:
     """The metadata to write for ``adapter`` (hash entries are filled in by the writer)."""
     meta = {k: v for k, v in adapter.metadata.items() if k not in SELF_HASHES}
     modules = list(adapter.modules.values())
@@ -77,15 +91,16 @@ def build(adapter: LoraAdapter, *, title: str, operation: dict | None) -> dict[s
         meta["modelspec.implementation"] = arch.modelspec_implementation
         meta.setdefault("modelspec.resolution", f"{arch.resolution}x{arch.resolution}")
     meta["modelspec.sai_model_spec"] = "1.0.0"
-    if operation is None or operation.get("operation") == "convert":
+    if operation is None or operation.operation == "convert":
         meta.setdefault("modelspec.title", title)  # the same adapter keeps its title
     else:
         meta["modelspec.title"] = title  # a new adapter is named after its file
     meta["modelspec.date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     meta["ss_output_name"] = title
-    if operation is not None:
-        record = {**operation, "tool": f"lorareg {__version__}",
-                  "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
-                  "alphas": {_number(a): n for a, n in sorted(alphas.items())}}
-        meta[HISTORY_KEY] = json.dumps(history(adapter.metadata) + [record])
-    return meta
+    if operation is None:
+        return FileMetadata(meta)
+    written = {"tool": f"lorareg {__version__}", "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
+               "alphas": {_number(a): n for a, n in sorted(alphas.items())}}
+    entry, pending = operation.history_entry(written)
+    meta[HISTORY_KEY] = json.dumps(history(adapter.metadata) + [entry])
+    return FileMetadata(meta, pending, OperationRecord(operation.operation, operation.inputs, operation.params, written))

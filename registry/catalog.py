@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loralib.errors import InputNotFoundError, InvalidArgumentError, LoraError
+from loralib.records import InputRecord, OperationRecord
 
 from .home import catalog_path
 from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps
@@ -153,7 +154,9 @@ class Catalog:
 
     def by_path(self, path: str | os.PathLike) -> Entry | None:
         """The entry one of whose files is at ``path`` (a file, or a PEFT folder)."""
-        from .describe import absolute, main_file
+        from loralib.formats.layout import main_file
+
+        from .describe import absolute
 
         target = absolute(path)
         candidates = [str(target), str(main_file(target))] if target.exists() else [str(target)]
@@ -218,7 +221,7 @@ class Catalog:
 
     def local_path(self, entry: Entry) -> Path:
         """A path on this machine that loaders accept for ``entry`` (a file or a PEFT folder)."""
-        from .describe import adapter_root
+        from loralib.formats.layout import adapter_root
 
         for record in self.files(entry):
             path = Path(record.path)
@@ -331,34 +334,39 @@ class Catalog:
         with write(self.conn):
             return [self._store(f) for f in facts]
 
-    def register_output(self, path: str | os.PathLike, operation: dict, *, hashes: FileHashes | None = None,
-                        name: str | None = None) -> AddResult:
+    def register_output(self, path: str | os.PathLike, operation: OperationRecord | Mapping[str, Any], *,
+                        hashes: FileHashes | None = None, name: str | None = None,
+                        samples: Iterable[str | os.PathLike | dict] = ()) -> AddResult:
         """Record an adapter an operation just wrote, with its parents, weights and parameters.
 
-        ``operation`` is the dict the command passed: ``"operation"``, ``"inputs"`` (paths or input
-        records ``{file, format, tensor_sha256, sha256, weight}``), optional ``"weights"``, optional
-        ``"samples"`` (images made with the adapter), and the parameters (a training run passes its
-        config and dataset summary). It is stored whole, completed by what the file's own history
-        record says about the same operation.
+        ``operation`` is the :class:`~loralib.records.OperationRecord` the operation returned (a
+        writer's ``SaveResult.operation``), or its plain form: a mapping with ``"operation"``,
+        ``"inputs"`` (input records, or paths), an optional ``"weights"`` list and ``"samples"``
+        list, and the parameters. Inputs known only by path are identified through the catalog or
+        by reading them; the file's own history record of the same operation fills in the rest.
+        ``samples`` are images made with the adapter.
         """
         from .describe import describe
-        from .lineage import history_record, parent_records
+        from .lineage import as_record, history_record, parent_records
         from .samples import sample_record
 
+        record, named_samples = as_record(operation)
         facts = describe(path, hashes)
-        parents = parent_records(self, operation, facts)
-        written = history_record(facts.metadata, operation.get("operation"))
-        record = {**{k: v for k, v in written.items() if k != "inputs"}, **operation, "inputs": parents}
+        parents = parent_records(self, record, facts)
+        written = history_record(facts.metadata, record.operation)
+        stored = OperationRecord(record.operation, parents, {**(written.params if written else {}), **record.params},
+                                 {**(written.written if written else {}), **record.written})
         source = {"source": "output", "file": str(facts.root)}
-        samples = [s if isinstance(s, dict) else sample_record(s) for s in operation.get("samples") or []
-                   if isinstance(s, dict) or os.path.isfile(s)]
+        images = [s if isinstance(s, dict) else sample_record(s) for s in [*named_samples, *samples]
+                  if isinstance(s, dict) or os.path.isfile(s)]
         with write(self.conn):
-            stored = self._store(facts, name=name, source=source, operation=record, parents=parents, samples=samples)
-        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path)
+            result = self._store(facts, name=name, source=source, operation=stored.to_dict(), parents=parents,
+                                 samples=images)
+        return AddResult(self.by_id(result.adapter_id), result.created, result.new_path)
 
     def _store(self, facts: FileFacts, *, name: str | None = None, tags: Iterable[str] = (),
                triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
-               source: dict | None = None, operation: dict | None = None, parents: list[dict] | None = None,
+               source: dict | None = None, operation: dict | None = None, parents: list[InputRecord] | None = None,
                fallback_name: str | None = None) -> Stored:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
         from .describe import unique
@@ -401,9 +409,9 @@ class Catalog:
             self._update(adapter_id, changes)
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
-            for i, parent in enumerate(p for p in chosen if p.get("tensor_sha256") != facts.tensor_sha256):
+            for i, parent in enumerate(p for p in chosen if p.tensor_sha256 != facts.tensor_sha256):
                 self._insert("parents", {"child_id": adapter_id, "position": i,
-                                         **{k: parent.get(k) for k in PARENT_COLUMNS}})
+                                         **{k: getattr(parent, k) for k in PARENT_COLUMNS}})
         owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (str(facts.path),)).fetchone()
         self._upsert_file({"path": str(facts.path), "adapter_id": adapter_id, "size": facts.size,
                            "mtime_ns": facts.mtime_ns, "sha256": facts.hashes.get("sha256"), "state": "ok",
@@ -491,7 +499,7 @@ class Catalog:
 
     def remove(self, reference: str, *, delete_files: bool = False) -> RemoveResult:
         """Remove an entry from the catalog. Its files are deleted only when ``delete_files`` is true."""
-        from .describe import adapter_files, adapter_root
+        from loralib.formats.layout import adapter_files, adapter_root
 
         with write(self.conn):
             entry = self.get(reference)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralib.files.hashes import FileHashes
-from loralib.formats import peft
+from loralib.formats.layout import adapter_root, main_file
 from loralib.inspection import InspectReport, format_number, inspect, top_tags
 from loralib.metadata import HISTORY_KEY, history
 
@@ -32,35 +32,6 @@ GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "diffusion_pytorch_mod
 def absolute(path: str | os.PathLike) -> Path:
     """An absolute, normalised path (symlinks kept: a Hub snapshot path stays a snapshot path)."""
     return Path(os.path.abspath(os.path.expanduser(path)))
-
-
-def adapter_root(path: Path) -> Path:
-    """What a loader must be given for the adapter stored in file ``path``.
-
-    That is the file itself, except for PEFT weights: their folder, or the folder above when
-    the file is a component (``text_encoder/``, …) of a pipeline adapter.
-    """
-    if path.name in (peft.WEIGHTS_NAME, peft.PICKLE_WEIGHTS_NAME) and (path.parent / peft.CONFIG_NAME).is_file():
-        folder = path.parent
-        return folder.parent if folder.name in peft.SUBFOLDERS else folder
-    return path
-
-
-def main_file(root: Path) -> Path:
-    """The file whose hashes identify the adapter at ``root`` (a file, or a PEFT folder)."""
-    if root.is_dir():
-        files = peft.component_files(root)
-        if files:
-            return files[0]
-    return root
-
-
-def adapter_files(root: Path) -> list[Path]:
-    """The files that make up the adapter at ``root``: the file, or a PEFT folder's weights and configs."""
-    if not root.is_dir():
-        return [root]
-    files = peft.component_files(root)
-    return files + [f.parent / peft.CONFIG_NAME for f in files]
 
 
 @dataclass
@@ -113,10 +84,6 @@ class FileFacts:
             "metadata": dumps(meta), "keywords": metadata_keywords(meta), "damaged": int(r.damaged),
             "problems": dumps(r.problems),
         }
-
-
-
-
 
 def describe(path: str | os.PathLike, hashes: FileHashes | None = None) -> FileFacts:
     """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder) and hash it.

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from loralib import __version__
 from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
 from loralib.files.hashes import hash_file
-from loralib.formats import peft
+from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
 
 from .catalog import AddResult, Catalog
-from .describe import GENERIC_STEMS, absolute, adapter_root, clean_name
+from .describe import GENERIC_STEMS, absolute, clean_name
 from .records import Entry
 from .schema import now
 
@@ -189,19 +189,6 @@ def _choose_file(repo_id: str, revision: str, names: list[str], wanted: str | No
                    "Choose one with --file")
 
 
-def _companions(filename: str, names: list[str]) -> list[str]:
-    """Files a PEFT adapter needs beside its weights: configs and component subfolders."""
-    path = PurePosixPath(filename)
-    if path.name != peft.WEIGHTS_NAME:
-        return []
-    folder = path.parent
-    wanted = [folder / peft.CONFIG_NAME]
-    for sub in peft.SUBFOLDERS:
-        wanted += [folder / sub / peft.WEIGHTS_NAME, folder / sub / peft.CONFIG_NAME]
-    present = set(names)
-    return [str(p) for p in wanted if str(p) in present and str(p) != filename and safe_repo_path(str(p))]
-
-
 def _digest(path: Path, digest) -> str:
     """``digest`` (a hashlib object, possibly already fed a prefix) updated with the file's bytes."""
     with open(path, "rb") as f:
@@ -302,7 +289,7 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
     commit = info.sha
     siblings = {s.rfilename: s for s in info.siblings or []}
     chosen = _choose_file(repo_id, revision, list(siblings), filename)
-    wanted = [chosen, *_companions(chosen, list(siblings))]
+    wanted = [chosen, *(n for n in companions(chosen, list(siblings)) if safe_repo_path(n))]
     downloaded: list[Path] = []
     hashes: list[FileHashes | None] = []
     for item in wanted:

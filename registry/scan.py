@@ -20,7 +20,9 @@ from loralib.errors import CorruptFileError, InputNotFoundError, LoraError, NotA
 from loralib.files import PICKLE_SUFFIXES, is_pickle
 
 from .catalog import Catalog
-from .describe import FileFacts, absolute, adapter_root, describe, main_file
+from loralib.formats.layout import adapter_root, main_file
+
+from .describe import FileFacts, absolute, describe
 from .schema import now, write
 
 Progress = Callable[[int, int], None]

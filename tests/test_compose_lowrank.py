@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralib.compose.lowrank import (balance, concatenate, dense_svd, frobenius_inner, norm_ratio, product_svd,
-                                     relative_distance)
+from loralib.compose.lowrank import (
+    balance,
+    concatenate,
+    dense_svd,
+    frobenius_inner,
+    norm_ratio,
+    product_svd,
+    relative_distance,
+)
 from loralib.compose.rank_rules import RankRule, parse_dynamic, rank_rule
 from loralib.errors import InvalidArgumentError
-
 from tests.helpers.compose_cases import optimal_error
 
 

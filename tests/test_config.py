@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from loralib.training.config import (KEY_SECTIONS, SECTIONS, ConfigError, TrainConfig, default_toml, load_config,
-                                     reference_markdown)
+from loralib.training.config import (
+    KEY_SECTIONS,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    default_toml,
+    load_config,
+    reference_markdown,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

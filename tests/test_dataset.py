@@ -12,8 +12,15 @@ import torch
 from PIL import Image
 
 from loralib.errors import InputNotFoundError
-from loralib.training.dataset import (BatchPlan, DatasetError, load_image, make_buckets, nearest_bucket, plan_crop,
-                                      scan_dataset)
+from loralib.training.dataset import (
+    BatchPlan,
+    DatasetError,
+    load_image,
+    make_buckets,
+    nearest_bucket,
+    plan_crop,
+    scan_dataset,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import loralib
 from loralib.base_model import layer_shape, pipeline_layers
 from loralib.files.hashes import hash_file
 from loralib.generation import AdapterUse, fuse_adapters, read_parameters
-from loralib.synthetic import random_adapter, select_layers
+from loralib.layers import select_layers
+from loralib.synthetic import random_adapter
 from tests.helpers.diffusers_oracle import pipeline_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
@@ -33,7 +35,7 @@ def adapters(tiny_sd1, tmp_path_factory):
     paths = []
     for name, seed, rank in (("pixel", 1, 4), ("other", 2, 2)):
         adapter = random_adapter(layers, rank, alpha=rank / 2, seed=seed, architecture="sd1")
-        paths.append(adapter.save(folder / f"{name}.safetensors").path)
+        paths.append(loralib.save(adapter, folder / f"{name}.safetensors").path)
     return paths
 
 
@@ -113,7 +115,7 @@ def test_catalog_names_work_as_adapter_references(tiny_sd1, adapters, tmp_path, 
 def test_an_adapter_for_another_architecture_is_refused(tiny_sd1, tiny_sdxl, tmp_path, lorareg):
     pipe = pipeline_class("sdxl").from_pretrained(tiny_sdxl)
     layers = select_layers({k: layer_shape(m) for k, m in pipeline_layers(pipe).items()}, feed_forward=False)
-    path = random_adapter(layers, 2, seed=3, architecture="sdxl").save(tmp_path / "xl.safetensors").path
+    path = loralib.save(random_adapter(layers, 2, seed=3, architecture="sdxl"), tmp_path / "xl.safetensors").path
     res = lorareg("generate", "x", "--base", tiny_sd1, "--lora", path, "--steps", "1", "-o", tmp_path / "out")
     assert res.code == 1
     assert "xl is an sdxl adapter and the base model is sd1" in res.err and "Traceback" not in res.err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import loralib
 from loralib.files.hashes import hash_file
 from lorareg.registry.catalog import Catalog
 from lorareg.registry.hub import safe_repo_path
@@ -125,7 +126,7 @@ def test_push_records_lineage_in_the_card_and_converts_extra_layouts(lorareg, hu
 
     layers = sd1_attention_layers(4)
     source = tmp_path / "src_diffusers.safetensors"
-    random_adapter(layers, rank=4, seed=9, architecture="sd1").save(source, "diffusers")
+    loralib.save(random_adapter(layers, rank=4, seed=9, architecture="sd1"), source, "diffusers")
     assert lorareg("convert", source, "--to", "kohya", "-o", tmp_path / "made.safetensors").code == 0
     res = lorareg("push", "made", "--repo", "alice/made", "--also", "diffusers,peft", "--license", "mit")
     assert res.code == 0, res.err

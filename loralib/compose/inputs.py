@@ -17,7 +17,7 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import ARCHITECTURES, UNKNOWN
-from ..base_model import LayerShape
+from ..layers import LayerShape
 from ..errors import InvalidArgumentError, MismatchError
 
 AdapterLike = Union[LoraAdapter, str, Path]

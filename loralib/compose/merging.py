@@ -26,6 +26,7 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import InvalidArgumentError, MismatchError
 from ..metadata import input_record
+from ..records import OperationRecord
 from .inputs import (AdapterLike, Progress, WeightedAdapter, check_compatible, common_dtype, load_weighted,
                      merge_embeddings, module_from_factors, output_shape, union_keys)
 from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, work_dtype
@@ -86,9 +87,8 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     metadata = {"modelspec.merged_from": ", ".join(i.name for i in items)}
     adapter = LoraAdapter(modules, architecture, None, metadata, embeddings)
     report.parameters, report.bytes = adapter.parameter_count, storage_bytes(adapter)
-    operation = {"operation": "merge", "method": method, "rank": rank,
-                 "inputs": [input_record(i.adapter, i.weight) for i in items],
-                 "params": _params(rule, density, seed, method, svd)}
+    operation = OperationRecord("merge", [input_record(i.adapter, i.weight) for i in items],
+                                {"method": method, "rank": rank, "params": _params(rule, density, seed, method, svd)})
     return Composition(adapter, report, operation)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from ..base_model import LayerShape
+from ..layers import LayerShape
 from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
 from ..files import is_pickle
 from ..files.header import SafetensorsHeader, read_header

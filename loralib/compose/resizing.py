@@ -12,6 +12,7 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import InvalidArgumentError
 from ..metadata import input_record
+from ..records import OperationRecord
 from .inputs import AdapterLike, Progress, load, module_from_factors, output_shape
 from .lowrank import work_dtype
 from .parallel import map_modules
@@ -53,5 +54,5 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
     result = LoraAdapter(modules, source.architecture, source.source_format, dict(source.metadata),
                          dict(source.embeddings))
     report.parameters, report.bytes = result.parameter_count, storage_bytes(result)
-    operation = {"operation": "resize", "rank": rank, "inputs": [input_record(source)], "params": rule.params()}
+    operation = OperationRecord("resize", [input_record(source)], {"rank": rank, "params": rule.params()})
     return Composition(result, report, operation)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import secrets
-import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .header import read_header
 
@@ -97,69 +97,45 @@ def tensor_data_sha256(path: str | os.PathLike, data_start: int) -> str:
 class Deferred:
     """A value computed in a background thread (hashing releases the GIL, so it overlaps other work).
 
-    A deferred hex digest can be written into metadata before it is known: :meth:`placeholder`
-    gives a random string of the digest's length, which :func:`fill_placeholders` replaces when
-    the file's header is completed (see :mod:`loralib.files.writer`).
+    Whoever needs the value holds the object and calls :meth:`result`; an input hash that a
+    writer must put into a file's header is passed to the writer this way (see
+    :func:`loralib.files.writer.write_safetensors`), so nothing depends on a shared table.
     """
 
-    def __init__(self, fn, *args) -> None:
+    def __init__(self, fn: Callable[..., Any] | None, *args: Any) -> None:
         import threading
 
-        self._value = self._error = None
-        self._token: str | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True) if fn else None
+        if self._thread is not None:
+            self._thread.start()
 
-    def placeholder(self) -> str:
-        """The value if it is ready, else a 64-character stand-in for a SHA-256 hex digest."""
-        if not self._thread.is_alive():
-            return self.result()
-        if self._token is None:
-            self._token = secrets.token_hex(32)
-            _PENDING[self._token] = self
-        return self._token
+    @classmethod
+    def ready(cls, value: Any) -> Deferred:
+        """A deferred value that is already known."""
+        deferred = cls(None)
+        deferred._value = value
+        return deferred
 
-    def _run(self, fn, *args) -> None:
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
             self._value = fn(*args)
         except BaseException as exc:  # re-raised in the caller's thread by result()
             self._error = exc
 
-    def result(self):
+    @property
+    def done(self) -> bool:
+        """True once the value (or its error) is known."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def result(self) -> Any:
         """Wait for the value (re-raising the background error, if any)."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._value
-
-
-_PENDING: weakref.WeakValueDictionary[str, Deferred] = weakref.WeakValueDictionary()
-
-
-def fill_placeholders(data: dict) -> bool:
-    """Replace, in place, every pending placeholder in ``data``'s string values (also inside nested
-    dicts and lists) by its value, waiting for it. Strings keep their length. True if any changed."""
-    pending = {token: deferred for token, deferred in list(_PENDING.items())}
-    if not pending:
-        return False
-    changed = False
-
-    def fill(value):
-        nonlocal changed
-        if isinstance(value, str):
-            for token, deferred in pending.items():
-                if token in value:
-                    value, changed = value.replace(token, deferred.result()), True
-            return value
-        if isinstance(value, dict):
-            for key in value:
-                value[key] = fill(value[key])
-        elif isinstance(value, list):
-            value[:] = [fill(item) for item in value]
-        return value
-
-    fill(data)
-    return changed
 
 
 def hash_file(path: str | os.PathLike, data_start: int | None = None) -> FileHashes:

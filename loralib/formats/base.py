@@ -1,21 +1,138 @@
-"""What readers produce before any tensor is loaded, and what writers return.
+"""The shapes every format shares: what a format is, what readers produce, what writers return.
 
-A reader turns one or more :class:`~loralib.formats.source.TensorSource` into an
-:class:`AdapterIndex`: for every module, which tensors hold its factors and what its alpha is.
-``inspect`` stops there; ``load`` then reads the tensors into a :class:`~loralib.adapter.LoraAdapter`.
+A format is one module of this package that exports a :class:`Format`: the names it is known
+by, how its keys are spelled (for detection), the folder layout it uses, how to read it and how
+to write it. :mod:`loralib.formats.table` lists them; nothing else names a format.
+
+A reader turns the files behind an adapter (:class:`Inputs`) into an :class:`AdapterIndex`: for
+every module, which tensors hold its factors and what its alpha is. ``inspect`` stops there;
+``load`` then reads the tensors into a :class:`~loralib.adapter.LoraAdapter`. A writer turns an
+adapter into files and returns a :class:`SaveResult`.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..architectures import Detection, detect_architecture
 from ..errors import CorruptFileError
 from ..files.hashes import FileHashes
-from .detect import Kind
 from .source import TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import LoraAdapter
+    from ..records import OperationRecord
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a file holds: a format (or another kind of file), and whether lorareg reads it as LoRA."""
+
+    format: str
+    title: str
+    plain_lora: bool
+    family: str | None = None  # "flux" or "sd3" for adapters of other model families
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for any kind of adapter (plain LoRA or not); False for embeddings and checkpoints."""
+        return self.format not in ("textual-inversion", "checkpoint")
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The files of an adapter stored as a folder.
+
+    ``weights`` are the tensor files' names, preferred first; ``config`` a file that must lie
+    beside them (and marks a folder as this layout); ``subfolders`` hold one component each,
+    laid out the same way.
+    """
+
+    weights: tuple[str, ...]
+    config: str | None = None
+    subfolders: tuple[str, ...] = ()
+
+    def component_files(self, folder: Path) -> list[Path]:
+        """The weights files of an adapter folder (top level first, then each component subfolder);
+        where a config belongs, only files that have one beside them."""
+        files = []
+        for location in (folder, *(folder / sub for sub in self.subfolders)):
+            for name in self.weights:
+                if (location / name).is_file() and (self.config is None or (location / self.config).is_file()):
+                    files.append(location / name)
+                    break
+        return files
+
+    def holds(self, folder: Path) -> bool:
+        """True when ``folder`` is laid out this way (its config at the top or in a component subfolder)."""
+        if self.config is None:
+            return any((folder / name).is_file() for name in self.weights)
+        return any((place / self.config).is_file() for place in (folder, *(folder / s for s in self.subfolders)))
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every file that belongs to the adapter in ``folder``: weights, and their configs."""
+        weights = self.component_files(folder)
+        configs = [f.parent / self.config for f in weights] if self.config else []
+        return weights + configs
+
+
+@dataclass
+class Inputs:
+    """The files behind one adapter path, and the configs that go with them.
+
+    ``format`` is set when the folder layout alone says which format the files are in.
+    """
+
+    path: Path
+    sources: list[TensorSource]
+    configs: dict[Path, dict] = field(default_factory=dict)
+    format: Format | None = None
+
+
+@dataclass
+class WriteRequest:
+    """What every writer is asked besides the adapter and the path."""
+
+    force: bool = False
+    dtype: torch.dtype | None = None
+    title: str | None = None
+    operation: OperationRecord | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One file format: its names, its key spellings, its layout, and how to read and write it.
+
+    ``spellings`` are the key patterns detection counts, each with the :class:`Kind` a file
+    mostly spelled that way is (most specific first: a key counts for the first pattern it
+    matches, over every format in table order). ``read`` indexes :class:`Inputs` from headers;
+    ``write`` writes an adapter (None for formats lorareg only reads). ``folder`` is the layout of
+    an adapter stored as a folder, and ``read_config`` reads its config file.
+    """
+
+    name: str
+    title: str
+    spellings: tuple[tuple[Kind, re.Pattern[str]], ...]
+    read: Callable[[Inputs], AdapterIndex]
+    write: Callable[[LoraAdapter, Path, WriteRequest], SaveResult] | None = None
+    folder: FolderLayout | None = None
+    read_config: Callable[[Path], dict] | None = None
+    writes_folder: bool = False  # the output path names a folder
+    holds_embeddings: bool = False  # can carry textual-inversion tokens
+    holds_cp_mid: bool = False  # can store CP-decomposed conv factors (lora_mid) as they are
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        """Every kind detection may give a file of this format."""
+        return tuple(dict.fromkeys(kind for kind, _ in self.spellings))
 
 
 @dataclass
@@ -99,13 +216,15 @@ class AdapterIndex:
 
 @dataclass
 class SaveResult:
-    """What a writer wrote: the adapter's main file, every file, and the main file's tensor hash."""
+    """What a writer wrote: the adapter's main file, every file, the main file's tensor hash, and
+    the operation record as written into the file (input hashes resolved)."""
 
     path: Path
     format: str
     files: list[Path]
     tensor_sha256: str
     notes: list[str] = field(default_factory=list)
+    operation: OperationRecord | None = None
     _hashes: FileHashes | None = field(default=None, repr=False)
 
     @property

@@ -1,39 +1,19 @@
 """Tell what a tensor file holds from its key names and shapes alone (no tensors are read).
 
-Plain LoRA formats (kohya, PEFT, diffusers in its three generations, cloneofsimo) are read by
-lorareg. Other adapter kinds (LyCORIS LoHa/LoKr/DoRA/…), adapters for other model families
-(Flux, SD3), textual inversions and full checkpoints are recognised and named, so that an
-operation which needs plain LoRA factors can say exactly what it was given.
+Plain LoRA formats (those in :mod:`loralib.formats.table`) are read by lorareg: each key counts
+for the first format spelling it matches, and the most counted wins. Other adapter kinds
+(LyCORIS LoHa/LoKr/DoRA/…), adapters for other model families (Flux, SD3), textual inversions
+and full checkpoints are recognised and named, so that an operation which needs plain LoRA
+factors can say exactly what it was given.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Kind:
-    """What a file holds."""
-
-    format: str
-    title: str
-    plain_lora: bool
-    family: str | None = None  # "flux" or "sd3" for adapters of other model families
-
-    @property
-    def is_adapter(self) -> bool:
-        """True for any kind of adapter (plain LoRA or not); False for embeddings and checkpoints."""
-        return self.format not in ("textual-inversion", "checkpoint")
-
-
-KOHYA = Kind("kohya", "kohya-ss LoRA", True)
-PEFT = Kind("peft", "PEFT LoRA", True)
-DIFFUSERS = Kind("diffusers", "diffusers LoRA", True)
-DIFFUSERS_OLD = Kind("diffusers-old", "diffusers 0.21-era LoRA (lora.down/lora.up)", True)
-ATTN_PROCS = Kind("diffusers-attnprocs", "diffusers attention-processor LoRA (to_q_lora)", True)
-CLONEOFSIMO = Kind("cloneofsimo", "cloneofsimo lora_diffusion LoRA", True)
+from .base import Kind
+from .table import FORMATS
 
 _LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
     (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), Kind("lycoris-loha", "LyCORIS LoHa", False)),
@@ -55,18 +35,6 @@ _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_bl
                             r"text_model\.encoder|encoder\.layers)\.[\w.]+\.(weight|bias)$")
 _TI_NAMES = {"emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "*"}
 _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
-
-KOHYA_KEY = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
-PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
-DIFFUSERS_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.lora_([AB])(?:\.default(?:_\d+)?)?\.weight$")
-DIFFUSERS_OLD_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
-ATTN_PROC_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:processor\.)?"
-                           r"(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight$")
-CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
-# The key spellings of the plain formats, most specific first (a PEFT key also reads as diffusers).
-_SPELLINGS = {KOHYA: KOHYA_KEY, PEFT: PEFT_KEY, ATTN_PROCS: ATTN_PROC_KEY, DIFFUSERS_OLD: DIFFUSERS_OLD_KEY,
-              DIFFUSERS: DIFFUSERS_KEY}
-
 
 # Words without which none of the foreign-family patterns can match: a substring test over all
 # names is a hundred times faster than the patterns, which then run only where one is present.
@@ -111,14 +79,13 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
         return lycoris
     if any(_CHECKPOINT.match(n) for n in names):
         return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
-    if all(CLONEOFSIMO_KEY.match(n) or metadata.get(n) == "<embed>" for n in names) and any(CLONEOFSIMO_KEY.match(n) for n in names):
-        return CLONEOFSIMO
-    counts = dict.fromkeys(_SPELLINGS, 0)
-    for name in names:  # each key counts for the first spelling it matches, in the order of _SPELLINGS
-        kind = next((kind for kind, pattern in _SPELLINGS.items() if pattern.match(name)), None)
+    spellings = [spelling for fmt in FORMATS for spelling in fmt.spellings]
+    counts = dict.fromkeys((kind for kind, _ in spellings), 0)
+    for name in names:  # each key counts for the first spelling it matches, in table order
+        kind = next((kind for kind, pattern in spellings if pattern.match(name)), None)
         if kind is not None:
             counts[kind] += 1
-    best = max(counts, key=counts.get)  # ties resolve in the order of _SPELLINGS
+    best = max(counts, key=counts.get)  # ties resolve in table order
     if counts[best]:
         return best
     if _is_textual_inversion(names, shapes):

@@ -15,22 +15,32 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..architectures import UNET
 from ..errors import CorruptFileError
-from .base import AdapterIndex, ModuleEntry
-from .detect import ATTN_PROCS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_OLD, DIFFUSERS_OLD_KEY, ATTN_PROC_KEY
 from ..naming import internal_key
+from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .peft import component_of
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
+from .writing import write_single_file
 
 if TYPE_CHECKING:
     import torch
 
+    from ..adapter import LoraAdapter
+
+DIFFUSERS = Kind("diffusers", "diffusers LoRA", True)
+DIFFUSERS_OLD = Kind("diffusers-old", "diffusers 0.21-era LoRA (lora.down/lora.up)", True)
+ATTN_PROCS = Kind("diffusers-attnprocs", "diffusers attention-processor LoRA (to_q_lora)", True)
+DIFFUSERS_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.lora_([AB])(?:\.default(?:_\d+)?)?\.weight$")
+DIFFUSERS_OLD_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+ATTN_PROC_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:processor\.)?"
+                           r"(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight$")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LAYOUT = FolderLayout((WEIGHTS_NAME,))
 METADATA_KEY = "lora_adapter_metadata"
 _ALPHA_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.alpha$")
 # Attention-processor LoRA names the projection; text encoders call them q_proj…out_proj.
@@ -68,6 +78,11 @@ def _classify(name: str) -> tuple[str | None, str, str] | None:
     if match := DIFFUSERS_OLD_KEY.match(name):
         return match.groups()
     return None
+
+
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a diffusers LoRA file in any of its spellings."""
+    return parse(inputs.sources[0])
 
 
 def parse(source: TensorSource) -> AdapterIndex:
@@ -113,7 +128,16 @@ def parse(source: TensorSource) -> AdapterIndex:
     return AdapterIndex(kind, [source], entries, metadata)
 
 
-def state_dict(adapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def write(adapter: LoraAdapter, path: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` in the current diffusers spelling (into ``path`` as a folder when it is one)."""
+    if path.is_dir() or str(path).endswith(("/", "\\")):
+        path.mkdir(exist_ok=True)
+        path = path / WEIGHTS_NAME
+    tensors, extra = state_dict(adapter, dtype=request.dtype)
+    return write_single_file(adapter, path, request, DIFFUSERS.format, tensors, before={"format": "pt"}, after=extra)
+
+
+def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The current-diffusers tensors of an adapter and its ``lora_adapter_metadata`` entry."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
@@ -130,3 +154,9 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, 
         config.pop("peft_type")
         flat.update({f"{component}.{field}": value for field, value in config.items()})
     return tensors, {METADATA_KEY: json.dumps(flat, sort_keys=True)}
+
+
+# A PEFT key also reads as a current diffusers key: the PEFT format comes first in the table.
+FORMAT = Format("diffusers", "diffusers LoRA (load_lora_weights)",
+                ((ATTN_PROCS, ATTN_PROC_KEY), (DIFFUSERS_OLD, DIFFUSERS_OLD_KEY), (DIFFUSERS, DIFFUSERS_KEY)),
+                read, write, folder=LAYOUT)

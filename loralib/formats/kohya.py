@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..architectures import ARCHITECTURES, SD1, SDXL, TEXT_ENCODER_2
 from ..errors import CorruptFileError
 from ..naming.kohya import module_name, parse_module_name
 from ..naming.sgm import UNetLayout
-from .base import AdapterIndex, ModuleEntry
-from .detect import KOHYA, KOHYA_KEY
+from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .source import TensorSource
+from .writing import write_single_file
 
 if TYPE_CHECKING:
     import torch
+
+    from ..adapter import LoraAdapter
+
+KOHYA = Kind("kohya", "kohya-ss LoRA", True)
+KOHYA_KEY = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
 
 _BUNDLE = re.compile(r"^bundle_emb\.([^.]+)\.(.+)$")
 _PLAIN_EMBEDDING = ("string_to_param.*", "emb_params")
@@ -37,6 +42,11 @@ def _sgm_layout(source: TensorSource, modules: dict[str, dict[str, str]]) -> UNe
     if widths & {768, 1024} and 2048 not in widths:
         return UNetLayout.from_config(SD1.unet_config)
     return UNetLayout.from_config(SDXL.unet_config)
+
+
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a kohya file from its header."""
+    return parse(inputs.sources[0])
 
 
 def parse(source: TensorSource) -> AdapterIndex:
@@ -79,7 +89,12 @@ def parse(source: TensorSource) -> AdapterIndex:
     return AdapterIndex(KOHYA, [source], entries, metadata, embeddings)
 
 
-def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def write(adapter: LoraAdapter, path: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` as one kohya file."""
+    return write_single_file(adapter, path, request, KOHYA.format, state_dict(adapter, dtype=request.dtype))
+
+
+def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The kohya tensors of an adapter (SGM names and ``lora_te1``/``lora_te2`` for SDXL)."""
     import torch
 
@@ -103,3 +118,6 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.
         tensors[f"bundle_emb.{name}.{part or 'string_to_param.*'}"] = vectors.reshape(-1, vectors.shape[-1])
     return tensors
 
+
+FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY),), read, write,
+                holds_embeddings=True, holds_cp_mid=True)

@@ -10,24 +10,31 @@ encoders in ``text_encoder/`` and ``text_encoder_2/`` subfolders. Keys are
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from ..errors import CorruptFileError, UnsupportedFormatError
+from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
+from ..files.atomic import atomic_dir, check_output
 from ..naming import TE_ROOT, internal_key
-from .base import AdapterIndex, ModuleEntry
-from .detect import PEFT, PEFT_KEY
+from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
+from .writing import file_metadata, write_tensor_file
 
 if TYPE_CHECKING:
     import torch
 
+    from ..adapter import LoraAdapter
+
+PEFT = Kind("peft", "PEFT LoRA", True)
+PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
 SUBFOLDERS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
+LAYOUT = FolderLayout((WEIGHTS_NAME, PICKLE_WEIGHTS_NAME), CONFIG_NAME, SUBFOLDERS)
 _TE_ROOTS = (TE_ROOT + ".", "encoder.layers.", "embeddings.", "final_layer_norm", "text_projection")
 
 
@@ -62,6 +69,16 @@ def component_of(path: str, folder_name: str, in_features: int) -> str:
     return UNET
 
 
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a PEFT folder: the adapter of each component, with its config."""
+    parts = [parse(source, inputs.configs[source.path]) for source in inputs.sources]
+    index = parts[0]
+    for part in parts[1:]:
+        index.sources += part.sources
+        index.modules.update(part.modules)
+    return index
+
+
 def parse(source: TensorSource, config: dict) -> AdapterIndex:
     """Index one PEFT ``adapter_model.safetensors`` with its config."""
     pairs: dict[str, dict[str, str]] = {}
@@ -89,21 +106,7 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
     return AdapterIndex(PEFT, [source], entries, dict(source.metadata))
 
 
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-
-
-def component_files(folder: Path) -> list[Path]:
-    """The adapter files of a PEFT folder (top level and component subfolders), safetensors preferred."""
-    files = []
-    for location in (folder, *(folder / sub for sub in SUBFOLDERS)):
-        for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-            if (location / name).is_file() and (location / CONFIG_NAME).is_file():
-                files.append(location / name)
-                break
-    return files
-
-
-def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The PEFT tensors and config of one component of an adapter.
 
     Text-encoder paths are spelled as the installed transformers builds the model (with or
@@ -130,3 +133,28 @@ def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple
 def relative_folder(component: str) -> str:
     """Where a component's adapter goes inside a PEFT folder ("" for the UNet)."""
     return "" if component == UNET else component
+
+
+def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` as a PEFT folder: the UNet at the top, text encoders in subfolders."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError(f"{folder} is a file; PEFT output is a folder", "Give a folder path with -o")
+    existing = LAYOUT.component_files(folder) if folder.is_dir() else []
+    if existing and not request.force:
+        check_output(existing[0], force=False)
+    header = file_metadata(adapter, request, folder.name)
+    files, main_hash = [], None
+    with atomic_dir(folder) as tmp:
+        for component in adapter.components:
+            tensors, config = component_state(adapter, component, request.dtype)
+            inside = tmp / relative_folder(component)
+            inside.mkdir(exist_ok=True)
+            tensor_sha256 = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"})
+            (inside / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files += [folder / relative_folder(component) / name for name in (WEIGHTS_NAME, CONFIG_NAME)]
+            main_hash = main_hash or tensor_sha256
+    return SaveResult(files[0], PEFT.format, files, main_hash, list(request.notes), header.completed_operation())
+
+
+FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY),), read, write, folder=LAYOUT,
+                read_config=read_config, writes_folder=True)

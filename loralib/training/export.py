@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import LoraAdapter, LoraModule
 from ..dtypes import storage_dtype
 from .config import TrainConfig
 from .dataset import BatchPlan, Dataset
+
+if TYPE_CHECKING:
+    from ..formats.base import SaveResult
+    from ..records import OperationRecord
 
 
 
@@ -121,8 +125,10 @@ def build_adapter(modules: dict[str, LoraModule], architecture: str, metadata: d
     return LoraAdapter(dict(sorted(modules.items())), architecture, "lorareg", dict(metadata))
 
 
-def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, operation: dict | None,
-                 force: bool = False):
+def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, operation: OperationRecord | None,
+                 force: bool = False) -> SaveResult:
     """Write ``adapter`` in the configured format and dtype, atomically; returns the SaveResult."""
+    from ..formats import save_adapter
+
     dtype = storage_dtype(config.output.save_dtype)
-    return adapter.save(path, config.output.output_format, force=force, dtype=dtype, operation=operation)
+    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapter import LoraModule
 from ..base_model import adaptable_layers
-from ..synthetic import ATTENTION, FEED_FORWARD, PROJECTION
+from ..layers import ATTENTION, FEED_FORWARD, PROJECTION
 
 ADAPTER_NAME = "default"
 _RESNET = re.compile(r"\.(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, LoraError, OutputExistsError
+from ..records import OperationRecord
 from . import checkpoints, network
 from .config import TrainConfig
 from .dataset import BatchLoader, BatchPlan, BatchSpec, Dataset, scan_dataset
@@ -71,7 +72,7 @@ class TrainResult:
     checkpoint: Path | None = None
     save: Any = None  # SaveResult of the final adapter (None when interrupted)
     adapter: Any = None
-    operation: dict[str, Any] | None = None
+    operation: OperationRecord | None = None
     samples: list[Path] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)
     steps_per_second: float | None = None
@@ -532,7 +533,7 @@ class Trainer:
         decay = self.config.training.weight_decay
         return f"{cls.__module__}.{cls.__name__}(weight_decay={decay})"
 
-    def _export(self, path: Path, epoch: int, operation: dict | None, force: bool):
+    def _export(self, path: Path, epoch: int, operation: OperationRecord | None, force: bool):
         adapter = result = None
         if self.accelerator.is_main_process:
             adapter = self.adapter(epoch)
@@ -540,13 +541,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return adapter, result
 
-    def operation(self) -> dict[str, Any]:
+    def operation(self) -> OperationRecord:
         """The history record of this run (written into the file and given to the catalog)."""
-        return {"operation": "train", "inputs": [], "params": self.config.flat(),
-                "dataset": self.dataset.summary(self.plan.bucket_counts()),
-                "base_model": str(self.config.model.base_model), "architecture": self.base.architecture,
-                "steps": self.step, "epochs": self._epoch_of(max(self.step - 1, 0)) + 1,
-                "final_loss": self.losses[-1] if self.losses else None}
+        return OperationRecord("train", [], {
+            "params": self.config.flat(), "dataset": self.dataset.summary(self.plan.bucket_counts()),
+            "base_model": str(self.config.model.base_model), "architecture": self.base.architecture,
+            "steps": self.step, "epochs": self._epoch_of(max(self.step - 1, 0)) + 1,
+            "final_loss": self.losses[-1] if self.losses else None})
 
     def _finish(self, began: float, speed: float | None) -> TrainResult:
         epoch = self._epoch_of(max(self.step - 1, 0)) + 1
