@@ -156,7 +156,7 @@ def main() -> None:
         resize_cmp = compare("resize 128 -> 32", lambda k: [(adapter.modules[k], 1.0, 0)], dense_keys, 32,
                              keys_by_shape)
         rows.append((resize_cmp, read_t, compute_t, write_t, 50))
-        del adapter, result
+        adapter = result = None  # free them before the next case
         gc.collect()
 
         # 2. merge 3 x rank 64 -> rank 64
@@ -169,7 +169,7 @@ def main() -> None:
                             lambda k: [(a.modules[k], w, i) for i, (a, w) in enumerate(zip(inputs, weights))],
                             dense_keys, 64, keys_by_shape)
         rows.append((merge_cmp, read_t, compute_t, write_t, 20))
-        del inputs, result
+        inputs = result = None
         gc.collect()
 
         print()

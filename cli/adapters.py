@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from loralib.dtypes import STORAGE_DTYPES, storage_dtype
+from loralib.dtypes import storage_dtype
+from loralib.vocabulary import STORAGE_DTYPES, WRITE_FORMATS
 
 from .output import human_size, note, print_json
 from .refs import register_output, resolve_adapter
-
 
 
 @click.command("inspect")
@@ -103,7 +103,7 @@ def default_output(source: Path, fmt: str) -> Path:
 
 @click.command("convert")
 @click.argument("adapter")
-@click.option("--to", "fmt", type=click.Choice(["kohya", "peft", "diffusers"]), default="kohya", show_default=True,
+@click.option("--to", "fmt", type=click.Choice(WRITE_FORMATS), default="kohya", show_default=True,
               help="Output format.")
 @click.option("-o", "--output", type=click.Path(), help="Output file (kohya, diffusers) or folder (peft, diffusers).")
 @click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)), help="Store factors in this dtype (default: as read).")

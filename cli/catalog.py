@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import click
 
+from loralib.vocabulary import CATALOG_SORTS
+
 from .output import console, human_size, note, print_json, progress
 from .refs import catalog_home
 
@@ -215,7 +217,7 @@ def _escape(text: str) -> str:
 
 @click.command("list")
 @_filters
-@click.option("--sort", type=click.Choice(["name", "added", "updated", "size"]), default="name", show_default=True)
+@click.option("--sort", type=click.Choice(CATALOG_SORTS), default="name", show_default=True)
 @click.pass_context
 def list_command(ctx: click.Context, architecture, fmt, tag, limit: int, as_json: bool, sort: str) -> None:
     """List the adapters in the catalog.

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import click
 
-from loralib.dtypes import STORAGE_DTYPES, storage_dtype
+from loralib.dtypes import storage_dtype
 from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
+from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import human_size, note, print_json, progress
 from .refs import register_output, resolve_adapter
 
-FORMATS = ["kohya", "peft", "diffusers"]
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -60,7 +60,7 @@ def _rank_options(function):
 def _output_options(function):
     options = [
         click.option("-o", "--output", type=click.Path(), required=True, help="Output file (or folder for --to peft)."),
-        click.option("--to", "fmt", type=click.Choice(FORMATS), default="kohya", show_default=True,
+        click.option("--to", "fmt", type=click.Choice(WRITE_FORMATS), default="kohya", show_default=True,
                      help="Output format."),
         click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)),
                      help="Store factors in this dtype (default: the inputs')."),
@@ -124,12 +124,12 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.command("merge")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @_rank_options
-@click.option("--method", type=click.Choice(["concat", "linear", "ties", "dare"]), default="concat", show_default=True,
+@click.option("--method", type=click.Choice(MERGE_METHODS), default="concat", show_default=True,
               help="concat: the exact weighted sum. linear: peft's factor-wise sum (not exact). "
                    "ties / dare: the papers' methods on each module's ΔW.")
 @click.option("--density", type=float, help="ties/dare: fraction of each ΔW's entries to keep (0 < d ≤ 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="ties/dare: how the dense merged ΔW is factorised.")
 @_output_options
 @click.pass_context
@@ -227,11 +227,11 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
 @_rank_options
 @click.option("--conv-rank", type=int, help="Also extract 3×3 convolutions (LoCon) at this rank.")
 @click.option("--component", "components", multiple=True,
-              type=click.Choice(["unet", "text_encoder", "text_encoder_2"]),
+              type=click.Choice(COMPONENTS),
               help="Only these components (repeatable; default: all present in both models).")
 @click.option("--min-diff", type=float, default=0.0, show_default=True,
               help="Leave out layers whose largest change is at most this.")
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="auto: randomized where the rank is far below the layer size, else exact.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @_output_options

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from loralib.generation import SCHEDULERS
+from loralib.vocabulary import SCHEDULERS
 
 from .compose import parse_weighted
 from .libraries import quiet_libraries

@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("lorareg.cli.generate", "generate_command", "Render images with a base model and weighted adapters."),
     "tiny-model": ("lorareg.cli.train", "tiny_model_command", "Build a tiny random SD1/SD2/SDXL base model (demos, tests)."),
 }
+# The module each optional dependency is imported as -> the extra that installs it (pyproject.toml).
+EXTRA_MODULES: dict[str, str] = {
+    "torch": "compose", "safetensors": "compose", "numpy": "compose", "diffusers": "compose", "transformers": "compose",
+    "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+}
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Adapters", ["inspect", "convert"]),
     ("Composition", ["merge", "resize", "bake", "extract"]),
@@ -112,12 +117,22 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         code = _error(f"{exc.strerror or exc}{where}", 1)
-    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+    except Exception as exc:  # a bug, or an optional dependency that is not installed
         if debug:
             raise
-        code = _error(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
-                      "and please report it", 2)
+        code = _unexpected(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _unexpected(exc: Exception) -> int:
+    """One line for an exception no command expected: the extra to install, or an internal error."""
+    if isinstance(exc, ModuleNotFoundError):
+        extra = EXTRA_MODULES.get((exc.name or "").split(".", 1)[0])
+        if extra is not None:
+            return _error(f"this command needs {exc.name}, which comes with lorareg's '{extra}' extra; "
+                          f"install it with: pip install 'lorareg[{extra}]'", 1)
+    return _error(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
+                  "and please report it", 2)
 
 
 if __name__ == "__main__":

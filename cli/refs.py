@@ -8,7 +8,6 @@ registry, which imports neither torch nor diffusers.
 from __future__ import annotations
 
 import shlex
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,7 @@ def register_output(ctx: click.Context, result: SaveResult) -> None:
     try:
         with Catalog(catalog_home(ctx)) as catalog:
             added = catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes)
-    except (LoraError, sqlite3.Error, OSError) as exc:
+    except (LoraError, OSError) as exc:
         note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
         return
     verb = "registered as" if added.created else "already in the catalog as"

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from loralib.training import config as config_module
+from loralib.vocabulary import ARCHITECTURE_NAMES
 
 from .libraries import quiet_libraries
 from .output import human_size, note, print_json
@@ -79,8 +80,14 @@ class TrainingDisplay:
 
     def __enter__(self) -> TrainingDisplay:
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             from .output import console
 
@@ -226,7 +233,7 @@ def _print_result(result, config: str | None) -> None:
 
 @click.command("tiny-model")
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["sd1", "sd2", "sdxl"]), default="sd1", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHITECTURE_NAMES), default="sd1", show_default=True,
               help="Architecture of the tiny model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of its random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing folder.")

@@ -6,7 +6,7 @@ a model, and building full-size module tables on the ``meta`` device.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ def layer_shape(module: nn.Module) -> LayerShape:
     return LayerShape(module.out_features, module.in_features, None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def text_model_prefix(component: str) -> str:
     """``"text_model."`` if the installed transformers nests this text encoder's layers under
     ``.text_model`` (CLIPTextModelWithProjection always; CLIPTextModel before transformers 5), else ``""``.

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import InvalidArgumentError, MismatchError
+from .vocabulary import SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,19 +31,6 @@ if TYPE_CHECKING:
     from .adapter import LoraAdapter
     from .files.hashes import FileHashes
 
-# lorareg's scheduler names -> (diffusers class, extra config, A1111 sampler name)
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpm++_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
-    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "ddpm": ("DDPMScheduler", {}, "DDPM"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
 _A1111_NAMES = {cls: name for cls, extra, name in SCHEDULERS.values() if not extra}
 
 

@@ -12,14 +12,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, UNKNOWN, detect_architecture
-from .errors import LoraError
+from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, SDXL, UNKNOWN, detect_architecture
 from .files.hashes import hash_file
 from .formats import Inputs, identify_inputs, index_inputs, open_inputs, refuse
 from .formats.detect import Kind
 from .naming.kohya import parse_module_name
 from .naming.sgm import UNetLayout
-from .architectures import SDXL
 
 _KOHYA_MODULE = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.")
 
@@ -92,7 +90,7 @@ def _foreign_modules(inputs: Inputs) -> tuple[dict[str, int], str, str]:
             groups.setdefault(match.group(1), []).append(name)
     layout = UNetLayout.from_config(SDXL.unet_config)
     widths, components = {}, Counter()
-    for module, names in groups.items():
+    for module, _names in groups.items():
         key = parse_module_name(module, layout)
         if key is None:
             continue

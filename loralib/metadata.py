@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -95,7 +95,7 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
         meta.setdefault("modelspec.title", title)  # the same adapter keeps its title
     else:
         meta["modelspec.title"] = title  # a new adapter is named after its file
-    meta["modelspec.date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    meta["modelspec.date"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     meta["ss_output_name"] = title
     if operation is None:
         return FileMetadata(meta)

@@ -19,7 +19,6 @@ from .files import is_pickle
 from .hub_ids import is_repo_ref, parse_repo_ref
 
 
-
 @dataclass
 class BaseModel:
     """The parts of a Stable Diffusion pipeline that training and generation use."""
@@ -130,7 +129,7 @@ def _load_single_file(path: Path, dtype):
         raise InputNotFoundError(
             f"could not load the single-file checkpoint {path.name}: diffusers needs the model's configuration "
             f"from the Hugging Face Hub{' and HF_HUB_OFFLINE is set' if offline else ''} ({type(exc).__name__})",
-            "Run once with network access so the configuration is cached, or use a diffusers folder") from None
+            "Run once with network access so the configuration is cached, or use a diffusers folder") from exc
 
 
 def _load_hub(reference: str, dtype):
@@ -148,7 +147,7 @@ def _load_hub(reference: str, dtype):
             if offline else f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         raise InputNotFoundError(f"cannot load the base model {reference} from the Hub: {reason}",
                                  "Connect to the network, or give a local diffusers folder or .safetensors file "
-                                 "(lorareg tiny-model builds a tiny one offline)") from None
+                                 "(lorareg tiny-model builds a tiny one offline)") from exc
     cls = _pipeline_class(index) if "unet" in index else DiffusionPipeline
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in index:
@@ -176,7 +175,7 @@ def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
     except Exception as exc:
         raise InvalidArgumentError(f"could not load the base model {text}: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                                   "Check that it is a complete Stable Diffusion model") from None
+                                   "Check that it is a complete Stable Diffusion model") from exc
     if is_repo_ref(text) and not text.startswith((".", "/", "~")):
         return _load_hub(text, dtype)
     raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",

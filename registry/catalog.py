@@ -16,10 +16,13 @@ in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,7 +32,7 @@ from loralib.records import InputRecord, OperationRecord
 
 from .home import catalog_path
 from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps
-from .schema import connect, now, write
+from .schema import catalog_error, connect, now, write
 
 if TYPE_CHECKING:
     from loralib.files.hashes import FileHashes
@@ -111,8 +114,32 @@ def fts_query(text: str) -> str:
     return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
 
 
+def _sqlite_errors_translated(cls: type) -> type:
+    """Make every public method of ``cls`` raise :class:`CatalogError` (one line naming the database
+    file and what to do) instead of a raw ``sqlite3`` error."""
+
+    def translating(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise catalog_error(self.path, exc) from exc
+        return wrapper
+
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(value) and not inspect.isgeneratorfunction(value):
+            setattr(cls, name, translating(value))
+    return cls
+
+
+@_sqlite_errors_translated
 class Catalog:
-    """An open catalog database. Use as a context manager, or call :meth:`close`."""
+    """An open catalog database. Use as a context manager, or call :meth:`close`.
+
+    Every method raises :class:`~lorareg.registry.schema.CatalogError` for a database that cannot
+    be used (damaged, read-only, on a full disk), never a raw ``sqlite3`` error.
+    """
 
     def __init__(self, home: str | os.PathLike | None = None) -> None:
         self.path = catalog_path(home)
@@ -305,7 +332,7 @@ class Catalog:
             raise InvalidArgumentError(
                 f"the search {text!r} is not valid full-text query syntax ({reason})",
                 'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
-                "operators are AND, OR, NOT, prefix*, and column:word") from None
+                "operators are AND, OR, NOT, prefix*, and column:word") from exc
         return [Entry.from_row(r) for r in rows], total
 
     # -- writing --------------------------------------------------------------------------- #
@@ -515,9 +542,93 @@ class Catalog:
                         continue
                     except OSError as exc:
                         raise LoraError(f"{entry.name} was removed from the catalog, but {file} could not be deleted: "
-                                        f"{exc.strerror or exc}") from None
+                                        f"{exc.strerror or exc}") from exc
                     deleted.append(str(file))
         return RemoveResult(entry, deleted)
+
+
+    # -- files: what scan and verify record ---------------------------------------------------- #
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction around several calls (nested use joins it)."""
+        try:
+            with write(self.conn):
+                yield
+        except sqlite3.Error as exc:
+            raise catalog_error(self.path, exc) from exc
+
+    def files_under(self, folder: str | os.PathLike) -> dict[str, tuple[int | None, int | None, str]]:
+        """What the catalog recorded for files under ``folder``: path -> (size, mtime_ns, state).
+
+        The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``.
+        """
+        prefix = str(folder).rstrip(os.sep) + os.sep
+        rows = self.conn.execute(
+            "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' ELSE f.state END "
+            "FROM files f LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.path >= ? AND f.path < ?",
+            (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def adapter_files(self, references: Iterable[str] = ()) -> list[tuple[FileRecord, Entry]]:
+        """Every recorded file of the named entries (of all entries when none are named), by entry name."""
+        ids = [self.get(ref).id for ref in references]
+        where = f"WHERE f.adapter_id IN ({','.join('?' * len(ids))})" if ids else ""
+        rows = self.conn.execute(
+            "SELECT f.path, f.size, f.mtime_ns, f.sha256, f.state, f.problem, f.seen_at, a.id, a.name, a.tensor_sha256 "
+            f"FROM files f JOIN adapters a ON a.id = f.adapter_id {where} ORDER BY a.name COLLATE NOCASE", ids).fetchall()
+        return [(FileRecord(*r[:7]), Entry(id=r[7], name=r[8], tensor_sha256=r[9])) for r in rows]
+
+    def known_paths(self) -> set[str]:
+        """Every path the catalog has recorded (adapters and files that are not)."""
+        return {r[0] for r in self.conn.execute("SELECT path FROM files")}
+
+    def file_record(self, path: str | os.PathLike) -> FileRecord | None:
+        """What the catalog recorded at ``path``."""
+        row = self.conn.execute("SELECT path, size, mtime_ns, sha256, state, problem, seen_at FROM files WHERE path = ?",
+                                (str(path),)).fetchone()
+        return FileRecord(**dict(row)) if row else None
+
+    def other_copies(self, adapter_id: int, path: str | os.PathLike) -> list[str]:
+        """Paths of an entry's other files last seen in good order."""
+        rows = self.conn.execute("SELECT path FROM files WHERE adapter_id = ? AND path != ? AND state = 'ok'",
+                                 (adapter_id, str(path)))
+        return [r[0] for r in rows]
+
+    def set_file_state(self, path: str | os.PathLike, state: str, problem: str | None = None) -> None:
+        """Mark a recorded file ``ok``, ``missing``, ``changed`` or ``damaged`` (with what is wrong)."""
+        with write(self.conn):
+            self.conn.execute("UPDATE files SET state = ?, problem = ?, seen_at = ? WHERE path = ?",
+                              (state, problem, now(), str(path)))
+
+    def mark_missing(self, paths: Iterable[str]) -> None:
+        """Mark recorded files that are gone as ``missing`` (their rows are kept)."""
+        with write(self.conn):
+            stamp = now()
+            self.conn.executemany("UPDATE files SET state = 'missing', seen_at = ? WHERE path = ?",
+                                  [(stamp, p) for p in paths])
+
+    def file_seen(self, path: str | os.PathLike, *, sha256: str, size: int, mtime_ns: int) -> None:
+        """Record that a file was found intact (same bytes): its hash, size and time, state ``ok``."""
+        with write(self.conn):
+            self.conn.execute("UPDATE files SET sha256 = ?, size = ?, mtime_ns = ?, state = 'ok', problem = NULL, "
+                              "seen_at = ? WHERE path = ?", (sha256, size, mtime_ns, now(), str(path)))
+
+    def move_file(self, old: str | os.PathLike, new: str | os.PathLike, *, sha256: str, mtime_ns: int) -> None:
+        """Record that the file at ``old`` now lies at ``new``."""
+        with write(self.conn):
+            self.conn.execute("UPDATE files SET path = ?, sha256 = ?, mtime_ns = ?, state = 'ok', problem = NULL, "
+                              "seen_at = ? WHERE path = ?", (str(new), sha256, mtime_ns, now(), str(old)))
+
+    def forget_file(self, path: str | os.PathLike) -> None:
+        """Drop the record of one path (the entry keeps its other files)."""
+        with write(self.conn):
+            self.conn.execute("DELETE FROM files WHERE path = ?", (str(path),))
+
+    def pulled_from(self, repo_id: str, revision: str | None = None) -> list[Entry]:
+        """Entries downloaded from ``repo_id`` (at ``revision``, a branch, tag or commit, when given), newest first."""
+        return self._entries("a.source_repo = ?1 AND (?2 IS NULL OR a.source_revision = ?2 OR a.source_commit = ?2)",
+                             (repo_id, revision), tail="ORDER BY a.updated_at DESC")
 
 
 def _source_columns(source: dict | None) -> dict | None:

@@ -28,6 +28,7 @@ from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgument
 from loralib.files.hashes import hash_file
 from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
+from loralib.vocabulary import HUB_LAYOUTS
 
 from .catalog import AddResult, Catalog
 from .describe import GENERIC_STEMS, absolute, clean_name
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     from loralib.files.hashes import FileHashes
 
-LAYOUTS = ("diffusers", "peft")
+LAYOUTS = HUB_LAYOUTS
 DEFAULT_REVISION = "main"
 
 
@@ -111,39 +112,39 @@ def hub_errors(repo_id: str, revision: str | None = None, filename: str | None =
         yield
     except LoraError:
         raise
-    except errors.OfflineModeIsEnabled:
+    except errors.OfflineModeIsEnabled as exc:
         raise HubError("HF_HUB_OFFLINE is set, so the Hub cannot be reached",
-                       "Unset HF_HUB_OFFLINE to use the network") from None
-    except errors.GatedRepoError:
+                       "Unset HF_HUB_OFFLINE to use the network") from exc
+    except errors.GatedRepoError as exc:
         raise HubError(f"{repo_id} is a gated repo",
-                       f"Accept its conditions on the Hub, then {login[0].lower()}{login[1:]}") from None
-    except errors.RepositoryNotFoundError:
+                       f"Accept its conditions on the Hub, then {login[0].lower()}{login[1:]}") from exc
+    except errors.RepositoryNotFoundError as exc:
         raise HubError(f"the Hub repo {repo_id} was not found at {where}",
-                       f"Check the name; if it is private, {login[0].lower()}{login[1:]}") from None
-    except errors.RevisionNotFoundError:
+                       f"Check the name; if it is private, {login[0].lower()}{login[1:]}") from exc
+    except errors.RevisionNotFoundError as exc:
         raise HubError(f"the revision {revision!r} does not exist in {repo_id}",
-                       "Use a branch, a tag or a commit id of the repo") from None
+                       "Use a branch, a tag or a commit id of the repo") from exc
     except (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError) as exc:
         if isinstance(exc, errors.LocalEntryNotFoundError):
             raise HubError(f"the Hub at {where} could not be reached to download {filename or 'a file'} of {at}",
-                           "Check the network connection and HF_ENDPOINT") from None
-        raise HubError(f"{at} has no file {filename!r}", "List its files on the Hub and pass one with --file") from None
+                           "Check the network connection and HF_ENDPOINT") from exc
+        raise HubError(f"{at} has no file {filename!r}", "List its files on the Hub and pass one with --file") from exc
     except errors.HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         if status == 401:
             raise HubError(f"the Hub at {where} rejected the credentials (401 Unauthorized)",
-                           f"{login} with a valid token") from None
+                           f"{login} with a valid token") from exc
         if status == 403:
             raise HubError(f"no permission for {repo_id} (403 Forbidden)",
-                           "Use a token with write access to that namespace, or push to your own namespace") from None
+                           "Use a token with write access to that namespace, or push to your own namespace") from exc
         message = (getattr(exc, "server_message", None) or "").splitlines()[0:1]
         raise HubError(f"the Hub answered {status or 'an error'} for {at}" + (f": {message[0]}" if message else ""),
-                       "Try again later") from None
+                       "Try again later") from exc
     except ValueError as exc:  # huggingface_hub's own checks, e.g. model card metadata the Hub rejects
-        raise HubError(f"the Hub refused the request for {at}: {_first_line(exc, 3)}") from None
+        raise HubError(f"the Hub refused the request for {at}: {_first_line(exc, 3)}") from exc
     except _network_error_types() as exc:
         raise HubError(f"cannot reach the Hub at {where}: {_first_line(exc)}",
-                       "Check the network connection and HF_ENDPOINT") from None
+                       "Check the network connection and HF_ENDPOINT") from exc
 
 
 # -- pull ------------------------------------------------------------------------------------ #
@@ -202,7 +203,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1()  # noqa: S324 - git object ids are SHA-1 by definition
+    digest = hashlib.sha1()
     digest.update(b"blob %d\0" % path.stat().st_size)
     return _digest(path, digest)
 
@@ -416,11 +417,7 @@ def _convert(source: Path, output: Path, fmt: str) -> list[Path]:
 
 def find_pulled(catalog: Catalog, repo_id: str, revision: str | None) -> Entry | None:
     """An entry already pulled from ``repo_id`` (at ``revision`` when given) that still has a file here."""
-    rows = catalog.conn.execute(
-        "SELECT id FROM adapters WHERE source_repo = ?1 AND (?2 IS NULL OR source_revision = ?2 OR source_commit = ?2) "
-        "ORDER BY updated_at DESC", (repo_id, revision)).fetchall()
-    for (adapter_id,) in rows:
-        entry = catalog.by_id(adapter_id)
+    for entry in catalog.pulled_from(repo_id, revision):
         try:
             catalog.local_path(entry)
         except InputNotFoundError:

@@ -76,7 +76,7 @@ class Entry:
     def from_row(cls, row: sqlite3.Row) -> Entry:
         """Build an entry from a row of ``adapters`` (any subset of its columns)."""
         values = {}
-        for key in row.keys():
+        for key in row.keys():  # noqa: SIM118 - iterating a sqlite3.Row yields values, not keys
             value = row[key]
             if key in JSON_COLUMNS:
                 value = _loads(value, JSON_COLUMNS[key])

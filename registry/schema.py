@@ -26,7 +26,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,7 @@ class CatalogError(LoraError):
 
 def now() -> str:
     """The current UTC time as stored in the catalog (ISO 8601, seconds)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -57,7 +57,7 @@ def connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         raise CatalogError(f"cannot open the catalog at {path}: {exc}",
-                           "Check that the folder is writable, or choose another with --home / LORAREG_HOME") from None
+                           "Check that the folder is writable, or choose another with --home / LORAREG_HOME") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -66,15 +66,34 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
         if schema_version(conn) != SCHEMA_VERSION:
             migrate(conn)
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.Error as exc:
         conn.close()
-        raise CatalogError(f"the catalog at {path} cannot be read: {exc}",
-                           "If the file is damaged, move it away; lorareg scan rebuilds a catalog from your folders"
-                           ) from None
+        raise catalog_error(path, exc) from exc
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def catalog_error(path: Path, exc: sqlite3.Error) -> CatalogError:
+    """What an SQLite error means for the user of the catalog at ``path``, in one line."""
+    text = str(exc)
+    lowered = text.lower()
+    if "readonly" in lowered or "read-only" in lowered:
+        return CatalogError(f"the catalog at {path} is read-only",
+                            "Make it (and its folder) writable, or choose another catalog with --home / LORAREG_HOME")
+    if "disk is full" in lowered or "disk i/o" in lowered:
+        return CatalogError(f"the catalog at {path} could not be written: {text}",
+                            "Free some space on that disk, or choose another catalog with --home / LORAREG_HOME")
+    if "locked" in lowered or "busy" in lowered:
+        return CatalogError(f"the catalog at {path} stayed locked by another lorareg process: {text}",
+                            "Wait for the other command to finish, then try again")
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in lowered or "not a database" in lowered
+                                                    or "corrupt" in lowered):
+        return CatalogError(f"the catalog at {path} cannot be read: it is damaged ({text})",
+                            "Move the file away; lorareg scan rebuilds a catalog from your folders")
+    return CatalogError(f"the catalog at {path} cannot be used: {text}",
+                        "If the file is damaged, move it away; lorareg scan rebuilds a catalog from your folders")
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

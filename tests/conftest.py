@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test worker unless asked otherwise (LORAREG_TEST_THREADS): the workers
+# already fill the cores, and a second spinning OpenMP thread per worker only slows the suite
+# down (the ill-conditioned compose tests took 82 s with default threads, 7 s with one). Set
+# before any test module imports torch; subprocesses inherit it.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, os.environ.get("LORAREG_TEST_THREADS", "1"))
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 REAL_LORAS = SHARED_FIXTURES / "real-loras"

@@ -103,7 +103,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sd1, tmp_path):
             if line.startswith("step 1/"):
                 process.send_signal(signal.SIGINT)
                 break
-        out_text, err_rest = process.communicate(timeout=120)
+        _out_text, err_rest = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()

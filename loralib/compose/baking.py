@@ -15,7 +15,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
         deltas = _fused_modules(items)
         _check_fits(model, deltas, items)
     operation = OperationRecord("bake", [input_record(i.adapter, i.weight) for i in items], {"base": base.name})
-    written = {"tool": f"lorareg {__version__}", "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}
+    written = {"tool": f"lorareg {__version__}", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")}
     record = operation.completed(written).to_dict(with_paths=False)
     if model.kind == "checkpoint":
         plan = {base: checkpoint_slots(read_header(base))}

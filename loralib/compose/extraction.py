@@ -18,12 +18,12 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import COMPONENTS, detect_architecture
+from ..dtypes import from_safetensors
 from ..errors import InvalidArgumentError, MismatchError
 from ..layers import PROJECTION, LayerShape, select_layers
 from ..records import InputRecord, OperationRecord
 from .inputs import Progress, module_from_factors
 from .lowrank import SVD_METHODS
-from ..dtypes import from_safetensors
 from .model_weights import ModelWeights
 from .rank_rules import RankRule, rank_rule
 from .reduce import reduce_dense

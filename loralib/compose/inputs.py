@@ -11,16 +11,15 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import ARCHITECTURES, UNKNOWN
-from ..layers import LayerShape
 from ..errors import InvalidArgumentError, MismatchError
+from ..layers import LayerShape
 
-AdapterLike = Union[LoraAdapter, str, Path]
+AdapterLike = LoraAdapter | str | Path
 Progress = Callable[[int, int], None]
 
 
@@ -54,8 +53,8 @@ def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]]) -> 
         source, weight = item if isinstance(item, tuple) else (item, 1.0)
         try:
             weight = float(weight)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight!r}, not a number") from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight!r}, not a number") from exc
         if not math.isfinite(weight):
             raise InvalidArgumentError(f"the weight of input {position + 1} is {weight}", "Use a finite number")
         adapter = load(source)

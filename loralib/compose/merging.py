@@ -27,8 +27,19 @@ from ..adapter import LoraAdapter, LoraModule
 from ..errors import InvalidArgumentError, MismatchError
 from ..metadata import input_record
 from ..records import OperationRecord
-from .inputs import (AdapterLike, Progress, WeightedAdapter, check_compatible, common_dtype, load_weighted,
-                     merge_embeddings, module_from_factors, output_shape, union_keys)
+from ..vocabulary import MERGE_METHODS
+from .inputs import (
+    AdapterLike,
+    Progress,
+    WeightedAdapter,
+    check_compatible,
+    common_dtype,
+    load_weighted,
+    merge_embeddings,
+    module_from_factors,
+    output_shape,
+    union_keys,
+)
 from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, work_dtype
 from .parallel import map_modules
 from .rank_rules import RankRule, rank_rule
@@ -37,7 +48,7 @@ from .report import CompositionReport, ModuleReport
 from .result import Composition, storage_bytes
 from .ties_dare import dare, module_seed, task_vectors, ties
 
-METHODS = ("concat", "linear", "ties", "dare")
+METHODS = MERGE_METHODS
 
 Part = tuple[LoraModule, float, int]  # module, weight, input position
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from ..layers import LayerShape
 from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
 from ..files import is_pickle
 from ..files.header import SafetensorsHeader, read_header
+from ..layers import LayerShape
 from ..naming import internal_key
 from ..naming.sgm import UNetLayout, sgm_to_diffusers
 

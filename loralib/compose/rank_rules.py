@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError
-
-DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
+from ..vocabulary import DYNAMIC_RULES
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,9 @@ def parse_dynamic(text: str) -> tuple[str, float]:
                                    "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95")
     try:
         number = float(value)
-    except ValueError:
+    except ValueError as exc:
         raise InvalidArgumentError(f"{text!r}: {value!r} is not a number",
-                                   "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95") from None
+                                   "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95") from exc
     return name, number
 
 

@@ -161,11 +161,11 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raw = f.read(header_size)
     try:
         parsed = _parse_json(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptFileError(
             f"{name} is not a safetensors file: its header is not valid JSON",
             "It may be a pickle checkpoint (.ckpt/.pt) renamed, or damaged",
-        ) from None
+        ) from exc
     if not isinstance(parsed, dict):
         raise CorruptFileError(f"{name} is not a safetensors file: its header is not a JSON object")
     metadata = _parse_metadata(parsed.pop("__metadata__", None), name)

@@ -55,8 +55,8 @@ def _component_configs(metadata: dict[str, str], path_name: str) -> dict[str, di
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from None
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from exc
     configs: dict[str, dict] = {}
     for key, value in flat.items() if isinstance(flat, dict) else ():
         component, _, field = key.partition(".")

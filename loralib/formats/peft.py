@@ -43,11 +43,11 @@ def read_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise CorruptFileError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}",
-                               "PEFT needs both files; without the config the scale of each module is unknown") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptFileError(f"{path} is not valid JSON") from None
+                               "PEFT needs both files; without the config the scale of each module is unknown") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON") from exc
     if not isinstance(config, dict):
         raise CorruptFileError(f"{path} does not hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()

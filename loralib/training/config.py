@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidArgumentError
 
+
 class ConfigError(InvalidArgumentError):
     """A training configuration with unknown keys or bad values; ``problems`` lists each one."""
 
@@ -332,9 +333,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), ["not a UTF-8 text file"]) from None
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), ["not a UTF-8 text file"]) from exc
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

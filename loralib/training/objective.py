@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..pipelines import BaseModel
 from .config import TrainConfig
 from .dataset import BatchPlan, Dataset, load_image, plan_crop
-from ..pipelines import BaseModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
 from ..pipelines import BaseModel
+from .config import TrainConfig
 
 
 def render_samples(base: BaseModel, unet, text_encoders: list[Any], config: TrainConfig, step: int, folder: Path,

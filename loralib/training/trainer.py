@@ -212,10 +212,10 @@ class Trainer:
         if self.config.training.optimizer == "adamw8bit":
             try:
                 import bitsandbytes  # noqa: F401
-            except ImportError:
+            except ImportError as exc:
                 raise InvalidArgumentError(
                     "optimizer adamw8bit needs the bitsandbytes package, which is not installed",
-                    "pip install bitsandbytes (needs a GPU), or use optimizer = \"adamw\"") from None
+                    "pip install bitsandbytes (needs a GPU), or use optimizer = \"adamw\"") from exc
 
     def _make_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -516,7 +516,7 @@ class Trainer:
     def adapter(self, epoch: int | None = None):
         """The LoRA as trained so far, as a :class:`~loralib.adapter.LoraAdapter` with training metadata."""
         modules = {}
-        for component, (model, targets) in self.targets.items():
+        for _component, (model, targets) in self.targets.items():
             modules.update(network.export_modules(network.lora_layers(model, targets)))
         epoch = epoch if epoch is not None else self._epoch_of(max(self.step - 1, 0)) + 1
         processes = self.accelerator.num_processes

@@ -90,7 +90,7 @@ import threading
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType, TracebackType
@@ -162,7 +162,7 @@ class CommitRecord:
 
 
 def _git_blob_id(data: bytes) -> str:
-    digest = hashlib.sha1()  # noqa: S324 - git object ids are SHA-1 by definition
+    digest = hashlib.sha1()
     digest.update(b"blob %d\0" % len(data))
     digest.update(data)
     return digest.hexdigest()
@@ -254,8 +254,8 @@ class _RepoStore:
         with self.lock:
             if repo_id in self._repos:
                 raise HubError(409, "You already created this model repo")
-            now = datetime.now(timezone.utc)
-            object_id = hashlib.sha1(f"{repo_id}:{next(self._sequence)}".encode()).hexdigest()[:24]  # noqa: S324
+            now = datetime.now(UTC)
+            object_id = hashlib.sha1(f"{repo_id}:{next(self._sequence)}".encode()).hexdigest()[:24]
             repo = _Repo(repo_id=repo_id, owner=owner, private=private, created_at=now, object_id=object_id)
             self._repos[repo_id] = repo
             gitattributes = {".gitattributes": Blob.of(DEFAULT_GITATTRIBUTES)}
@@ -334,8 +334,8 @@ class _RepoStore:
         description: str,
         files: Mapping[str, Blob],
     ) -> CommitRecord:
-        now = datetime.now(timezone.utc)
-        digest = hashlib.sha1()  # noqa: S324 - commit ids are SHA-1 shaped, like git's
+        now = datetime.now(UTC)
+        digest = hashlib.sha1()
         digest.update(f"{repo.repo_id}\n{parent}\n{author}\n{_iso(now)}\n{next(self._sequence)}\n".encode())
         digest.update(f"{title}\n{description}\n".encode())
         for path in sorted(files):
@@ -487,7 +487,7 @@ class _HubApi:
         return _Response.json(
             {
                 "type": "user",
-                "id": hashlib.sha1(user.encode()).hexdigest()[:24],  # noqa: S324
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
                 "name": user,
                 "fullname": user,
                 "email": f"{user}@example.invalid",
@@ -849,7 +849,7 @@ def _folders(files: Iterable[str]) -> set[str]:
 
 def _folder_id(files: Mapping[str, Blob], folder: str) -> str:
     prefix = folder + "/"
-    digest = hashlib.sha1(b"tree\0")  # noqa: S324
+    digest = hashlib.sha1(b"tree\0")
     for path in sorted(p for p in files if p.startswith(prefix)):
         digest.update(f"{path}\0{files[path].git_sha1}\n".encode())
     return digest.hexdigest()
@@ -937,12 +937,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(self.connection, add=False)
 
-    def do_GET(self) -> None:  # noqa: N802 - name imposed by BaseHTTPRequestHandler
+    def do_GET(self) -> None:
         self._dispatch()
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET  # noqa: N815
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: tests inspect ``hub.requests`` instead."""
 
     def _read_body(self) -> bytes:
@@ -1047,7 +1047,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         #: Tracebacks of unexpected exceptions raised while serving (should stay empty).
         self.server_errors: list[str] = []
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._host, self._port = host, port
         self._store = _RepoStore()
         self._api = _HubApi(self)
