@@ -10,9 +10,11 @@ factors can say exactly what it was given.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from .base import Kind
+from .base import Format, Kind
 from .table import FORMATS
 
 _LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
@@ -62,6 +64,8 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     """Name what a file with these tensors holds; None when nothing matches.
 
     ``names`` are tensor names, ``shapes`` their shapes, ``metadata`` the file's string metadata.
+    A format whose spellings cover every key wins over anything else, so an adapter is never
+    taken for a checkpoint; among formats, see :func:`best_format`.
     """
     if not names:
         return None
@@ -75,24 +79,56 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
             what = lycoris.title if lycoris else "LoRA"
             return Kind(f"{family}-adapter", f"{title} {what}", False, family)
         return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
+    match = best_format(names)
+    if match is not None and match.complete:
+        return match.kind
     if lycoris is not None:
         return lycoris
     if any(_CHECKPOINT.match(n) for n in names):
         return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
-    spellings = [spelling for fmt in FORMATS for spelling in fmt.spellings]
-    counts = dict.fromkeys((kind for kind, _ in spellings), 0)
-    for name in names:  # each key counts for the first spelling it matches, in table order
-        kind = next((kind for kind, pattern in spellings if pattern.match(name)), None)
-        if kind is not None:
-            counts[kind] += 1
-    best = max(counts, key=counts.get)  # ties resolve in table order
-    if counts[best]:
-        return best
+    if match is not None:
+        return match.kind
     if _is_textual_inversion(names, shapes):
         return Kind("textual-inversion", "textual-inversion embedding (not a LoRA)", False)
     if all(_MODEL_WEIGHTS.match(n) for n in names):
         return Kind("checkpoint", "model weights (not an adapter)", False)
     return None
+
+
+@dataclass(frozen=True)
+class FormatMatch:
+    """The format that reads most of a file's keys, the kind of file it makes of them, and whether
+    it reads every key."""
+
+    format: Format
+    kind: Kind
+    keys: int
+    complete: bool
+
+
+def best_format(names: list[str]) -> FormatMatch | None:
+    """The table format that reads a file with these tensor names best, or None if none reads any.
+
+    A format reads a key when one of its spellings matches it. A format that reads every key wins
+    (the first in table order, so PEFT before diffusers, whose spelling also matches PEFT keys);
+    otherwise the one that reads the most. Its kind is the spelling that matched most keys.
+    """
+    best: FormatMatch | None = None
+    for fmt in FORMATS:
+        per_kind: Counter[Kind] = Counter()
+        for name in names:
+            kind = next((kind for kind, pattern in fmt.spellings if pattern.match(name)), None)
+            if kind is not None:
+                per_kind[kind] += 1
+        read = sum(per_kind.values())
+        if not read:
+            continue
+        match = FormatMatch(fmt, per_kind.most_common(1)[0][0], read, read == len(names))
+        if match.complete:
+            return match
+        if best is None or read > best.keys:
+            best = match
+    return best
 
 
 def _is_textual_inversion(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> bool:

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 KOHYA = Kind("kohya", "kohya-ss LoRA", True)
 KOHYA_KEY = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
+BUNDLE_KEY = re.compile(r"^bundle_emb\.([^.]+)\.(.+)$")  # A1111's textual-inversion tokens bundled with a LoRA
 
-_BUNDLE = re.compile(r"^bundle_emb\.([^.]+)\.(.+)$")
 _PLAIN_EMBEDDING = ("string_to_param.*", "emb_params")
 _SGM_CROSS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_.*_attn2_to_[kv]$")
 
@@ -57,7 +57,7 @@ def parse(source: TensorSource) -> AdapterIndex:
     for name in source.names:
         if match := KOHYA_KEY.match(name):
             modules[match.group(1)][match.group(2)] = name
-        elif match := _BUNDLE.match(name):
+        elif match := BUNDLE_KEY.match(name):
             token, part = match.groups()
             embeddings[token if part in _PLAIN_EMBEDDING else f"{token}/{part}"] = (source, name)
         else:
@@ -119,5 +119,6 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> dic
     return tensors
 
 
-FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY),), read, write,
+FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY), (KOHYA, BUNDLE_KEY)),
+                read, write,
                 holds_embeddings=True, holds_cp_mid=True)
