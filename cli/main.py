@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from loralib import __version__
 from loralib.errors import LoraError
+from loralib.version import __version__
 
 # name -> (module, function, one-line help). The help is here so that listing the commands
 # imports none of them.

@@ -12,9 +12,9 @@ Importing ``loralib`` is cheap: torch is imported only by the functions that nee
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
-__all__ = ["LoraAdapter", "LoraModule", "convert", "inspect", "load", "save", "LoraError",
+__all__ = ["LoraAdapter", "LoraModule", "__version__", "convert", "inspect", "load", "save", "LoraError",
            "merge", "resize", "bake", "extract"]
 
 from .errors import LoraError

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .errors import InvalidArgumentError, MismatchError
+from .version import TOOL
 from .vocabulary import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), 
     if hashed:
         fields["Lora hashes"] = ", ".join(hashed)
     fields.update(extra or {})
-    fields["Version"] = f"lorareg {__version__}"
+    fields["Version"] = TOOL
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items()))
     return "\n".join(lines)
 
@@ -330,7 +330,7 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
         details = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": image_seed, "steps": steps,
                    "guidance_scale": guidance_scale, "width": one.width, "height": one.height,
                    "scheduler": one.sampler, "base_model": str(base_model), "adapters": [u.to_dict() for u in uses],
-                   "tool": f"lorareg {__version__}"}
+                   "tool": TOOL}
         path = save_png(image, output_dir / f"{index + i:05d}-{image_seed}.png", text, details)
         results.append(GeneratedImage(image, image_seed, text, path))
         if progress:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from . import __version__
 from .architectures import ARCHITECTURES
 from .records import InputRecord, OperationRecord
+from .version import TOOL
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
@@ -99,7 +99,7 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     meta["ss_output_name"] = title
     if operation is None:
         return FileMetadata(meta)
-    written = {"tool": f"lorareg {__version__}", "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
+    written = {"tool": TOOL, "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
                "alphas": {_number(a): n for a, n in sorted(alphas.items())}}
     entry, pending = operation.history_entry(written)
     meta[HISTORY_KEY] = json.dumps(history(adapter.metadata) + [entry])

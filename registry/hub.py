@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from loralib import __version__
 from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
 from loralib.files.hashes import hash_file
 from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
+from loralib.version import __version__
 from loralib.vocabulary import HUB_LAYOUTS
 
 from .catalog import AddResult, Catalog

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loralib import __version__
 from loralib.inspection import architecture_title, metadata_summary
+from loralib.version import TOOL
 
 from .records import Entry
 
@@ -123,5 +123,5 @@ def model_card(entry: Entry, inputs: CardInputs) -> str:
     labels = {"sha256": "SHA-256", "autov2": "AutoV2 (Civitai)", "tensor_sha256": "tensor SHA-256 (AutoV3, sshs_model_hash)",
               "a1111": "A1111 LoRA hash", "legacy": "legacy (AutoV1)"}
     lines += [f"| {label} | `{inputs.hashes[key]}` |" for key, label in labels.items() if inputs.hashes.get(key)]
-    lines += ["", f"Published with lorareg {__version__}.", ""]
+    lines += ["", f"Published with {TOOL}.", ""]
     return "\n".join(lines)

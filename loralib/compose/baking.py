@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
 from ..files.atomic import atomic_dir, check_output, refuse_overwrite
 from ..files.header import read_header
 from ..files.writer import write_safetensors
 from ..metadata import HISTORY_KEY, history, input_record
 from ..records import OperationRecord
+from ..version import TOOL
 from .inputs import AdapterLike, Progress, WeightedAdapter, check_compatible, load_weighted
 from .lowrank import concatenate
 from .model_weights import ModelWeights, Slot, checkpoint_slots, component_folders, diffusers_slots, weight_files
@@ -59,7 +59,7 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
         deltas = _fused_modules(items)
         _check_fits(model, deltas, items)
     operation = OperationRecord("bake", [input_record(i.adapter, i.weight) for i in items], {"base": base.name})
-    written = {"tool": f"lorareg {__version__}", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")}
+    written = {"tool": TOOL, "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")}
     record = operation.completed(written).to_dict(with_paths=False)
     if model.kind == "checkpoint":
         plan = {base: checkpoint_slots(read_header(base))}
