@@ -41,14 +41,12 @@ def register_output(ctx: click.Context, result, operation: dict) -> None:
     ``"weights"``, and the parameters. The output exists whatever happens here, so a catalog
     problem is reported as a warning and does not fail the command.
     """
-    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.outputs import record_output
 
     from .output import note
 
-    hashes = result.hashes if getattr(result, "format", None) != "peft" else None
     try:
-        with Catalog(catalog_home(ctx)) as catalog:
-            added = catalog.register_output(result.path, operation, hashes=hashes)
+        added = record_output(result, operation, catalog_home(ctx))
     except (LoraError, sqlite3.Error, OSError) as exc:
         note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
         return

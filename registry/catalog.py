@@ -16,6 +16,7 @@ in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -247,7 +248,8 @@ class Catalog:
     # -- listing and searching ------------------------------------------------------------- #
 
     @staticmethod
-    def _filters(architecture: str | None, format: str | None, tag: str | None) -> tuple[list[str], list]:
+    def _filters(architecture: str | None, format: str | None, tag: str | None,
+                 base_model: str | None = None) -> tuple[list[str], list]:
         where, params = [], []
         if architecture:
             where.append("a.architecture = ?")
@@ -258,40 +260,50 @@ class Catalog:
         if tag:
             where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
             params.append(" ".join(tag.split()).lower())
+        if base_model and re.search(r"\w", base_model):
+            # The base model's name is among the metadata's words (ss_sd_model_name, modelspec.architecture…).
+            where.append("a.id IN (SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?)")
+            params.append('keywords : "' + " ".join(base_model.split()).replace('"', '""') + '"')
         return where, params
 
     def list(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-             sort: str = "name", limit: int | None = 100, offset: int = 0) -> list[Entry]:
-        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all."""
+             base_model: str | None = None, sort: str = "name", limit: int | None = 100,
+             offset: int = 0) -> list[Entry]:
+        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all.
+
+        ``base_model`` keeps entries whose metadata names it (words of ``ss_sd_model_name`` and the like).
+        """
         if sort not in SORTS:
             raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
-        where, params = self._filters(architecture, format, tag)
+        where, params = self._filters(architecture, format, tag, base_model)
         tail = f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
         return self._entries(" AND ".join(where) or "1", [*params, -1 if limit is None else limit, offset],
                              SUMMARY_COLUMNS, tail)
 
-    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None) -> int:
+    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
+              base_model: str | None = None) -> int:
         """How many entries match the filters of :meth:`list`."""
-        where, params = self._filters(architecture, format, tag)
+        where, params = self._filters(architecture, format, tag, base_model)
         return self.conn.execute(f"SELECT count(*) FROM adapters a WHERE {' AND '.join(where) or '1'}", params).fetchone()[0]
 
     def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-               limit: int | None = 100) -> tuple[list[Entry], int]:
+               base_model: str | None = None, limit: int | None = 100, offset: int = 0) -> tuple[list[Entry], int]:
         """Full-text search over names, titles, tags, triggers, descriptions, metadata and Hub repos.
 
-        Returns the best ``limit`` matches (summary fields) and the number of all matches. A query
-        that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with one clear line.
+        Returns the best ``limit`` matches after skipping ``offset`` (summary fields) and the number
+        of all matches. A query that is not valid FTS5 syntax raises :class:`InvalidArgumentError`
+        with one clear line.
         """
         query = fts_query(text)
-        where, params = self._filters(architecture, format, tag)
+        where, params = self._filters(architecture, format, tag, base_model)
         condition = " AND ".join(["adapters_fts MATCH ?", *where])
         cols = ", ".join(f"a.{c}" for c in SUMMARY_COLUMNS)
         join = "FROM adapters_fts JOIN adapters a ON a.id = adapters_fts.rowid"
         try:
-            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ?",
-                                     [query, *params, -1 if limit is None else limit]).fetchall()
-            if limit is None or len(rows) < limit:
-                total = len(rows)
+            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ? OFFSET ?",
+                                     [query, *params, -1 if limit is None else limit, offset]).fetchall()
+            if limit is None or 0 < len(rows) < limit:
+                total = offset + len(rows)
             elif where:
                 total = self.conn.execute(f"SELECT count(*) {join} WHERE {condition}", [query, *params]).fetchone()[0]
             else:  # counting in the index alone is several times faster than through the join
@@ -304,6 +316,58 @@ class Catalog:
                 'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
                 "operators are AND, OR, NOT, prefix*, and column:word") from None
         return [Entry.from_row(r) for r in rows], total
+
+    def facets(self, tags: int = 200) -> dict[str, list[tuple[str, int]]]:
+        """The values the filters can take, with how many entries have each: architectures, formats, and
+        the ``tags`` most used tags."""
+        def grouped(sql: str, params: Sequence = ()) -> list[tuple[str, int]]:
+            return [(r[0], r[1]) for r in self.conn.execute(sql, params).fetchall() if r[0]]
+
+        return {"architecture": grouped("SELECT architecture, count(*) FROM adapters GROUP BY architecture "
+                                        "ORDER BY count(*) DESC"),
+                "format": grouped("SELECT format, count(*) FROM adapters GROUP BY format ORDER BY count(*) DESC"),
+                "tag": grouped("SELECT tag, count(*) n FROM adapter_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
+                               (tags,))}
+
+    def samples_of(self, entries: Iterable[Entry]) -> dict[int, list[dict]]:
+        """The sample images recorded for each of ``entries`` (list and search results leave them out)."""
+        ids = [e.id for e in entries]
+        rows = self.conn.execute(f"SELECT id, samples FROM adapters WHERE id IN ({', '.join('?' * len(ids))})",
+                                 ids).fetchall() if ids else []
+        return {r[0]: [s for s in _json_list(r[1]) if isinstance(s, dict)] for r in rows}
+
+    def paths_of(self, entries: Iterable[Entry]) -> dict[int, list[str]]:
+        """Every recorded path of each of ``entries``, usable ones first."""
+        ids = [e.id for e in entries]
+        found: dict[int, list[str]] = {i: [] for i in ids}
+        if ids:
+            for adapter_id, path in self.conn.execute(
+                    f"SELECT adapter_id, path FROM files WHERE adapter_id IN ({', '.join('?' * len(ids))}) "
+                    "ORDER BY state != 'ok', seen_at DESC", ids).fetchall():
+                found[adapter_id].append(path)
+        return found
+
+    def same_adapter(self, entry: Entry, limit: int = 50) -> list[Entry]:
+        """Other entries holding the same adapter (the same ΔW in other files or formats).
+
+        For now these are the entries linked to ``entry`` by ``convert`` operations, either way,
+        followed transitively (a conversion keeps every module's ΔW).
+        """
+        seen, queue, found = {entry.id}, [entry], []
+        while queue and len(found) < limit:
+            current = queue.pop()
+            linked = self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?) "
+                                   "AND json_extract(a.operation, '$.operation') = 'convert'",
+                                   (current.tensor_sha256,), SUMMARY_COLUMNS)
+            if (self.by_id(current.id) or current).operation_name == "convert":
+                linked += self._entries("a.tensor_sha256 IN (SELECT tensor_sha256 FROM parents WHERE child_id = ?)",
+                                        (current.id,), SUMMARY_COLUMNS)
+            for other in linked:
+                if other.id not in seen:
+                    seen.add(other.id)
+                    found.append(other)
+                    queue.append(other)
+        return sorted(found[:limit], key=lambda e: e.name.casefold())
 
     # -- writing --------------------------------------------------------------------------- #
 
@@ -510,6 +574,14 @@ class Catalog:
                                         f"{exc.strerror or exc}") from None
                     deleted.append(str(file))
         return RemoveResult(entry, deleted)
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def _source_columns(source: dict | None) -> dict | None:

@@ -65,3 +65,20 @@ def sample_record(path: str | os.PathLike, prompt: str | None = None) -> dict:
         prompt = parameters.split("\n", 1)[0].strip() or None
     return {"path": str(image), "prompt": prompt}
 
+
+
+# Where other tools keep an adapter's preview image: beside the file, named after it (AUTOMATIC1111,
+# Forge, ComfyUI-Lora-Manager and Civitai helpers write ``NAME.preview.png``).
+PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".jpeg",
+                    ".webp")
+
+
+def preview_path(adapter_path: str | os.PathLike) -> str | None:
+    """The preview image stored beside an adapter file (``NAME.preview.png`` and the like), if there is one."""
+    path = absolute(adapter_path)
+    stem = path.parent / (path.name if path.is_dir() else path.stem)
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = stem.parent / (stem.name + suffix)
+        if candidate.is_file():
+            return str(candidate)
+    return None
