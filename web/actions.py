@@ -65,9 +65,9 @@ def _entry(catalog: Catalog, entry_id: int) -> Entry:
     return entry
 
 
-def _recorded(result, operation: dict, settings: Settings) -> dict[str, Any]:
+def _recorded(result, operation: dict, settings: Settings, target: Path) -> dict[str, Any]:
     added = record_output(result, operation, settings.home)
-    return {"entry_id": added.entry.id, "name": added.entry.name, "path": str(result.path), "new": added.created}
+    return {"entry_id": added.entry.id, "name": added.entry.name, "path": str(target), "new": added.created}
 
 
 def merge(job: Job, settings: Settings, inputs: list[tuple[int, float]], *, method: str = "concat",
@@ -87,7 +87,7 @@ def merge(job: Job, settings: Settings, inputs: list[tuple[int, float]], *, meth
     composition = merge_adapters(paths, rank, method=method, density=density, seed=seed, progress=job.progress)
     job.checkpoint("writing")
     result = composition.save(target, fmt)
-    return _recorded(result, composition.operation, settings)
+    return _recorded(result, composition.operation, settings, target)
 
 
 def resize(job: Job, settings: Settings, entry_id: int, *, rank: int, fmt: str = "kohya",
@@ -102,7 +102,7 @@ def resize(job: Job, settings: Settings, entry_id: int, *, rank: int, fmt: str =
     composition = resize_adapter(source, rank, progress=job.progress)
     job.checkpoint("writing")
     result = composition.save(target, fmt)
-    return _recorded(result, composition.operation, settings)
+    return _recorded(result, composition.operation, settings, target)
 
 
 def convert(job: Job, settings: Settings, entry_id: int, *, fmt: str, name: str = "") -> dict[str, Any]:
@@ -115,7 +115,7 @@ def convert(job: Job, settings: Settings, entry_id: int, *, fmt: str, name: str 
     job.checkpoint("converting")
     result = convert_adapter(source, target, fmt)
     job.progress(1, 1)
-    return _recorded(result, {"operation": "convert", "inputs": [str(source)], "to_format": fmt}, settings)
+    return _recorded(result, {"operation": "convert", "inputs": [str(source)], "to_format": fmt}, settings, target)
 
 
 def generate(job: Job, settings: Settings, entry_id: int, *, prompt: str, weight: float = 0.8, seed: int = 0,
@@ -138,7 +138,7 @@ def generate(job: Job, settings: Settings, entry_id: int, *, prompt: str, weight
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     result = render(settings.base_model, prompt, [(source, weight)], names=[source.stem], output_dir=folder,
                     num_samples=count, seed=seed, steps=steps, progress=job.progress)
-    samples = [sample_record(image.path, prompt) for image in result.images]
+    samples = [sample_record(image.path) for image in result.images]  # the prompt as the PNG records it
     with Catalog(settings.home) as catalog:
         catalog.update(entry.tensor_sha256, samples=samples)
     return {"entry_id": entry.id, "name": entry.name, "images": [s["path"] for s in samples]}

@@ -14,7 +14,7 @@ import hashlib
 import mmap
 import os
 import secrets
-import weakref
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,8 +103,6 @@ class Deferred:
     """
 
     def __init__(self, fn, *args) -> None:
-        import threading
-
         self._value = self._error = None
         self._token: str | None = None
         self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
@@ -116,7 +114,8 @@ class Deferred:
             return self.result()
         if self._token is None:
             self._token = secrets.token_hex(32)
-            _PENDING[self._token] = self
+            with _LOCK:
+                _PENDING[self._token] = self
         return self._token
 
     def _run(self, fn, *args) -> None:
@@ -133,13 +132,19 @@ class Deferred:
         return self._value
 
 
-_PENDING: weakref.WeakValueDictionary[str, Deferred] = weakref.WeakValueDictionary()
+# Strong references: the adapter whose hash a placeholder stands for is often gone (a merge drops its
+# inputs) before the operation record is filled in, and the placeholder must still find its value.
+# The same token may be filled in several records (the file's history, the caller's copy), so tokens
+# stay; each costs a few hundred bytes, and only inputs still being hashed when named get one.
+_PENDING: dict[str, Deferred] = {}
+_LOCK = threading.Lock()
 
 
 def fill_placeholders(data: dict) -> bool:
     """Replace, in place, every pending placeholder in ``data``'s string values (also inside nested
     dicts and lists) by its value, waiting for it. Strings keep their length. True if any changed."""
-    pending = {token: deferred for token, deferred in list(_PENDING.items())}
+    with _LOCK:
+        pending = dict(_PENDING)
     if not pending:
         return False
     changed = False
