@@ -9,7 +9,7 @@ request forgery) and, through DNS rebinding, read answers under its own host nam
 - every request that changes something (any method but GET/HEAD/OPTIONS) carries the session's
   CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) and no foreign ``Origin``, else 403;
 - every answer carries a Content-Security-Policy without inline scripts, ``nosniff``, no framing
-  and no referrer.
+  and referrers only to itself (the address may hold the token).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MAX_FORM_BYTES = 1 << 20
 CSP = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
                     (b"cross-origin-resource-policy", b"same-origin")]
 
 

@@ -80,7 +80,9 @@ if (filters && results) {
     clearTimeout(timer);
     timer = setTimeout(() => loadResults(filterUrl(), false), delay);
   };
-  filters.addEventListener("input", (event) => changed(event.target.type === "search" || event.target.type === "text" ? 120 : 0));
+  const typing = (target) => target.type === "search" || target.type === "text";
+  filters.addEventListener("input", (event) => changed(typing(event.target) ? 120 : 0));
+  filters.addEventListener("change", (event) => { if (!typing(event.target)) changed(0); });
   filters.addEventListener("submit", (event) => { event.preventDefault(); changed(0); });
   results.addEventListener("click", (event) => {
     const link = event.target.closest(".pager a");
@@ -193,6 +195,7 @@ if (job) {
     if (data.error) { error.textContent = data.error; error.hidden = false; }
     if (data.finished) {
       cancelForm.hidden = true;
+      step.textContent = "";
       if (data.state === "done") bar.value = bar.max;
       if (data.result && data.result.entry_id && !document.getElementById("job-entry")) {
         const link = document.createElement("a");
