@@ -7,8 +7,8 @@ record) and against an outside oracle (dense ΔW, the Hub server's copy of the f
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 

@@ -74,8 +74,10 @@ def layout(tree: LineageNode) -> Layout:
         else:
             y = MARGIN + next_row[0] * ROW
             next_row[0] += 1
-        detail = operation_summary(node.operation, node.params) if node.operation else (
-            "" if node.in_catalog else "not in the catalog")
+        if node.operation:
+            detail = operation_summary(node.operation, node.params)
+        else:
+            detail = (node.format or "") if node.in_catalog else "not in the catalog"
         boxes.append(Box(x, y, node.label, detail, node.tensor_sha256, node.in_catalog, node.repeated))
         for parent, (px, py) in zip(parents, anchors, strict=True):
             weight = "" if parent.weight is None else f"× {parent.weight:g}"

@@ -93,7 +93,7 @@ def injected_markup(html: str, allowed_scripts: tuple[str, ...] = ("/static/app.
         if tag == "script" and attrs.get("src") not in allowed_scripts:
             problems.append(f"script src={attrs.get('src')!r}")
         if tag in ("img", "iframe", "object", "embed", "svg") and any(
-                "x" == (attrs.get(k) or "") for k in ("src", "data")):
+                (attrs.get(k) or "") == "x" for k in ("src", "data")):
             problems.append(f"injected <{tag}>")
         for name, value in attrs.items():
             if name.startswith("on"):
