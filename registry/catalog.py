@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 HASH_PREFIX = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{8,64})$")
 SORTS = {"name": "a.name COLLATE NOCASE", "added": "a.added_at DESC, a.id DESC",
          "updated": "a.updated_at DESC, a.id DESC", "size": "a.size DESC, a.id"}
+# The index each sort order walks (schema.py creates them; a catalog without one sorts the slow way).
+SORT_INDEXES = {"name": "adapters_name", "added": "idx_adapters_added_at", "updated": "idx_adapters_updated_at",
+                "size": "idx_adapters_size"}
 _FTS_SYNTAX = re.compile(r'["*()^:+{}]|\b(AND|OR|NOT|NEAR)\b')
 MAX_NAME = 200
 PARENT_COLUMNS = ("tensor_sha256", "sha256", "file", "path", "format", "weight")
@@ -248,23 +251,36 @@ class Catalog:
     # -- listing and searching ------------------------------------------------------------- #
 
     @staticmethod
-    def _filters(architecture: str | None, format: str | None, tag: str | None,
-                 base_model: str | None = None) -> tuple[list[str], list]:
-        where, params = [], []
+    def _filter_ids(architecture: str | None, format: str | None, tag: str | None,
+                    base_model: str | None = None) -> tuple[str | None, list]:
+        """A compound SELECT of the ids the filters keep (None: no filter), read from indexes only.
+
+        Rows of ``adapters`` are large (metadata), so reading one costs a page: the filters
+        intersect id sets from the architecture and format indexes, the tag table and the
+        full-text index instead of testing rows.
+        """
+        parts, params = [], []
         if architecture:
-            where.append("a.architecture = ?")
+            parts.append("SELECT id FROM adapters WHERE architecture = ?")
             params.append(architecture.lower())
         if format:
-            where.append("a.format = ?")
+            parts.append("SELECT id FROM adapters WHERE format = ?")
             params.append(format.lower())
         if tag:
-            where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
+            parts.append("SELECT adapter_id FROM adapter_tags WHERE tag = ?")
             params.append(" ".join(tag.split()).lower())
         if base_model and re.search(r"\w", base_model):
             # The base model's name is among the metadata's words (ss_sd_model_name, modelspec.architecture…).
-            where.append("a.id IN (SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?)")
+            parts.append("SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?")
             params.append('keywords : "' + " ".join(base_model.split()).replace('"', '""') + '"')
-        return where, params
+        return (" INTERSECT ".join(parts) if parts else None), params
+
+    def _in_order(self, ids: Sequence[int]) -> list[Entry]:
+        """The summary entries of ``ids``, in that order."""
+        if not ids:
+            return []
+        found = {e.id: e for e in self._entries(f"a.id IN ({', '.join('?' * len(ids))})", ids, SUMMARY_COLUMNS)}
+        return [found[i] for i in ids if i in found]
 
     def list(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
              base_model: str | None = None, sort: str = "name", limit: int | None = 100,
@@ -275,16 +291,26 @@ class Catalog:
         """
         if sort not in SORTS:
             raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
-        where, params = self._filters(architecture, format, tag, base_model)
-        tail = f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
-        return self._entries(" AND ".join(where) or "1", [*params, -1 if limit is None else limit, offset],
-                             SUMMARY_COLUMNS, tail)
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        # Walk the sort order's index and keep the chosen ids, without reading rows until the page is known.
+        index = f"INDEXED BY {SORT_INDEXES[sort]}" if SORT_INDEXES.get(sort) in self._indexes() else ""
+        ids = [r[0] for r in self.conn.execute(
+            f"SELECT a.id FROM adapters a {index} WHERE {f'a.id IN ({chosen})' if chosen else '1'} "
+            f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?", [*params, -1 if limit is None else limit, offset])]
+        return self._in_order(ids)
+
+    def _indexes(self) -> set[str]:
+        if not hasattr(self, "_index_names"):
+            self._index_names = {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'adapters'")}
+        return self._index_names
 
     def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
               base_model: str | None = None) -> int:
         """How many entries match the filters of :meth:`list`."""
-        where, params = self._filters(architecture, format, tag, base_model)
-        return self.conn.execute(f"SELECT count(*) FROM adapters a WHERE {' AND '.join(where) or '1'}", params).fetchone()[0]
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        sql = f"SELECT count(*) FROM ({chosen})" if chosen else "SELECT count(*) FROM adapters"
+        return self.conn.execute(sql, params).fetchone()[0]
 
     def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
                base_model: str | None = None, limit: int | None = 100, offset: int = 0) -> tuple[list[Entry], int]:
@@ -295,27 +321,25 @@ class Catalog:
         with one clear line.
         """
         query = fts_query(text)
-        where, params = self._filters(architecture, format, tag, base_model)
-        condition = " AND ".join(["adapters_fts MATCH ?", *where])
-        cols = ", ".join(f"a.{c}" for c in SUMMARY_COLUMNS)
-        join = "FROM adapters_fts JOIN adapters a ON a.id = adapters_fts.rowid"
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        condition = "adapters_fts MATCH ?" + (f" AND rowid IN ({chosen})" if chosen else "")
         try:
-            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ? OFFSET ?",
-                                     [query, *params, -1 if limit is None else limit, offset]).fetchall()
-            if limit is None or 0 < len(rows) < limit:
-                total = offset + len(rows)
-            elif where:
-                total = self.conn.execute(f"SELECT count(*) {join} WHERE {condition}", [query, *params]).fetchone()[0]
-            else:  # counting in the index alone is several times faster than through the join
-                total = self.conn.execute("SELECT count(*) FROM adapters_fts WHERE adapters_fts MATCH ?",
-                                          [query]).fetchone()[0]
+            # Ranked in the index alone; only the page's rows are read from the table.
+            ids = [r[0] for r in self.conn.execute(
+                f"SELECT rowid FROM adapters_fts WHERE {condition} ORDER BY rank LIMIT ? OFFSET ?",
+                [query, *params, -1 if limit is None else limit, offset])]
+            if limit is None or 0 < len(ids) < limit:
+                total = offset + len(ids)
+            else:
+                total = self.conn.execute(f"SELECT count(*) FROM adapters_fts WHERE {condition}",
+                                          [query, *params]).fetchone()[0]
         except sqlite3.OperationalError as exc:
             reason = str(exc).removeprefix("fts5: ")
             raise InvalidArgumentError(
                 f"the search {text!r} is not valid full-text query syntax ({reason})",
                 'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
                 "operators are AND, OR, NOT, prefix*, and column:word") from None
-        return [Entry.from_row(r) for r in rows], total
+        return self._in_order(ids), total
 
     def facets(self, tags: int = 200) -> dict[str, list[tuple[str, int]]]:
         """The values the filters can take, with how many entries have each: architectures, formats, and

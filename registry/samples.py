@@ -76,9 +76,10 @@ PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.w
 def preview_path(adapter_path: str | os.PathLike) -> str | None:
     """The preview image stored beside an adapter file (``NAME.preview.png`` and the like), if there is one."""
     path = absolute(adapter_path)
-    stem = path.parent / (path.name if path.is_dir() else path.stem)
+    if not os.path.isdir(path.parent):  # one check instead of eight for a file that moved away
+        return None
+    stem = str(path if path.is_dir() else path.with_suffix(""))
     for suffix in PREVIEW_SUFFIXES:
-        candidate = stem.parent / (stem.name + suffix)
-        if candidate.is_file():
-            return str(candidate)
+        if os.path.isfile(stem + suffix):
+            return stem + suffix
     return None

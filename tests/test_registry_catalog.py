@@ -259,13 +259,15 @@ def test_a_version_1_catalog_is_migrated_with_its_data(tmp_path):
                   "VALUES ('old', 'ab', '[\"style\"]', ?, 'x', 'x')", (metadata,))
     conn.close()
     with Catalog(tmp_path) as catalog:
-        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == [1, 2]
+        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == list(
+            range(1, schema.SCHEMA_VERSION + 1))
         assert catalog.conn.execute("SELECT keywords FROM adapters").fetchone()[0] == "dreamshaper_8.safetensors"
         assert [e.name for e in catalog.search("dreamshaper")[0]] == ["old"]
         assert [e.name for e in catalog.list(tag="style")] == ["old"]
         assert catalog.search("buckets")[1] == 0  # bulky JSON is no longer indexed
         catalog.tag("old", add=["new"])
         assert [e.name for e in catalog.list(tag="new")] == ["old"]
+        assert [e.name for e in catalog.list(sort="size")] == ["old"]  # version 3's sort indexes
 
 
 def test_a_damaged_catalog_file_gives_one_line(lorareg, tmp_path):
