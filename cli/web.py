@@ -12,7 +12,7 @@ import click
 
 from loralib.errors import LoraError
 
-from .output import note, print_json
+from .output import note, print_json, progress
 from .refs import catalog_home
 
 
@@ -111,7 +111,9 @@ def export_site_command(ctx: click.Context, folder: str, tags: tuple[str, ...], 
     _require_web()
     from lorareg.web.site import export_site
 
-    report = export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title, force=force)
+    with progress("exporting", enabled=not as_json) as update:
+        report = export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title,
+                             force=force, progress=update)
     if as_json:
         print_json(report.to_dict())
         return
@@ -153,7 +155,9 @@ def push_site_command(ctx: click.Context, space_id: str, source: str | None, tag
 
         with tempfile.TemporaryDirectory(prefix="lorareg-site-") as tmp:
             folder = Path(tmp) / "site"
-            export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title)
+            with progress("exporting", enabled=not as_json) as update:
+                export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title,
+                            progress=update)
             result = push_site(folder, space_id, private=private, title=title, tags=tags, message=message)
     else:
         result = push_site(source, space_id, private=private, title=title, tags=tags, message=message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,12 @@ def _entry_images(entry: Entry, paths: list[str], images: Path) -> tuple[list[di
 
 
 def export_site(home: str | os.PathLike | None, folder: str | os.PathLike, *, tags: tuple[str, ...] | list[str] = (),
-                architecture: str | None = None, title: str | None = None, force: bool = False) -> SiteReport:
-    """Write the gallery of the catalog at ``home`` (or of a selection) into ``folder``, atomically per file."""
+                architecture: str | None = None, title: str | None = None, force: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> SiteReport:
+    """Write the gallery of the catalog at ``home`` (or of a selection) into ``folder``, atomically per file.
+
+    ``progress(done, total)`` is called after each adapter's page.
+    """
     target = Path(folder).expanduser()
     refuse_overwrite(target, force)
     env = template_environment()
@@ -93,7 +98,7 @@ def export_site(home: str | os.PathLike | None, folder: str | os.PathLike, *, ta
         by_hash = {e.tensor_sha256: e.id for e in entries}
         links = {"entry_link": lambda i: f"{i}.html" if i in exported else "",
                  "hash_link": lambda h: f"{by_hash[h]}.html" if h in by_hash else ""}
-        for entry in entries:
+        for done, entry in enumerate(entries, 1):
             paths = all_paths.get(entry.id, [])
             samples, image = _entry_images(entry, paths, tmp / "images")
             written_images += len(samples) + (1 if image and not samples else 0)
@@ -107,6 +112,8 @@ def export_site(home: str | os.PathLike | None, folder: str | os.PathLike, *, ta
             (tmp / "a" / f"{entry.id}.html").write_text(page, encoding="utf-8")
             index.append({**entry.summary(), "page": card["href"], "image": image,
                           "samples": [{"image": s["url"], "prompt": s["prompt"], **s["details"]} for s in samples]})
+            if progress:
+                progress(done, len(entries))
         facets = {"architecture": sorted({c["architecture"] for c in cards}),
                   "tag": sorted({t for c in cards for t in c["tags"]})}
         html = env.get_template("site/index.html").render(site_title=title, cards=cards, facets=facets, root="",
