@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.registry import build_catalog  # noqa: E402
 from tests.helpers.browser import browser_missing, start_chromium  # noqa: E402
 
-QUERIES = [  # (label, field, value)
+QUERIES = [  # (label, field, value[, other fields set first])
     ("search 'pixel' (about a third match)", "q", "pixel"),
     ("search 'neon castle'", "q", "neon castle"),
     ("search 'tags:anime NOT retro'", "q", "tags:anime NOT retro"),
@@ -51,13 +51,13 @@ QUERIES = [  # (label, field, value)
     ("format = peft", "format", "peft"),
     ("base model 'sd_xl_base'", "base", "sd_xl_base"),
     ("sort by size", "sort", "size"),
+    ("search 'pixel', sorted by name", "q", "pixel", {"sort": "name"}),
 ]
 
 FILTER_SCRIPT = """
-const [field, value, done] = arguments;
+const [field, value, presets, done] = arguments;
 const form = document.getElementById('filters');
-for (const element of form.elements) { if (element.name && element.name !== 'sort') element.value = ''; }
-form.elements.sort.value = 'name';
+for (const element of form.elements) { if (element.name) element.value = presets[element.name] || ''; }
 const input = form.elements[field];
 document.addEventListener('lorareg:results', (event) => {
   done({fromInput: event.detail.shown - started, answered: event.detail.shown - event.detail.requestStarted,
@@ -127,11 +127,11 @@ def run(entries: int, runs: int, catalog: Path | None = None) -> dict:
             grid_warm = [_paint(driver, url + "/") for _ in range(runs)]
             floor = [_paint(driver, floor_page.as_uri()) for _ in range(runs)]
             filters = {}
-            for label, field, value in QUERIES:
+            for label, field, value, *presets in QUERIES:
                 samples = []
                 for _ in range(runs):
                     _paint(driver, url + "/")
-                    samples.append(driver.execute_async_script(FILTER_SCRIPT, field, value))
+                    samples.append(driver.execute_async_script(FILTER_SCRIPT, field, value, *(presets or [{}])))
                 filters[label] = samples
             rnd = random.Random(1)
             ids = [rnd.randrange(1, entries + 1) for _ in range(runs)]

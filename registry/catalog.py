@@ -292,12 +292,15 @@ class Catalog:
         if sort not in SORTS:
             raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
         chosen, params = self._filter_ids(architecture, format, tag, base_model)
-        # Walk the sort order's index and keep the chosen ids, without reading rows until the page is known.
+        return self._in_order(self._sorted_ids(chosen, params, sort, limit, offset))
+
+    def _sorted_ids(self, chosen: str | None, params: list, sort: str, limit: int | None, offset: int) -> list[int]:
+        """A page of the ids ``chosen`` selects, in ``sort`` order: the sort order's index is walked and
+        the chosen ids kept, so no row is read."""
         index = f"INDEXED BY {SORT_INDEXES[sort]}" if SORT_INDEXES.get(sort) in self._indexes() else ""
-        ids = [r[0] for r in self.conn.execute(
+        return [r[0] for r in self.conn.execute(
             f"SELECT a.id FROM adapters a {index} WHERE {f'a.id IN ({chosen})' if chosen else '1'} "
             f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?", [*params, -1 if limit is None else limit, offset])]
-        return self._in_order(ids)
 
     def _indexes(self) -> set[str]:
         if not hasattr(self, "_index_names"):
@@ -313,21 +316,29 @@ class Catalog:
         return self.conn.execute(sql, params).fetchone()[0]
 
     def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-               base_model: str | None = None, limit: int | None = 100, offset: int = 0) -> tuple[list[Entry], int]:
+               base_model: str | None = None, sort: str | None = None, limit: int | None = 100,
+               offset: int = 0) -> tuple[list[Entry], int]:
         """Full-text search over names, titles, tags, triggers, descriptions, metadata and Hub repos.
 
         Returns the best ``limit`` matches after skipping ``offset`` (summary fields) and the number
-        of all matches. A query that is not valid FTS5 syntax raises :class:`InvalidArgumentError`
-        with one clear line.
+        of all matches; ``sort`` (one of :meth:`list`'s orders) orders them by that instead of by
+        relevance. A query that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with
+        one clear line.
         """
         query = fts_query(text)
+        if sort is not None and sort not in SORTS:
+            raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
         chosen, params = self._filter_ids(architecture, format, tag, base_model)
         condition = "adapters_fts MATCH ?" + (f" AND rowid IN ({chosen})" if chosen else "")
         try:
-            # Ranked in the index alone; only the page's rows are read from the table.
-            ids = [r[0] for r in self.conn.execute(
-                f"SELECT rowid FROM adapters_fts WHERE {condition} ORDER BY rank LIMIT ? OFFSET ?",
-                [query, *params, -1 if limit is None else limit, offset])]
+            if sort is not None:
+                matching = "SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?" + (
+                    f" INTERSECT {chosen}" if chosen else "")
+                ids = self._sorted_ids(matching, [query, *params], sort, limit, offset)
+            else:  # ranked in the index alone; only the page's rows are read from the table
+                ids = [r[0] for r in self.conn.execute(
+                    f"SELECT rowid FROM adapters_fts WHERE {condition} ORDER BY rank LIMIT ? OFFSET ?",
+                    [query, *params, -1 if limit is None else limit, offset])]
             if limit is None or 0 < len(ids) < limit:
                 total = offset + len(ids)
             else:

@@ -71,3 +71,18 @@ def test_search_filters_keep_the_ranking(catalog, architecture, fmt, tag, base):
     assert [e.id for e in found] == expected and count == len(expected)
     page, count = opened.search("pixel", limit=5, offset=5, **filters)
     assert [e.id for e in page] == expected[5:10] and count == len(expected)
+
+
+@pytest.mark.parametrize("sort", list(SORTS))
+def test_search_sorted_by_another_order(catalog, sort):
+    opened, full = catalog
+    ranked, _ = opened.search("pixel", limit=None)
+    matching = {e.id for e in ranked}
+    by_id = {e.id: e for e in full}
+    for filters in ({}, {"architecture": "sdxl", "tag": "anime"}):
+        kept = [by_id[i] for i in matching if _keep(by_id[i], filters.get("architecture"), None, filters.get("tag"), None)]
+        expected = [e.id for e in sorted(kept, key=SORT_KEYS[sort], reverse=sort in DESCENDING)]
+        found, total = opened.search("pixel", sort=sort, limit=None, **filters)
+        assert [e.id for e in found] == expected and total == len(expected)
+        page, total = opened.search("pixel", sort=sort, limit=6, offset=3, **filters)
+        assert [e.id for e in page] == expected[3:9] and total == len(expected)

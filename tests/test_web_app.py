@@ -71,6 +71,8 @@ def test_sorting_and_pages(web, monkeypatch):
     by_size = card_names(web.client.get("/cards?sort=size").text)
     known = [n for n in by_size if n in sizes]
     assert [sizes[n] for n in known] == sorted(sizes.values(), reverse=True)
+    searched = card_names(web.client.get("/cards?q=pixel&sort=name").text)
+    assert searched == sorted(["pixel-art", "pixel-art_peft", "pixel-watercolor"])
     monkeypatch.setattr(app_module, "PAGE_SIZE", 4)
     first = web.client.get("/cards").text
     second = web.client.get("/cards?page=2").text

@@ -125,11 +125,11 @@ def grid_results(catalog: Catalog, query: dict[str, str], page: int) -> dict[str
     offset = (page - 1) * PAGE_SIZE
     error = None
     try:
-        if query.get("q"):
-            entries, total = catalog.search(query["q"], limit=PAGE_SIZE, offset=offset, **filters)
+        sort = query.get("sort") if query.get("sort") in SORTS else None
+        if query.get("q"):  # by relevance unless another order is chosen
+            entries, total = catalog.search(query["q"], sort=sort, limit=PAGE_SIZE, offset=offset, **filters)
         else:
-            sort = query.get("sort") if query.get("sort") in SORTS else "name"
-            entries = catalog.list(sort=sort, limit=PAGE_SIZE, offset=offset, **filters)
+            entries = catalog.list(sort=sort or "name", limit=PAGE_SIZE, offset=offset, **filters)
             total = catalog.count(**filters) if len(entries) == PAGE_SIZE or page > 1 else len(entries)
     except InvalidArgumentError as exc:
         entries, total, error = [], 0, str(exc)

@@ -93,7 +93,7 @@ if (filters && results) {
   window.addEventListener("popstate", () => {
     const url = new URL(location.href);
     for (const field of filters.elements) {
-      if (field.name) field.value = url.searchParams.get(field.name) || (field.name === "sort" ? "name" : "");
+      if (field.name) field.value = url.searchParams.get(field.name) || "";
     }
     loadResults(url, false);
   });
