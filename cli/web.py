@@ -6,6 +6,7 @@ actions that transform weights, when they run.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -109,9 +110,11 @@ def export_site_command(ctx: click.Context, folder: str, tags: tuple[str, ...], 
       lorareg export-site gallery/ --tag style --tag character --title "My styles"
     """
     _require_web()
+    from loralib.files.atomic import refuse_overwrite
     from lorareg.web.site import export_site
 
-    with progress("exporting", enabled=not as_json) as update:
+    refuse_overwrite(folder, force)  # before the progress bar, so the error is the only line
+    with progress("exporting", enabled=not as_json and sys.stderr.isatty()) as update:
         report = export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title,
                              force=force, progress=update)
     if as_json:
@@ -155,7 +158,7 @@ def push_site_command(ctx: click.Context, space_id: str, source: str | None, tag
 
         with tempfile.TemporaryDirectory(prefix="lorareg-site-") as tmp:
             folder = Path(tmp) / "site"
-            with progress("exporting", enabled=not as_json) as update:
+            with progress("exporting", enabled=not as_json and sys.stderr.isatty()) as update:
                 export_site(catalog_home(ctx), folder, tags=tags, architecture=architecture, title=title,
                             progress=update)
             result = push_site(folder, space_id, private=private, title=title, tags=tags, message=message)
