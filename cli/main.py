@@ -39,11 +39,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("lorareg.cli.train", "train_command", "Train a LoRA on captioned images (TOML config or options)."),
     "generate": ("lorareg.cli.generate", "generate_command", "Render images with a base model and weighted adapters."),
     "tiny-model": ("lorareg.cli.train", "tiny_model_command", "Build a tiny random SD1/SD2/SDXL base model (demos, tests)."),
+    "serve": ("lorareg.cli.web", "serve_command", "Start the playground: a local web page over the catalog, with actions."),
+    "export-site": ("lorareg.cli.web", "export_site_command", "Write a static gallery of the catalog (HTML, images, JSON)."),
+    "push-site": ("lorareg.cli.web", "push_site_command", "Publish the gallery as a static Hugging Face Space."),
 }
 # The module each optional dependency is imported as -> the extra that installs it (pyproject.toml).
 EXTRA_MODULES: dict[str, str] = {
     "torch": "compose", "safetensors": "compose", "numpy": "compose", "diffusers": "compose", "transformers": "compose",
     "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+    "starlette": "web", "uvicorn": "web", "jinja2": "web", "multipart": "web",
 }
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Adapters", ["inspect", "convert"]),
@@ -51,6 +55,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Catalog", ["add", "scan", "list", "search", "show", "tag", "rm", "verify", "lineage"]),
     ("Hub", ["push", "pull"]),
     ("Training and generation", ["train", "generate", "tiny-model"]),
+    ("Playground", ["serve", "export-site", "push-site"]),
 ]
 
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import click
 
 from loralib.errors import LoraError
-from loralib.records import OperationRecord
 
 if TYPE_CHECKING:
     from loralib.formats.base import SaveResult
@@ -45,14 +44,12 @@ def register_output(ctx: click.Context, result: SaveResult) -> None:
     The output exists whatever happens here, so a catalog problem is reported as a warning and
     does not fail the command.
     """
-    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.outputs import record_output
 
     from .output import note
 
-    hashes = result.hashes if getattr(result, "format", None) != "peft" else None
     try:
-        with Catalog(catalog_home(ctx)) as catalog:
-            added = catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes)
+        added = record_output(result, catalog_home(ctx))
     except (LoraError, OSError) as exc:
         note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
         return

@@ -204,6 +204,12 @@ def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
 
 def top_tags(metadata: dict[str, str], limit: int = 10) -> list[str]:
     """The most frequent caption tags from kohya's ``ss_tag_frequency``."""
+    return [tag for tag, _ in tag_frequency(metadata, limit)]
+
+
+def tag_frequency(metadata: dict[str, str], limit: int | None = None) -> list[tuple[str, int]]:
+    """Caption tags and how often they occur in the training captions (kohya's ``ss_tag_frequency``,
+    summed over the dataset folders), most frequent first."""
     try:
         frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except json.JSONDecodeError:
@@ -211,5 +217,19 @@ def top_tags(metadata: dict[str, str], limit: int = 10) -> list[str]:
     counts: Counter = Counter()
     for folder in frequency.values() if isinstance(frequency, dict) else ():
         if isinstance(folder, dict):
-            counts.update({str(k).strip(): int(v) for k, v in folder.items() if isinstance(v, (int, float))})
-    return [tag for tag, _ in counts.most_common(limit)]
+            counts.update({str(k).strip(): int(v) for k, v in folder.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return counts.most_common(limit)
+
+
+# Training metadata that is bulky JSON or a hash rather than a setting.
+_NOT_SETTINGS = {"ss_tag_frequency", "ss_bucket_info", "ss_datasets", "ss_dataset_dirs", "ss_reg_dataset_dirs",
+                 "ss_sd_scripts_commit_hash", "ss_new_sd_model_hash", "ss_sd_model_hash", "ss_new_vae_hash",
+                 "ss_vae_hash"}
+
+
+def training_settings(metadata: dict[str, str]) -> dict[str, str]:
+    """The training settings kohya's sd-scripts wrote (``ss_*`` keys, without the prefix), in key order;
+    caption and bucket statistics and hashes are left out."""
+    return {key[3:]: value for key, value in sorted(metadata.items())
+            if key.startswith("ss_") and key not in _NOT_SETTINGS}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import re
 import sqlite3
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 HASH_PREFIX = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{8,64})$")
 SORTS = {"name": "a.name COLLATE NOCASE", "added": "a.added_at DESC, a.id DESC",
          "updated": "a.updated_at DESC, a.id DESC", "size": "a.size DESC, a.id"}
+# The index each sort order walks (schema.py creates them; a catalog without one sorts the slow way).
+SORT_INDEXES = {"name": "adapters_name", "added": "idx_adapters_added_at", "updated": "idx_adapters_updated_at",
+                "size": "idx_adapters_size"}
 _FTS_SYNTAX = re.compile(r'["*()^:+{}]|\b(AND|OR|NOT|NEAR)\b')
 MAX_NAME = 200
 PARENT_COLUMNS = ("tensor_sha256", "sha256", "file", "path", "format", "weight")
@@ -277,63 +281,158 @@ class Catalog:
     # -- listing and searching ------------------------------------------------------------- #
 
     @staticmethod
-    def _filters(architecture: str | None, format: str | None, tag: str | None) -> tuple[list[str], list]:
-        where, params = [], []
+    def _filter_ids(architecture: str | None, format: str | None, tag: str | None,
+                    base_model: str | None = None) -> tuple[str | None, list]:
+        """A compound SELECT of the ids the filters keep (None: no filter), read from indexes only.
+
+        Rows of ``adapters`` are large (metadata), so reading one costs a page: the filters
+        intersect id sets from the architecture and format indexes, the tag table and the
+        full-text index instead of testing rows.
+        """
+        parts, params = [], []
         if architecture:
-            where.append("a.architecture = ?")
+            parts.append("SELECT id FROM adapters WHERE architecture = ?")
             params.append(architecture.lower())
         if format:
-            where.append("a.format = ?")
+            parts.append("SELECT id FROM adapters WHERE format = ?")
             params.append(format.lower())
         if tag:
-            where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
+            parts.append("SELECT adapter_id FROM adapter_tags WHERE tag = ?")
             params.append(" ".join(tag.split()).lower())
-        return where, params
+        if base_model and re.search(r"\w", base_model):
+            # The base model's name is among the metadata's words (ss_sd_model_name, modelspec.architecture…).
+            parts.append("SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?")
+            params.append('keywords : "' + " ".join(base_model.split()).replace('"', '""') + '"')
+        return (" INTERSECT ".join(parts) if parts else None), params
+
+    def _in_order(self, ids: Sequence[int]) -> list[Entry]:
+        """The summary entries of ``ids``, in that order."""
+        if not ids:
+            return []
+        found = {e.id: e for e in self._entries(f"a.id IN ({', '.join('?' * len(ids))})", ids, SUMMARY_COLUMNS)}
+        return [found[i] for i in ids if i in found]
 
     def list(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-             sort: str = "name", limit: int | None = 100, offset: int = 0) -> list[Entry]:
-        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all."""
+             base_model: str | None = None, sort: str = "name", limit: int | None = 100,
+             offset: int = 0) -> list[Entry]:
+        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all.
+
+        ``base_model`` keeps entries whose metadata names it (words of ``ss_sd_model_name`` and the like).
+        """
         if sort not in SORTS:
             raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
-        where, params = self._filters(architecture, format, tag)
-        tail = f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
-        return self._entries(" AND ".join(where) or "1", [*params, -1 if limit is None else limit, offset],
-                             SUMMARY_COLUMNS, tail)
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        return self._in_order(self._sorted_ids(chosen, params, sort, limit, offset))
 
-    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None) -> int:
+    def _sorted_ids(self, chosen: str | None, params: list, sort: str, limit: int | None, offset: int) -> list[int]:
+        """A page of the ids ``chosen`` selects, in ``sort`` order: the sort order's index is walked and
+        the chosen ids kept, so no row is read."""
+        index = f"INDEXED BY {SORT_INDEXES[sort]}" if SORT_INDEXES.get(sort) in self._indexes() else ""
+        return [r[0] for r in self.conn.execute(
+            f"SELECT a.id FROM adapters a {index} WHERE {f'a.id IN ({chosen})' if chosen else '1'} "
+            f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?", [*params, -1 if limit is None else limit, offset])]
+
+    def _indexes(self) -> set[str]:
+        if not hasattr(self, "_index_names"):
+            self._index_names = {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'adapters'")}
+        return self._index_names
+
+    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
+              base_model: str | None = None) -> int:
         """How many entries match the filters of :meth:`list`."""
-        where, params = self._filters(architecture, format, tag)
-        return self.conn.execute(f"SELECT count(*) FROM adapters a WHERE {' AND '.join(where) or '1'}", params).fetchone()[0]
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        sql = f"SELECT count(*) FROM ({chosen})" if chosen else "SELECT count(*) FROM adapters"
+        return self.conn.execute(sql, params).fetchone()[0]
 
     def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-               limit: int | None = 100) -> tuple[list[Entry], int]:
+               base_model: str | None = None, sort: str | None = None, limit: int | None = 100,
+               offset: int = 0) -> tuple[list[Entry], int]:
         """Full-text search over names, titles, tags, triggers, descriptions, metadata and Hub repos.
 
-        Returns the best ``limit`` matches (summary fields) and the number of all matches. A query
-        that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with one clear line.
+        Returns the best ``limit`` matches after skipping ``offset`` (summary fields) and the number
+        of all matches; ``sort`` (one of :meth:`list`'s orders) orders them by that instead of by
+        relevance. A query that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with
+        one clear line.
         """
         query = fts_query(text)
-        where, params = self._filters(architecture, format, tag)
-        condition = " AND ".join(["adapters_fts MATCH ?", *where])
-        cols = ", ".join(f"a.{c}" for c in SUMMARY_COLUMNS)
-        join = "FROM adapters_fts JOIN adapters a ON a.id = adapters_fts.rowid"
+        if sort is not None and sort not in SORTS:
+            raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        condition = "adapters_fts MATCH ?" + (f" AND rowid IN ({chosen})" if chosen else "")
         try:
-            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ?",
-                                     [query, *params, -1 if limit is None else limit]).fetchall()
-            if limit is None or len(rows) < limit:
-                total = len(rows)
-            elif where:
-                total = self.conn.execute(f"SELECT count(*) {join} WHERE {condition}", [query, *params]).fetchone()[0]
-            else:  # counting in the index alone is several times faster than through the join
-                total = self.conn.execute("SELECT count(*) FROM adapters_fts WHERE adapters_fts MATCH ?",
-                                          [query]).fetchone()[0]
+            if sort is not None:
+                matching = "SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?" + (
+                    f" INTERSECT {chosen}" if chosen else "")
+                ids = self._sorted_ids(matching, [query, *params], sort, limit, offset)
+            else:  # ranked in the index alone; only the page's rows are read from the table
+                ids = [r[0] for r in self.conn.execute(
+                    f"SELECT rowid FROM adapters_fts WHERE {condition} ORDER BY rank LIMIT ? OFFSET ?",
+                    [query, *params, -1 if limit is None else limit, offset])]
+            if limit is None or 0 < len(ids) < limit:
+                total = offset + len(ids)
+            else:
+                total = self.conn.execute(f"SELECT count(*) FROM adapters_fts WHERE {condition}",
+                                          [query, *params]).fetchone()[0]
         except sqlite3.OperationalError as exc:
             reason = str(exc).removeprefix("fts5: ")
             raise InvalidArgumentError(
                 f"the search {text!r} is not valid full-text query syntax ({reason})",
                 'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
                 "operators are AND, OR, NOT, prefix*, and column:word") from exc
-        return [Entry.from_row(r) for r in rows], total
+        return self._in_order(ids), total
+
+    def facets(self, tags: int = 200) -> dict[str, list[tuple[str, int]]]:
+        """The values the filters can take, with how many entries have each: architectures, formats, and
+        the ``tags`` most used tags."""
+        def grouped(sql: str, params: Sequence = ()) -> list[tuple[str, int]]:
+            return [(r[0], r[1]) for r in self.conn.execute(sql, params).fetchall() if r[0]]
+
+        return {"architecture": grouped("SELECT architecture, count(*) FROM adapters GROUP BY architecture "
+                                        "ORDER BY count(*) DESC"),
+                "format": grouped("SELECT format, count(*) FROM adapters GROUP BY format ORDER BY count(*) DESC"),
+                "tag": grouped("SELECT tag, count(*) n FROM adapter_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
+                               (tags,))}
+
+    def samples_of(self, entries: Iterable[Entry]) -> dict[int, list[dict]]:
+        """The sample images recorded for each of ``entries`` (list and search results leave them out)."""
+        ids = [e.id for e in entries]
+        rows = self.conn.execute(f"SELECT id, samples FROM adapters WHERE id IN ({', '.join('?' * len(ids))})",
+                                 ids).fetchall() if ids else []
+        return {r[0]: [s for s in _json_list(r[1]) if isinstance(s, dict)] for r in rows}
+
+    def paths_of(self, entries: Iterable[Entry]) -> dict[int, list[str]]:
+        """Every recorded path of each of ``entries``, usable ones first."""
+        ids = [e.id for e in entries]
+        found: dict[int, list[str]] = {i: [] for i in ids}
+        if ids:
+            for adapter_id, path in self.conn.execute(
+                    f"SELECT adapter_id, path FROM files WHERE adapter_id IN ({', '.join('?' * len(ids))}) "
+                    "ORDER BY state != 'ok', seen_at DESC", ids).fetchall():
+                found[adapter_id].append(path)
+        return found
+
+    def same_adapter(self, entry: Entry, limit: int = 50) -> list[Entry]:
+        """Other entries holding the same adapter (the same ΔW in other files or formats).
+
+        For now these are the entries linked to ``entry`` by ``convert`` operations, either way,
+        followed transitively (a conversion keeps every module's ΔW).
+        """
+        seen, queue, found = {entry.id}, [entry], []
+        while queue and len(found) < limit:
+            current = queue.pop()
+            linked = self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?) "
+                                   "AND json_extract(a.operation, '$.operation') = 'convert'",
+                                   (current.tensor_sha256,), SUMMARY_COLUMNS)
+            if (self.by_id(current.id) or current).operation_name == "convert":
+                linked += self._entries("a.tensor_sha256 IN (SELECT tensor_sha256 FROM parents WHERE child_id = ?)",
+                                        (current.id,), SUMMARY_COLUMNS)
+            for other in linked:
+                if other.id not in seen:
+                    seen.add(other.id)
+                    found.append(other)
+                    queue.append(other)
+        return sorted(found[:limit], key=lambda e: e.name.casefold())
 
     # -- writing --------------------------------------------------------------------------- #
 
@@ -546,7 +645,6 @@ class Catalog:
                     deleted.append(str(file))
         return RemoveResult(entry, deleted)
 
-
     # -- files: what scan and verify record ---------------------------------------------------- #
 
     @contextmanager
@@ -629,6 +727,14 @@ class Catalog:
         """Entries downloaded from ``repo_id`` (at ``revision``, a branch, tag or commit, when given), newest first."""
         return self._entries("a.source_repo = ?1 AND (?2 IS NULL OR a.source_revision = ?2 OR a.source_commit = ?2)",
                              (repo_id, revision), tail="ORDER BY a.updated_at DESC")
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def _source_columns(source: dict | None) -> dict | None:

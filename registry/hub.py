@@ -415,6 +415,71 @@ def _convert(source: Path, output: Path, fmt: str) -> list[Path]:
     return list(convert(source, output, fmt).files)
 
 
+@dataclass
+class SitePushResult:
+    """What ``push_site`` uploaded to a static Space."""
+
+    space_id: str
+    commit: str
+    url: str
+    files: list[str]
+    private: bool
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {"space": self.space_id, "commit": self.commit, "url": self.url, "files": self.files,
+                "private": self.private}
+
+
+def space_readme(title: str, tags: Iterable[str] = ()) -> str:
+    """The README.md of a static Space: the YAML front matter the Hub reads to serve ``index.html``."""
+    lines = ["---", f"title: {_yaml_text(title)}", "emoji: 🎨", "colorFrom: indigo", "colorTo: pink", "sdk: static",
+             "app_file: index.html", "pinned: false", "tags:", "  - lora", "  - lorareg"]
+    lines += [f"  - {_yaml_text(t)}" for t in tags if t not in ("lora", "lorareg")]
+    lines += ["---", "", f"# {title}", "", "A gallery of LoRA adapters exported with "
+              f"[lorareg](https://pypi.org/project/lorareg/) {__version__} (`lorareg export-site`).", ""]
+    return "\n".join(lines)
+
+
+def _yaml_text(text: str) -> str:
+    """A YAML double-quoted scalar (safe whatever the text holds)."""
+    import json
+
+    return json.dumps(" ".join(str(text).split()), ensure_ascii=False)
+
+
+def push_site(folder: str | os.PathLike, space_id: str, *, private: bool = False, title: str | None = None,
+              tags: Iterable[str] = (), message: str | None = None, token: str | None = None) -> SitePushResult:
+    """Publish a folder written by ``export-site`` as a static Hugging Face Space (created if needed).
+
+    Every file of the folder is uploaded, plus a README.md whose front matter makes the Hub
+    serve ``index.html`` (``sdk: static``). Files the folder no longer has stay in the Space.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    root = Path(folder)
+    if not (root / "index.html").is_file():
+        raise InputNotFoundError(f"{root} has no index.html", "Write the site first with: lorareg export-site DIR")
+    repo_id, revision = parse_repo_ref(space_id)
+    if revision:
+        raise InvalidArgumentError("push-site writes to the main branch",
+                                   f"Give the Space as {repo_id}, without @{revision}")
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", "Unset HF_HUB_OFFLINE to use the network")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    names = [p.relative_to(root).as_posix() for p in files]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                  for name, path in zip(names, files, strict=True) if name != "README.md"]
+    readme = space_readme(title or repo_id.split("/")[-1], tags)
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
+    api = _api(token)
+    with hub_errors(repo_id):
+        url = api.create_repo(repo_id, repo_type="space", space_sdk="static", private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, repo_type="space",
+                                 commit_message=message or "Publish the LoRA gallery with lorareg")
+    return SitePushResult(repo_id, info.oid, str(url), sorted({*names, "README.md"}), private)
+
+
 def find_pulled(catalog: Catalog, repo_id: str, revision: str | None) -> Entry | None:
     """An entry already pulled from ``repo_id`` (at ``revision`` when given) that still has a file here."""
     for entry in catalog.pulled_from(repo_id, revision):

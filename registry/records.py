@@ -97,6 +97,11 @@ class Entry:
         return found
 
     @property
+    def operation_name(self) -> str | None:
+        """The operation that made the adapter (``merge``, ``convert``…), when one is recorded."""
+        return self.operation.get("operation") if isinstance(self.operation, dict) else None
+
+    @property
     def rank_text(self) -> str:
         """Ranks for display: ``8`` or ``4–16``."""
         ranks = sorted(int(r) for r in self.ranks)

@@ -65,3 +65,21 @@ def sample_record(path: str | os.PathLike, prompt: str | None = None) -> dict:
         prompt = parameters.split("\n", 1)[0].strip() or None
     return {"path": str(image), "prompt": prompt}
 
+
+
+# Where other tools keep an adapter's preview image: beside the file, named after it (AUTOMATIC1111,
+# Forge, ComfyUI-Lora-Manager and Civitai helpers write ``NAME.preview.png``).
+PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".jpeg",
+                    ".webp")
+
+
+def preview_path(adapter_path: str | os.PathLike) -> str | None:
+    """The preview image stored beside an adapter file (``NAME.preview.png`` and the like), if there is one."""
+    path = absolute(adapter_path)
+    if not os.path.isdir(path.parent):  # one check instead of eight for a file that moved away
+        return None
+    stem = str(path if path.is_dir() else path.with_suffix(""))
+    for suffix in PREVIEW_SUFFIXES:
+        if os.path.isfile(stem + suffix):
+            return stem + suffix
+    return None

@@ -1,6 +1,6 @@
 """The catalog's tables, and how a database file is opened, created and migrated.
 
-Tables (schema version 2):
+Tables (schema version 3):
 
 - ``adapters``: one row per adapter, identified by its tensor-data hash (``tensor_sha256`` =
   kohya's ``sshs_model_hash`` = AutoV3), so a file whose metadata alone was edited is the same
@@ -15,6 +15,8 @@ Tables (schema version 2):
   the metadata (``keywords``) and Hub repos, kept current by triggers; ``adapter_tags`` indexes
   the tags the same way.
 - ``schema_version``: one row per migration applied.
+
+Version 3 added indexes on ``updated_at`` and ``size`` (the ``updated`` and ``size`` sort orders).
 
 Connections use WAL mode and a long busy timeout, and every write runs in ``BEGIN IMMEDIATE``,
 so parallel ``lorareg`` processes wait for each other instead of failing with "database is locked".
@@ -35,7 +37,7 @@ from loralib.errors import LoraError
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 60.0
 FTS_COLUMNS = ("name", "title", "tags", "triggers", "description", "keywords", "source_repo")
 TOKENIZER = "unicode61 remove_diacritics 2"  # case- and accent-insensitive words
@@ -226,4 +228,11 @@ def _keywords_and_tag_index(db: Database) -> None:
     """)
 
 
-MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _create_v1, 2: _keywords_and_tag_index}
+def _sort_indexes(db: Database) -> None:
+    """Version 3: indexes for the ``updated`` and ``size`` sort orders, so a page of a large catalog
+    sorted by them reads a few rows instead of all of them."""
+    db["adapters"].create_index(["updated_at"], if_not_exists=True)
+    db["adapters"].create_index(["size"], if_not_exists=True)
+
+
+MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _create_v1, 2: _keywords_and_tag_index, 3: _sort_indexes}

@@ -23,7 +23,7 @@ from tests.helpers.small_loras import small_lora_bytes
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Distribution name -> the module it is imported as, where they differ.
-IMPORT_NAMES = {"pillow": "PIL"}
+IMPORT_NAMES = {"pillow": "PIL", "python-multipart": "multipart"}
 
 
 def _requirement_name(requirement: str) -> str:
@@ -47,7 +47,7 @@ def test_every_package_folder_is_installed_under_a_lorareg_name():
 def test_extras_match_what_the_cli_names_for_a_missing_module():
     extras = PYPROJECT["project"]["optional-dependencies"]
     named = {}
-    for extra in ("compose", "train"):
+    for extra in ("compose", "train", "web"):
         for requirement in extras[extra]:
             name = _requirement_name(requirement)
             if not name.startswith("lorareg"):
