@@ -33,25 +33,38 @@ class BaseLayers:
             self._model, self.name = ModelWeights.open(base), Path(base).name
 
     @classmethod
-    def open(cls, base: str | Path | Mapping[str, torch.Tensor] | None, needing: Iterable[tuple[str, str]] = ()
-             ) -> BaseLayers:
-        """The base weights, after checking that they are given when ``needing`` (``(input name, key)``
-        of modules that need them) is not empty, and that they have those layers."""
+    def open(cls, base: str | Path | Mapping[str, torch.Tensor] | None,
+             needing: Iterable[tuple[str, str, tuple[int, ...]]] = ()) -> BaseLayers:
+        """The base weights, after checking that they are given when ``needing`` (``(input name, key,
+        weight shape)`` of modules that need them) is not empty, and that they have those layers."""
         needing = list(needing)
         if needing and base is None:
             owner = needing[0][0]
             raise InvalidArgumentError(
-                f"{owner} has {sum(1 for o, _ in needing if o == owner)} DoRA module(s), whose ΔW depends on the "
+                f"{owner} has {sum(1 for o, _, _ in needing if o == owner)} DoRA module(s), whose ΔW depends on the "
                 "base model's weights", "Pass the base model the adapter was trained on with --base MODEL "
                 "(a diffusers folder or a single-file checkpoint)")
         layers = cls(base if needing else None)
-        missing = [(owner, key) for owner, key in needing if not layers.has(key)]
-        if missing:
+        missing = [(owner, key) for owner, key, _ in needing if not layers.has(key)]
+        wrong = [(owner, key, shape) for owner, key, shape in needing
+                 if layers.has(key) and _flat(layers.shape(key)) != _flat(shape)]
+        if missing or wrong:
             layers.close()
+        if missing:
             owner, key = missing[0]
             raise MismatchError(f"{len(missing)} layer(s) of DoRA modules are not in {layers.name}, e.g. {key} "
                                 f"(from {owner})", "Give the base model the adapter was made for")
+        if wrong:
+            owner, key, shape = wrong[0]
+            raise MismatchError(f"{key} is {list(layers.shape(key))} in {layers.name} but {owner}'s DoRA module adapts "
+                                f"a {list(shape)} weight", "Give the base model the adapter was made for")
         return layers
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of a layer's weight in the base."""
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        return tuple(self._model.slots[key].shape)
 
     def has(self, key: str) -> bool:
         """True when the base has the layer."""
@@ -80,6 +93,14 @@ class BaseLayers:
         self.close()
 
 
-def needing_base(items: Iterable[tuple[str, Mapping[str, object]]]) -> list[tuple[str, str]]:
-    """``(input name, key)`` of every module that needs the base weights, over ``(name, modules)`` pairs."""
-    return [(name, key) for name, modules in items for key, m in modules.items() if getattr(m, "needs_base", False)]
+def needing_base(items: Iterable[tuple[str, Mapping[str, object]]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(input name, key, weight shape)`` of every module that needs the base weights, over ``(name, modules)``."""
+    return [(name, key, tuple(m.weight_shape)) for name, modules in items for key, m in modules.items()
+            if getattr(m, "needs_base", False)]
+
+
+def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
+    rest = 1
+    for n in shape[1:]:
+        rest *= n
+    return shape[0], rest

@@ -86,8 +86,8 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
             return Kind(f"{family}-adapter", f"{title} {what}", False, family)
         return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
     match = best_format(names)
-    if match is not None and match.complete:
-        return match.kind
+    if match is not None and match.complete:  # a key of a named kind (LoKr, DoRA, …) names the file
+        return special if special in match.format.kinds else match.kind
     unsupported = next((kind for pattern, kind in _UNSUPPORTED for n in names if pattern.search(n)), None)
     if unsupported is not None:
         return unsupported

@@ -296,7 +296,7 @@ def module_tensors(name: str, module: AdapterModule) -> dict[str, torch.Tensor]:
         for role, tensor in inner.tensors().items():
             if tensor is not None:
                 tensors[f"{name}.{SPELLING[inner.kind, role]}"] = tensor.contiguous()
-    if inner.kind in ("lora", "loha", "lokr") and (inner.kind != "lokr" or inner.rank is not None):
+    if inner.kind in ("lora", "loha", "lokr"):  # LyCORIS writes alpha even where it ignores it (LoKr, both full)
         alpha = float(inner.alpha)  # float32 as LyCORIS writes it, unless that would round this alpha
         exact = float(torch.tensor(alpha, dtype=torch.float32)) == alpha
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32 if exact else torch.float64)
