@@ -201,6 +201,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def format_title(name: str) -> str:
+    """A readable name for a format or adapter kind id (``lycoris-lokr`` → ``LyCORIS LoKr``)."""
+    from .formats.table import FORMATS
+
+    titles = {kind.format: kind.title for fmt in reversed(FORMATS) for kind in reversed(fmt.kinds)}
+    return titles.get(name, name)
+
+
 def architecture_title(name: str) -> str:
     """A readable name for an architecture id."""
     if name in ARCHITECTURES:

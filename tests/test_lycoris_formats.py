@@ -233,3 +233,35 @@ def test_peft_dora_folders_read_convert_and_load_in_peft(tmp_path):
             assert torch.allclose(layer.weight, merged[f"unet.{name}"], rtol=1e-5, atol=1e-6), name
     convert(tmp_path / "dora", tmp_path / "dora.safetensors", "kohya")  # LyCORIS adds an epsilon to the norm
     _same_modules(adapter, loralib.load(tmp_path / "dora.safetensors"), exact=False)
+
+
+def test_diffusers_files_with_diff_and_diff_b_keys_are_read(tmp_path):
+    """Full-rank differences in diffusers names: a bias beside LoRA factors, a layer's weight, a norm's weight."""
+    g = torch.Generator().manual_seed(3)
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    tensors = {f"{q}.lora_A.weight": torch.randn(2, 32, generator=g), f"{q}.lora_B.weight": torch.randn(32, 2, generator=g),
+               f"{q}.diff_b": torch.randn(32, generator=g),
+               "unet.down_blocks.0.attentions.0.proj_in.diff": torch.randn(32, 32, generator=g),
+               "unet.down_blocks.0.attentions.0.proj_in.diff_b": torch.randn(32, generator=g),
+               "unet.down_blocks.0.resnets.0.norm1.diff": torch.randn(32, generator=g)}
+    path = _write(tmp_path / "pytorch_lora_weights.safetensors", tensors)
+    adapter = loralib.load(path)
+    assert adapter.kinds == {"lora": 1, "full": 2} and adapter.source_format == "diffusers"
+    assert torch.equal(adapter.modules[q].bias_delta(), tensors[f"{q}.diff_b"])
+    assert torch.equal(adapter.modules["unet.down_blocks.0.attentions.0.proj_in"].delta(),
+                       tensors["unet.down_blocks.0.attentions.0.proj_in.diff"])
+    assert not adapter.modules["unet.down_blocks.0.resnets.0.norm1"].is_matrix
+    assert not loralib.inspect(path).plain_lora
+    with pytest.raises(UnsupportedFormatError, match="bias difference"):
+        loralib.save(loralib.LoraAdapter({q: adapter.modules[q]}, "sd1"), tmp_path / "p", format="peft")
+    back = loralib.load(loralib.save(adapter, tmp_path / "k.safetensors").path)  # kohya holds them all
+    _same_modules(adapter, back)
+
+
+def test_the_catalog_shows_the_kind(real_loras, lorareg):
+    path = real_loras / "sd1_lycoris-lokr_f16.safetensors"
+    assert lorareg("add", path, "--name", "falcon").code == 0
+    shown = lorareg("show", "falcon")
+    assert shown.code == 0 and "LyCORIS LoKr (lycoris-lokr)" in shown.out
+    listed = lorareg("list", "--format", "lycoris-lokr", "--json")
+    assert [e["name"] for e in json.loads(listed.out)] == ["falcon"]

@@ -263,6 +263,16 @@ def _entry(key: str, name: str, parts: dict[str, str], source: TensorSource, alp
     return entry
 
 
+def full_entry(key: str, name: str, parts: dict[str, str], source: TensorSource) -> LycorisEntry:
+    """The entry of a full-rank difference stored as ``diff`` / ``diff_b`` (by any format's key names)."""
+    roles = {suffix: tensor for suffix, tensor in parts.items() if suffix in ("diff", "diff_b")}
+    try:
+        layer, _ = _shape("full", roles, source, None)
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{source.path.name}: module {name}: {exc.message}") from exc
+    return LycorisEntry(key, source, "", "", family="full", roles=roles, layer=layer)
+
+
 def file_kind(kinds: Counter) -> Kind:
     """What a file holding modules of these kinds is called: its most common non-plain kind, the others named."""
     special = [kind for kind, _ in kinds.most_common() if kind != "lora"]

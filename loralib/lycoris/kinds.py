@@ -397,9 +397,9 @@ class FullModule(_Shaped):
         self.weight_shape = full_shape(shape(self.diff), shape(self.diff_b))
 
     @property
-    def rank(self) -> int:
-        """The largest rank the difference can have."""
-        return min(self.flat_shape) if self.is_matrix else 1
+    def rank(self) -> None:
+        """A full-rank difference has no LoRA rank."""
+        return None
 
     @property
     def exact_rank(self) -> int | None:
