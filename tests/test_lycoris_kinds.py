@@ -28,7 +28,13 @@ from lycoris.functional import lokr as lyco_lokr  # noqa: E402
 
 LINEAR = LayerShape(96, 64, None)
 CONV = LayerShape(32, 16, (3, 3))
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """No autograd here (LyCORIS' modules copy into parameters); only inside each test, never for the process."""
+    with torch.no_grad():
+        yield
 
 
 def _g(seed: int = 0) -> torch.Generator:
