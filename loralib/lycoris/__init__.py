@@ -4,8 +4,10 @@ Every kind is a class in :mod:`loralib.lycoris.kinds` with the small protocol it
 :class:`~loralib.adapter.LoraModule` (:class:`~loralib.adapter.AdapterModule`): its dense ``ΔW``
 (``delta``), ``ΔW`` applied to vectors from the factors (``apply``), and an exact low-rank form
 ``coefficient · up @ down`` where one exists (``low_rank``), so merging, resizing and conversion to
-plain LoRA never need a dense matrix for LoHa and LoKr. :func:`loralib.lycoris.plain.to_lora`
-turns any adapter into a plain LoRA, optimally at a chosen rank.
+plain LoRA never need a dense matrix for LoHa and LoKr. :func:`loralib.compose.plain.to_lora`
+(``loralib.to_lora``) turns any adapter into a plain LoRA, optimally at a chosen rank; the spectra
+behind it are in :mod:`loralib.compose.spectra`. :mod:`loralib.lycoris.synthetic` makes random
+modules laid out as LyCORIS lays them out.
 
 This package imports torch only in the modules that hold tensors; :mod:`loralib.formats.lycoris`
 reads the files' headers without it.
