@@ -302,7 +302,7 @@ def show_command(ctx: click.Context, reference: str, as_json: bool, show_metadat
 def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     from rich.table import Table
 
-    from loralib.inspection import architecture_title, metadata_summary
+    from loralib.inspection import architecture_title, format_title, metadata_summary
     from lorareg.registry.lineage import operation_summary, render
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -315,7 +315,7 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     if entry.description:
         row("description", entry.description)
     row("architecture", f"{architecture_title(entry.architecture or 'unknown')} ({entry.architecture})")
-    row("format", entry.format)
+    row("format", f"{format_title(entry.format)} ({entry.format})" if entry.format else "—")
     row("modules", f"{entry.modules} (" + ", ".join(f"{k} {v}" for k, v in entry.components.items()) + ")")
     row("ranks", ", ".join(f"{k} ×{v}" for k, v in entry.ranks.items()) or "—")
     row("alphas", ", ".join(f"{k} ×{v}" for k, v in entry.alphas.items()) or "—")

@@ -57,6 +57,12 @@ def _rank_options(function):
     return function
 
 
+def _base_option(function):
+    return click.option("--base", type=click.Path(),
+                        help="Base model (diffusers folder or .safetensors checkpoint) for DoRA inputs, "
+                             "whose ΔW depends on it.")(function)
+
+
 def _output_options(function):
     options = [
         click.option("-o", "--output", type=click.Path(), required=True, help="Output file (or folder for --to peft)."),
@@ -72,7 +78,7 @@ def _output_options(function):
     return function
 
 
-def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
+def save_composition(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
     """Save a composition, record it in the catalog and print its summary."""
     result = composition.save(output, fmt, force=force)
     register_output(ctx, result)
@@ -130,17 +136,19 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.option("--density", type=float, help="ties/dare: fraction of each ΔW's entries to keep (0 < d ≤ 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
-              help="ties/dare: how the dense merged ΔW is factorised.")
+              help="ties/dare (and full-rank/DoRA inputs): how a dense merged ΔW is factorised.")
+@_base_option
 @_output_options
 @click.pass_context
 def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
-                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, output: str,
-                  fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, base: str | None,
+                  output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
 
     Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
     is the best rank-K approximation of the exact sum (no rank-K adapter is closer), computed
-    without ever forming a dense weight matrix.
+    without ever forming a dense weight matrix. Inputs may be LyCORIS (LoHa, LoKr, full-rank
+    differences) or DoRA (with --base); the output is a plain LoRA.
 
     \b
     Examples:
@@ -154,20 +162,23 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     refuse_overwrite(output, force)
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
-                            seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+                            seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
+                            progress=update)
+    save_composition(ctx, composition, output, fmt, force, as_json)
 
 
 @click.command("resize")
 @click.argument("adapter")
 @_rank_options
+@_base_option
 @_output_options
 @click.pass_context
 def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: str | None, max_rank: int | None,
-                   output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                   base: str | None, output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
-    Modules already at or below --rank are kept bit for bit.
+    Modules already at or below --rank are kept bit for bit. LyCORIS and DoRA modules (with --base)
+    become plain LoRA modules of that rank.
 
     \b
     Examples:
@@ -179,8 +190,9 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     source = resolve_adapter(ctx, adapter)
     refuse_overwrite(output, force)
     with progress("resizing", enabled=not as_json) as update:
-        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
+                             base=Path(base) if base else None, progress=update)
+    save_composition(ctx, composition, output, fmt, force, as_json)
 
 
 @click.command("bake")
@@ -256,4 +268,4 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
         composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
                               min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+    save_composition(ctx, composition, output, fmt, force, as_json)

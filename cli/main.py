@@ -20,7 +20,7 @@ from loralib.version import __version__
 # imports none of them.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("lorareg.cli.adapters", "inspect_command", "Describe an adapter: format, architecture, modules, ranks, hashes."),
-    "convert": ("lorareg.cli.adapters", "convert_command", "Convert an adapter between kohya, PEFT and diffusers formats."),
+    "convert": ("lorareg.cli.adapters", "convert_command", "Convert an adapter between formats, or LyCORIS/DoRA into a plain LoRA."),
     "merge": ("lorareg.cli.compose", "merge_command", "Merge adapters with weights (exact, or best rank-k; ties, dare)."),
     "resize": ("lorareg.cli.compose", "resize_command", "Reduce an adapter's rank by exact SVD (fixed or dynamic rank)."),
     "bake": ("lorareg.cli.compose", "bake_command", "Fuse adapters into a base model (diffusers folder or single file)."),

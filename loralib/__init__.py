@@ -15,7 +15,7 @@ from __future__ import annotations
 from .version import __version__
 
 __all__ = ["LoraAdapter", "LoraModule", "__version__", "convert", "inspect", "load", "save", "LoraError",
-           "merge", "resize", "bake", "extract"]
+           "merge", "resize", "bake", "extract", "to_lora"]
 
 from .errors import LoraError
 
@@ -33,7 +33,7 @@ def __getattr__(name: str):
         from .inspection import inspect
 
         return inspect
-    if name in ("merge", "resize", "bake", "extract"):
+    if name in ("merge", "resize", "bake", "extract", "to_lora"):
         from . import compose
 
         return getattr(compose, name)

@@ -1,9 +1,11 @@
 """Rendering images with a base model and any number of LoRA adapters, the way A1111 records them.
 
 The base model is loaded once; adapters are fused into its weights with their weights
-(``W += weight · alpha / rank · up @ down``, computed in float32 — the same result as diffusers'
+(``W += weight · ΔW``, computed in float32 — for a LoRA the same result as diffusers'
 ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``, and it works for every module kind
-lorareg reads, LoCon and CP-decomposed convs included) and can be removed again exactly.
+lorareg reads: LoCon and CP-decomposed convs, LoHa and LoKr, which diffusers cannot load, full and
+norm/bias differences, and DoRA, computed from the pipeline's own weights) and can be removed
+again exactly.
 Every PNG carries AUTOMATIC1111's ``parameters`` text chunk — prompt, negative prompt, steps,
 sampler, CFG scale, seed, size, ``Lora hashes`` — that A1111, ComfyUI, Civitai and image viewers
 read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
@@ -13,6 +15,7 @@ the same seed always gives the same image.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -92,16 +95,16 @@ class FusedAdapters:
     """Adapters fused into a pipeline; :meth:`remove` restores the original weights exactly."""
 
     uses: list[AdapterUse]
-    originals: dict[str, Any] = field(default_factory=dict, repr=False)
+    originals: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)  # (layer, "weight"|"bias")
     layers: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def remove(self) -> None:
-        """Put back the base weights that fusing changed."""
+        """Put back the base weights and biases that fusing changed."""
         import torch
 
         with torch.no_grad():
-            for key, weight in self.originals.items():
-                self.layers[key].weight.copy_(weight)
+            for (key, parameter), value in self.originals.items():
+                getattr(self.layers[key], parameter).copy_(value)
         self.originals.clear()
 
 
@@ -134,7 +137,7 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
 
     from .base_model import pipeline_layers
 
-    layers = pipeline_layers(pipe)
+    layers = pipeline_layers(pipe, norms=True)
     base_arch = _pipeline_architecture(pipe)
     for adapter, _, use in adapters:
         if adapter.architecture not in (base_arch, "unknown"):
@@ -145,22 +148,55 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
             raise MismatchError(f"{use.name} adapts {len(missing)} layer(s) the base model does not have, "
                                 f"e.g. {missing[0]}", "Use the base model the adapter was trained for")
         for key, module in adapter.modules.items():
-            if tuple(layers[key].weight.shape) != tuple(module.weight_shape):
-                raise MismatchError(f"{use.name}: layer {key} has shape {list(layers[key].weight.shape)} in the base "
-                                    f"model but {list(module.weight_shape)} in the adapter",
-                                    "Use the base model the adapter was trained for")
+            problem = _misfit(layers[key], module)
+            if problem:
+                raise MismatchError(f"{use.name}: layer {key} {problem}", "Use the base model the adapter was trained for")
     fused = FusedAdapters([use for _, _, use in adapters], layers=layers)
     keys = dict.fromkeys(key for adapter, _, _ in adapters for key in adapter.modules)
     with torch.no_grad():
         for key in keys:  # one layer at a time: the sum of its deltas in float32, one rounding to its dtype
-            target = layers[key].weight
-            fused.originals[key] = target.detach().clone()
-            total = target.float()
+            layer = layers[key]
+            weight_parts, bias_parts = [], []
             for adapter, weight, _ in adapters:
-                if key in adapter.modules:
-                    total = total + weight * adapter.modules[key].delta(torch.float32).to(target.device)
-            target.copy_(total.to(target.dtype))
+                module = adapter.modules.get(key)
+                if module is None:
+                    continue
+                base = layer.weight.detach().float().cpu() if module.needs_base else None
+                delta = module.delta(torch.float32, base)
+                if delta is not None:
+                    weight_parts.append(weight * delta.reshape(layer.weight.shape))
+                bias = module.bias_delta(torch.float32)
+                if bias is not None:
+                    bias_parts.append(weight * bias)
+            for parameter, parts in (("weight", weight_parts), ("bias", bias_parts)):
+                if parts:
+                    _add(fused, key, layer, parameter, parts)
     return fused
+
+
+def _misfit(layer, module) -> str | None:
+    """Why ``module`` cannot change ``layer`` (None when it fits)."""
+    if module.is_matrix:
+        have, want = tuple(layer.weight.shape), tuple(module.weight_shape)
+        flat = lambda shape: (shape[0], math.prod(shape[1:]))  # noqa: E731 a 1x1 conv takes a Linear's factors
+        if layer.weight.ndim < 2 or flat(have) != flat(want):
+            return f"has shape {list(have)} in the base model but {list(want)} in the adapter"
+    elif module.delta() is not None and layer.weight.shape != module.delta().shape:
+        return f"has {layer.weight.numel()} weights in the base model but the adapter changes {module.delta().numel()}"
+    bias = module.bias_delta()
+    if bias is not None and (getattr(layer, "bias", None) is None or layer.bias.shape != bias.shape):
+        return "has no bias of the adapter's width in the base model"
+    return None
+
+
+def _add(fused: FusedAdapters, key: str, layer, parameter: str, parts: list) -> None:
+    """Add the deltas to one parameter of a layer in float32, keeping the original for :meth:`FusedAdapters.remove`."""
+    target = getattr(layer, parameter)
+    fused.originals[key, parameter] = target.detach().clone()
+    total = target.float()
+    for part in parts:
+        total = total + part.to(target.device)
+    target.copy_(total.to(target.dtype))
 
 
 def _pipeline_architecture(pipe) -> str:

@@ -16,6 +16,8 @@ from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, SDXL, UN
 from .files.hashes import hash_file
 from .formats import Inputs, identify_inputs, index_inputs, open_inputs, refuse
 from .formats.detect import Kind
+from .formats.table import for_kind
+from .lycoris import KIND_TITLES
 from .naming.kohya import parse_module_name
 from .naming.sgm import UNetLayout
 
@@ -51,6 +53,8 @@ class InspectReport:
     damaged: bool = False
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)  # modules per kind: lora, loha, lokr, full, norm, dora
+    module_kinds: dict[str, str] = field(default_factory=dict)  # each module's kind, by internal key
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary (metadata values that hold JSON are left as strings)."""
@@ -103,15 +107,9 @@ def _foreign_modules(inputs: Inputs) -> tuple[dict[str, int], str, str]:
 
 
 def _lycoris_in_features(shapes: dict[str, tuple[int, ...]], module: str) -> int | None:
-    """Input width of a LoHa/LoKr/DoRA module from its factor shapes."""
-    get = shapes.get
-    if shape := get(f"{module}.lora_down.weight") or get(f"{module}.hada_w1_b"):
-        return shape[1]
-    w1 = get(f"{module}.lokr_w1") or get(f"{module}.lokr_w1_b")
-    w2 = get(f"{module}.lokr_w2") or get(f"{module}.lokr_w2_b")
-    if w1 and w2 and len(w1) == 2 and len(w2) == 2:
-        return w1[-1] * w2[-1]
-    return None
+    """Input width of a module of a kind lorareg does not read, where its factors tell it."""
+    shape = shapes.get(f"{module}.lora_down.weight")
+    return shape[1] if shape else None
 
 
 def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
@@ -136,9 +134,14 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
     claim = _metadata_claim(metadata)
     notes: list[str] = []
     embeddings: list[str] = []
-    if kind.plain_lora:
+    kinds: dict[str, int] = {}
+    module_kinds: dict[str, str] = {}
+    if for_kind(kind) is not None:
         index = index_inputs(inputs, kind)
+        kind = index.kind
         entries = list(index.modules.values())
+        kinds = dict(index.kind_counts().most_common())
+        module_kinds = {e.key: e.kind for e in entries}
         detection = index.architecture
         architecture, evidence = detection.name, detection.evidence
         counts = Counter(e.key.split(".", 1)[0] for e in entries)
@@ -150,6 +153,7 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
         modules = len(entries)
         embeddings = list(index.embeddings)
         notes += index.notes
+        notes += _kind_notes(kinds)
     else:
         if kind.family is not None:
             architecture, evidence = kind.family, f"its keys name {FOREIGN_FAMILIES[kind.family]} blocks"
@@ -159,7 +163,7 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
             components, architecture, evidence = _foreign_modules(inputs)
             modules = sum(components.values())
         ranks, alphas, conv, cp = {}, {}, 0, 0
-        notes.append(f"{kind.title} is recognised but not a plain LoRA: convert, merge and resize need plain LoRA factors")
+        notes.append(f"{kind.title} is recognised, but lorareg cannot apply or convert it")
     if _claim_conflicts(claim, architecture):
         notes.append(f"the file's metadata claims {claim}, but its tensors say {architecture}; lorareg trusts the tensors")
     file_hashes = {}
@@ -173,7 +177,21 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
         metadata_claims=claim, modules=modules, components=components, linear_modules=modules - conv,
         conv_modules=conv, cp_modules=cp, ranks=ranks, alphas=alphas, dtypes=dict(dtypes),
         tensors=sum(len(s.names) for s in sources), parameters=parameters, hashes=file_hashes,
-        metadata=metadata, embeddings=embeddings, damaged=bool(problems), problems=problems, notes=notes)
+        metadata=metadata, embeddings=embeddings, damaged=bool(problems), problems=problems, notes=notes,
+        kinds=kinds, module_kinds=module_kinds)
+
+
+def _kind_notes(kinds: dict[str, int]) -> list[str]:
+    """What a user should know about modules that are not plain LoRA."""
+    notes = []
+    other = {k: n for k, n in kinds.items() if k != "lora"}
+    if other:
+        named = ", ".join(f"{KIND_TITLES[k]} {n}" for k, n in other.items())
+        notes.append(f"{sum(other.values())} module(s) are not plain LoRA ({named}); `lorareg convert FILE --rank N` "
+                     "(or --plain) makes a plain LoRA of them")
+    if "dora" in kinds:
+        notes.append("DoRA's ΔW depends on the base model's weights: operations that need it take --base MODEL")
+    return notes
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -181,6 +199,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def format_title(name: str) -> str:
+    """A readable name for a format or adapter kind id (``lycoris-lokr`` → ``LyCORIS LoKr``)."""
+    from .formats.table import FORMATS
+
+    titles = {kind.format: kind.title for fmt in reversed(FORMATS) for kind in reversed(fmt.kinds)}
+    return titles.get(name, name)
 
 
 def architecture_title(name: str) -> str:

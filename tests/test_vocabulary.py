@@ -15,7 +15,8 @@ from lorareg.registry.catalog import SORTS
 
 def test_vocabulary_matches_the_library():
     assert vocabulary.WRITE_FORMATS == tuple(f.name for f in FORMATS if f.write is not None) == ("kohya", "peft", "diffusers")
-    assert {"kohya", "peft", "diffusers", "diffusers-old", "diffusers-attnprocs", "cloneofsimo"} == set(vocabulary.FORMAT_NAMES)
+    assert {"kohya", "peft", "diffusers", "diffusers-old", "diffusers-attnprocs", "cloneofsimo", "lycoris-loha",
+            "lycoris-lokr", "lycoris-full", "lycoris-norm", "lycoris-dora", "lycoris-locon"} == set(vocabulary.FORMAT_NAMES)
     assert tuple(SORTS) == vocabulary.CATALOG_SORTS
     assert vocabulary.HUB_LAYOUTS == ("peft", "diffusers")
     assert vocabulary.ARCHITECTURE_NAMES == ("sd1", "sd2", "sdxl")

@@ -1,9 +1,9 @@
 """Reading any supported adapter file into a :class:`~loralib.adapter.LoraAdapter`, and writing one.
 
-The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, PEFT, diffusers
-in every generation, cloneofsimo); :mod:`~loralib.formats.layout` knows which files make up an
-adapter and :mod:`~loralib.formats.detect` which format a file is in. Everything else that looks
-like a model file is named precisely in the error.
+The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, LyCORIS, PEFT,
+diffusers in every generation, cloneofsimo); :mod:`~loralib.formats.layout` knows which files make
+up an adapter and :mod:`~loralib.formats.detect` which format a file is in. Everything else that
+looks like a model file is named precisely in the error.
 """
 
 from __future__ import annotations
@@ -49,26 +49,27 @@ def identify_inputs(inputs: Inputs) -> Kind:
 
 
 def refuse(kind: Kind, name: str) -> None:
-    """Raise the error for a recognised file that is not a plain LoRA."""
+    """Raise the error for a recognised file that lorareg does not read as an adapter."""
     if not kind.is_adapter:
         raise NotALoraError(f"{name} is not a LoRA adapter: it is a {kind.title}")
     if kind.family is not None:
         raise UnsupportedFormatError(f"{name} is a {kind.title}",
                                      "lorareg converts and merges SD1.x, SD2.x and SDXL adapters only")
-    raise UnsupportedFormatError(f"{name} is a {kind.title}, not a plain LoRA",
-                                 "This operation needs plain low-rank factors (down/up); inspect still works")
+    raise UnsupportedFormatError(
+        f"{name} is a {kind.title}, which lorareg recognises but cannot apply or convert",
+        "lorareg reads LoRA, LoCon, LoHa, LoKr, full-rank and norm differences and DoRA; inspect still works")
 
 
 def index_inputs(inputs: Inputs, kind: Kind) -> AdapterIndex:
-    """Index plain-LoRA inputs of a known kind (headers only)."""
-    fmt = for_kind(kind) if kind.plain_lora else None
+    """Index the inputs of a known kind (headers only)."""
+    fmt = for_kind(kind)
     if fmt is None:
         refuse(kind, inputs.path.name)
     return fmt.read(inputs)
 
 
 def index_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterIndex:
-    """Index the plain LoRA adapter at ``path`` from its headers, without loading tensors."""
+    """Index the adapter at ``path`` from its headers, without loading tensors."""
     inputs = open_inputs(path, allow_pickle=allow_pickle)
     return index_inputs(inputs, identify_inputs(inputs))
 
@@ -79,7 +80,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     The SHA-256 of the main file's tensor data (the adapter's identity in operation records) is
     computed in a background thread while the tensors load.
     """
-    from ..adapter import LoraAdapter, LoraModule
+    from ..adapter import LoraAdapter
     from ..files.hashes import Deferred, tensor_data_sha256
 
     index = index_adapter(path, allow_pickle=allow_pickle)
@@ -87,14 +88,10 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     identity = Deferred(tensor_data_sha256, main.path, main.header.data_start) if main.header else None
     tensors = {}
     for source in index.sources:
-        wanted = [n for e in index.modules.values() if e.source is source for n in (e.down, e.up, e.mid) if n]
+        wanted = [n for e in index.modules.values() if e.source is source for n in e.tensor_names()]
         wanted += [n for s, n in index.embeddings.values() if s is source]
         tensors[id(source)] = source.load(wanted)
-    modules = {}
-    for key, e in index.modules.items():
-        loaded = tensors[id(e.source)]
-        modules[key] = LoraModule(loaded[e.down], loaded[e.up], e.effective_alpha,
-                                  loaded[e.mid] if e.mid else None)
+    modules = {key: e.build(tensors[id(e.source)]) for key, e in index.modules.items()}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),
                        embeddings, Path(path), source_hash=identity)
@@ -129,9 +126,29 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
                 f"{fmt.name} format cannot hold",
                 "Write kohya format (A1111 reads them as bundled embeddings), or pass --drop-embeddings to leave them out")
         notes.append(f"left out textual-inversion tokens: {', '.join(adapter.embeddings)}")
-    if not fmt.holds_cp_mid and any(m.mid is not None for m in adapter.modules.values()):
+    refuse_kinds(adapter, fmt)
+    if not fmt.holds_cp_mid and any(getattr(m, "mid", None) is not None for m in adapter.modules.values()):
         notes.append("folded CP-decomposed conv factors (lora_mid) into lora_down; ΔW is unchanged")
     return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes))
+
+
+def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
+    """Raise when ``adapter`` has module kinds that ``fmt`` cannot store (LoHa in PEFT, …)."""
+    kinds = dict(adapter.kinds)
+    biased = sum(1 for m in adapter.modules.values() if m.kind != "full" and m.bias_delta() is not None)
+    if biased:
+        kinds["bias"] = biased
+    foreign = {kind: count for kind, count in kinds.items() if kind not in fmt.holds_kinds}
+    if not foreign:
+        return
+    from ..lycoris import KIND_TITLES
+
+    titles = {**KIND_TITLES, "bias": "bias difference (diff_b)"}
+    named = ", ".join(f"{count} {titles[kind]}" for kind, count in foreign.items())
+    raise UnsupportedFormatError(
+        f"the {fmt.name} format cannot hold the adapter's {named} module(s)",
+        "Write kohya format (LyCORIS keys, which ComfyUI, A1111 and Forge load), or make a plain LoRA with "
+        "convert --plain or --rank N")
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,

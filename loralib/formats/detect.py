@@ -1,10 +1,10 @@
 """Tell what a tensor file holds from its key names and shapes alone (no tensors are read).
 
-Plain LoRA formats (those in :mod:`loralib.formats.table`) are read by lorareg: each key counts
-for the first format spelling it matches, and the most counted wins. Other adapter kinds
-(LyCORIS LoHa/LoKr/DoRA/…), adapters for other model families (Flux, SD3), textual inversions
-and full checkpoints are recognised and named, so that an operation which needs plain LoRA
-factors can say exactly what it was given.
+The formats of :mod:`loralib.formats.table` (plain LoRA, and LyCORIS/DoRA in kohya names) are
+read by lorareg: a format that reads every key wins. Adapter kinds lorareg does not apply
+(LyCORIS OFT/BOFT, GLoRA, (IA)³), adapters for other model families (Flux, SD3), textual
+inversions and full checkpoints are recognised and named, so that an operation can say exactly
+what it was given.
 """
 
 from __future__ import annotations
@@ -14,18 +14,24 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import lycoris
 from .base import Format, Kind
 from .table import FORMATS
 
-_LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
-    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), Kind("lycoris-loha", "LyCORIS LoHa", False)),
-    (re.compile(r"\.lokr_w[12](_[ab])?$"), Kind("lycoris-lokr", "LyCORIS LoKr", False)),
-    (re.compile(r"\.(oft_blocks|oft_diag|oft_R)$"), Kind("lycoris-oft", "LyCORIS OFT/BOFT", False)),
-    (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA", False)),
-    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.\w+)?(\.weight)?)$"), Kind("lycoris-dora", "DoRA (weight-decomposed LoRA)", False)),
-    (re.compile(r"\.(diff|diff_b)$"), Kind("lycoris-full", "LyCORIS full-rank difference", False)),
-    (re.compile(r"\.(w_norm|b_norm)$"), Kind("lycoris-norm", "LyCORIS norm-layer adapter", False)),
+# Adapter kinds recognised but not applied: (tensor-name pattern, kind); the first that matches any key wins.
+_UNSUPPORTED = [
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_R)$"), Kind("lycoris-oft", "LyCORIS OFT/BOFT adapter", False)),
+    (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA adapter", False)),
     (re.compile(r"\.on_input$"), Kind("lycoris-ia3", "(IA)³ adapter", False)),
+]
+# What names an adapter kind in any spelling (also under Flux/SD3 names): LyCORIS suffixes, then the above.
+_SUFFIX_KINDS = [
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), lycoris.LOHA),
+    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), lycoris.LOKR),
+    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.\w+)?(\.weight)?)$"), lycoris.DORA),
+    (re.compile(r"\.(diff|diff_b)$"), lycoris.FULL),
+    (re.compile(r"\.(w_norm|b_norm)$"), lycoris.NORM),
+    *_UNSUPPORTED,
 ]
 _FLUX = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks|x_embedder|guidance_in|img_in|txt_in)[._]")
 _SD3 = re.compile(r"(^|[._])(joint_blocks|context_block|x_block|pos_embed)[._]")
@@ -43,7 +49,7 @@ _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
 _FOREIGN_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks", "x_embedder", "guidance_in", "img_in",
                   "txt_in", "joint_blocks", "context_block", "x_block", "pos_embed", "lora_te3_", "lora_transformer_",
                   "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context")
-_LYCORIS_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _LYCORIS))
+_KIND_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _SUFFIX_KINDS))
 
 
 def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -70,20 +76,21 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     if not names:
         return None
     family = _family(names, shapes)
-    lycoris = None
-    if any(_LYCORIS_ANY.search(n) for n in names):
-        lycoris = next(kind for pattern, kind in _LYCORIS for n in names if pattern.search(n))
+    special = None
+    if any(_KIND_ANY.search(n) for n in names):
+        special = next(kind for pattern, kind in _SUFFIX_KINDS for n in names if pattern.search(n))
     if family is not None:
         title = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
         if any(_LORA_HINT.search(n) for n in names):
-            what = lycoris.title if lycoris else "LoRA"
+            what = special.title if special else "LoRA"
             return Kind(f"{family}-adapter", f"{title} {what}", False, family)
         return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
     match = best_format(names)
-    if match is not None and match.complete:
-        return match.kind
-    if lycoris is not None:
-        return lycoris
+    if match is not None and match.complete:  # a key of a named kind (LoKr, DoRA, …) names the file
+        return special if special in match.format.kinds else match.kind
+    unsupported = next((kind for pattern, kind in _UNSUPPORTED for n in names if pattern.search(n)), None)
+    if unsupported is not None:
+        return unsupported
     if any(_CHECKPOINT.match(n) for n in names):
         return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
     if match is not None:

@@ -4,7 +4,9 @@ Keys: ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, optional ``<mo
 (scalar; missing means alpha = rank) and ``<module>.lora_mid.weight`` (CP-decomposed LoCon).
 Module names are flattened paths (see :mod:`loralib.naming.kohya`); SDXL UNets use SGM block
 names, which is what sd-scripts writes and what is written here. Textual-inversion tokens
-travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``.
+travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``. LyCORIS and DoRA
+modules are written with LyCORIS' suffixes (:func:`loralib.formats.lycoris.module_tensors`); a
+file with any of them is read back by the LyCORIS format.
 """
 
 from __future__ import annotations
@@ -106,10 +108,17 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> dic
         if dtype is not None:
             module = module.to(dtype)
         name = module_name(key, sgm_layout=layout, two_text_encoders=two_encoders)
+        if module.kind != "lora":
+            from .lycoris import module_tensors
+
+            tensors.update(module_tensors(name, module))
+            continue
         tensors[f"{name}.lora_down.weight"] = module.down
         tensors[f"{name}.lora_up.weight"] = module.up
         if module.mid is not None:
             tensors[f"{name}.lora_mid.weight"] = module.mid
+        if module.bias is not None:  # a bias difference beside the factors, as LyCORIS and ComfyUI spell it
+            tensors[f"{name}.diff_b"] = module.bias
         # float32 as sd-scripts writes it, unless that would round this alpha
         exact = float(torch.tensor(module.alpha, dtype=torch.float32)) == module.alpha
         tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32 if exact else torch.float64)
@@ -121,4 +130,5 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> dic
 
 FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY), (KOHYA, BUNDLE_KEY)),
                 read, write,
-                holds_embeddings=True, holds_cp_mid=True)
+                holds_embeddings=True, holds_cp_mid=True,
+                holds_kinds=frozenset({"lora", "loha", "lokr", "full", "norm", "dora", "bias"}))

@@ -2,15 +2,16 @@
 
 Adding a format is adding a module that exports a :class:`~loralib.formats.base.Format` and
 listing it here (see docs/formats.md). Order matters where spellings overlap: a PEFT key also
-reads as a current diffusers key, so PEFT comes first.
+reads as a current diffusers key, so PEFT comes first; LyCORIS files also spell their LoCon
+modules the kohya way, so kohya (which reads only plain files) comes before LyCORIS.
 """
 
 from __future__ import annotations
 
-from . import cloneofsimo, diffusers, kohya, peft
+from . import cloneofsimo, diffusers, kohya, lycoris, peft
 from .base import Format, Kind
 
-FORMATS: tuple[Format, ...] = (kohya.FORMAT, peft.FORMAT, diffusers.FORMAT, cloneofsimo.FORMAT)
+FORMATS: tuple[Format, ...] = (kohya.FORMAT, lycoris.FORMAT, peft.FORMAT, diffusers.FORMAT, cloneofsimo.FORMAT)
 WRITE_FORMATS: tuple[str, ...] = tuple(f.name for f in FORMATS if f.write is not None)
 
 
@@ -21,7 +22,7 @@ def by_name(name: str) -> Format | None:
 
 
 def for_kind(kind: Kind) -> Format | None:
-    """The format that reads files of ``kind``, or None (LyCORIS, checkpoints, other families)."""
+    """The format that reads files of ``kind``, or None (checkpoints, other families, unsupported kinds)."""
     return next((f for f in FORMATS if kind in f.kinds), None)
 
 
