@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES
 from .dtypes import STORAGE_DTYPES
+from .formats.detect import FOREIGN_KINDS
 from .formats.table import FORMATS, WRITE_FORMATS
 
-__all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "FORMAT_NAMES", "HUB_LAYOUTS",
+__all__ = ["ARCHITECTURE_NAMES", "CATALOG_FORMATS", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "FORMAT_NAMES", "HUB_LAYOUTS",
            "KNOWN_ARCHITECTURES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", "WRITE_FORMATS"]
 
 # Architectures lorareg trains, converts and merges for; and every one it can name.
@@ -18,6 +19,8 @@ ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, *FOREIGN_FAMILIES, "unknown")
 # Every format name a file can be recorded under (the spellings lorareg reads).
 FORMAT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds))
+# Every format the catalog records: the plain formats and the other adapter kinds it names.
+CATALOG_FORMATS: tuple[str, ...] = (*FORMAT_NAMES, *FOREIGN_KINDS)
 # Extra layouts ``push --also`` uploads beside the kohya file.
 HUB_LAYOUTS: tuple[str, ...] = tuple(name for name in WRITE_FORMATS if name != "kohya")
 

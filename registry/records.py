@@ -71,6 +71,10 @@ class Entry:
     problems: list[str] = field(default_factory=list)
     added_at: str | None = None
     updated_at: str | None = None
+    identity: str | None = None
+    fp_norm: float | None = None
+    fp_modules: int | None = None
+    fp_note: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Entry:
@@ -103,6 +107,11 @@ class Entry:
         if not ranks:
             return "—"
         return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+
+    @property
+    def has_placeholder_identity(self) -> bool:
+        """True for an entry whose files were all gone when the catalog was upgraded to schema 3."""
+        return (self.identity or "").startswith("tensor:")
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary, with the hashes spelled out."""
@@ -147,6 +156,7 @@ class ParentRecord:
     format: str | None
     weight: float | None
     name: str | None = None
+    identity: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""
