@@ -10,11 +10,12 @@ from loralib.dtypes import storage_dtype
 from loralib.vocabulary import STORAGE_DTYPES, WRITE_FORMATS
 
 from .output import human_size, note, print_json
-from .refs import register_output, resolve_adapter
+from .paths import adapter_output, make_parents, refuse_existing
+from .refs import complete_adapters, register_output, resolve_adapter
 
 
 @click.command("inspect")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-hash", is_flag=True, help="Skip hashing the file (faster on huge files).")
 @click.option("--metadata", "-m", "show_metadata", is_flag=True, help="Show every metadata entry.")
@@ -102,10 +103,11 @@ def default_output(source: Path, fmt: str) -> Path:
 
 
 @click.command("convert")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--to", "fmt", type=click.Choice(WRITE_FORMATS), default="kohya", show_default=True,
               help="Output format.")
-@click.option("-o", "--output", type=click.Path(), help="Output file (kohya, diffusers) or folder (peft, diffusers).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output file (kohya, diffusers) or folder (peft); a path ending in / is a folder to write into.")
 @click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)), help="Store factors in this dtype (default: as read).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
@@ -122,10 +124,18 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
       lorareg convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
       lorareg convert x.safetensors --to diffusers -o pytorch_lora_weights.safetensors
     """
+    source = resolve_adapter(ctx, adapter)
+    default = default_output(source, fmt)
+    target = adapter_output(output, fmt, default.name) if output else default
+    refuse_existing(target, fmt, force)
+    import torch  # noqa: F401 - after the checks: a mistake is reported before the seconds torch takes
+
     from loralib.formats import convert
 
-    source = resolve_adapter(ctx, adapter)
-    target = Path(output) if output else default_output(source, fmt)
+    from .threads import use_threads
+
+    use_threads(0)  # copying factors: one thread is enough
+    make_parents(target)
     result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
                      drop_embeddings=drop_embeddings, allow_pickle=allow_pickle)
     register_output(ctx, result)
