@@ -103,6 +103,27 @@ def compare(a: bytes | list[float], b: bytes | list[float], *, near: float = NEA
     return Comparison(similarity, ratio, verdict(similarity, ratio, near=near))
 
 
+BANDS = 8  # band keys of a fingerprint, for finding "same" candidates through an index
+BAND_BITS = 16
+
+
+def band_keys(blob: bytes | list[float]) -> list[int]:
+    """Eight 16-bit keys made of the signs of the first 128 values (a SimHash in bands).
+
+    Two fingerprints of the same ΔW differ by rounding, which flips a sign only where a value is
+    about 0: they share at least one band key except with negligible probability (below 1e-6 at
+    the 'same' threshold), while two unrelated ones share a given band with probability 2⁻¹⁶.
+    """
+    values = floats(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
+    if values is None:
+        return []
+    keys = []
+    for band in range(BANDS):
+        chunk = values[band * BAND_BITS:(band + 1) * BAND_BITS]
+        keys.append(sum(1 << i for i, v in enumerate(chunk) if v >= 0))
+    return keys
+
+
 def verdict(similarity: float, norm_ratio: float, *, near: float = NEAR_COSINE) -> str:
     """``same`` (the same ΔW up to rounding), ``near`` (cosine at least ``near``) or ``different``."""
     if similarity >= SAME_COSINE and norm_ratio >= 1 - SAME_NORM_RATIO:

@@ -237,7 +237,10 @@ def _read_bytes(sources: list[TensorSource], index: AdapterIndex | None, *, hash
             start = source.header.data_start + info.begin
             return maps[id(source)][start:start + info.nbytes]
 
-        result = compute(index, read)
+        try:
+            result = compute(index, read)
+        except Exception as exc:  # a fingerprint is extra: an odd file must still be described and hashed
+            return found, None, f"it could not be fingerprinted ({type(exc).__name__}: {exc})"
     if result.modules == 0:
         reasons = sorted(set(result.skipped.values()))
         return found, None, "no module could be read (" + "; ".join(reasons[:3]) + ")" if reasons else "no modules"

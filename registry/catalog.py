@@ -338,15 +338,19 @@ class Catalog:
     def same_adapter(self, entry: Entry) -> list[tuple[Entry, float]]:
         """Other entries holding the same ΔW (its fingerprint, up to rounding): other formats, key
         spellings, dtypes or factors of this adapter. Each with the fingerprints' cosine."""
-        from loralib.fingerprint import SAME_NORM_RATIO, compare
+        from loralib.fingerprint import band_keys, compare
 
-        row = self.conn.execute("SELECT fingerprint, fp_norm FROM adapters WHERE id = ?", (entry.id,)).fetchone()
-        if row is None or row[0] is None or not row[1]:
+        row = self.conn.execute("SELECT fingerprint FROM adapters WHERE id = ?", (entry.id,)).fetchone()
+        keys = band_keys(row[0]) if row is not None and row[0] is not None else []
+        if not keys:
             return []
-        low, high = row[1] * (1 - SAME_NORM_RATIO), row[1] / (1 - SAME_NORM_RATIO)
+        # candidates share a band key (an index lookup); each is then compared in full
+        where = " OR ".join("(b.band = ? AND b.key = ?)" for _ in keys)
+        params = [x for pair in enumerate(keys) for x in pair]
         found = []
-        for other in self.conn.execute("SELECT id, fingerprint FROM adapters WHERE fp_norm BETWEEN ? AND ? AND id != ?",
-                                       (low, high, entry.id)).fetchall():
+        for other in self.conn.execute(
+                f"SELECT a.id, a.fingerprint FROM adapters a WHERE a.id != ? AND a.id IN "
+                f"(SELECT b.adapter_id FROM fingerprint_bands b WHERE {where})", [entry.id, *params]).fetchall():
             comparison = compare(row[0], other[1])
             if comparison is not None and comparison.verdict == "same":
                 found.append((other[0], comparison.similarity))
@@ -523,7 +527,7 @@ class Catalog:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
         from .describe import unique
         from .lineage import history_parents
-        from .upgrade_v3 import placeholder_identity
+        from .upgrade_v3 import placeholder_identity, store_bands
 
         stamp = now()
         columns = facts.columns()
@@ -567,6 +571,7 @@ class Catalog:
             if operation is not None and existing.operation is None:
                 changes["operation"] = dumps(operation)
             self._update(adapter_id, changes)
+        store_bands(self.conn, adapter_id, columns["fingerprint"])
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
             for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):
@@ -791,7 +796,7 @@ def complete_names(prefix: str, home: str | os.PathLike | None = None, limit: in
         return []
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
         try:
             rows = conn.execute("SELECT name FROM adapters WHERE name LIKE ? ESCAPE '\\' "
                                 "ORDER BY name COLLATE NOCASE LIMIT ?", (escaped + "%", limit)).fetchall()

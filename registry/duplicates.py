@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loralib.fingerprint import NEAR_COSINE, SAME_COSINE, SAME_NORM_RATIO, floats, verdict
+from loralib.fingerprint import DIMENSIONS, MAGIC, NEAR_COSINE, SAME_COSINE, SAME_NORM_RATIO, verdict
 
 from .catalog import Catalog
 from .records import Entry
@@ -100,12 +100,13 @@ def similar_pairs(fingerprints: list[tuple[int, bytes, float]], near: float,
     """Every pair of fingerprints with cosine at least ``near``: (id a, id b, cosine, norm ratio)."""
     import numpy as np
 
-    rows = [(i, floats(blob)) for i, blob, _ in fingerprints]
-    rows = [(i, v) for i, v in rows if v is not None]
+    size = len(MAGIC) + 4 * DIMENSIONS
+    rows = [(i, blob) for i, blob, _ in fingerprints if blob and len(blob) == size and blob.startswith(MAGIC)]
     if len(rows) < 2:
         return []
     ids = np.array([i for i, _ in rows])
-    matrix = np.array([v for _, v in rows], dtype=np.float32)
+    raw = b"".join(blob[len(MAGIC):] for _, blob in rows)
+    matrix = np.frombuffer(raw, dtype="<f4").reshape(len(rows), DIMENSIONS).astype(np.float32)
     norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
     keep = norms > 0
     ids, matrix, norms = ids[keep], matrix[keep], norms[keep]

@@ -108,11 +108,6 @@ class Entry:
             return "—"
         return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
 
-    @property
-    def has_placeholder_identity(self) -> bool:
-        """True for an entry whose files were all gone when the catalog was upgraded to schema 3."""
-        return (self.identity or "").startswith("tensor:")
-
     def to_dict(self) -> dict:
         """A JSON-ready dictionary, with the hashes spelled out."""
         data = asdict(self)
