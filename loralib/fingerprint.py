@@ -63,11 +63,18 @@ class Fingerprint:
     @property
     def norm(self) -> float:
         """The estimated Frobenius norm of the whole ΔW."""
-        return float(math.sqrt(float((self.vector.astype("float64") ** 2).sum()))) / PROBES
+        return math.sqrt(float(self.vector.astype("float64") @ self.vector.astype("float64"))) / PROBES
 
     def to_bytes(self) -> bytes:
         """The stored form: a 4-byte tag, then the floats (little-endian float32)."""
         return MAGIC + self.vector.astype("<f4").tobytes()
+
+    def bands(self) -> list[int]:
+        """The band keys of :func:`band_keys`, computed with numpy."""
+        import numpy as np
+
+        bits = (self.vector[:BANDS * BAND_BITS] >= 0).reshape(BANDS, BAND_BITS).astype(np.int64)
+        return (bits @ (1 << np.arange(BAND_BITS, dtype=np.int64))).tolist()
 
 
 @dataclass(frozen=True)
@@ -232,9 +239,15 @@ def _group_sketches(entries: list[ModuleEntry], read: RawReader) -> np.ndarray:
     """The sketches of modules whose factors have the same shapes, computed together: ``[len, PROBES, PROBES]``."""
     import numpy as np
 
-    downs = np.stack([_tensor(e, e.down, read) for e in entries])
-    ups = np.stack([_tensor(e, e.up, read) for e in entries])
-    count, rank = downs.shape[0], downs.shape[1]
+    first, count = entries[0], len(entries)
+    if first.source.header is None:
+        raise ValueError("its tensors are not in a safetensors file")
+    down_shape, up_shape = first.source.shapes[first.down], first.source.shapes[first.up]
+    # one read and one decode per factor kind: the group's modules share shapes and dtypes
+    downs = decode(b"".join(read(e.source, e.down) for e in entries), first.source.dtypes[first.down],
+                   (count, *down_shape))
+    ups = decode(b"".join(read(e.source, e.up) for e in entries), first.source.dtypes[first.up], (count, *up_shape))
+    rank = downs.shape[1]
     flat = downs.reshape(count, rank, -1)
     projected = flat @ _probes(flat.shape[2], 0)  # [count, rank, PROBES]
     outputs = _probes(ups.shape[1], 1).T @ ups.reshape(count, ups.shape[1], rank)  # [count, PROBES, rank]
@@ -255,7 +268,9 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
     for key in sorted(index.modules):
         entry = index.modules[key]
         shapes = entry.source.shapes
-        group = (shapes[entry.down], shapes[entry.up]) if entry.mid is None else ("mid", key)
+        dtypes = entry.source.dtypes
+        group = ((shapes[entry.down], shapes[entry.up], dtypes[entry.down], dtypes[entry.up], entry.source.header is None)
+                 if entry.mid is None else ("mid", key))
         groups.setdefault(group, []).append(key)
     keys, sketches, skipped = [], [], {}
     for group, members in groups.items():

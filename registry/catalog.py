@@ -571,7 +571,7 @@ class Catalog:
             if operation is not None and existing.operation is None:
                 changes["operation"] = dumps(operation)
             self._update(adapter_id, changes)
-        store_bands(self.conn, adapter_id, columns["fingerprint"])
+        store_bands(self.conn, adapter_id, facts.fingerprint_bands(), new=existing is None)
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
             for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):

@@ -74,6 +74,11 @@ class FileFacts:
         words = [w.strip() for w in phrase.split(",") if w.strip()]
         return unique(words + caption_tags(self.metadata, TOP_TAGS))
 
+    def fingerprint_bands(self) -> list[int]:
+        """The band keys of the stored fingerprint (empty when there is none)."""
+        fingerprint = self.report.fingerprint if not self.report.damaged else None
+        return fingerprint.bands() if fingerprint is not None else []
+
     def columns(self) -> dict:
         """The ``adapters`` columns that come from the file (refreshed whenever the file changes)."""
         r = self.report

@@ -59,7 +59,6 @@ def upgrade(db: Database) -> None:
     for adapter_id, tensor_sha256 in rows:
         _identify(conn, adapter_id, tensor_sha256)
     conn.execute("CREATE UNIQUE INDEX adapters_identity ON adapters (identity)")
-    conn.execute("CREATE INDEX adapters_fp_norm ON adapters (fp_norm)")
     conn.execute("CREATE INDEX parents_identity ON parents (identity)")
 
 
@@ -155,12 +154,15 @@ def _split(conn: sqlite3.Connection, adapter_id: int, identity: str, paths: list
                       parent.path, parent.format, parent.weight))
 
 
-def store_bands(conn: sqlite3.Connection, adapter_id: int, fingerprint: bytes | None) -> None:
-    """Record the band keys of an entry's fingerprint (replacing any earlier ones)."""
+def store_bands(conn: sqlite3.Connection, adapter_id: int, fingerprint: bytes | list[int] | None, *,
+                new: bool = False) -> None:
+    """Record the band keys of an entry's fingerprint (stored bytes, or the keys themselves), replacing
+    any earlier ones unless the entry is ``new``."""
     from loralib.fingerprint import band_keys
 
-    conn.execute("DELETE FROM fingerprint_bands WHERE adapter_id = ?", (adapter_id,))
-    keys = band_keys(fingerprint) if fingerprint else []
+    if not new:
+        conn.execute("DELETE FROM fingerprint_bands WHERE adapter_id = ?", (adapter_id,))
+    keys = fingerprint if isinstance(fingerprint, list) else band_keys(fingerprint) if fingerprint else []
     conn.executemany("INSERT OR IGNORE INTO fingerprint_bands (band, key, adapter_id) VALUES (?, ?, ?)",
                      [(band, key, adapter_id) for band, key in enumerate(keys)])
 

@@ -13,7 +13,7 @@ import torch
 import loralib
 from loralib.adapter import LoraAdapter, LoraModule
 from loralib.errors import UnsupportedFormatError
-from loralib.fingerprint import NEAR_COSINE, SAME_COSINE, compare, decode, fingerprint_file
+from loralib.fingerprint import NEAR_COSINE, SAME_COSINE, band_keys, compare, decode, fingerprint_file
 from loralib.inspection import inspect
 from loralib.layers import LayerShape
 from loralib.synthetic import random_adapter
@@ -75,6 +75,7 @@ def test_one_adapter_in_every_format_dtype_and_factorization_has_one_fingerprint
     # the modules are all there (the CP mid of the conv module included) and the norm estimates ‖ΔW‖
     kohya = _print(paths["kohya"])
     assert kohya.modules == len(layers) and not kohya.skipped
+    assert kohya.bands() == band_keys(kohya.to_bytes()) == band_keys(_print(paths["bf16"]).to_bytes())
     dense_norm = sum(float(v @ v) for v in _dense(adapter).values()) ** 0.5
     assert kohya.norm == pytest.approx(dense_norm, rel=0.35)
 
