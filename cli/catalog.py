@@ -597,4 +597,5 @@ def _print_duplicates(report) -> None:
     missing = sum(report.without_fingerprint.values())
     if missing:
         reasons = "; ".join(f"{n} {reason}" for reason, n in list(report.without_fingerprint.items())[:4])
-        note(f"{missing} entries have no fingerprint and were not compared ({reasons})")
+        what = "1 entry has" if missing == 1 else f"{missing} entries have"
+        note(f"{what} no fingerprint and could not be compared ({reasons})")
