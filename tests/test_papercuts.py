@@ -112,7 +112,10 @@ print("RESULTS", json.dumps(results))
 """
 
 
-def test_commands_that_use_torch_check_their_arguments_before_importing_it(lora, tmp_path, tiny_sd1):
+def test_commands_that_use_torch_check_their_arguments_before_importing_it(lora, tmp_path):
+    tiny_sd1 = tmp_path / "model"  # a diffusers folder as far as the checks before torch can tell
+    tiny_sd1.mkdir()
+    (tiny_sd1 / "model_index.json").write_text("{}")
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"x")
     data = tmp_path / "data"
