@@ -91,7 +91,7 @@ def _synthetic_rows(count: int, seed: int = 0):
     a ΔW fingerprint, one file each. A style word such as "pixel" is in about a third of them: a broad search."""
     import numpy as np
 
-    from loralib.fingerprint import DIMENSIONS, MAGIC
+    from loralib.fingerprint import DIMENSIONS, MAGIC, band_keys
     from lorareg.registry.describe import metadata_keywords
 
     vectors = np.random.default_rng(seed).standard_normal((count, DIMENSIONS)).astype("<f4")
@@ -117,7 +117,8 @@ def _synthetic_rows(count: int, seed: int = 0):
                     "sshs_model_hash": tensor_hash, "modelspec.title": name.replace("-", " ")}
         yield ({"name": name, "identity": hashlib.sha256(f"i{i}".encode()).hexdigest(), "tensor_sha256": tensor_hash,
                 "fingerprint": MAGIC + vectors[i].tobytes(), "fp_norm": float(np.linalg.norm(vectors[i])) / 4,
-                "fp_modules": 264, "sha256": file_hash, "legacy": file_hash[:8],
+                "fp_modules": 264, **{f"fp_band{b}": k for b, k in enumerate(band_keys(vectors[i].tolist()))},
+                "sha256": file_hash, "legacy": file_hash[:8],
                 "format": rnd.choice(("kohya", "kohya", "kohya", "peft", "diffusers")), "architecture": arch,
                 "plain_lora": 1, "components": json.dumps({"unet": 192, "text_encoder": 72}), "modules": 264,
                 "ranks": json.dumps({str(rank): 264}), "alphas": json.dumps({str(rank // 2): 264}), "dtype": "F16",
@@ -133,7 +134,6 @@ def build_catalog(home: Path, entries: int) -> tuple[str, str]:
     """A catalog of ``entries`` synthetic rows inserted directly (the FTS index is kept by its triggers)."""
     from lorareg.registry.catalog import Catalog
     from lorareg.registry.schema import write
-    from lorareg.registry.upgrade_v3 import store_bands
 
     with Catalog(home) as catalog:
         conn = catalog.conn
@@ -143,7 +143,6 @@ def build_catalog(home: Path, entries: int) -> tuple[str, str]:
                                       list(row.values()))
                 conn.execute("INSERT INTO files (path, adapter_id, size, mtime_ns, sha256, state) "
                              "VALUES (?, ?, 1, 1, ?, 'ok')", (path, cursor.lastrowid, file_hash))
-                store_bands(conn, cursor.lastrowid, row["fingerprint"])
         conn.execute("PRAGMA optimize")
         name, tensor_hash = conn.execute("SELECT name, tensor_sha256 FROM adapters WHERE id = ?",
                                          (entries // 2,)).fetchone()

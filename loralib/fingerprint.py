@@ -110,16 +110,17 @@ def compare(a: bytes | list[float], b: bytes | list[float], *, near: float = NEA
     return Comparison(similarity, ratio, verdict(similarity, ratio, near=near))
 
 
-BANDS = 8  # band keys of a fingerprint, for finding "same" candidates through an index
+BANDS = 4  # band keys of a fingerprint, for finding "same" candidates through an index
 BAND_BITS = 16
 
 
 def band_keys(blob: bytes | list[float]) -> list[int]:
-    """Eight 16-bit keys made of the signs of the first 128 values (a SimHash in bands).
+    """Four 16-bit keys made of the signs of the first 64 values (a SimHash in bands).
 
     Two fingerprints of the same ΔW differ by rounding, which flips a sign only where a value is
-    about 0: they share at least one band key except with negligible probability (below 1e-6 at
-    the 'same' threshold), while two unrelated ones share a given band with probability 2⁻¹⁶.
+    about 0 (about one value in a thousand for a bf16 copy): they share at least one band key but
+    with a probability below 1e-7 (below 1e-3 even at the limit of the 'same' verdict), while two
+    unrelated ones share a given band with probability 2⁻¹⁶.
     """
     values = floats(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
     if values is None:

@@ -338,19 +338,18 @@ class Catalog:
     def same_adapter(self, entry: Entry) -> list[tuple[Entry, float]]:
         """Other entries holding the same ΔW (its fingerprint, up to rounding): other formats, key
         spellings, dtypes or factors of this adapter. Each with the fingerprints' cosine."""
-        from loralib.fingerprint import band_keys, compare
+        from loralib.fingerprint import BANDS, compare
 
-        row = self.conn.execute("SELECT fingerprint FROM adapters WHERE id = ?", (entry.id,)).fetchone()
-        keys = band_keys(row[0]) if row is not None and row[0] is not None else []
-        if not keys:
+        bands = [f"fp_band{i}" for i in range(BANDS)]
+        row = self.conn.execute(f"SELECT fingerprint, {', '.join(bands)} FROM adapters WHERE id = ?",
+                                (entry.id,)).fetchone()
+        if row is None or row[0] is None:
             return []
-        # candidates share a band key (an index lookup); each is then compared in full
-        where = " OR ".join("(b.band = ? AND b.key = ?)" for _ in keys)
-        params = [x for pair in enumerate(keys) for x in pair]
+        # candidates share a band key (an index lookup each); each is then compared in full
+        where = " OR ".join(f"a.{band} = ?" for band in bands)
         found = []
-        for other in self.conn.execute(
-                f"SELECT a.id, a.fingerprint FROM adapters a WHERE a.id != ? AND a.id IN "
-                f"(SELECT b.adapter_id FROM fingerprint_bands b WHERE {where})", [entry.id, *params]).fetchall():
+        for other in self.conn.execute(f"SELECT a.id, a.fingerprint FROM adapters a WHERE ({where}) AND a.id != ?",
+                                       [*row[1:], entry.id]).fetchall():
             comparison = compare(row[0], other[1])
             if comparison is not None and comparison.verdict == "same":
                 found.append((other[0], comparison.similarity))
@@ -527,7 +526,7 @@ class Catalog:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
         from .describe import unique
         from .lineage import history_parents
-        from .upgrade_v3 import placeholder_identity, store_bands
+        from .upgrade_v3 import placeholder_identity
 
         stamp = now()
         columns = facts.columns()
@@ -571,7 +570,6 @@ class Catalog:
             if operation is not None and existing.operation is None:
                 changes["operation"] = dumps(operation)
             self._update(adapter_id, changes)
-        store_bands(self.conn, adapter_id, facts.fingerprint_bands(), new=existing is None)
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
             for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralib.files.hashes import FileHashes, hash_adapter_files
+from loralib.fingerprint import BANDS
 from loralib.formats.layout import adapter_root, main_file, open_inputs
 from loralib.inspection import InspectReport, caption_tags, format_number, inspect, top_tags
 from loralib.metadata import HISTORY_KEY, history
 
 from .records import dumps
 
+BAND_COLUMNS = tuple(f"fp_band{i}" for i in range(BANDS))
 TOP_TAGS = 5
 KEYWORD_TAGS = 50
 # Metadata entries whose values are hashes, images or bulky numeric JSON: not worth searching.
@@ -74,11 +76,6 @@ class FileFacts:
         words = [w.strip() for w in phrase.split(",") if w.strip()]
         return unique(words + caption_tags(self.metadata, TOP_TAGS))
 
-    def fingerprint_bands(self) -> list[int]:
-        """The band keys of the stored fingerprint (empty when there is none)."""
-        fingerprint = self.report.fingerprint if not self.report.damaged else None
-        return fingerprint.bands() if fingerprint is not None else []
-
     def columns(self) -> dict:
         """The ``adapters`` columns that come from the file (refreshed whenever the file changes)."""
         r = self.report
@@ -93,6 +90,7 @@ class FileFacts:
             "fp_norm": fingerprint.norm if fingerprint is not None else None,
             "fp_modules": fingerprint.modules if fingerprint is not None else None,
             "fp_note": None if fingerprint is not None else (note or "not computed"),
+            **dict(zip(BAND_COLUMNS, fingerprint.bands() if fingerprint is not None else [None] * BANDS)),
             "format": r.format, "architecture": r.architecture, "plain_lora": int(r.plain_lora),
             "components": dumps(r.components), "modules": r.modules,
             "ranks": dumps({str(k): v for k, v in r.ranks.items()}),

@@ -25,6 +25,8 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralib.fingerprint import BANDS
+
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
@@ -41,7 +43,7 @@ def upgrade(db: Database) -> None:
     conn = db.conn
     columns = db["adapters"].columns_dict
     for name, kind in (("identity", str), ("fingerprint", bytes), ("fp_norm", float), ("fp_modules", int),
-                       ("fp_note", str)):
+                       ("fp_note", str), *((f"fp_band{i}", int) for i in range(BANDS))):
         if name not in columns:
             db["adapters"].add_column(name, kind)
     if "identity" not in db["parents"].columns_dict:
@@ -50,11 +52,9 @@ def upgrade(db: Database) -> None:
                               "AND sql LIKE '%UNIQUE%' AND sql LIKE '%tensor_sha256%'").fetchall():
         conn.execute(f'DROP INDEX "{index[0]}"')
     conn.execute("CREATE INDEX IF NOT EXISTS adapters_tensor_sha256 ON adapters (tensor_sha256)")
-    # band keys of each fingerprint (loralib.fingerprint.band_keys): candidates for "same adapter as"
-    conn.execute("CREATE TABLE fingerprint_bands (band INTEGER NOT NULL, key INTEGER NOT NULL, "
-                 "adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE, "
-                 "PRIMARY KEY (band, key, adapter_id)) WITHOUT ROWID")
-    conn.execute("CREATE INDEX fingerprint_bands_adapter ON fingerprint_bands (adapter_id)")
+    # band keys of each fingerprint (loralib.fingerprint.band_keys): the candidates for "same adapter as"
+    for i in range(BANDS):
+        conn.execute(f"CREATE INDEX adapters_fp_band{i} ON adapters (fp_band{i}) WHERE fp_band{i} IS NOT NULL")
     rows = conn.execute("SELECT id, tensor_sha256 FROM adapters ORDER BY id").fetchall()
     for adapter_id, tensor_sha256 in rows:
         _identify(conn, adapter_id, tensor_sha256)
@@ -94,7 +94,6 @@ def _refresh(conn: sqlite3.Connection, adapter_id: int, path: str) -> None:
         return
     conn.execute(f"UPDATE adapters SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
                  [*columns.values(), adapter_id])
-    store_bands(conn, adapter_id, columns["fingerprint"])
 
 
 def _file_identity(path: Path, size: int | None, mtime_ns: int | None, tensor_sha256: str) -> str | None:
@@ -145,26 +144,12 @@ def _split(conn: sqlite3.Connection, adapter_id: int, identity: str, paths: list
            "added_at": old[4], "updated_at": old[5]}
     new_id = conn.execute(f"INSERT INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           list(row.values())).lastrowid
-    store_bands(conn, new_id, row["fingerprint"])
     conn.execute(f"UPDATE files SET adapter_id = ? WHERE path IN ({', '.join('?' * len(paths))})", [new_id, *paths])
     for position, parent in enumerate(history_parents(facts.metadata)):
         conn.execute("INSERT INTO parents (child_id, position, identity, tensor_sha256, sha256, file, path, format, "
                      "weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (new_id, position, parent.identity, parent.tensor_sha256, parent.sha256, parent.file,
                       parent.path, parent.format, parent.weight))
-
-
-def store_bands(conn: sqlite3.Connection, adapter_id: int, fingerprint: bytes | list[int] | None, *,
-                new: bool = False) -> None:
-    """Record the band keys of an entry's fingerprint (stored bytes, or the keys themselves), replacing
-    any earlier ones unless the entry is ``new``."""
-    from loralib.fingerprint import band_keys
-
-    if not new:
-        conn.execute("DELETE FROM fingerprint_bands WHERE adapter_id = ?", (adapter_id,))
-    keys = fingerprint if isinstance(fingerprint, list) else band_keys(fingerprint) if fingerprint else []
-    conn.executemany("INSERT OR IGNORE INTO fingerprint_bands (band, key, adapter_id) VALUES (?, ?, ?)",
-                     [(band, key, adapter_id) for band, key in enumerate(keys)])
 
 
 def _free_name(conn: sqlite3.Connection, base: str) -> str:
