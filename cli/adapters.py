@@ -10,11 +10,12 @@ from loralib.dtypes import storage_dtype
 from loralib.vocabulary import STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import human_size, note, print_json
-from .refs import register_output, resolve_adapter
+from .paths import adapter_output, make_parents, refuse_existing
+from .refs import complete_adapters, register_output, resolve_adapter
 
 
 @click.command("inspect")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-hash", is_flag=True, help="Skip hashing the file (faster on huge files).")
 @click.option("--metadata", "-m", "show_metadata", is_flag=True, help="Show every metadata entry.")
@@ -118,10 +119,11 @@ def default_output(source: Path, fmt: str) -> Path:
 
 
 @click.command("convert")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--to", "fmt", type=click.Choice(WRITE_FORMATS), default="kohya", show_default=True,
               help="Output format.")
-@click.option("-o", "--output", type=click.Path(), help="Output file (kohya, diffusers) or folder (peft, diffusers).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output file (kohya, diffusers) or folder (peft); a path ending in / is a folder to write into.")
 @click.option("--plain", is_flag=True,
               help="Make a plain LoRA of a LyCORIS/DoRA adapter, exactly (LoHa and LoKr by their exact low-rank forms).")
 @click.option("--rank", "-r", type=int,
@@ -159,14 +161,28 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
       lorareg convert x_dora.safetensors --plain --base sd15_model/ -o x_lora.safetensors
     """
     source = resolve_adapter(ctx, adapter)
-    target = Path(output) if output else default_output(source, fmt)
+    default = default_output(source, fmt)
+    target = adapter_output(output, fmt, default.name) if output else default
+    refuse_existing(target, fmt, force)
+    to_plain = plain or rank is not None or dynamic is not None or max_rank is not None or base is not None
+    if to_plain:
+        from loralib.compose.rank_rules import rank_rule
+
+        rank_rule(rank, dynamic, max_rank)  # a wrong rule is reported before torch is imported
+    import torch  # noqa: F401 - after the checks: a mistake is reported before the seconds torch takes
+
+    from .threads import folder_bytes, use_threads
+
     storage = storage_dtype(dtype) if dtype else None
-    if plain or rank is not None or dynamic is not None or max_rank is not None or base is not None:
+    make_parents(target)
+    if to_plain:
+        use_threads(folder_bytes([source]))
         _convert_to_lora(ctx, source, target, fmt, rank, dynamic, max_rank, base, svd, storage, force, drop_embeddings,
                          allow_pickle, as_json)
         return
     from loralib.formats import convert
 
+    use_threads(0)  # copying factors: one thread is enough
     result = convert(source, target, fmt, force=force, dtype=storage, drop_embeddings=drop_embeddings,
                      allow_pickle=allow_pickle)
     register_output(ctx, result)
@@ -185,17 +201,15 @@ def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, r
                      dtype, force: bool, drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
     """``convert --plain/--rank/--dynamic``: a plain LoRA of any adapter, with its per-module report."""
     from loralib.compose import to_lora
-    from loralib.files.atomic import refuse_overwrite
     from loralib.formats import load_adapter
 
     from .compose import save_composition
     from .output import progress
 
-    refuse_overwrite(target, force)
     adapter = load_adapter(source, allow_pickle=allow_pickle)
     if drop_embeddings:
         adapter.embeddings = {}
     with progress("converting", enabled=not as_json) as update:
         composition = to_lora(adapter, rank, dynamic=dynamic, max_rank=max_rank, base=Path(base) if base else None,
                               svd=svd, dtype=dtype, progress=update)
-    save_composition(ctx, composition, str(target), fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json)

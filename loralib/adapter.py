@@ -227,7 +227,7 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
-    source_hash: Deferred | None = field(default=None, repr=False)  # SHA-256 of the source's tensor data
+    source_hash: Deferred | None = field(default=None, repr=False)  # FileHashes of the source's files
 
     @property
     def components(self) -> list[str]:
@@ -268,8 +268,13 @@ class LoraAdapter:
 
     @property
     def source_tensor_sha256(self) -> str | None:
-        """SHA-256 of the source file's tensor data (its identity; hashed while it loads), or None."""
-        return self.source_hash.result() if self.source_hash is not None else None
+        """SHA-256 of the source's main file's tensor data (AutoV3; hashed while it loads), or None."""
+        return self.source_hash.result().tensor_sha256 if self.source_hash is not None else None
+
+    @property
+    def source_identity(self) -> str | None:
+        """The identity of the source's content as stored (see :mod:`loralib.files.hashes`), or None."""
+        return self.source_hash.result().identity if self.source_hash is not None else None
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

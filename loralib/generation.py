@@ -7,8 +7,8 @@ lorareg reads: LoCon and CP-decomposed convs, LoHa and LoKr, which diffusers can
 norm/bias differences, and DoRA, computed from the pipeline's own weights) and can be removed
 again exactly.
 Every PNG carries AUTOMATIC1111's ``parameters`` text chunk — prompt, negative prompt, steps,
-sampler, CFG scale, seed, size, ``Lora hashes`` — that A1111, ComfyUI, Civitai and image viewers
-read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
+sampler, CFG scale, seed, size, ``Model hash`` (:func:`model_hash`), ``Lora hashes`` — that A1111,
+ComfyUI, Civitai and image viewers read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
 the same seed always gives the same image.
 """
 
@@ -210,8 +210,36 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n\"") else value
 
 
+def model_hash(base_model: str | os.PathLike) -> str | None:
+    """The ``Model hash`` of a base model as A1111 writes it: the first 10 hex digits (AutoV2) of the
+    SHA-256 of a single-file checkpoint. For a diffusers folder (which A1111 cannot load, so has no
+    hash of its own) it is the SHA-256 of a list of its files' relative paths and SHA-256s. A Hub id
+    is hashed through its cached snapshot; None when nothing local can be hashed.
+    """
+    from .files.hashes import file_sha256
+
+    path = Path(str(base_model)).expanduser()
+    if not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            from .hub_ids import parse_repo_ref
+
+            repo_id, revision = parse_repo_ref(str(base_model))
+            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        except Exception:  # not a Hub id, or not cached: no hash
+            return None
+    if path.is_file():
+        return file_sha256(path)[:10]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    listing = "".join(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n" for f in files)
+    import hashlib
+
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:10]
+
+
 def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), *, model: str | None = None,
-             extra: dict[str, Any] | None = None) -> str:
+             extra: dict[str, Any] | None = None, model_hash: str | None = None) -> str:
     """The A1111 ``parameters`` text: prompt (with ``<lora:name:weight>`` tags), negative prompt, settings line."""
     prompt = settings.prompt
     tags = [f"<lora:{use.name}:{use.weight:g}>" for use in adapters if f"<lora:{use.name}:" not in prompt]
@@ -223,6 +251,8 @@ def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), 
     fields: dict[str, Any] = {"Steps": settings.steps, "Sampler": settings.sampler or "Default",
                               "CFG scale": f"{settings.guidance_scale:g}", "Seed": settings.seed,
                               "Size": f"{settings.width}x{settings.height}"}
+    if model_hash:
+        fields["Model hash"] = model_hash
     if model:
         fields["Model"] = model
     hashed = [f"{use.name}: {use.a1111_hash}" for use in adapters if use.a1111_hash]
@@ -299,12 +329,12 @@ def adapter_use(adapter: LoraAdapter, weight: float, name: str | None = None) ->
 
 
 def _file_hashes(path: Path) -> FileHashes | None:
-    from .errors import CorruptFileError
+    from .errors import LoraError
     from .files.hashes import hash_file
 
     try:
         return hash_file(path)
-    except (CorruptFileError, OSError):  # a pickle file, or one that changed: named without a hash
+    except (LoraError, OSError):  # a pickle file, or one that changed: named without a hash
         return None
 
 
@@ -335,11 +365,13 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     """
     import torch
 
+    from .files.hashes import Deferred
     from .formats import load_adapter
     from .pipelines import load_base_model
 
     if num_samples < 1:
         raise InvalidArgumentError(f"num_samples must be at least 1 (got {num_samples})")
+    base_hash = Deferred(model_hash, base_model)  # hashed while the model loads
     loaded = [(a if not isinstance(a, (str, Path)) else load_adapter(a), float(w)) for a, w in adapters]
     names = list(names) if names is not None else [None] * len(loaded)
     base = load_base_model(base_model)
@@ -362,11 +394,11 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     for i, image_seed in enumerate(seeds):
         one = GenerationSettings(**{**settings.__dict__, "seed": image_seed})
         image = render(pipe, one, [image_seed])[0]
-        text = infotext(one, uses, model=model_name)
+        text = infotext(one, uses, model=model_name, model_hash=base_hash.result())
         details = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": image_seed, "steps": steps,
                    "guidance_scale": guidance_scale, "width": one.width, "height": one.height,
-                   "scheduler": one.sampler, "base_model": str(base_model), "adapters": [u.to_dict() for u in uses],
-                   "tool": TOOL}
+                   "scheduler": one.sampler, "base_model": str(base_model), "model_hash": base_hash.result(),
+                   "adapters": [u.to_dict() for u in uses], "tool": TOOL}
         path = save_png(image, output_dir / f"{index + i:05d}-{image_seed}.png", text, details)
         results.append(GeneratedImage(image, image_seed, text, path))
         if progress:

@@ -2,8 +2,8 @@
 
 Input metadata is kept; what an operation changed is updated (rank, alpha, architecture), the
 hashes are computed on the bytes actually written, and every operation is appended to
-``lorareg.history`` — a JSON list of records with the operation, its inputs (file name and
-tensor hash) and its parameters — which the catalog reads to show lineage.
+``lorareg.history`` — a JSON list of records with the operation, its inputs (file name, identity,
+tensor hash and file hash) and its parameters — which the catalog reads to show lineage.
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ def history(metadata: dict[str, str]) -> list[dict]:
 
 
 def input_record(adapter: LoraAdapter, weight: float | None = None) -> InputRecord:
-    """How an operation's record names one input: file name and path, format and tensor hash (its identity)."""
+    """How an operation's record names one input: file name and path, format, and its hashes
+    (identity, tensor hash, file hash; filled in when the background hashing is done)."""
     path = adapter.source_path
     return InputRecord(file=path.name if path else None, format=adapter.source_format,
                        path=str(path.absolute()) if path else None, weight=weight,
-                       pending_sha256=adapter.source_hash)
+                       pending_hashes=adapter.source_hash)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES
 from .dtypes import STORAGE_DTYPES
 
-_FROM_THE_TABLE = ("FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
+_FROM_THE_TABLE = ("CATALOG_FORMATS", "FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
 __all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "KNOWN_ARCHITECTURES",
            "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
 
@@ -45,12 +45,16 @@ def __getattr__(name: str) -> Any:
     costs more than the catalog commands, which need none of them, should pay at start-up."""
     if name not in _FROM_THE_TABLE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .formats.detect import FOREIGN_KINDS
     from .formats.table import FORMATS, WRITE_FORMATS
 
+    # Every format name a file can be recorded under (the spellings lorareg reads).
+    format_names = tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds))
     derived = {
         "WRITE_FORMATS": WRITE_FORMATS,
-        # Every format name a file can be recorded under (the spellings lorareg reads).
-        "FORMAT_NAMES": tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds)),
+        "FORMAT_NAMES": format_names,
+        # Every format the catalog records: those lorareg reads and the other adapter kinds it names.
+        "CATALOG_FORMATS": (*format_names, *FOREIGN_KINDS),
         # Extra layouts ``push --also`` uploads beside the kohya file.
         "HUB_LAYOUTS": tuple(n for n in WRITE_FORMATS if n != "kohya"),
     }

@@ -8,8 +8,11 @@
         catalog.search("pixel")                       # full-text, best match first
         catalog.get("pixel")                          # by name, hash prefix or file path
 
-An adapter is identified by the SHA-256 of its tensor data, so copies of a file and files that
-differ only in metadata are one entry with several paths. Reading imports neither torch nor
+An adapter is identified by its content as stored — tensor names, dtypes, shapes and data, with
+the metadata left out (``identity``) — so copies of a file and files that differ only in metadata
+are one entry with several paths, while a conversion to other key names is an entry of its own
+(linked to its input as a parent, and to every other copy of the same ΔW by its fingerprint:
+:meth:`Catalog.same_adapter`). Reading imports neither torch nor
 sqlite-utils (which creates and migrates the schema, see :mod:`lorareg.registry.schema`); every write runs
 in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
 """
@@ -48,24 +51,28 @@ SORT_INDEXES = {"name": "adapters_name", "added": "idx_adapters_added_at", "upda
                 "size": "idx_adapters_size"}
 _FTS_SYNTAX = re.compile(r'["*()^:+{}]|\b(AND|OR|NOT|NEAR)\b')
 MAX_NAME = 200
-PARENT_COLUMNS = ("tensor_sha256", "sha256", "file", "path", "format", "weight")
+PARENT_COLUMNS = ("identity", "tensor_sha256", "sha256", "file", "path", "format", "weight")
 
 
 class Stored(NamedTuple):
-    """What storing one file did: the adapter's id, whether the entry is new, whether the path is new to it."""
+    """What storing one file did: the adapter's id, whether the entry is new, whether the path is new
+    to it, and the entry's name before a rename."""
 
     adapter_id: int
     created: bool
     new_path: bool
+    renamed_from: str | None = None
 
 
 @dataclass
 class AddResult:
-    """What :meth:`Catalog.add` did: the entry, whether it is new, and whether the path is new to it."""
+    """What :meth:`Catalog.add` did: the entry, whether it is new, whether the path is new to it, and
+    the name it had before a rename (None when it was not renamed)."""
 
     entry: Entry
     created: bool
     new_path: bool
+    renamed_from: str | None = None
 
 
 @dataclass
@@ -178,10 +185,23 @@ class Catalog:
         found = self._entries("a.name = ? COLLATE NOCASE", (" ".join(name.split()),))
         return found[0] if found else None
 
-    def by_tensor_hash(self, tensor_sha256: str) -> Entry | None:
-        """The entry whose tensor data has this SHA-256."""
-        found = self._entries("a.tensor_sha256 = ?", (tensor_sha256.lower(),))
+    def by_identity(self, identity: str) -> Entry | None:
+        """The entry with this identity (its content as stored)."""
+        found = self._entries("a.identity = ?", (identity.lower(),))
         return found[0] if found else None
+
+    def by_tensor_hash(self, tensor_sha256: str) -> Entry | None:
+        """The first entry (oldest) whose main file's tensor data has this SHA-256.
+
+        Several entries may share a tensor hash (the same tensors under other key names); see
+        :meth:`with_tensor_hash` for all of them.
+        """
+        found = self.with_tensor_hash(tensor_sha256)
+        return found[0] if found else None
+
+    def with_tensor_hash(self, tensor_sha256: str) -> list[Entry]:
+        """Every entry whose main file's tensor data has this SHA-256, oldest first."""
+        return self._entries("a.tensor_sha256 = ?", (tensor_sha256.lower(),), tail="ORDER BY a.id")
 
     def by_path(self, path: str | os.PathLike) -> Entry | None:
         """The entry one of whose files is at ``path`` (a file, or a PEFT folder)."""
@@ -198,7 +218,7 @@ class Catalog:
         return None
 
     def by_hash_prefix(self, text: str) -> list[Entry]:
-        """Entries whose tensor SHA-256 (A1111/AutoV3), file SHA-256 (AutoV2) or legacy hash starts with ``text``.
+        """Entries whose tensor SHA-256 (A1111/AutoV3), file SHA-256 (AutoV2), identity or legacy hash starts with ``text``.
 
         ``text`` is at least 8 hex digits, optionally written ``sha256:…`` or ``0x…``.
         """
@@ -208,6 +228,7 @@ class Catalog:
         prefix = match.group(1).lower()
         upper = prefix + "g"  # 'g' sorts after every hex digit: a range scan on the index
         where = ("a.tensor_sha256 >= ?1 AND a.tensor_sha256 < ?2 OR a.sha256 >= ?1 AND a.sha256 < ?2 "
+                 "OR a.identity >= ?1 AND a.identity < ?2 "
                  "OR a.id IN (SELECT adapter_id FROM files WHERE sha256 >= ?1 AND sha256 < ?2)")
         params: tuple = (prefix, upper)
         if len(prefix) == 8:
@@ -268,15 +289,120 @@ class Catalog:
     def parents(self, entry: Entry) -> list[ParentRecord]:
         """The inputs of the operation that made ``entry`` (with their names when they are in the catalog)."""
         rows = self.conn.execute(
-            "SELECT p.position, p.tensor_sha256, p.sha256, p.file, p.path, p.format, p.weight, a.name "
-            "FROM parents p LEFT JOIN adapters a ON a.tensor_sha256 = p.tensor_sha256 "
-            "WHERE p.child_id = ? ORDER BY p.position", (entry.id,)).fetchall()
-        return [ParentRecord(*r) for r in rows]
+            "SELECT position, tensor_sha256, sha256, file, path, format, weight, identity FROM parents "
+            "WHERE child_id = ? ORDER BY position", (entry.id,)).fetchall()
+        parents = [ParentRecord(*r[:7], identity=r[7]) for r in rows]
+        for parent in parents:
+            found = self.parent_entry(parent, child_id=entry.id)
+            parent.name = found.name if found is not None else None
+        return parents
+
+    def parent_entry(self, parent: ParentRecord | InputRecord, *, child_id: int | None = None) -> Entry | None:
+        """The catalog entry of a recorded input, or None when it is not in the catalog.
+
+        An input recorded with its identity is that entry. Older histories record only the tensor
+        hash, which the same tensors under other key names share: then the entry is the one whose
+        format the record names, else the one with a file of the recorded name, else the only
+        candidate (never the child itself).
+        """
+        if parent.identity:
+            found = self.by_identity(parent.identity)
+            return found if found is None or found.id != child_id else None
+        if not parent.tensor_sha256:
+            return None
+        candidates = [e for e in self.with_tensor_hash(parent.tensor_sha256) if e.id != child_id]
+        if len(candidates) > 1 and parent.format:
+            candidates = [e for e in candidates if e.format == parent.format] or candidates
+        if len(candidates) > 1 and parent.file:
+            named = [e for e in candidates
+                     if any(os.path.basename(f.path) == parent.file or os.path.basename(os.path.dirname(f.path)) ==
+                            parent.file for f in self.files(e))]
+            candidates = named or candidates
+        return candidates[0] if len(candidates) == 1 else None
 
     def children(self, entry: Entry) -> list[Entry]:
         """Entries made from ``entry`` by an operation."""
-        return self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?)", (entry.tensor_sha256,),
-                             SUMMARY_COLUMNS, "ORDER BY a.name COLLATE NOCASE")
+        rows = self.conn.execute(
+            "SELECT child_id, position, tensor_sha256, sha256, file, path, format, weight, identity FROM parents "
+            "WHERE identity = ?1 OR (identity IS NULL AND tensor_sha256 = ?2)",
+            (entry.identity, entry.tensor_sha256)).fetchall()
+        ids: list[int] = []
+        for child_id, *fields in rows:
+            if child_id == entry.id or child_id in ids:
+                continue
+            parent = ParentRecord(*fields[:7], identity=fields[7])
+            found = entry if parent.identity else self.parent_entry(parent, child_id=child_id)
+            if found is not None and found.id == entry.id:
+                ids.append(child_id)
+        if not ids:
+            return []
+        return self._entries(f"a.id IN ({', '.join('?' * len(ids))})", ids, SUMMARY_COLUMNS,
+                             "ORDER BY a.name COLLATE NOCASE")
+
+    def same_adapter(self, entry: Entry) -> list[tuple[Entry, float]]:
+        """Other entries holding the same ΔW (its fingerprint, up to rounding): other formats, key
+        spellings, dtypes or factors of this adapter. Each with the fingerprints' cosine."""
+        from loralib.fingerprint import BANDS, compare
+
+        bands = [f"fp_band{i}" for i in range(BANDS)]
+        row = self.conn.execute(f"SELECT fingerprint, {', '.join(bands)} FROM adapters WHERE id = ?",
+                                (entry.id,)).fetchone()
+        if row is None or row[0] is None:
+            return []
+        # candidates share a band key (an index lookup each); each is then compared in full
+        where = " OR ".join(f"a.{band} = ?" for band in bands)
+        found = []
+        for other in self.conn.execute(f"SELECT a.id, a.fingerprint FROM adapters a WHERE ({where}) AND a.id != ?",
+                                       [*row[1:], entry.id]).fetchall():
+            comparison = compare(row[0], other[1])
+            if comparison is not None and comparison.verdict == "same":
+                found.append((other[0], comparison.similarity))
+        entries = {e.id: e for e in self._entries(f"a.id IN ({', '.join('?' * len(found))})", [i for i, _ in found],
+                                                   SUMMARY_COLUMNS)} if found else {}
+        return sorted(((entries[i], s) for i, s in found if i in entries), key=lambda pair: pair[0].name.casefold())
+
+    def fingerprints(self) -> list[tuple[int, bytes, float]]:
+        """Every stored fingerprint of an undamaged entry: (id, fingerprint, norm)."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT id, fingerprint, fp_norm FROM adapters WHERE fingerprint IS NOT NULL AND NOT damaged ORDER BY id")]
+
+    def fingerprint_notes(self) -> dict[str, int]:
+        """Why entries have no fingerprint: reason -> how many."""
+        rows = self.conn.execute("SELECT coalesce(fp_note, 'not computed yet'), count(*) FROM adapters "
+                                 "WHERE fingerprint IS NULL GROUP BY 1 ORDER BY 2 DESC")
+        return {r[0]: r[1] for r in rows}
+
+    def entries_by_id(self, ids: Iterable[int]) -> dict[int, Entry]:
+        """Entries (summary fields) by database id."""
+        wanted = list(dict.fromkeys(ids))
+        found: dict[int, Entry] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            for entry in self._entries(f"a.id IN ({', '.join('?' * len(chunk))})", chunk, SUMMARY_COLUMNS):
+                found[entry.id] = entry
+        return found
+
+    def copies(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Files recorded in good order that share a SHA-256 with another: (sha256, [(path, adapter id)])."""
+        rows = self.conn.execute(
+            "SELECT sha256, path, adapter_id FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL AND sha256 IN "
+            "(SELECT sha256 FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL GROUP BY sha256 "
+            "HAVING count(*) > 1) ORDER BY sha256, path").fetchall()
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for sha256, path, adapter_id in rows:
+            groups.setdefault(sha256, []).append((path, adapter_id))
+        return list(groups.items())
+
+    def variants(self) -> list[tuple[int, list[tuple[str, str]]]]:
+        """Entries recorded with files of different SHA-256 (the same tensors, other metadata): (id, [(path, sha256)])."""
+        rows = self.conn.execute(
+            "SELECT adapter_id, path, sha256 FROM files WHERE state = 'ok' AND adapter_id IN "
+            "(SELECT adapter_id FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL GROUP BY adapter_id "
+            "HAVING count(DISTINCT sha256) > 1) ORDER BY adapter_id, path").fetchall()
+        groups: dict[int, list[tuple[str, str]]] = {}
+        for adapter_id, path, sha256 in rows:
+            groups.setdefault(adapter_id, []).append((path, sha256))
+        return list(groups.items())
 
     # -- listing and searching ------------------------------------------------------------- #
 
@@ -412,48 +538,28 @@ class Catalog:
                 found[adapter_id].append(path)
         return found
 
-    def same_adapter(self, entry: Entry, limit: int = 50) -> list[Entry]:
-        """Other entries holding the same adapter (the same ΔW in other files or formats).
-
-        For now these are the entries linked to ``entry`` by ``convert`` operations, either way,
-        followed transitively (a conversion keeps every module's ΔW).
-        """
-        seen, queue, found = {entry.id}, [entry], []
-        while queue and len(found) < limit:
-            current = queue.pop()
-            linked = self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?) "
-                                   "AND json_extract(a.operation, '$.operation') = 'convert'",
-                                   (current.tensor_sha256,), SUMMARY_COLUMNS)
-            if (self.by_id(current.id) or current).operation_name == "convert":
-                linked += self._entries("a.tensor_sha256 IN (SELECT tensor_sha256 FROM parents WHERE child_id = ?)",
-                                        (current.id,), SUMMARY_COLUMNS)
-            for other in linked:
-                if other.id not in seen:
-                    seen.add(other.id)
-                    found.append(other)
-                    queue.append(other)
-        return sorted(found[:limit], key=lambda e: e.name.casefold())
-
     # -- writing --------------------------------------------------------------------------- #
 
     def add(self, path: str | os.PathLike, *, name: str | None = None, tags: Iterable[str] = (),
             triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
             source: dict | None = None, operation: dict | None = None, hashes: FileHashes | None = None,
-            fallback_name: str | None = None) -> AddResult:
+            fallback_name: str | None = None, rename: bool = True) -> AddResult:
         """Record the adapter at ``path`` (a file or a PEFT/diffusers folder), reading its header and hashes.
 
-        An adapter already in the catalog (same tensor data) gains the path, tags and triggers;
-        a ``name`` renames it. ``source`` is ``{"source": "hub", "repo", "revision", "commit", "file"}``
-        for Hub downloads. A new entry without ``name`` is named ``fallback_name`` or after its file
-        (with ``-2``, ``-3``… when taken).
+        An adapter already in the catalog (same content as stored) gains the path, tags and
+        triggers; a ``name`` renames it (``AddResult.renamed_from`` says so), or, with
+        ``rename=False``, is refused with :class:`InvalidArgumentError`. ``source`` is
+        ``{"source": "hub", "repo", "revision", "commit", "file"}`` for Hub downloads. A new entry
+        without ``name`` is named ``fallback_name`` or after its file (with ``-2``, ``-3``… when taken).
         """
         from .describe import describe
 
         facts = describe(path, hashes)
         with write(self.conn):
             stored = self._store(facts, name=name, tags=tags, triggers=triggers, description=description,
-                                 samples=samples, source=source, operation=operation, fallback_name=fallback_name)
-        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path)
+                                 samples=samples, source=source, operation=operation, fallback_name=fallback_name,
+                                 rename=rename)
+        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path, stored.renamed_from)
 
     def add_many(self, facts: Iterable[FileFacts]) -> list[Stored]:
         """Record several described files in one transaction (``scan`` does this in batches)."""
@@ -474,7 +580,7 @@ class Catalog:
         """
         from .describe import describe
         from .lineage import as_record, history_record, parent_records
-        from .samples import sample_record
+        from .samples import image_kind, sample_record
 
         record, named_samples = as_record(operation)
         facts = describe(path, hashes)
@@ -483,24 +589,28 @@ class Catalog:
         stored = OperationRecord(record.operation, parents, {**(written.params if written else {}), **record.params},
                                  {**(written.written if written else {}), **record.written})
         source = {"source": "output", "file": str(facts.root)}
-        images = [s if isinstance(s, dict) else sample_record(s) for s in [*named_samples, *samples]
-                  if isinstance(s, dict) or os.path.isfile(s)]
+        images = [s if isinstance(s, dict) else sample_record(s, weight=1.0, source=record.operation)
+                  for s in [*named_samples, *samples] if isinstance(s, dict) or image_kind(s) is not None]
         with write(self.conn):
             result = self._store(facts, name=name, source=source, operation=stored.to_dict(), parents=parents,
                                  samples=images)
-        return AddResult(self.by_id(result.adapter_id), result.created, result.new_path)
+        return AddResult(self.by_id(result.adapter_id), result.created, result.new_path, result.renamed_from)
 
     def _store(self, facts: FileFacts, *, name: str | None = None, tags: Iterable[str] = (),
                triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
                source: dict | None = None, operation: dict | None = None, parents: list[InputRecord] | None = None,
-               fallback_name: str | None = None) -> Stored:
+               fallback_name: str | None = None, rename: bool = True) -> Stored:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
         from .describe import unique
         from .lineage import history_parents
+        from .upgrade_v4 import placeholder_identity
 
         stamp = now()
         columns = facts.columns()
-        existing = self.by_tensor_hash(facts.tensor_sha256)
+        # its entry, or one that kept a placeholder identity at the schema 4 upgrade (see upgrade_v4)
+        found = self._entries("a.identity IN (?, ?)", (facts.identity, placeholder_identity(facts.tensor_sha256)))
+        existing = min(found, key=lambda e: e.identity != facts.identity) if found else None
+        renamed_from = None
         tags, user_triggers = clean_tags(tags), unique([" ".join(t.split()) for t in triggers if t.strip()])
         source_columns = _source_columns(source)
         if existing is None:
@@ -522,8 +632,12 @@ class Catalog:
                        "user_triggers": dumps(all_triggers),
                        "triggers": dumps(unique(all_triggers + facts.file_triggers()))}
             if name and check_name(name) != existing.name:
+                if not rename:
+                    raise InvalidArgumentError(f"{facts.root} is already in the catalog as {existing.name!r}",
+                                               f"Pass --rename to rename it to {check_name(name)!r}")
                 self._require_free(check_name(name), existing.id)
                 changes["name"] = check_name(name)
+                renamed_from = existing.name
             if description:
                 changes["description"] = description
             if samples:
@@ -535,14 +649,14 @@ class Catalog:
             self._update(adapter_id, changes)
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
-            for i, parent in enumerate(p for p in chosen if p.tensor_sha256 != facts.tensor_sha256):
+            for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):
                 self._insert("parents", {"child_id": adapter_id, "position": i,
                                          **{k: getattr(parent, k) for k in PARENT_COLUMNS}})
         owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (str(facts.path),)).fetchone()
         self._upsert_file({"path": str(facts.path), "adapter_id": adapter_id, "size": facts.size,
                            "mtime_ns": facts.mtime_ns, "sha256": facts.hashes.get("sha256"), "state": "ok",
                            "problem": None, "seen_at": stamp})
-        return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id)
+        return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id, renamed_from)
 
     def _insert(self, table: str, row: dict) -> int:
         """Insert one row (column names come from this module, values are bound parameters)."""
@@ -613,6 +727,19 @@ class Catalog:
             self._update(entry.id, changes)
             return self.by_id(entry.id)
 
+    def add_samples(self, entry: Entry, samples: Iterable[dict]) -> Entry:
+        """Attach sample images (records from :func:`lorareg.registry.samples.sample_record`) to an entry;
+        an image already attached (same path) is replaced by the new record."""
+        with write(self.conn):
+            current = self.by_id(entry.id)
+            if current is None:
+                raise InputNotFoundError(f"the catalog entry {entry.name!r} no longer exists")
+            new = list(samples)
+            paths = {s.get("path") for s in new}
+            kept = [s for s in current.samples if s.get("path") not in paths]
+            self._update(entry.id, {"samples": dumps(kept + new), "updated_at": now()})
+            return self.by_id(entry.id)
+
     def tag(self, reference: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> Entry:
         """Add and remove tags of an entry."""
         return self.update(reference, add_tags=add, remove_tags=remove)
@@ -659,11 +786,13 @@ class Catalog:
     def files_under(self, folder: str | os.PathLike) -> dict[str, tuple[int | None, int | None, str]]:
         """What the catalog recorded for files under ``folder``: path -> (size, mtime_ns, state).
 
-        The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``.
+        The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``;
+        one whose adapter has no fingerprint yet (recorded before fingerprints existed) reads ``stale``.
         """
         prefix = str(folder).rstrip(os.sep) + os.sep
         rows = self.conn.execute(
-            "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' ELSE f.state END "
+            "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' WHEN f.state = 'ok' AND "
+            "a.fingerprint IS NULL AND a.fp_note IS NULL THEN 'stale' ELSE f.state END "
             "FROM files f LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.path >= ? AND f.path < ?",
             (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
@@ -673,9 +802,10 @@ class Catalog:
         ids = [self.get(ref).id for ref in references]
         where = f"WHERE f.adapter_id IN ({','.join('?' * len(ids))})" if ids else ""
         rows = self.conn.execute(
-            "SELECT f.path, f.size, f.mtime_ns, f.sha256, f.state, f.problem, f.seen_at, a.id, a.name, a.tensor_sha256 "
-            f"FROM files f JOIN adapters a ON a.id = f.adapter_id {where} ORDER BY a.name COLLATE NOCASE", ids).fetchall()
-        return [(FileRecord(*r[:7]), Entry(id=r[7], name=r[8], tensor_sha256=r[9])) for r in rows]
+            "SELECT f.path, f.size, f.mtime_ns, f.sha256, f.state, f.problem, f.seen_at, a.id, a.name, a.tensor_sha256, "
+            f"a.identity FROM files f JOIN adapters a ON a.id = f.adapter_id {where} ORDER BY a.name COLLATE NOCASE",
+            ids).fetchall()
+        return [(FileRecord(*r[:7]), Entry(id=r[7], name=r[8], tensor_sha256=r[9], identity=r[10])) for r in rows]
 
     def known_paths(self) -> set[str]:
         """Every path the catalog has recorded (adapters and files that are not)."""
@@ -735,6 +865,39 @@ def _json_list(text: str | None) -> list:
     except json.JSONDecodeError:
         return []
     return value if isinstance(value, list) else []
+
+
+def complete_names(prefix: str, home: str | os.PathLike | None = None, limit: int = 100) -> list[str]:
+    """Catalog names starting with ``prefix`` (case-insensitive), for shell completion.
+
+    Opens the catalog read-only and never creates or migrates one: fast, and silent (an empty
+    list) when there is no catalog or it cannot be read.
+    """
+    path = catalog_path(home)
+    if not path.is_file():
+        return []
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = conn.execute("SELECT name FROM adapters WHERE name LIKE ? ESCAPE '\\' "
+                                "ORDER BY name COLLATE NOCASE LIMIT ?", (escaped + "%", limit)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+    return [r[0] for r in rows]
+
+
+def _is_itself(parent: InputRecord, facts: FileFacts) -> bool:
+    """True for a recorded input that is the written adapter itself (a conversion that changed nothing).
+
+    Older histories name inputs by tensor hash only, which a conversion to other key names keeps:
+    such an input is the adapter itself only when its format is the same too.
+    """
+    if parent.identity:
+        return parent.identity == facts.identity
+    return parent.tensor_sha256 == facts.tensor_sha256 and parent.format in (None, facts.report.format)
 
 
 def _source_columns(source: dict | None) -> dict | None:

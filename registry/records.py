@@ -71,6 +71,10 @@ class Entry:
     problems: list[str] = field(default_factory=list)
     added_at: str | None = None
     updated_at: str | None = None
+    identity: str | None = None
+    fp_norm: float | None = None
+    fp_modules: int | None = None
+    fp_note: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Entry:
@@ -152,6 +156,7 @@ class ParentRecord:
     format: str | None
     weight: float | None
     name: str | None = None
+    identity: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""

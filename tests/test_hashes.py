@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loralib.files.hashes import Deferred, hash_file
+from loralib.files.hashes import Deferred, FileHashes, hash_file
 from loralib.files.header import read_header
 from loralib.files.writer import write_safetensors
 from loralib.metadata import SELF_HASHES
@@ -107,8 +107,9 @@ def test_an_input_hash_is_written_even_after_its_adapter_is_gone(tmp_path, finis
     release = threading.Event()
     if finish == "before the write":
         release.set()
-    deferred = Deferred(lambda: (release.wait(10), "ab" * 32)[1])
-    record = OperationRecord("merge", [InputRecord(file="a.safetensors", weight=0.5, pending_sha256=deferred)])
+    hashes = FileHashes("cd" * 32, "ab" * 32, "12345678", identity="ef" * 32)
+    deferred = Deferred(lambda: (release.wait(10), hashes)[1])
+    record = OperationRecord("merge", [InputRecord(file="a.safetensors", weight=0.5, pending_hashes=deferred)])
     del deferred
     gc.collect()
     if finish == "during the write":
@@ -116,5 +117,6 @@ def test_an_input_hash_is_written_even_after_its_adapter_is_gone(tmp_path, finis
     adapter = random_adapter(sd1_attention_layers(2), rank=2, seed=1, architecture="sd1")
     result = loralib.save(adapter, tmp_path / "merged.safetensors", operation=record)
     written = history(read_header(result.path).metadata)[-1]["inputs"][0]
-    assert written == {"file": "a.safetensors", "tensor_sha256": "ab" * 32, "weight": 0.5}
-    assert result.operation.inputs[0].tensor_sha256 == "ab" * 32
+    assert written == {"file": "a.safetensors", "identity": "ef" * 32, "tensor_sha256": "ab" * 32, "sha256": "cd" * 32,
+                       "weight": 0.5}
+    assert result.operation.inputs[0].tensor_sha256 == "ab" * 32 and result.operation.inputs[0].identity == "ef" * 32

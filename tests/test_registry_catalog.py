@@ -261,6 +261,7 @@ def test_a_version_1_catalog_is_migrated_with_its_data(tmp_path):
     with Catalog(tmp_path) as catalog:
         assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == list(
             range(1, schema.SCHEMA_VERSION + 1))
+        assert catalog.get("old").identity == "tensor:ab"  # no file on disk: the documented placeholder
         assert catalog.conn.execute("SELECT keywords FROM adapters").fetchone()[0] == "dreamshaper_8.safetensors"
         assert [e.name for e in catalog.search("dreamshaper")[0]] == ["old"]
         assert [e.name for e in catalog.list(tag="style")] == ["old"]

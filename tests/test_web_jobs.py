@@ -95,7 +95,7 @@ def test_resize_and_convert_jobs_match_the_cli(web, lorareg, tmp_path):
         entry = catalog.by_id(converted["result"]["entry_id"])
         assert entry.format == "peft"
         source = catalog.by_id(ids["watercolor"])
-        assert [e.name for e in catalog.same_adapter(source)] == [entry.name]
+        assert [e.name for e, _ in catalog.same_adapter(source)] == [entry.name]
         assert [p.name for p in catalog.parents(entry)] == ["watercolor"]
     page = web.client.get(f"/a/{ids['watercolor']}").text
     assert f'href="/a/{entry.id}">{entry.name}</a>' in page[page.index("Same adapter"):]
@@ -183,7 +183,8 @@ def test_a_generate_job_renders_a_preview_and_records_it_as_a_sample(tmp_path, t
         image = status["result"]["images"][0]
         with Catalog(home) as catalog:
             samples = catalog.by_id(entry_id).samples
-        assert samples == [{"path": image, "prompt": "inksk, a cat <lora:tiny-ink:0.8>"}]  # as the PNG says
+        assert [(s["path"], s["prompt"], s["seed"], s["weight"]) for s in samples] == [(image, "inksk, a cat", 5, 0.8)]
+        assert samples[0]["parameters"]["Lora hashes"].startswith("tiny-ink: ")  # read back from the PNG
         from lorareg.registry.samples import png_text
 
         parameters = png_text(image)["parameters"]

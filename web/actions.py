@@ -122,7 +122,7 @@ def generate(job: Job, settings: Settings, entry_id: int, *, prompt: str, weight
              steps: int = 20, count: int = 1) -> dict[str, Any]:
     """``lorareg generate`` with the configured base model; the images become the entry's samples."""
     from loralib.generation import generate as render
-    from lorareg.registry.samples import sample_record
+    from lorareg.registry.outputs import attach_samples
 
     if not settings.base_model:
         raise InvalidArgumentError("no base model is configured for previews",
@@ -138,10 +138,9 @@ def generate(job: Job, settings: Settings, entry_id: int, *, prompt: str, weight
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     result = render(settings.base_model, prompt, [(source, weight)], names=[source.stem], output_dir=folder,
                     num_samples=count, seed=seed, steps=steps, progress=job.progress)
-    samples = [sample_record(image.path) for image in result.images]  # the prompt as the PNG records it
-    with Catalog(settings.home) as catalog:
-        catalog.update(entry.tensor_sha256, samples=samples)
-    return {"entry_id": entry.id, "name": entry.name, "images": [s["path"] for s in samples]}
+    images = [image.path for image in result.images]
+    attach_samples(images, result.adapters, settings.home)  # as `lorareg generate` does: prompt, seed, weight
+    return {"entry_id": entry.id, "name": entry.name, "images": [str(p) for p in images]}
 
 
 def push(job: Job, settings: Settings, entry_id: int, *, repo_id: str, private: bool = False) -> dict[str, Any]:

@@ -54,6 +54,18 @@ def cloud(metadata: dict[str, str]) -> list[dict[str, Any]]:
             for t, n in sorted(tags, key=lambda item: item[0].casefold())]
 
 
+def _parameters_text(sample: dict) -> str | None:
+    """A sample's recorded settings as A1111 writes them (``Steps: 20, Sampler: Euler a, Seed: 7, …``)."""
+    settings = sample.get("parameters")
+    if not isinstance(settings, dict) and sample.get("seed") is None:
+        return None
+    fields = dict(settings) if isinstance(settings, dict) else {}
+    if sample.get("seed") is not None:
+        fields = {**{k: v for k, v in fields.items() if k in ("Steps", "Sampler", "CFG scale")},
+                  "Seed": sample["seed"], **{k: v for k, v in fields.items() if k not in ("Steps", "Sampler", "CFG scale")}}
+    return ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
 def sample_views(entry: Entry) -> list[dict[str, Any]]:
     """The entry's samples: image URL, prompt, and every other recorded field (seed, parameters…)."""
     views = []
@@ -61,11 +73,14 @@ def sample_views(entry: Entry) -> list[dict[str, Any]]:
         if not isinstance(sample, dict):
             continue
         path = str(sample.get("path") or "")
-        details = {k: v for k, v in sample.items() if k not in ("path", "prompt") and v not in (None, "", [], {})}
-        if "parameters" not in details and path.endswith(".png") and Path(path).is_file():
-            parameters = png_text(path).get("parameters", "")
-            if "\n" in parameters:
-                details["parameters"] = parameters.split("\n", 1)[1].strip()
+        details = {k: v for k, v in sample.items()
+                   if k not in ("path", "prompt", "seed", "parameters") and v not in (None, "", [], {})}
+        parameters = _parameters_text(sample)
+        if parameters is None and path.endswith(".png") and Path(path).is_file():
+            text = png_text(path).get("parameters", "")
+            parameters = text.split("\n", 1)[1].strip() if "\n" in text else None
+        if parameters:
+            details["parameters"] = parameters
         views.append({"url": f"/media/{entry.id}/sample/{index}", "prompt": sample.get("prompt"),
                       "details": {k: v if isinstance(v, str) else str(v) for k, v in details.items()},
                       "file": Path(path).name})
@@ -87,7 +102,7 @@ def detail(catalog: Catalog, entry: Entry) -> dict[str, Any]:
         "children": catalog.children(entry),
         "parents": catalog.parents(entry),
         "graph": layout(tree) if tree.parents else None,
-        "same": catalog.same_adapter(entry),
+        "same": [other for other, _ in catalog.same_adapter(entry)],
         "settings": training_settings(entry.metadata),
         "cloud": cloud(entry.metadata),
         "samples": sample_views(entry),

@@ -11,13 +11,27 @@ hold any module kind (LoRA, LoHa, LoKr, full and norm differences, DoRA). Low-ra
 
 from __future__ import annotations
 
-from .baking import BakeResult, bake
-from .extraction import extract
-from .merging import METHODS, merge
-from .plain import to_lora
-from .report import CompositionReport, ModuleReport
-from .resizing import resize
-from .result import Composition
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .baking import BakeResult, bake
+    from .extraction import extract
+    from .merging import METHODS, merge
+    from .plain import to_lora
+    from .report import CompositionReport, ModuleReport
+    from .resizing import resize
+    from .result import Composition
 
 __all__ = ["merge", "resize", "bake", "extract", "to_lora", "Composition", "CompositionReport", "ModuleReport",
            "BakeResult", "METHODS"]
+# Imported on first use, so that the torch-free parts (rank_rules) can check arguments first.
+_HOMES = {"merge": "merging", "METHODS": "merging", "resize": "resizing", "bake": "baking", "BakeResult": "baking",
+          "extract": "extraction", "to_lora": "plain", "Composition": "result", "CompositionReport": "report",
+          "ModuleReport": "report"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

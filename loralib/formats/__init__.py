@@ -77,15 +77,15 @@ def index_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterInd
 def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format.
 
-    The SHA-256 of the main file's tensor data (the adapter's identity in operation records) is
-    computed in a background thread while the tensors load.
+    The hashes of its files (its identity and tensor hash, which operation records name it by)
+    are computed in a background thread while the tensors load.
     """
     from ..adapter import LoraAdapter
-    from ..files.hashes import Deferred, tensor_data_sha256
+    from ..files.hashes import Deferred, hash_adapter_files
 
     index = index_adapter(path, allow_pickle=allow_pickle)
-    main = index.sources[0]
-    identity = Deferred(tensor_data_sha256, main.path, main.header.data_start) if main.header else None
+    headers = [s.header for s in index.sources]
+    identity = Deferred(hash_adapter_files, headers) if all(h is not None for h in headers) else None
     tensors = {}
     for source in index.sources:
         wanted = [n for e in index.modules.values() if e.source is source for n in e.tensor_names()]

@@ -33,6 +33,8 @@ _SUFFIX_KINDS = [
     (re.compile(r"\.(w_norm|b_norm)$"), lycoris.NORM),
     *_UNSUPPORTED,
 ]
+# Every kind detection names besides the formats lorareg reads (what the catalog may record as a format).
+FOREIGN_KINDS: tuple[str, ...] = (*(kind.format for _, kind in _UNSUPPORTED), "flux-adapter", "sd3-adapter")
 _FLUX = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks|x_embedder|guidance_in|img_in|txt_in)[._]")
 _SD3 = re.compile(r"(^|[._])(joint_blocks|context_block|x_block|pos_embed)[._]")
 # Keys both MMDiT families share (Flux and SD3 differ in width: Flux is 3072 wide).
