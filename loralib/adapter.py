@@ -136,6 +136,12 @@ class LoraModule:
         """Number of stored values in the factors."""
         return sum(t.numel() for t in (self.down, self.up, self.mid) if t is not None)
 
+    def is_finite(self, dtype: torch.dtype | None = None) -> bool:
+        """True when every factor value is finite (stored in ``dtype``, when given: a float32 value
+        above 65504 becomes infinite in float16)."""
+        return all(bool(torch.isfinite(t if dtype is None else t.to(dtype)).all())
+                   for t in (self.down, self.up, self.mid) if t is not None)
+
 
 @dataclass
 class LoraAdapter:
@@ -177,6 +183,10 @@ class LoraAdapter:
     def source_tensor_sha256(self) -> str | None:
         """SHA-256 of the source file's tensor data (its identity; hashed while it loads), or None."""
         return self.source_hash.result() if self.source_hash is not None else None
+
+    def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
+        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given)."""
+        return [key for key, module in self.modules.items() if not module.is_finite(dtype)]
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

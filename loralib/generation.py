@@ -13,9 +13,7 @@ the same seed always gives the same image.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import InvalidArgumentError, MismatchError
+from .files.atomic import atomic_file
 from .vocabulary import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -226,14 +225,8 @@ def save_png(image: Image.Image, path: Path, parameters: str, details: dict[str,
     if details is not None:
         info.add_text("lorareg", json.dumps(details, ensure_ascii=False, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -6,7 +6,10 @@ any file and works on damaged ones, which are described and flagged.
 
 from __future__ import annotations
 
-import json
+import functools
+import heapq
+import math
+import operator
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -16,6 +19,7 @@ from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, SDXL, UN
 from .files.hashes import hash_file
 from .formats import Inputs, identify_inputs, index_inputs, open_inputs, refuse
 from .formats.detect import Kind
+from .jsontext import loads_metadata
 from .naming.kohya import parse_module_name
 from .naming.sgm import UNetLayout
 
@@ -126,8 +130,7 @@ def inspect(path: str | Path, *, hashes: bool = True) -> InspectReport:
     if not kind.is_adapter:
         refuse(kind, inputs.path.name)
     sources = inputs.sources
-    problems = [f"{s.path.name} is truncated: {s.header.missing_bytes} bytes of tensor data are missing"
-                for s in sources if s.is_truncated]
+    problems = [s.header.problem for s in sources if s.header is not None and s.header.problem]
     metadata: dict[str, str] = {}
     for s in sources:
         metadata.update(s.metadata)
@@ -203,13 +206,21 @@ def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def top_tags(metadata: dict[str, str], limit: int = 10) -> list[str]:
-    """The most frequent caption tags from kohya's ``ss_tag_frequency``."""
-    try:
-        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        return []
-    counts: Counter = Counter()
+    """The most frequent caption tags from kohya's ``ss_tag_frequency`` (counts that are not finite
+    numbers are ignored; an entry that is not JSON, or too large, gives no tags)."""
+    return list(_ranked_tags(metadata.get("ss_tag_frequency") or "", max(limit, 50))[:limit])
+
+
+@functools.lru_cache(maxsize=4)
+def _ranked_tags(text: str, limit: int) -> tuple[str, ...]:
+    """The ``limit`` most frequent tags of one ``ss_tag_frequency`` value (cached: the catalog asks twice per file)."""
+    frequency = loads_metadata(text, {})
+    counts: dict[str, float] = {}
     for folder in frequency.values() if isinstance(frequency, dict) else ():
         if isinstance(folder, dict):
-            counts.update({str(k).strip(): int(v) for k, v in folder.items() if isinstance(v, (int, float))})
-    return [tag for tag, _ in counts.most_common(limit)]
+            for tag, count in folder.items():
+                if type(count) is int or (type(count) is float and math.isfinite(count)):
+                    tag = tag.strip()
+                    counts[tag] = counts.get(tag, 0) + count
+    ranked = heapq.nlargest(limit, counts.items(), key=operator.itemgetter(1))
+    return tuple(tag for tag, _ in ranked)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .architectures import ARCHITECTURES
+from .jsontext import loads_metadata
 from .records import InputRecord, OperationRecord
 
 if TYPE_CHECKING:
@@ -34,10 +35,7 @@ def _number(value: float) -> str:
 
 def history(metadata: dict[str, str]) -> list[dict]:
     """The operation records stored in a file's metadata (oldest first)."""
-    try:
-        records = json.loads(metadata.get(HISTORY_KEY, "[]"))
-    except json.JSONDecodeError:
-        return []
+    records = loads_metadata(metadata.get(HISTORY_KEY), [])
     return records if isinstance(records, list) else []
 
 
@@ -79,7 +77,8 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     meta["ss_network_dim"] = str(main[0].rank) if main and uniform_rank else "Dynamic"
     meta["ss_network_alpha"] = _number(main[0].alpha) if main and uniform_alpha else "Dynamic"
     if conv and linear:
-        args = json.loads(meta.get("ss_network_args") or "{}") if meta.get("ss_network_args", "").startswith("{") else {}
+        args = loads_metadata(meta.get("ss_network_args"), {})
+        args = args if isinstance(args, dict) else {}
         if len({m.rank for m in conv}) == 1 and len({m.alpha for m in conv}) == 1:
             args.update(conv_dim=str(conv[0].rank), conv_alpha=_number(conv[0].alpha))
         meta["ss_network_args"] = json.dumps(args)

@@ -56,20 +56,25 @@ Part = tuple[LoraModule, float, int]  # module, weight, input position
 def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int | None = None, *,
           method: str = "concat", dynamic: str | None = None, max_rank: int | None = None,
           density: float | None = None, seed: int = 0, svd: str = "auto", dtype: torch.dtype | None = None,
-          progress: Progress | None = None) -> Composition:
+          progress: Progress | None = None, allow_nonfinite: bool = False) -> Composition:
     """Merge weighted adapters (objects or paths) into one; see the module docstring for methods.
 
     ``rank`` truncates every module to at most that rank (best approximation); ``dynamic``
     (``sv_fro:0.95``, ``sv_ratio:N``, ``sv_cumulative:F``) chooses per module, capped by ``max_rank``.
     ``density`` and ``seed`` are TIES/DARE parameters; ``svd`` (``auto``, ``exact``,
     ``randomized``) how their dense deltas are factorised. ``dtype`` is the output's storage dtype
-    (default: the inputs' common dtype, else float32).
+    (default: the inputs' common dtype, else float32). Inputs with NaN or infinite values are
+    refused unless ``allow_nonfinite``, which only an exact merge (concat, no rank rule) can honour;
+    the result must then be saved with ``allow_nonfinite`` too.
     """
     method = _check_method(method, density)
     if svd not in SVD_METHODS:
         raise InvalidArgumentError(f"unknown SVD method {svd!r}", f"Choose one of {', '.join(SVD_METHODS)}")
     rule = rank_rule(rank, dynamic, max_rank)
-    items = load_weighted(inputs)
+    if allow_nonfinite and (method != "concat" or rule is not None):
+        raise InvalidArgumentError("allowing NaN or infinite values only works for an exact merge",
+                                   "Use the default method (concat) without --rank or --dynamic")
+    items = load_weighted(inputs, allow_nonfinite=allow_nonfinite)
     architecture = check_compatible(items)
     if method == "linear":
         _check_equal_ranks(items)
@@ -86,7 +91,7 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
         return module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
 
     modules: dict[str, LoraModule] = {}
-    for key, merged in zip(keys, map_modules(merge_one, keys, progress)):
+    for key, merged in zip(keys, map_modules(merge_one, keys, progress, names=keys)):
         if merged is not None:
             modules[key], report.modules[key] = merged
     skipped = len(keys) - len(modules)

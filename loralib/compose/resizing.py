@@ -13,7 +13,7 @@ from ..adapter import LoraAdapter, LoraModule
 from ..errors import InvalidArgumentError
 from ..metadata import input_record
 from ..records import OperationRecord
-from .inputs import AdapterLike, Progress, load, module_from_factors, output_shape
+from .inputs import AdapterLike, Progress, adapter_name, load, module_from_factors, output_shape, require_computable
 from .lowrank import work_dtype
 from .parallel import map_modules
 from .rank_rules import rank_rule
@@ -35,6 +35,7 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
         raise InvalidArgumentError("resize needs a target rank or a dynamic rule",
                                    "Pass --rank N, or --dynamic sv_fro:0.95 (optionally with --max-rank N)")
     source = load(adapter)
+    require_computable(source, adapter_name(source, 0))
     dtype = dtype or source.dtype or torch.float32
     report = CompositionReport("resize")
 
@@ -46,7 +47,8 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
         return module_from_factors(up, down, output_shape([module]), dtype), entry
 
     modules: dict[str, LoraModule] = {}
-    for key, (module, entry) in zip(source.modules, map_modules(resize_one, list(source.modules.values()), progress)):
+    for key, (module, entry) in zip(source.modules, map_modules(resize_one, list(source.modules.values()), progress,
+                                                                            names=list(source.modules))):
         modules[key], report.modules[key] = module, entry
     unchanged = sum(1 for k, e in report.modules.items() if e.rank == source.modules[k].rank)
     if unchanged:

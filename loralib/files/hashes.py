@@ -138,6 +138,15 @@ class Deferred:
         return self._value
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a whole file of any kind (for files that need not be safetensors)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def hash_file(path: str | os.PathLike, data_start: int | None = None) -> FileHashes:
     """Compute every hash of a safetensors file in one pass over its bytes."""
     path = Path(path)

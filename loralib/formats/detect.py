@@ -9,7 +9,10 @@ factors can say exactly what it was given.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
+from collections import Counter
 from collections.abc import Mapping
 
 from .base import Kind
@@ -34,6 +37,7 @@ _CHECKPOINT = re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage
 _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_blocks|decoder\.up_blocks|"
                             r"text_model\.encoder|encoder\.layers)\.[\w.]+\.(weight|bias)$")
 _TI_NAMES = {"emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "*"}
+SAMPLE_KEYS = 50_000  # keys examined to tell what a file holds (every key of any real adapter)
 _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
 
 # Words without which none of the foreign-family patterns can match: a substring test over all
@@ -42,10 +46,23 @@ _FOREIGN_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks",
                   "txt_in", "joint_blocks", "context_block", "x_block", "pos_embed", "lora_te3_", "lora_transformer_",
                   "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context")
 _LYCORIS_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _LYCORIS))
+# The same tests over all names joined by newlines: one search instead of one per name.
+_LYCORIS_IN_TEXT = re.compile(_LYCORIS_ANY.pattern, re.MULTILINE)
+_CHECKPOINT_IN_TEXT = re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner\.embedders|"
+                                 r"model_ema|text_encoders?\.\w+\.transformer)\.", re.MULTILINE)
 
 
-def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    text = "\n".join(names)
+@functools.cache
+def _spellings() -> tuple[dict[str, Kind], re.Pattern[str]]:
+    """Every format's key spellings in table order, and one pattern matching any of them whose
+    ``lastgroup`` names the first that matches."""
+    spellings = [spelling for fmt in FORMATS for spelling in fmt.spellings]
+    kinds = {f"s{i}": kind for i, (kind, _) in enumerate(spellings)}
+    combined = re.compile("|".join(f"(?P<s{i}>{pattern.pattern})" for i, (_, pattern) in enumerate(spellings)))
+    return kinds, combined
+
+
+def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]], text: str) -> str | None:
     if not any(word in text for word in _FOREIGN_WORDS):
         return None
     if any(_FLUX.search(n) for n in names):
@@ -53,7 +70,7 @@ def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | No
     if any(_SD3.search(n) for n in names):
         return "sd3"
     if any(_MMDIT.search(n) for n in names):
-        widths = {shapes[n][-1] for n in names if re.search(r"(lora_A|lora\.down|lora_down)\.weight$", n)}
+        widths = {shapes[n][-1] for n in names if shapes[n] and re.search(r"(lora_A|lora\.down|lora_down)\.weight$", n)}
         return "sd3" if widths and 3072 not in widths else "flux"
     return None
 
@@ -65,9 +82,13 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     """
     if not names:
         return None
-    family = _family(names, shapes)
+    # A real adapter has a few thousand keys, all examined; a crafted header may list hundreds of
+    # thousands, of which an even sample is (the reader then checks every key of the format chosen).
+    names = names[::max(1, len(names) // SAMPLE_KEYS)]
+    text = "\n".join(names)
+    family = _family(names, shapes, text)
     lycoris = None
-    if any(_LYCORIS_ANY.search(n) for n in names):
+    if _LYCORIS_IN_TEXT.search(text) and any(_LYCORIS_ANY.search(n) for n in names):
         lycoris = next(kind for pattern, kind in _LYCORIS for n in names if pattern.search(n))
     if family is not None:
         title = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
@@ -77,14 +98,15 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
         return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
     if lycoris is not None:
         return lycoris
-    if any(_CHECKPOINT.match(n) for n in names):
+    if _CHECKPOINT_IN_TEXT.search(text) and any(_CHECKPOINT.match(n) for n in names):
         return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
-    spellings = [spelling for fmt in FORMATS for spelling in fmt.spellings]
-    counts = dict.fromkeys((kind for kind, _ in spellings), 0)
-    for name in names:  # each key counts for the first spelling it matches, in table order
-        kind = next((kind for kind, pattern in spellings if pattern.match(name)), None)
-        if kind is not None:
-            counts[kind] += 1
+    kinds, combined = _spellings()
+    # Each key counts for the first spelling it matches, in table order: one alternation of all
+    # spellings does that in a single match per key.
+    found = Counter(map(operator.attrgetter("lastgroup"), filter(None, map(combined.match, names))))
+    counts = {kind: 0 for kind in kinds.values()}
+    for group, count in found.items():
+        counts[kinds[group]] += count
     best = max(counts, key=counts.get)  # ties resolve in table order
     if counts[best]:
         return best
