@@ -9,7 +9,7 @@ import click
 from loralib.dtypes import storage_dtype
 from loralib.vocabulary import STORAGE_DTYPES, WRITE_FORMATS
 
-from .output import human_size, note, print_json
+from .output import human_size, note, plain, print_error, print_json, shown
 from .refs import register_output, resolve_adapter
 
 
@@ -37,6 +37,7 @@ def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bo
     else:
         _print_report(report, show_metadata)
     if report.damaged:
+        print_error(f"{report.path} is damaged: {'; '.join(report.problems)}")
         ctx.exit(1)
 
 
@@ -60,11 +61,11 @@ def _print_report(report, show_metadata: bool) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("file", report.path)
+    table.add_row("file", shown(report.path))
     table.add_row("format", f"{report.format_title} [dim]({report.format})[/]")
-    table.add_row("architecture", f"{architecture_title(report.architecture)} [dim]({report.architecture_evidence})[/]")
+    table.add_row("architecture", f"{architecture_title(report.architecture)} [dim]({shown(report.architecture_evidence)})[/]")
     if report.metadata_claims:
-        table.add_row("metadata says", report.metadata_claims)
+        table.add_row("metadata says", shown(report.metadata_claims))
     components = ", ".join(f"{c} {n}" for c, n in report.components.items())
     table.add_row("modules", f"{report.modules}" + (f" ({components})" if components else ""))
     if report.plain_lora:
@@ -75,22 +76,23 @@ def _print_report(report, show_metadata: bool) -> None:
     table.add_row("dtype", _counts(report.dtypes))
     table.add_row("size", f"{human_size(report.file_size)}, {report.tensors} tensors, {report.parameters:,} values")
     if report.embeddings:
-        table.add_row("embeddings", ", ".join(report.embeddings))
+        table.add_row("embeddings", shown(", ".join(report.embeddings)))
     for name in ("sha256", "autov2", "tensor_sha256", "a1111", "legacy"):
         if name in report.hashes:
             label = {"tensor_sha256": "tensor sha256", "a1111": "A1111 hash", "autov2": "AutoV2",
                      "legacy": "legacy hash"}.get(name, name)
             table.add_row(label, report.hashes[name])
-    shown = report.metadata if show_metadata else metadata_summary(report.metadata)
-    for key, value in shown.items():
-        table.add_row(f"[dim]{key}[/]", value if len(value) < 300 or show_metadata else value[:297] + "…")
-    if not show_metadata and len(report.metadata) > len(shown):
+    entries = report.metadata if show_metadata else metadata_summary(report.metadata)
+    for key, value in entries.items():
+        value = value if len(value) < 300 or show_metadata else value[:297] + "…"
+        table.add_row(f"[dim]{shown(key)}[/]", shown(value))
+    if not show_metadata and len(report.metadata) > len(entries):
         table.add_row("[dim]metadata[/]", f"[dim]{len(report.metadata)} entries (show all with --metadata)[/]")
     out.print(table)
     for line in report.notes:
-        out.print(f"[yellow]note:[/] {line}")
+        out.print(f"[yellow]note:[/] {shown(line)}")
     for line in report.problems:
-        out.print(f"[bold red]damaged:[/] {line}")
+        out.print(f"[bold red]damaged:[/] {shown(line)}")
 
 
 def default_output(source: Path, fmt: str) -> Path:
@@ -110,10 +112,12 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write factors holding NaN or infinite values (refused by default: they break every image).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, dtype: str | None, force: bool,
-                    drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
+                    drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """Convert ADAPTER to kohya (default), PEFT or diffusers format; every module's ΔW is unchanged.
 
     \b
@@ -127,7 +131,7 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     source = resolve_adapter(ctx, adapter)
     target = Path(output) if output else default_output(source, fmt)
     result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
-                     drop_embeddings=drop_embeddings, allow_pickle=allow_pickle)
+                     drop_embeddings=drop_embeddings, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],
@@ -135,6 +139,6 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
         return
     for line in result.notes:
         note(line)
-    click.echo(f"wrote {result.format} adapter to {result.path}" + (
+    click.echo(f"wrote {result.format} adapter to {plain(result.path)}" + (
         f" (+{len(result.files) - 1} more files)" if len(result.files) > 1 else ""))
     click.echo(f"  A1111 hash {result.hashes.a1111}  AutoV2 {result.hashes.autov2}")

@@ -7,6 +7,7 @@ weight 1. torch is imported only when a command runs.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import click
 from loralib.dtypes import storage_dtype
 from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
+from loralib.formats import input_files
 from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, print_json, progress
+from .output import human_size, note, plain, print_json, progress, shown
 from .refs import register_output, resolve_adapter
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -25,7 +27,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 def parse_weighted(argument: str) -> tuple[str, float]:
     """Split ``REF:WEIGHT`` at the last colon; a whole argument that exists as a path has weight 1."""
-    if Path(argument).expanduser().exists() or ":" not in argument:
+    if os.path.exists(os.path.expanduser(argument)) or ":" not in argument:  # never raises, even for a too-long name
         return argument, 1.0
     reference, _, tail = argument.rpartition(":")
     if _NUMBER.match(tail.strip()) and reference:
@@ -72,9 +74,10 @@ def _output_options(function):
     return function
 
 
-def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
+def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool,
+            allow_nonfinite: bool = False) -> None:
     """Save a composition, record it in the catalog and print its summary."""
-    result = composition.save(output, fmt, force=force)
+    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
@@ -98,7 +101,7 @@ def _print_summary(composition, result, size: int) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("wrote", f"{result.path} [dim]({result.format})[/]")
+    table.add_row("wrote", f"{shown(result.path)} [dim]({result.format})[/]")
     components = ", ".join(f"{c} {sum(1 for k in adapter.modules if k.startswith(c + '.'))}"
                            for c in adapter.components)
     table.add_row("modules", f"{len(adapter.modules)} ({components})")
@@ -109,7 +112,7 @@ def _print_summary(composition, result, size: int) -> None:
     elif retained:
         table.add_row("retained energy", f"min {retained['min']:.4f}  median {retained['median']:.4f}  "
                                          f"max {retained['max']:.4f}  [dim](‖ΔW_k‖/‖ΔW‖ per module)[/]")
-        table.add_row("largest error", f"{report.max_error:.4f} relative, in {report.worst_module}")
+        table.add_row("largest error", f"{report.max_error:.4f} relative, in {shown(report.worst_module)}")
     table.add_row("size", f"{human_size(size)}, {report.parameters:,} values")
     table.add_row("A1111 hash", f"{result.hashes.a1111}  [dim]AutoV2 {result.hashes.autov2}[/]")
     console().print(table)
@@ -131,11 +134,13 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="ties/dare: how the dense merged ΔW is factorised.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge inputs holding NaN or infinite values into the output (exact merge only; refused by default).")
 @_output_options
 @click.pass_context
 def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
-                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, output: str,
-                  fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str,
+                  allow_nonfinite: bool, output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
 
     Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
@@ -151,11 +156,11 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     from loralib.compose import merge
 
     inputs = _resolve_weighted(ctx, adapters)
-    refuse_overwrite(output, force)
+    refuse_overwrite(output, force, input_files(path for path, _ in inputs))
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
-                            seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+                            seed=seed, svd=svd, dtype=_dtype(dtype), progress=update, allow_nonfinite=allow_nonfinite)
+    _finish(ctx, composition, output, fmt, force, as_json, allow_nonfinite)
 
 
 @click.command("resize")
@@ -177,7 +182,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     from loralib.compose import resize
 
     source = resolve_adapter(ctx, adapter)
-    refuse_overwrite(output, force)
+    refuse_overwrite(output, force, input_files([source]))
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
     _finish(ctx, composition, output, fmt, force, as_json)
@@ -217,7 +222,7 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
         note(line)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     kind = "diffusers folder" if result.kind == "diffusers" else "single-file checkpoint"
-    click.echo(f"wrote {kind} {result.path} ({human_size(size)})")
+    click.echo(f"wrote {kind} {plain(result.path)} ({human_size(size)})")
     click.echo(f"  fused {result.modules} adapter modules into {result.layers} weights")
 
 
@@ -251,7 +256,7 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
     """
     from loralib.compose import extract
 
-    refuse_overwrite(output, force)
+    refuse_overwrite(output, force, [Path(base).expanduser(), Path(tuned).expanduser()])
     with progress("extracting", enabled=not as_json) as update:
         composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,

@@ -96,9 +96,25 @@ def _error(message: str, code: int) -> int:
     return code
 
 
+def quiet_warnings() -> None:
+    """Keep library warnings (Python's ``warnings``: UserWarning, Pillow's DecompressionBombWarning…;
+    huggingface_hub's log lines such as "Repo card metadata block was not found") off the
+    terminal: the user sees lorareg's own lines, and errors as one line. ``--debug`` keeps them."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    if "huggingface_hub" in sys.modules:  # imported already (in-process use): its level is set
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and turn every user-facing error into one line and an exit code."""
     debug = "--debug" in (argv or sys.argv[1:]) or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
+    if not debug:
+        quiet_warnings()
     try:
         code = cli.main(args=argv, prog_name="lorareg", standalone_mode=False)
     except LoraError as exc:
