@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,21 @@ def read_tensors(header: SafetensorsHeader, names: Iterable[str]) -> dict[str, t
 
     header.require_complete()
     try:
-        with safe_open(str(header.path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
+        if _utf8(header.path):
+            with safe_open(str(header.path), framework="pt") as f:
+                return {name: f.get_tensor(name) for name in names}
+        # safetensors opens paths as UTF-8 text only; a file whose name is not is read whole.
+        from safetensors.torch import load
+
+        loaded = load(header.path.read_bytes())
+        return {name: loaded[name] for name in names}
     except Exception as exc:  # the file changed after its header was validated
         raise CorruptFileError(f"{header.path.name} could not be read: {exc}", "The file may be damaged") from exc
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

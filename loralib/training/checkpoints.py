@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, InputNotFoundError, MismatchError
+from ..files.atomic import sweep_stale, temp_name
 
 FOLDER = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -87,7 +87,9 @@ def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tens
     parent = checkpoints_dir(output_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    sweep_stale(parent)  # folders of a run killed while writing its checkpoint
+    tmp = parent / temp_name(final.name)
+    tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / TRAINABLE_FILE)
         torch.save({**state, "step": step}, tmp / STATE_FILE)

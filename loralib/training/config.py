@@ -37,8 +37,14 @@ class ConfigError(InvalidArgumentError):
                          "Fix them and run again (lorareg train --print-config shows every key with its meaning)")
 
 
+# Upper bounds on values that would otherwise run out of memory or never finish (a 1,048,576-pixel
+# side, a bucket table up to an infinite aspect ratio); NaN and infinities are refused everywhere.
+MAX_RESOLUTION = 8192
+MAX_ASPECT_RATIO = 16.0
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -58,14 +64,16 @@ class DataSection(_Section):
                                                      "with captions beside them (kohya layout, N_name repeat "
                                                      "folders), or a metadata.jsonl.")
     caption_extension: str = Field(".txt", pattern=r"^\.\w+$", description="Extension of caption files.")
-    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square side; with bucketing "
-                                                  "the area of every bucket).")
+    resolution: int = Field(512, ge=8, le=MAX_RESOLUTION,
+                            description="Training resolution in pixels (square side; with bucketing "
+                                        "the area of every bucket).")
     crop: Literal["center", "random"] = Field("center", description="How images are cropped to the training size.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     enable_bucket: bool = Field(False, description="Aspect-ratio bucketing: group images of similar shape and "
                                                    "train each group at its own size instead of cropping to a square.")
-    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this many pixels.")
-    max_aspect_ratio: float = Field(2.0, ge=1.0, description="Widest bucket shape (long side / short side).")
+    bucket_step: int = Field(64, ge=8, le=MAX_RESOLUTION, description="Bucket sides are multiples of this many pixels.")
+    max_aspect_ratio: float = Field(2.0, ge=1.0, le=MAX_ASPECT_RATIO,
+                                    description="Widest bucket shape (long side / short side).")
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0,
                                    description="Probability of training an image with an empty caption.")
     trigger_word: str | None = Field(None, description="The phrase that invokes the adapter (recorded in the "
@@ -124,7 +132,7 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoders.")
     seed: int = Field(42, ge=0, description="Seed of everything random; the same seed gives the same adapter.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is the usual value).")
-    noise_offset: float = Field(0.0, ge=0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
+    noise_offset: float = Field(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts; auto reads it from the base model's scheduler config.")
 

@@ -17,7 +17,6 @@ with aspect-ratio bucketing each image trains at the bucket shape closest to its
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputNotFoundError, InvalidArgumentError
+from ..jsontext import JSONTextError, loads
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILE = "metadata.jsonl"
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MAX_REPEATS = 10_000  # repeats of one folder's images per epoch (kohya datasets use up to a few hundred)
 _MAX_LISTED = 12
 
 
@@ -160,9 +161,10 @@ def _kohya_pairs(root: Path, extension: str, problems: list[str]) -> list[tuple[
             if match:  # a repeat folder must hold images; other folders may be anything
                 problems.append(f"empty folder {folder} (no PNG, JPEG or WebP images)")
             continue
-        repeats = int(match.group(1)) if match else 1
-        if repeats < 1:
-            problems.append(f"folder {folder} asks for {repeats} repeats; use 1 or more")
+        repeats = _repeats(match.group(1)) if match else 1
+        if not 1 <= repeats <= MAX_REPEATS:
+            shown = match.group(1) if len(match.group(1)) <= 12 else match.group(1)[:12] + "…"
+            problems.append(f"folder {folder.name} asks for {shown} repeats; use 1 to {MAX_REPEATS}")
         pairs += [(image, image.with_suffix(extension), max(repeats, 1), folder.name) for image in images]
     if not pairs and not problems:
         problems.append(f"empty folder {root} (no PNG, JPEG or WebP images, no images/ + texts/ folders, "
@@ -170,17 +172,26 @@ def _kohya_pairs(root: Path, extension: str, problems: list[str]) -> list[tuple[
     return pairs
 
 
+def _repeats(digits: str) -> int:
+    """The repeat count of an ``N_name`` folder; a number too long to be sensible counts as too many."""
+    return int(digits) if len(digits) <= 9 else MAX_REPEATS + 1
+
+
 def _metadata_records(root: Path, problems: list[str]) -> list[tuple[Path, str | None, int, str]]:
     entries = []
-    lines = (root / METADATA_FILE).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = (root / METADATA_FILE).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        problems.append(f"{METADATA_FILE} is not UTF-8 text (byte {exc.start})")
+        return entries
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{METADATA_FILE} line {number}"
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where} is not JSON ({exc.msg})")
+            item = loads(line)
+        except JSONTextError as exc:
+            problems.append(f"{where} cannot be read: {exc}")
             continue
         name = item.get("file_name") if isinstance(item, dict) else None
         if not isinstance(name, str):

@@ -131,4 +131,5 @@ def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, opera
     from ..formats import save_adapter
 
     dtype = storage_dtype(config.output.save_dtype)
-    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation)
+    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation,
+                        inputs=[config.model.base_model])

@@ -8,8 +8,8 @@ GPUs or machines (batches are sharded over processes; files are written by the m
 
 Every random draw of optimizer step N comes from generators seeded with ``(seed, N)``, so a run
 resumed from a checkpoint makes exactly the draws the uninterrupted run made: on CPU the final
-adapter is bit-for-bit the same. Ctrl-C (SIGINT) finishes the current step, writes a checkpoint
-and returns; a second Ctrl-C stops at once. A non-finite loss stops with a :class:`TrainingError`.
+adapter is bit-for-bit the same. Ctrl-C (SIGINT) or ``kill`` (SIGTERM) finishes the current step,
+writes a checkpoint and returns; a second one stops at once. A non-finite loss stops with a :class:`TrainingError`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, LoraError, OutputExistsError
+from ..files.atomic import refuse_input_as_output
 from ..records import OperationRecord
 from . import checkpoints, network
 from .config import TrainConfig
@@ -191,6 +192,7 @@ class Trainer:
         if self.resume is not None:
             checkpoint = checkpoints.load_checkpoint(checkpoints.find_checkpoint(self.output_dir, self.resume))
             checkpoints.check_compatible(checkpoint, cfg.flat())
+        refuse_input_as_output(self.final_path, [cfg.model.base_model, cfg.data.data_dir])
         if self.final_path.exists() and not self.force:
             # A run extended with --resume may replace the adapter it wrote itself, and nothing else.
             self._replaces_own_adapter = checkpoint is not None and _written_by(self.final_path, checkpoint)
@@ -406,6 +408,7 @@ class Trainer:
         return step // self.steps_per_epoch
 
     def _install_interrupt(self):
+        """Ctrl-C (SIGINT) and ``kill`` (SIGTERM) finish the step and save a checkpoint; a second one stops at once."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
@@ -415,7 +418,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
 
-        return signal.signal(signal.SIGINT, handler)
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _stop_agreed(self) -> bool:
         if self.accelerator.num_processes == 1:
@@ -436,8 +439,8 @@ class Trainer:
         try:
             return self._loop()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in (previous or {}).items():
+                signal.signal(signum, handler)
             self.accelerator.end_training()
 
     def _schedule(self) -> list[tuple[int, bool, list[BatchSpec]]]:
