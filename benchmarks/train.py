@@ -11,8 +11,12 @@ baseline's work step for step.
 
 Every run is a fresh process; runs alternate between variants and the median of ``--repeats``
 is reported. Steps/s counts optimizer steps after the first (which carries one-off work) to
-the last; peak memory is the process's peak resident set on CPU, and
-``torch.cuda.max_memory_allocated`` on CUDA. Wall time is the whole command, start-up included.
+the last; the median step is the median time between consecutive step ends (the first left
+out), which a busy machine disturbs less than the mean; "speed vs baseline" is the ratio of the
+steps/s medians, "median step vs baseline" the inverse ratio of the median steps. Peak memory
+is the process's peak resident set on CPU, and ``torch.cuda.max_memory_allocated`` on CUDA.
+Wall time is the whole command, start-up included. The machine's load average is printed before
+and after (other processes slow every variant alike only if they stay steady).
 
 On CPU the base is the tiny SD1 pipeline (``lorareg tiny-model``); on CUDA it is an SD1.5-sized
 pipeline with random weights (860M-parameter UNet, full VAE, CLIP-L-sized text encoder) at
@@ -25,6 +29,7 @@ pipeline with random weights (860M-parameter UNet, full VAE, CLIP-L-sized text e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -126,7 +131,9 @@ def baseline(args: argparse.Namespace) -> dict:
     device = accelerator.device
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "peak_memory_bytes": peak}
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))  # as lorareg reports median_step_seconds
+    return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "median_step_seconds": gaps[len(gaps) // 2], "peak_memory_bytes": peak}
 
 
 # --- base models ---------------------------------------------------------------------------------------------------
@@ -208,6 +215,7 @@ def main() -> None:
     args.precision = "bf16" if cuda else "no"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # alike for all
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="lorareg-bench-") as tmp:
         work = Path(tmp)
         env["LORAREG_HOME"] = str(work / "home")
@@ -238,18 +246,29 @@ def main() -> None:
             for index, (name, command) in enumerate(variants.items()):
                 results[name].append(_run(command(work / f"run{repeat}-{index}"), env))
                 report, wall = results[name][-1]
-                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s, "
-                      f"{report['peak_memory_bytes'] / 2**20:.0f} MiB, {wall:.1f} s", flush=True)
+                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s, median step "
+                      f"{report['median_step_seconds'] * 1000:.1f} ms, {report['peak_memory_bytes'] / 2**20:.0f} MiB, "
+                      f"{wall:.1f} s", flush=True)
     summary = {name: (statistics.median(r["steps_per_second"] for r, _ in runs),
+                      statistics.median(r["median_step_seconds"] for r, _ in runs),
                       statistics.median(r["peak_memory_bytes"] for r, _ in runs),
                       statistics.median(w for _, w in runs)) for name, runs in results.items()}
-    speed0, memory0, _ = summary["baseline (diffusers example loop)"]
+    speed0, step0, memory0, _ = summary["baseline (diffusers example loop)"]
     what = "peak GPU memory allocated" if cuda else "peak RSS"
-    print(f"\n| variant | steps/s | speed vs baseline | {what} | memory vs baseline | wall time |")
-    print("|---|---|---|---|---|---|")
-    for name, (speed, memory, wall) in summary.items():
-        print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {memory / 2**20:.0f} MiB | {memory / memory0:.2f}x "
-              f"| {wall:.1f} s |")
+    print(f"\nload average: {_load()} (before: {load_before})")
+    print(f"\n| variant | steps/s | speed vs baseline | median step | median step vs baseline | {what} | "
+          "memory vs baseline | wall time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (speed, step, memory, wall) in summary.items():
+        print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {step * 1000:.1f} ms | {step0 / step:.2f}x | "
+              f"{memory / 2**20:.0f} MiB | {memory / memory0:.2f}x | {wall:.1f} s |")
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

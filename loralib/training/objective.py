@@ -103,7 +103,8 @@ class Objective:
         folder = self.config.cache_dir if disk else None
         if self.caches_latents:
             vae = self.base.vae
-            stamp = fingerprint(vae, extra={"dtype": str(self.vae_dtype)}) if disk else ""
+            encoding = [m for m in (vae.encoder, vae.quant_conv) if m is not None]  # what a latent depends on
+            stamp = fingerprint(*encoding, extra={"dtype": str(self.vae_dtype)}) if disk else ""
             self.latent_store = LatentStore(folder, stamp, masked=self.masked)
             jobs = [(r, plan.assignment[i]) for dataset, plan in sources for i, r in enumerate(dataset.records)]
             self._cache_latents(jobs, on_phase)

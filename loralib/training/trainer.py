@@ -17,6 +17,7 @@ and returns; a second Ctrl-C stops at once. A non-finite loss stops with a :clas
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -78,6 +79,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)
     steps_per_second: float | None = None
+    median_step_seconds: float | None = None  # the typical step, unaffected by pauses (validation, saving)
     peak_memory_bytes: int = 0
     seconds: float = 0.0
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
@@ -90,7 +92,8 @@ class TrainResult:
                 "steps": self.steps, "total_steps": self.total_steps, "epoch": self.epoch,
                 "interrupted": self.interrupted, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "final_loss": self.losses[-1] if self.losses else None, "samples": [str(p) for p in self.samples],
-                "steps_per_second": self.steps_per_second, "peak_memory_bytes": self.peak_memory_bytes,
+                "steps_per_second": self.steps_per_second, "median_step_seconds": self.median_step_seconds,
+                "peak_memory_bytes": self.peak_memory_bytes,
                 "seconds": round(self.seconds, 3),
                 "validation_loss": self.validation_losses[-1][1] if self.validation_losses else None,
                 "validation_losses": [list(entry) for entry in self.validation_losses]}
@@ -107,6 +110,12 @@ def _seed_dropout(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
     elif device.type != "cpu":
         torch.manual_seed(seed)
+
+
+def _median_gap(stamps: list[float]) -> float | None:
+    """The median time between consecutive step ends, the first step (one-off work) left out."""
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))
+    return gaps[len(gaps) // 2] if gaps else None
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -268,6 +277,8 @@ class Trainer:
         self.on_phase("loading the base model", 0, 1)
         self.base = base = load_base_model(self.config.model.base_model)
         self.on_phase("loading the base model", 1, 1)
+        if not self.config.sampling.sample_prompts:  # training only encodes: the decoder is dead weight
+            base.vae.decoder = base.vae.post_quant_conv = None
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype  # fp16 VAEs overflow
         _place(base.vae.requires_grad_(False).eval(), self.device, vae_dtype)
         _place(base.unet.requires_grad_(False), self.device, self.weight_dtype)
@@ -533,6 +544,7 @@ class Trainer:
         began = time.perf_counter()
         timed_from: tuple[int, float] | None = None
         speed = None
+        self._step_ends: list[float] = []
         for model in self.models.values():
             model.train()
         schedule = self._schedule()
@@ -547,6 +559,7 @@ class Trainer:
                 self.ema.update(self.step)
             validation = self._validate_if_due(epoch, epoch_done)
             now = time.perf_counter()
+            self._step_ends.append(now)
             if timed_from is None:
                 timed_from = (self.step, now)  # the first step includes one-off work: time the rest
             speed = (self.step - timed_from[0]) / (now - timed_from[1]) if self.step > timed_from[0] else None
@@ -675,7 +688,8 @@ class Trainer:
                            list(self.losses), checkpoint, samples=list(self.samples),
                            dataset=self.dataset.summary(self.plan.bucket_counts()), steps_per_second=speed,
                            peak_memory_bytes=_peak_memory(self.device), seconds=time.perf_counter() - began,
-                           validation_losses=list(self.validation_losses))
+                           validation_losses=list(self.validation_losses),
+                           median_step_seconds=_median_gap(getattr(self, "_step_ends", [])))
 
     # --- samples ----------------------------------------------------------------------------------------------
 
