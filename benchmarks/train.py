@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -168,18 +169,37 @@ def build_sd15_sized(path: Path) -> Path:
 # --- running and reporting -----------------------------------------------------------------------------------------
 
 
-def _run(command: list[str], env: dict) -> tuple[dict, float]:
+def _run(command: list[str], env: dict, root: Path = ROOT) -> tuple[dict, float]:
     began = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:6])} … failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout[done.stdout.index("{"):]), wall
 
 
-def lorareg_command(args, output: Path, cached: bool) -> list[str]:
-    """The ``lorareg train`` command of one run."""
-    command = [sys.executable, "-m", "lorareg", "train", "--json", "--force", "--base", str(args.base),
+# Runs ``lorareg`` from another source tree (argv[1]) with its own packages, as pyproject.toml maps them
+# (lorareg.cli -> cli/, lorareg.registry -> registry/), whatever the virtual environment has installed.
+CHECKOUT_LAUNCHER = """
+import importlib.util, sys
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+import lorareg
+for sub in ("cli", "registry"):
+    spec = importlib.util.spec_from_file_location(f"lorareg.{sub}", f"{root}/{sub}/__init__.py",
+                                                  submodule_search_locations=[f"{root}/{sub}"])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+from lorareg.cli.main import main
+main()
+"""
+
+
+def lorareg_command(args, output: Path, cached: bool, checkout: Path | None = None) -> list[str]:
+    """The ``lorareg train`` command of one run (of the source tree ``checkout``, default this one)."""
+    start = [sys.executable, "-c", CHECKOUT_LAUNCHER, str(checkout)] if checkout else [sys.executable, "-m", "lorareg"]
+    command = [*start, "train", "--json", "--force", "--base", str(args.base),
                "--data", str(DATA), "-o", str(output), "--name", "bench", "--resolution", str(args.resolution),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--target-modules", "attention",
                "--max-train-steps", str(args.steps), "--learning-rate", "1e-4", "--mixed-precision", args.precision,
@@ -198,6 +218,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run another lorareg source tree without caches (e.g. `git archive main | tar -x -C "
+                             "/tmp/main`), alternating with the others: a before/after comparison on the same machine")
     parser.add_argument("--worker", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -241,16 +264,25 @@ def main() -> None:
             "lorareg train (defaults: cached)": lambda out: lorareg_command(args, out, cached=True),
             "lorareg train (no caches)": lambda out: lorareg_command(args, out, cached=False),
         }
+        roots = {name: ROOT for name in variants}
+        if args.compare:
+            name = f"lorareg train at {args.compare} (no caches)"
+            variants[name] = lambda out: lorareg_command(args, out, cached=False, checkout=args.compare.resolve())
+            roots[name] = args.compare.resolve()
         results: dict[str, list[tuple[dict, float]]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
             for index, (name, command) in enumerate(variants.items()):
-                results[name].append(_run(command(work / f"run{repeat}-{index}"), env))
+                root = roots[name]
+                run_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", ""))
+                                                                   if p)}
+                results[name].append(_run(command(work / f"run{repeat}-{index}"), run_env, root))
                 report, wall = results[name][-1]
-                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s, median step "
-                      f"{report['median_step_seconds'] * 1000:.1f} ms, {report['peak_memory_bytes'] / 2**20:.0f} MiB, "
-                      f"{wall:.1f} s", flush=True)
+                step = report.get("median_step_seconds")
+                shown = f", median step {step * 1000:.1f} ms" if step else ""
+                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s{shown}, "
+                      f"{report['peak_memory_bytes'] / 2**20:.0f} MiB, {wall:.1f} s", flush=True)
     summary = {name: (statistics.median(r["steps_per_second"] for r, _ in runs),
-                      statistics.median(r["median_step_seconds"] for r, _ in runs),
+                      statistics.median(r.get("median_step_seconds") or math.nan for r, _ in runs),
                       statistics.median(r["peak_memory_bytes"] for r, _ in runs),
                       statistics.median(w for _, w in runs)) for name, runs in results.items()}
     speed0, step0, memory0, _ = summary["baseline (diffusers example loop)"]
