@@ -9,11 +9,12 @@ its own process) twice: with its defaults (latents and caption embeddings cached
 training, the VAE and text encoder then released) and with both caches off, which is the
 baseline's work step for step.
 
-Every run is a fresh process; runs alternate between variants and the median of ``--repeats``
-is reported. Steps/s counts optimizer steps after the first (which carries one-off work) to
+Every run is a fresh process; runs alternate between variants (the order rotates from one
+repeat to the next) and the median of ``--repeats`` is reported. Steps/s counts optimizer steps after the first (which carries one-off work) to
 the last; the median step is the median time between consecutive step ends (the first left
-out), which a busy machine disturbs less than the mean; "speed vs baseline" is the ratio of the
-steps/s medians, "median step vs baseline" the inverse ratio of the median steps. Peak memory
+out), which pauses disturb less than the mean; CPU per step is the process's CPU time (all its
+threads) per median step, which other processes on a busy machine disturb far less than wall
+time; "vs baseline" columns are speed ratios (> 1: faster than the baseline). Peak memory
 is the process's peak resident set on CPU, and ``torch.cuda.max_memory_allocated`` on CUDA.
 Wall time is the whole command, start-up included. The machine's load average is printed before
 and after (other processes slow every variant alike only if they stay steady).
@@ -101,7 +102,7 @@ def baseline(args: argparse.Namespace) -> dict:
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     accelerator.init_trackers("baseline")
-    stamps = []
+    stamps, cpu_stamps = [], []
     step = 0
     while step < args.steps:
         for batch in loader:
@@ -126,15 +127,20 @@ def baseline(args: argparse.Namespace) -> dict:
                 step += 1
                 accelerator.log({"train_loss": average}, step=step)
                 stamps.append(time.perf_counter())
+                cpu_stamps.append(time.process_time())
                 if step >= args.steps:
                     break
     accelerator.end_training()
     device = accelerator.device
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gaps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))  # as lorareg reports median_step_seconds
+    def median_gap(values: list[float]) -> float:  # as lorareg reports median_step_seconds
+        gaps = sorted(b - a for a, b in itertools.pairwise(values[1:]))
+        return gaps[len(gaps) // 2]
+
     return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "median_step_seconds": gaps[len(gaps) // 2], "peak_memory_bytes": peak}
+            "median_step_seconds": median_gap(stamps), "median_step_cpu_seconds": median_gap(cpu_stamps),
+            "peak_memory_bytes": peak}
 
 
 # --- base models ---------------------------------------------------------------------------------------------------
@@ -270,30 +276,34 @@ def main() -> None:
             variants[name] = lambda out: lorareg_command(args, out, cached=False, checkout=args.compare.resolve())
             roots[name] = args.compare.resolve()
         results: dict[str, list[tuple[dict, float]]] = {name: [] for name in variants}
+        order = list(variants.items())
         for repeat in range(args.repeats):
-            for index, (name, command) in enumerate(variants.items()):
+            # rotate the order, so that no variant always runs first (or right after another)
+            for index, (name, command) in enumerate(order[repeat % len(order):] + order[:repeat % len(order)]):
                 root = roots[name]
                 run_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", ""))
                                                                    if p)}
                 results[name].append(_run(command(work / f"run{repeat}-{index}"), run_env, root))
                 report, wall = results[name][-1]
-                step = report.get("median_step_seconds")
-                shown = f", median step {step * 1000:.1f} ms" if step else ""
+                step, cpu = report.get("median_step_seconds"), report.get("median_step_cpu_seconds")
+                shown = f", median step {step * 1000:.1f} ms, CPU {cpu * 1000:.1f} ms" if step and cpu else ""
                 print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s{shown}, "
                       f"{report['peak_memory_bytes'] / 2**20:.0f} MiB, {wall:.1f} s", flush=True)
     summary = {name: (statistics.median(r["steps_per_second"] for r, _ in runs),
                       statistics.median(r.get("median_step_seconds") or math.nan for r, _ in runs),
+                      statistics.median(r.get("median_step_cpu_seconds") or math.nan for r, _ in runs),
                       statistics.median(r["peak_memory_bytes"] for r, _ in runs),
                       statistics.median(w for _, w in runs)) for name, runs in results.items()}
-    speed0, step0, memory0, _ = summary["baseline (diffusers example loop)"]
+    speed0, step0, cpu0, memory0, _ = summary["baseline (diffusers example loop)"]
     what = "peak GPU memory allocated" if cuda else "peak RSS"
     print(f"\nload average: {_load()} (before: {load_before})")
-    print(f"\n| variant | steps/s | speed vs baseline | median step | median step vs baseline | {what} | "
+    print(f"\n| variant | steps/s | vs baseline | median step | vs baseline | CPU per step | vs baseline | {what} | "
           "memory vs baseline | wall time |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, (speed, step, memory, wall) in summary.items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, (speed, step, cpu, memory, wall) in summary.items():
         print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {step * 1000:.1f} ms | {step0 / step:.2f}x | "
-              f"{memory / 2**20:.0f} MiB | {memory / memory0:.2f}x | {wall:.1f} s |")
+              f"{cpu * 1000:.1f} ms | {cpu0 / cpu:.2f}x | {memory / 2**20:.0f} MiB | {memory / memory0:.2f}x | "
+              f"{wall:.1f} s |")
 
 
 def _load() -> str:

@@ -303,6 +303,37 @@ def test_fp8_base_weights_need_a_gpu_and_compute_like_rounded_weights(tiny_sd1, 
     expected.square().sum().backward()
     torch.testing.assert_close(scale[0].grad, scale[1].grad, rtol=1e-5, atol=1e-5)
 
+    # the whole tiny UNet with LoRA layers: stored in fp8, it computes what the rounded float32 UNet computes
+    from diffusers import UNet2DConditionModel
+
+    from loralib.training import network
+
+    unets = [UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet") for _ in range(2)]
+    for unet in unets:
+        targets = network.target_layers("unet", unet, "locon")
+        torch.manual_seed(1)
+        network.add_lora(unet, network.layer_settings(unet, targets, rank=2, alpha=2, conv_rank=2, conv_alpha=2),
+                         dropout=0.0)
+        for name, parameter in unet.named_parameters():
+            if name.endswith("lora_B.default.weight"):
+                torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    converted = store_in_fp8(unets[0], torch.float8_e4m3fn, torch.float32)
+    assert converted > 20
+    with torch.no_grad():
+        for module in unets[1].modules():
+            if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and not module.weight.requires_grad:
+                module.weight.copy_(module.weight.to(torch.float8_e4m3fn).float())
+    generator = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(1, 4, 4, 4, generator=generator), torch.randn(1, 77, 768, generator=generator)
+    outputs = [unet(sample, torch.tensor([300]), hidden).sample for unet in unets]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    grads = [{n: p.grad for n, p in unet.named_parameters() if p.requires_grad} for unet in unets]
+    assert grads[0].keys() == grads[1].keys() and all(g is not None and g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5)
+
 
 def test_gradient_checkpointing_trains_the_same_sdxl_adapter(tiny_sdxl, tmp_path):
     data = small_dataset(tmp_path / "data", 1)

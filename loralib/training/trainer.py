@@ -80,6 +80,7 @@ class TrainResult:
     dataset: dict[str, Any] = field(default_factory=dict)
     steps_per_second: float | None = None
     median_step_seconds: float | None = None  # the typical step, unaffected by pauses (validation, saving)
+    median_step_cpu_seconds: float | None = None  # CPU time of this process per typical step (all its threads)
     peak_memory_bytes: int = 0
     seconds: float = 0.0
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
@@ -93,6 +94,7 @@ class TrainResult:
                 "interrupted": self.interrupted, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "final_loss": self.losses[-1] if self.losses else None, "samples": [str(p) for p in self.samples],
                 "steps_per_second": self.steps_per_second, "median_step_seconds": self.median_step_seconds,
+                "median_step_cpu_seconds": self.median_step_cpu_seconds,
                 "peak_memory_bytes": self.peak_memory_bytes,
                 "seconds": round(self.seconds, 3),
                 "validation_loss": self.validation_losses[-1][1] if self.validation_losses else None,
@@ -545,6 +547,7 @@ class Trainer:
         timed_from: tuple[int, float] | None = None
         speed = None
         self._step_ends: list[float] = []
+        self._step_cpu_ends: list[float] = []
         for model in self.models.values():
             model.train()
         schedule = self._schedule()
@@ -560,6 +563,7 @@ class Trainer:
             validation = self._validate_if_due(epoch, epoch_done)
             now = time.perf_counter()
             self._step_ends.append(now)
+            self._step_cpu_ends.append(time.process_time())
             if timed_from is None:
                 timed_from = (self.step, now)  # the first step includes one-off work: time the rest
             speed = (self.step - timed_from[0]) / (now - timed_from[1]) if self.step > timed_from[0] else None
@@ -689,7 +693,8 @@ class Trainer:
                            dataset=self.dataset.summary(self.plan.bucket_counts()), steps_per_second=speed,
                            peak_memory_bytes=_peak_memory(self.device), seconds=time.perf_counter() - began,
                            validation_losses=list(self.validation_losses),
-                           median_step_seconds=_median_gap(getattr(self, "_step_ends", [])))
+                           median_step_seconds=_median_gap(getattr(self, "_step_ends", [])),
+                           median_step_cpu_seconds=_median_gap(getattr(self, "_step_cpu_ends", [])))
 
     # --- samples ----------------------------------------------------------------------------------------------
 
