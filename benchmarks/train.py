@@ -50,8 +50,8 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # --- the baseline: a minimal diffusers + peft loop ---------------------------------------------------------------
 
 
-def baseline(args: argparse.Namespace) -> dict:
-    """Train like diffusers' LoRA example; return steps/s and peak memory."""
+def baseline(args: argparse.Namespace, on_step=None) -> dict:
+    """Train like diffusers' LoRA example; return steps/s and peak memory (``on_step()`` after each step)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -128,6 +128,8 @@ def baseline(args: argparse.Namespace) -> dict:
                 accelerator.log({"train_loss": average}, step=step)
                 stamps.append(time.perf_counter())
                 cpu_stamps.append(time.process_time())
+                if on_step is not None:
+                    on_step()
                 if step >= args.steps:
                     break
     accelerator.end_training()
@@ -141,6 +143,59 @@ def baseline(args: argparse.Namespace) -> dict:
     return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "median_step_seconds": median_gap(stamps), "median_step_cpu_seconds": median_gap(cpu_stamps),
             "peak_memory_bytes": peak}
+
+
+# --- exact work per step -------------------------------------------------------------------------------------------
+
+
+class StepCounter:
+    """Counts Python function calls (cProfile) and torch operations (torch.profiler) over steps 3 to 5."""
+
+    FIRST, LAST = 2, 5  # after the 2nd step (warm), until the 5th: three steps
+
+    def __init__(self) -> None:
+        self.step, self.calls, self.ops, self.profilers = 0, 0, 0, None
+
+    def __call__(self, *_) -> None:
+        import cProfile
+        import pstats
+
+        from torch.profiler import ProfilerActivity, profile
+
+        self.step += 1
+        if self.step == self.FIRST:
+            self.profilers = (cProfile.Profile(), profile(activities=[ProfilerActivity.CPU]))
+            self.profilers[1].__enter__()
+            self.profilers[0].enable()
+        elif self.step == self.LAST:
+            self.profilers[0].disable()
+            self.profilers[1].__exit__(None, None, None)
+            self.calls = pstats.Stats(self.profilers[0]).total_calls
+            self.ops = sum(event.count for event in self.profilers[1].key_averages() if event.key.startswith("aten::"))
+
+    def result(self) -> dict:
+        steps = self.LAST - self.FIRST
+        return {"python_calls_per_step": self.calls / steps, "torch_ops_per_step": self.ops / steps}
+
+
+def count_step_work(args: argparse.Namespace) -> dict:
+    """Run one loop without caches and count its work per step (``--count``)."""
+    counter = StepCounter()
+    args.steps = StepCounter.LAST + 1
+    if args.worker == "count-baseline":
+        baseline(args, on_step=counter)
+        return counter.result()
+    if args.checkout:
+        sys.path.insert(0, args.checkout)
+    from loralib.training import Trainer, load_config
+
+    settings = {"base_model": str(args.base), "data_dir": str(DATA), "output_dir": args.output, "model_name": "bench",
+                "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
+                "target_modules": "attention", "max_train_steps": args.steps, "learning_rate": 1e-4,
+                "mixed_precision": args.precision, "seed": args.seed, "cache_latents": False,
+                "cache_text_embeddings": False}
+    Trainer(load_config(None, settings), force=True, on_step=counter).run()
+    return counter.result()
 
 
 # --- base models ---------------------------------------------------------------------------------------------------
@@ -227,13 +282,20 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
                         help="also run another lorareg source tree without caches (e.g. `git archive main | tar -x -C "
                              "/tmp/main`), alternating with the others: a before/after comparison on the same machine")
-    parser.add_argument("--worker", choices=["baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--count", action="store_true",
+                        help="instead of timing, count the Python calls and torch operations of three steps of each "
+                             "loop without caches: exact figures that other processes cannot disturb")
+    parser.add_argument("--worker", choices=["baseline", "count-baseline", "count-lorareg"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkout", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.worker == "baseline":
         print(json.dumps(baseline(args)))
+        return
+    if args.worker:
+        print(json.dumps(count_step_work(args)))
         return
 
     import torch
@@ -275,6 +337,9 @@ def main() -> None:
             name = f"lorareg train at {args.compare} (no caches)"
             variants[name] = lambda out: lorareg_command(args, out, cached=False, checkout=args.compare.resolve())
             roots[name] = args.compare.resolve()
+        if args.count:
+            _count(args, work, env)
+            return
         results: dict[str, list[tuple[dict, float]]] = {name: [] for name in variants}
         order = list(variants.items())
         for repeat in range(args.repeats):
@@ -304,6 +369,25 @@ def main() -> None:
         print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {step * 1000:.1f} ms | {step0 / step:.2f}x | "
               f"{cpu * 1000:.1f} ms | {cpu0 / cpu:.2f}x | {memory / 2**20:.0f} MiB | {memory / memory0:.2f}x | "
               f"{wall:.1f} s |")
+
+
+def _count(args: argparse.Namespace, work: Path, env: dict) -> None:
+    common = ["--base", str(args.base), "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
+              "--rank", str(args.rank), "--precision", args.precision, "--seed", str(args.seed)]
+    loops = {"baseline (diffusers example loop)": ["count-baseline"], "lorareg (no caches)": ["count-lorareg"]}
+    if args.compare:
+        loops[f"lorareg at {args.compare} (no caches)"] = ["count-lorareg", "--checkout", str(args.compare.resolve())]
+    counted = {}
+    for index, (name, worker) in enumerate(loops.items()):
+        command = [sys.executable, __file__, "--worker", *worker, "--output", str(work / f"count{index}"), *common]
+        counted[name], _ = _run(command, env)
+    calls0, ops0 = (counted["baseline (diffusers example loop)"][k] for k in ("python_calls_per_step",
+                                                                            "torch_ops_per_step"))
+    print("\n| loop | Python calls per step | vs baseline | torch operations per step | vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, c in counted.items():
+        print(f"| {name} | {c['python_calls_per_step']:.0f} | {c['python_calls_per_step'] / calls0:.2f}x | "
+              f"{c['torch_ops_per_step']:.0f} | {c['torch_ops_per_step'] / ops0:.2f}x |")
 
 
 def _load() -> str:
