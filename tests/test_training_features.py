@@ -110,10 +110,14 @@ def test_prodigy_trains_with_its_arguments(tiny_sd1, tmp_path):
     adapter = loralib.load(result.save.path)
     assert all(m.up.abs().max() > 0 for m in adapter.modules.values())
     assert adapter.metadata["ss_optimizer"].startswith("prodigyopt.prodigy.Prodigy(weight_decay=0.01, d_coef=2")
+
+    from loralib.training.optimizers import build_optimizer
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in (1.0, 16.0)]  # LoRA+ groups
     with pytest.raises(loralib.errors.InvalidArgumentError, match="prodigy takes one learning rate for every layer"):
-        _trainer(tiny_sd1, data, tmp_path / "plus", optimizer="prodigy", learning_rate=1.0, loraplus_lr_ratio=16)
+        build_optimizer(groups, load_config(None, {"optimizer": "prodigy"}))
     with pytest.raises(loralib.errors.InvalidArgumentError, match="optimizer adamw has no argument 'd_coef'"):
-        _trainer(tiny_sd1, data, tmp_path / "args", optimizer_args=["d_coef=2"])
+        build_optimizer(groups, load_config(None, {"optimizer_args": ["d_coef=2"]}))
 
 
 # --- block-wise ranks and learning rates, LoRA+ -----------------------------------------------------------------

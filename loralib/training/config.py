@@ -156,7 +156,7 @@ class ConfigError(InvalidArgumentError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
 
 class ModelSection(_Section):
@@ -410,7 +410,7 @@ SECTIONS: dict[str, type[_Section]] = {
 class TrainConfig(BaseModel):
     """A complete, validated training configuration."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
