@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import loralib
 from loralib.base_model import full_size_layers
 from loralib.compose import merge, resize
 from loralib.compose.merging import stacked_factors
@@ -41,7 +42,8 @@ from loralib.compose.parallel import map_modules
 from loralib.compose.rank_rules import RankRule
 from loralib.compose.reduce import reduce_factors
 from loralib.formats import load_adapter
-from loralib.synthetic import random_adapter, select_layers
+from loralib.layers import select_layers
+from loralib.synthetic import random_adapter
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
@@ -135,11 +137,11 @@ def main() -> None:
             keys_by_shape[(shape.out_features, shape.in_features)].append(key)
         dense_keys = sample(keys_by_shape, args.dense_per_shape)
         big = work / "sdxl_r128.safetensors"
-        random_adapter(layers, 128, 64.0, seed=1, architecture="sdxl", dtype=torch.float16).save(big)
+        loralib.save(random_adapter(layers, 128, 64.0, seed=1, architecture="sdxl", dtype=torch.float16), big)
         smalls = []
         for seed in (2, 3, 4):
             smalls.append(work / f"sdxl_r64_{seed}.safetensors")
-            random_adapter(layers, 64, 32.0, seed=seed, architecture="sdxl", dtype=torch.float16).save(smalls[-1])
+            loralib.save(random_adapter(layers, 64, 32.0, seed=seed, architecture="sdxl", dtype=torch.float16), smalls[-1])
         gc.collect()
         print(f"SDXL-shaped LoRAs: {len(layers)} modules ({len(keys_by_shape)} layer shapes), fp16; "
               f"rank 128: {big.stat().st_size / 2**20:.0f} MiB, rank 64: {smalls[0].stat().st_size / 2**20:.0f} MiB each")
@@ -154,7 +156,7 @@ def main() -> None:
         resize_cmp = compare("resize 128 -> 32", lambda k: [(adapter.modules[k], 1.0, 0)], dense_keys, 32,
                              keys_by_shape)
         rows.append((resize_cmp, read_t, compute_t, write_t, 50))
-        del adapter, result
+        adapter = result = None  # free them before the next case
         gc.collect()
 
         # 2. merge 3 x rank 64 -> rank 64
@@ -167,7 +169,7 @@ def main() -> None:
                             lambda k: [(a.modules[k], w, i) for i, (a, w) in enumerate(zip(inputs, weights))],
                             dense_keys, 64, keys_by_shape)
         rows.append((merge_cmp, read_t, compute_t, write_t, 20))
-        del inputs, result
+        inputs = result = None
         gc.collect()
 
         print()

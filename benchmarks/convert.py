@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import loralib
 from loralib.base_model import full_size_layers
 from loralib.formats import convert
-from loralib.synthetic import random_adapter, select_layers
+from loralib.layers import select_layers
+from loralib.synthetic import random_adapter
 
 
 def timed(fn, output: Path) -> float:
@@ -49,7 +51,7 @@ def main() -> None:
         layers = select_layers(full_size_layers("sdxl"), attention=True, feed_forward=True, projections=True)
         adapter = random_adapter(layers, rank=args.rank, alpha=args.rank / 2, architecture="sdxl", dtype=torch.float16)
         source = work / "sdxl_r32.safetensors"
-        adapter.save(source)
+        loralib.save(adapter, source)
         size = source.stat().st_size
         del adapter
         print(f"SDXL-shaped kohya LoRA: {len(layers)} modules, rank {args.rank}, fp16, {size / 2**20:.1f} MiB")

@@ -6,49 +6,38 @@ a model, and building full-size module tables on the ``meta`` device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from .layers import LayerShape
 from .naming import TE_ROOT, internal_key
 
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The weight shape of an adaptable layer."""
-
-    out_features: int
-    in_features: int
-    kernel_size: tuple[int, int] | None  # None for Linear
-
-    @property
-    def is_conv(self) -> bool:
-        """True for a Conv2d layer."""
-        return self.kernel_size is not None
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)  # what LyCORIS' norm modules (and ComfyUI's 1-D .diff) change
 
 
-def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear and Conv2d layer of one component, keyed by internal key.
+def adaptable_layers(component: str, model: nn.Module, *, norms: bool = False) -> dict[str, nn.Module]:
+    """Every Linear and Conv2d layer of one component (and LayerNorm/GroupNorm with ``norms``), by internal key.
 
     Text encoders' embeddings are not LoRA targets and are left out.
     """
+    kinds = (nn.Linear, nn.Conv2d, *NORM_LAYERS) if norms else (nn.Linear, nn.Conv2d)
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, kinds):
             layers[internal_key(component, name)] = module
     return layers
 
 
-def pipeline_layers(pipe) -> dict[str, nn.Module]:
-    """Every adaptable layer of a diffusers pipeline's UNet and text encoders."""
+def pipeline_layers(pipe, *, norms: bool = False) -> dict[str, nn.Module]:
+    """Every adaptable layer of a diffusers pipeline's UNet and text encoders (norm layers too with ``norms``)."""
     layers = {}
     for component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
         model = getattr(pipe, component, None)
         if model is not None:
-            layers.update(adaptable_layers(component, model))
+            layers.update(adaptable_layers(component, model, norms=norms))
     return layers
 
 
@@ -59,7 +48,7 @@ def layer_shape(module: nn.Module) -> LayerShape:
     return LayerShape(module.out_features, module.in_features, None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def text_model_prefix(component: str) -> str:
     """``"text_model."`` if the installed transformers nests this text encoder's layers under
     ``.text_model`` (CLIPTextModelWithProjection always; CLIPTextModel before transformers 5), else ``""``.

@@ -19,7 +19,6 @@ from .files import is_pickle
 from .hub_ids import is_repo_ref, parse_repo_ref
 
 
-
 @dataclass
 class BaseModel:
     """The parts of a Stable Diffusion pipeline that training and generation use."""
@@ -130,7 +129,7 @@ def _load_single_file(path: Path, dtype):
         raise InputNotFoundError(
             f"could not load the single-file checkpoint {path.name}: diffusers needs the model's configuration "
             f"from the Hugging Face Hub{' and HF_HUB_OFFLINE is set' if offline else ''} ({type(exc).__name__})",
-            "Run once with network access so the configuration is cached, or use a diffusers folder") from None
+            "Run once with network access so the configuration is cached, or use a diffusers folder") from exc
 
 
 def _load_hub(reference: str, dtype):
@@ -148,12 +147,46 @@ def _load_hub(reference: str, dtype):
             if offline else f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         raise InputNotFoundError(f"cannot load the base model {reference} from the Hub: {reason}",
                                  "Connect to the network, or give a local diffusers folder or .safetensors file "
-                                 "(lorareg tiny-model builds a tiny one offline)") from None
+                                 "(lorareg tiny-model builds a tiny one offline)") from exc
     cls = _pipeline_class(index) if "unet" in index else DiffusionPipeline
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     return _from_pipeline(reference, cls.from_pretrained(repo_id, revision=revision, **kwargs))
+
+
+def check_base_model(reference: str | Path) -> None:
+    """Check a base model reference without loading anything (and without torch), so a mistake is
+    reported before the seconds that loading torch and diffusers take.
+
+    A local folder must be a diffusers folder, a local file a ``.safetensors`` checkpoint; a Hub id
+    is accepted, except with ``HF_HUB_OFFLINE`` set when it is not in the Hugging Face cache.
+    """
+    text = str(reference)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise InvalidArgumentError(f"{path} is not a diffusers model folder (it has no model_index.json)",
+                                       "Give a diffusers folder, a single-file .safetensors checkpoint or a Hub id")
+        return
+    if path.is_file():
+        if is_pickle(path):
+            raise UnsafeFileError(f"{path.name} is a pickle checkpoint; loading it would run code stored in it",
+                                  "Use the .safetensors version of the model")
+        return
+    if not is_repo_ref(text) or text.startswith((".", "/", "~")):
+        raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",
+                                 "Check base_model (--base)")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, revision = parse_repo_ref(text)
+        if not isinstance(try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str):
+            raise InputNotFoundError(
+                f"cannot load the base model {text} from the Hub: there is no network access (HF_HUB_OFFLINE is set) "
+                "and it is not in the Hugging Face cache",
+                "Connect to the network, or give a local diffusers folder or .safetensors file "
+                "(lorareg tiny-model builds a tiny one offline)")
 
 
 def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
@@ -176,7 +209,7 @@ def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
     except Exception as exc:
         raise InvalidArgumentError(f"could not load the base model {text}: {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                                   "Check that it is a complete Stable Diffusion model") from None
+                                   "Check that it is a complete Stable Diffusion model") from exc
     if is_repo_ref(text) and not text.startswith((".", "/", "~")):
         return _load_hub(text, dtype)
     raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",

@@ -5,38 +5,14 @@ Factors have a decaying spectrum (like trained LoRAs), so rank reduction has som
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
 from .adapter import LoraAdapter, LoraModule
-from .base_model import LayerShape
+from .layers import LayerShape, select_layers
 
-ATTENTION = re.compile(r"\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q|k|v|out)_proj)$")
-FEED_FORWARD = re.compile(r"\.(ff\.net\.(0\.proj|2)|mlp\.fc[12])$")
-PROJECTION = re.compile(r"\.(proj_in|proj_out)$")
-
-
-def select_layers(layers: Mapping[str, LayerShape], *, attention: bool = True, feed_forward: bool = True,
-                  projections: bool = True, conv: bool = False, other_linear: bool = False) -> dict[str, LayerShape]:
-    """Pick the layers a LoRA would target: attention, feed-forward, projections, optionally conv (LoCon)."""
-    chosen = {}
-    for key, shape in layers.items():
-        if shape.is_conv:
-            take = conv
-        elif ATTENTION.search(key):
-            take = attention
-        elif FEED_FORWARD.search(key):
-            take = feed_forward
-        elif PROJECTION.search(key):
-            take = projections
-        else:
-            take = other_linear
-        if take:
-            chosen[key] = shape
-    return chosen
-
+__all__ = ["random_adapter", "random_module", "select_layers"]
 
 def random_module(shape: LayerShape, rank: int, alpha: float, *, decay: float = 0.8, mid: bool = False,
                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoraModule:
@@ -60,7 +36,7 @@ def random_module(shape: LayerShape, rank: int, alpha: float, *, decay: float = 
 def random_adapter(layers: Mapping[str, LayerShape], rank: int = 4, alpha: float | None = None, *, seed: int = 0,
                    architecture: str = "unknown", mid: bool = False, dtype: torch.dtype = torch.float32,
                    conv_rank: int | None = None) -> LoraAdapter:
-    """A random adapter over ``layers`` (see :func:`select_layers`); alpha defaults to rank / 2."""
+    """A random adapter over ``layers`` (see :func:`loralib.layers.select_layers`); alpha defaults to rank / 2."""
     generator = torch.Generator().manual_seed(seed)
     modules = {}
     for key, shape in layers.items():

@@ -47,8 +47,13 @@ def _vae():
 def build_tiny_pipeline(architecture: str = "sd1", seed: int = 0):
     """A tiny random pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``)."""
     import torch
-    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if architecture not in TINY_ARCHITECTURES:

@@ -2,22 +2,27 @@
 
 Parents come from two places. A lorareg command that writes an adapter records its operation
 (inputs with weights, parameters) when it registers the output. And loralib appends every
-operation to the ``lorareg.history`` list in the file's own metadata, with each input's tensor
-hash, so a file made elsewhere and only scanned later still names its parents. Parents are
-matched by tensor hash: a parent in the catalog is followed through its own entry; one that is
-not is followed through the history the child file carries (its metadata came from its first
-input, so the records before the last describe that input).
+operation to the ``lorareg.history`` list in the file's own metadata, with each input's identity
+(its content as stored) and tensor hash, so a file made elsewhere and only scanned later still
+names its parents. Parents are matched by identity; inputs of older histories, which record only
+the tensor hash, by tensor hash, the ambiguity between the same tensors under other key names
+resolved by the recorded format and file name (:meth:`Catalog.parent_entry`). A conversion is
+thus a "converted from" edge between two entries. A parent in the catalog is followed through its
+own entry; one that is not is followed through the history the child file carries (its metadata
+came from its first input, so the records before the last describe that input).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loralib.errors import LoraError
+from loralib.errors import InvalidArgumentError, LoraError
 from loralib.inspection import format_number
 from loralib.metadata import history
+from loralib.records import RECORD_KEYS, InputRecord, OperationRecord
 
 from .records import ParentRecord
 
@@ -26,76 +31,94 @@ if TYPE_CHECKING:
     from .describe import FileFacts
     from .records import Entry
 
-INPUT_KEYS = ("file", "path", "format", "tensor_sha256", "sha256", "weight")
 # Keys of an operation record that are not its parameters.
-NOT_PARAMS = {"operation", "inputs", "tool", "date", "ranks", "alphas", "weights"}
+NOT_PARAMS = {*RECORD_KEYS, "weights"}
 
 
-def _input(record: dict) -> dict:
-    """An input record with JSON-safe values and the weight as a float."""
-    out = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in record.items()}
-    if out.get("weight") is not None:
-        out["weight"] = float(out["weight"])
-    return out
-
-
-def history_parents(metadata: dict[str, str]) -> list[dict]:
+def history_parents(metadata: dict[str, str]) -> list[InputRecord]:
     """The inputs of the last operation in a file's ``lorareg.history`` (empty if it has none)."""
     records = history(metadata)
-    if not records or not isinstance(records[-1], dict):
-        return []
-    return [_input(i) for i in records[-1].get("inputs", []) if isinstance(i, dict)]
+    last = OperationRecord.from_dict(records[-1]) if records and isinstance(records[-1], dict) else None
+    return last.inputs if last is not None else []
 
 
-def _describe_input(catalog: Catalog, item: Any) -> dict:
-    """An input given as a path: its catalog entry or its own hashes (a non-adapter input keeps only its path)."""
+def as_record(operation: OperationRecord | Mapping[str, Any]) -> tuple[OperationRecord, list[Any]]:
+    """An operation as a typed record, and the sample images it names.
+
+    Besides an :class:`~loralib.records.OperationRecord`, callers may pass the plain form: a
+    mapping with ``"operation"``, ``"inputs"`` (input records, or paths of inputs to identify),
+    an optional ``"weights"`` list, an optional ``"samples"`` list, and the parameters.
+    """
+    if isinstance(operation, OperationRecord):
+        return operation, []
+    data = dict(operation)
+    samples = list(data.pop("samples", None) or [])
+    weights = data.pop("weights", None)
+    items = data.pop("inputs", None) or []
+    record = OperationRecord.from_dict({**data, "inputs": []})
+    if record is None:
+        raise InvalidArgumentError("an operation record needs an \"operation\" name")
+    for item in items:
+        if isinstance(item, Mapping):
+            record.inputs.append(InputRecord.from_dict(item))
+        elif isinstance(item, (str, os.PathLike)):
+            record.inputs.append(InputRecord(file=os.path.basename(os.fspath(item)), path=os.fspath(item)))
+    for item, weight in zip(record.inputs, weights if isinstance(weights, (list, tuple)) else []):
+        if item.weight is None and weight is not None:
+            item.weight = float(weight)
+    return record, samples
+
+
+def _identify_input(catalog: Catalog, item: InputRecord) -> None:
+    """Fill in an input's hashes and format from its path: through its catalog entry, or by
+    reading it (an input that is not an adapter, a dataset folder or a base model, keeps its path)."""
     from .describe import absolute, describe
 
-    path = absolute(item)
-    record: dict[str, Any] = {"file": path.name, "path": str(path)}
+    if item.path is None or item.identity is not None:
+        return
+    path = absolute(item.path)
+    item.path, item.file = str(path), item.file or path.name
     if not path.exists():
-        return record
+        return
     entry = catalog.by_path(path)
     if entry is not None:
-        record.update(tensor_sha256=entry.tensor_sha256, sha256=entry.sha256, format=entry.format)
-        return record
+        item.identity, item.tensor_sha256 = entry.identity, entry.tensor_sha256
+        item.sha256, item.format = entry.sha256, item.format or entry.format
+        return
     try:
-        facts = describe(path)
+        facts = describe(path, fingerprint=False)
     except LoraError:  # a dataset folder or a base model: named, not hashed
-        return record
-    record.update(tensor_sha256=facts.tensor_sha256, sha256=facts.hashes.get("sha256"), format=facts.report.format)
-    return record
+        return
+    item.identity, item.tensor_sha256, item.sha256 = facts.identity, facts.tensor_sha256, facts.hashes.get("sha256")
+    item.format = item.format or facts.report.format
 
 
-def history_record(metadata: dict[str, str], operation: str | None) -> dict:
-    """The last record of a file's history when it is for ``operation`` (empty otherwise)."""
+def history_record(metadata: dict[str, str], operation: str | None) -> OperationRecord | None:
+    """The last record of a file's history when it is for ``operation`` (None otherwise)."""
     records = history(metadata)
-    last = records[-1] if records and isinstance(records[-1], dict) else {}
-    return last if last.get("operation") == operation else {}
+    last = OperationRecord.from_dict(records[-1]) if records and isinstance(records[-1], dict) else None
+    return last if last is not None and last.operation == operation else None
 
 
-def parent_records(catalog: Catalog, operation: dict, facts: FileFacts) -> list[dict]:
+def parent_records(catalog: Catalog, operation: OperationRecord, facts: FileFacts) -> list[InputRecord]:
     """The parents of a freshly written adapter, from the operation a command passed and the file's history.
 
-    Inputs given as paths are identified through the catalog or by hashing them; an optional
-    ``"weights"`` list fills in weights; hashes the file's own last history record holds for
-    the same operation fill in what is still missing.
+    Inputs known only by path are identified through the catalog or by reading them; what the
+    file's own last history record says about the same operation fills in what is still missing.
     """
-    inputs = operation.get("inputs") or []
-    weights = operation.get("weights") if isinstance(operation.get("weights"), (list, tuple)) else []
-    last = history_record(facts.metadata, operation.get("operation"))
-    from_file = [i for i in last.get("inputs", []) if isinstance(i, dict)]
+    written = history_record(facts.metadata, operation.operation)
+    from_file = written.inputs if written is not None else []
+    if not operation.inputs:
+        return from_file
     parents = []
-    for i, item in enumerate(inputs):
-        record = _input(item) if isinstance(item, dict) else _describe_input(catalog, item)
-        if record.get("weight") is None and i < len(weights) and weights[i] is not None:
-            record["weight"] = float(weights[i])
+    for i, item in enumerate(operation.completed().inputs):
+        _identify_input(catalog, item)
         if i < len(from_file):
-            for key, value in _input(from_file[i]).items():
-                if record.get(key) is None:
-                    record[key] = value
-        parents.append(record)
-    return parents if inputs else [_input(i) for i in from_file]
+            for key in ("file", "format", "identity", "tensor_sha256", "sha256", "weight", "role"):
+                if getattr(item, key) is None:
+                    setattr(item, key, getattr(from_file[i], key))
+        parents.append(item)
+    return parents
 
 
 @dataclass
@@ -104,6 +127,7 @@ class LineageNode:
 
     label: str
     name: str | None = None
+    identity: str | None = None
     tensor_sha256: str | None = None
     file: str | None = None
     format: str | None = None
@@ -135,7 +159,7 @@ def _from_entry(catalog: Catalog, entry: Entry, weight: float | None, seen: froz
         entry = catalog.by_id(entry.id) or entry
     records = [r for r in history(entry.metadata) if isinstance(r, dict)]
     made_by = entry.operation or (records[-1] if records else None)
-    node = LineageNode(label=entry.name, name=entry.name, tensor_sha256=entry.tensor_sha256,
+    node = LineageNode(label=entry.name, name=entry.name, identity=entry.identity, tensor_sha256=entry.tensor_sha256,
                        file=os.path.basename(entry.source_file) if entry.source_file else None, format=entry.format,
                        weight=weight, operation=(made_by or {}).get("operation"), params=_params(made_by),
                        in_catalog=True)
@@ -147,26 +171,27 @@ def _from_entry(catalog: Catalog, entry: Entry, weight: float | None, seen: froz
     carried = records[:-1] if records and made_by and records[-1].get("operation") == made_by.get("operation") else []
     for parent in catalog.parents(entry):
         node.parents.append(_from_parent(catalog, parent, carried if parent.position == 0 else [],
-                                         seen | {entry.id}, depth - 1))
+                                         seen | {entry.id}, depth - 1, entry.id))
     return node
 
 
-def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], seen: frozenset, depth: int) -> LineageNode:
-    found = catalog.by_tensor_hash(parent.tensor_sha256) if parent.tensor_sha256 else None
+def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], seen: frozenset, depth: int,
+                 child_id: int | None) -> LineageNode:
+    found = catalog.parent_entry(parent, child_id=child_id)
     if found is not None:
         return _from_entry(catalog, found, parent.weight, seen, depth)
     label = parent.file or (parent.tensor_sha256[:12] if parent.tensor_sha256 else "unknown input")
-    node = LineageNode(label=label, tensor_sha256=parent.tensor_sha256, file=parent.file, format=parent.format,
-                       weight=parent.weight)
+    node = LineageNode(label=label, identity=parent.identity, tensor_sha256=parent.tensor_sha256, file=parent.file,
+                       format=parent.format, weight=parent.weight)
     if not carried or depth <= 0:
         return node
     made_by = carried[-1]
     node.operation, node.params, node.from_history = made_by.get("operation"), _params(made_by), True
-    inputs = [_input(i) for i in made_by.get("inputs", []) if isinstance(i, dict)]
+    inputs = (OperationRecord.from_dict(made_by) or OperationRecord("")).inputs
     for i, record in enumerate(inputs):
-        grand = ParentRecord(i, record.get("tensor_sha256"), record.get("sha256"), record.get("file"),
-                             record.get("path"), record.get("format"), record.get("weight"))
-        node.parents.append(_from_parent(catalog, grand, carried[:-1] if i == 0 else [], seen, depth - 1))
+        grand = ParentRecord(i, record.tensor_sha256, record.sha256, record.file, record.path, record.format,
+                             record.weight, identity=record.identity)
+        node.parents.append(_from_parent(catalog, grand, carried[:-1] if i == 0 else [], seen, depth - 1, None))
     return node
 
 

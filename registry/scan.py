@@ -18,10 +18,10 @@ from pathlib import Path
 
 from loralib.errors import CorruptFileError, InputNotFoundError, LoraError, NotALoraError, UnsafeFileError
 from loralib.files import PICKLE_SUFFIXES, is_pickle
+from loralib.formats.layout import adapter_root, main_file
 
 from .catalog import Catalog
-from .describe import FileFacts, absolute, adapter_root, describe, main_file
-from .schema import now, write
+from .describe import FileFacts, absolute, describe
 
 Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
@@ -107,7 +107,7 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     report = ScanReport(str(root))
     files = _candidates(root, recursive, report.pickles)
     report.found = len(files)
-    known = _known_files(catalog, root)
+    known = catalog.files_under(root)
     to_read = [(path, stat) for path, stat in _stats(files)
                if not _unchanged(path, known.pop(str(path), None), stat, report)]
     done = len(files) - len(to_read)
@@ -122,28 +122,15 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
                 progress(done, len(files))
         batch.flush()
         _mark_missing(catalog, known, report, root, recursive)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         report.interrupted = True
         try:
             batch.flush()
         finally:
             report.seconds = time.perf_counter() - start
-        raise ScanInterrupted(report) from None
+        raise ScanInterrupted(report) from exc
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _known_files(catalog: Catalog, root: Path) -> dict[str, tuple]:
-    """What the catalog recorded for files under ``root``: path -> (size, mtime_ns, state).
-
-    The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``.
-    """
-    prefix = str(root).rstrip(os.sep) + os.sep
-    rows = catalog.conn.execute(
-        "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' ELSE f.state END "
-        "FROM files f LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.path >= ? AND f.path < ?",
-        (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
-    return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
 
 def _stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
@@ -155,8 +142,8 @@ def _stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
 
 
 def _unchanged(path: Path, known: tuple | None, stat: os.stat_result, report: ScanReport) -> bool:
-    """True (and counted) when the catalog saw this file with the same size and mtime."""
-    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] == "missing":
+    """True (and counted) when the catalog saw this file with the same size and mtime (and has its fingerprint)."""
+    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] in ("missing", "stale"):
         return False
     report.unchanged += 1
     if known[2] in ("not-lora", "damaged"):
@@ -202,7 +189,7 @@ class _Batch:
     def flush(self) -> None:
         """Commit the queued files in one transaction."""
         if self.facts or self.problems:
-            with write(self.catalog.conn):
+            with self.catalog.transaction():
                 for path, stat, state, problem in self.problems:
                     self.catalog.record_file(str(path), state=state, problem=problem, size=stat.st_size,
                                              mtime_ns=stat.st_mtime_ns)
@@ -224,7 +211,5 @@ def _mark_missing(catalog: Catalog, known: dict[str, tuple], report: ScanReport,
             if state != "missing" and (recursive or Path(p).parent == root) and not os.path.exists(p)]
     if not gone:
         return
-    with write(catalog.conn):
-        for path in gone:
-            catalog.conn.execute("UPDATE files SET state = 'missing', seen_at = ? WHERE path = ?", (now(), path))
+    catalog.mark_missing(gone)
     report.missing.extend(gone)

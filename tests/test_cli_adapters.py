@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import loralib
-from lorareg.cli.main import COMMANDS
 from loralib.base_model import layer_shape, pipeline_layers
 from loralib.tiny_models import build_tiny_pipeline
+from lorareg.cli.main import COMMANDS
 from tests.conftest import ROOT
 from tests.helpers.adapters import assert_same_factors, varied_adapter
 
@@ -46,7 +46,7 @@ def kohya_file(tmp_path_factory):
     layers = {k: layer_shape(m) for k, m in pipeline_layers(build_tiny_pipeline("sd1")).items()}
     adapter = varied_adapter(layers, architecture="sd1")
     path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
-    adapter.save(path)
+    loralib.save(adapter, path)
     return path
 
 

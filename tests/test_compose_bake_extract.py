@@ -12,8 +12,9 @@ from loralib.compose import bake, extract
 from loralib.compose.model_weights import ModelWeights
 from loralib.errors import InvalidArgumentError, MismatchError, NotALoraError, OutputExistsError
 from loralib.files.header import read_header
+from loralib.layers import select_layers
 from loralib.metadata import history
-from loralib.synthetic import random_adapter, select_layers
+from loralib.synthetic import random_adapter
 from tests.helpers.compose_cases import relative, single_file_checkpoint
 
 SUBSET = ("unet.down_blocks.0.", "unet.mid_block.", "unet.up_blocks.1.attentions.0.",
@@ -34,8 +35,11 @@ def _weights(model_path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(tiny_sdxl, tmp_path_factory):
     """The tiny SDXL pipeline as one original-layout checkpoint, checked against diffusers' converters."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from safetensors.torch import load_file
     from transformers import CLIPTextModelWithProjection
 
@@ -61,7 +65,7 @@ def test_bake_folder_matches_diffusers_fuse(tiny_sd1, tmp_path):
     layers = _layers(tiny_sd1, conv=True)
     a = random_adapter(layers, 4, 2.0, seed=1, architecture="sd1")
     b = random_adapter(layers, 6, 6.0, seed=2, architecture="sd1", conv_rank=2)
-    paths = [a.save(tmp_path / "a.safetensors").path, b.save(tmp_path / "b.safetensors").path]
+    paths = [loralib.save(a, tmp_path / "a.safetensors").path, loralib.save(b, tmp_path / "b.safetensors").path]
     weights = [0.8, -0.4]
     result = bake(tiny_sd1, list(zip(paths, weights)), tmp_path / "baked")
     assert result.kind == "diffusers" and result.modules == len(layers) and result.layers == len(layers)
@@ -129,7 +133,7 @@ def test_bake_refuses_before_writing(tiny_sd1, tiny_sdxl, sdxl_checkpoint, tmp_p
         bake(tiny_sdxl, [(sdxl_lora, 1.0)], tmp_path / "x.safetensors")
     with pytest.raises(InvalidArgumentError, match=r"\.safetensors file"):
         bake(sdxl_checkpoint, [(sdxl_lora, 1.0)], tmp_path / "folder_out")
-    lora_file = sdxl_lora.save(tmp_path / "l.safetensors").path
+    lora_file = loralib.save(sdxl_lora, tmp_path / "l.safetensors").path
     with pytest.raises(NotALoraError, match="LoRA adapter, not a base model"):
         bake(lora_file, [(sdxl_lora, 1.0)], tmp_path / "y.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "l.safetensors"]
@@ -178,7 +182,7 @@ def test_extract_refuses_mismatched_or_identical_models(tiny_sd1, tiny_sdxl):
 
 def test_cli_bake_and_extract(lorareg, tiny_sd1, tmp_path):
     layers = _layers(tiny_sd1)
-    lora = random_adapter(layers, 2, 32.0, seed=7, architecture="sd1").save(tmp_path / "l.safetensors").path
+    lora = loralib.save(random_adapter(layers, 2, 32.0, seed=7, architecture="sd1"), tmp_path / "l.safetensors").path
     res = lorareg("bake", tiny_sd1, f"{lora}:0.5", "-o", tmp_path / "baked", "--json")
     assert res.code == 0, res.err
     data = json.loads(res.out)

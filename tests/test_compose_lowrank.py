@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralib.compose.lowrank import (balance, concatenate, dense_svd, frobenius_inner, norm_ratio, product_svd,
-                                     relative_distance)
+from loralib.compose.lowrank import (
+    balance,
+    concatenate,
+    dense_svd,
+    frobenius_inner,
+    norm_ratio,
+    product_svd,
+    relative_distance,
+)
 from loralib.compose.rank_rules import RankRule, parse_dynamic, rank_rule
 from loralib.errors import InvalidArgumentError
-
 from tests.helpers.compose_cases import optimal_error
 
 
@@ -153,3 +159,18 @@ def test_fixed_rule_and_argument_errors():
                    {"dynamic": "sv_fro"}, {"dynamic": "sv_fro:0.9", "max_rank": 0}):
         with pytest.raises(InvalidArgumentError):
             rank_rule(**kwargs)
+
+
+def test_map_modules_on_several_threads_gives_the_sequential_results_in_order():
+    """The suite runs torch single-threaded, so the thread pool is exercised here explicitly."""
+    import torch
+
+    from loralib.compose.parallel import map_modules
+
+    matrices = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(9)]
+    seen = []
+    parallel = map_modules(lambda m: torch.linalg.svdvals(m), matrices, lambda done, total: seen.append((done, total)),
+                           workers=3)
+    for result, matrix in zip(parallel, matrices):
+        assert torch.equal(result, torch.linalg.svdvals(matrix))
+    assert seen[-1] == (9, 9) and [d for d, _ in seen] == sorted(d for d, _ in seen)

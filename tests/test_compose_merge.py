@@ -15,11 +15,18 @@ from loralib.compose.model_weights import ModelWeights
 from loralib.compose.ties_dare import module_seed, task_vectors, ties
 from loralib.errors import InvalidArgumentError, MismatchError, UnsupportedFormatError
 from loralib.files.header import read_header
+from loralib.layers import select_layers
 from loralib.metadata import history
-from loralib.synthetic import select_layers
 from tests.helpers.adapters import varied_adapter
-from tests.helpers.compose_cases import (MEDIUM_LAYERS, SMALL_LAYERS, adapter, dense, optimal_error, relative,
-                                         weighted_sum)
+from tests.helpers.compose_cases import (
+    MEDIUM_LAYERS,
+    SMALL_LAYERS,
+    adapter,
+    dense,
+    optimal_error,
+    relative,
+    weighted_sum,
+)
 
 SD15 = ["sd15_diffusers-attnprocs_noprefix_f32", "sd15_diffusers-lora-down_unet-prefix_f32", "sd15_cloneofsimo_r4_f16"]
 CONV = "unet.down_blocks.0.resnets.0.conv1"
@@ -75,7 +82,7 @@ def test_merge_with_rank_is_the_best_approximation(case, rank):
 def test_merge_output_keeps_the_inputs_dtype_and_records_its_operation(tmp_path):
     a = adapter(SMALL_LAYERS, 4, 2.0, seed=1, dtype=torch.float16)
     b = adapter(SMALL_LAYERS, 4, 4.0, seed=2, dtype=torch.float16)
-    a_path, b_path = a.save(tmp_path / "a.safetensors").path, b.save(tmp_path / "b.safetensors").path
+    a_path, b_path = loralib.save(a, tmp_path / "a.safetensors").path, loralib.save(b, tmp_path / "b.safetensors").path
     result = merge([(a_path, 0.5), (b_path, 0.25)], rank=4)
     assert result.adapter.dtype == torch.float16
     saved = result.save(tmp_path / "m.safetensors")
@@ -210,8 +217,9 @@ def test_argument_and_input_errors(real_loras):
     wide = adapter({TE: SMALL_LAYERS[CONV]}, 4, 4.0, seed=2)
     with pytest.raises(MismatchError, match="shape"):
         merge([(a, 1.0), (wide, 1.0)])
-    with pytest.raises(UnsupportedFormatError, match="LoKr"):
-        merge([(real_loras / f"{SD15[0]}.safetensors", 1.0), (real_loras / "sd1_lycoris-lokr_f16.safetensors", 1.0)])
+    with pytest.raises(UnsupportedFormatError, match="linear method sums LoRA factors.*lokr"):
+        merge([(real_loras / f"{SD15[0]}.safetensors", 1.0), (real_loras / "sd1_lycoris-lokr_f16.safetensors", 1.0)],
+              method="linear")
 
 
 def test_real_sd15_files_merge_exactly(real_loras, tmp_path):
@@ -267,7 +275,8 @@ def test_merged_file_fuses_like_diffusers_set_adapters(tiny_sdxl, tmp_path):
     a = varied_adapter(layers, architecture=arch, seed=1, rank=4, conv_rank=2)
     b = varied_adapter(layers, architecture=arch, seed=2, rank=6, conv_rank=3)
     # inputs in diffusers' own format: diffusers misreads kohya files whose alphas vary per module
-    paths = [a.save(tmp_path / "a.safetensors", "diffusers").path, b.save(tmp_path / "b.safetensors", "diffusers").path]
+    paths = [loralib.save(a, tmp_path / "a.safetensors", "diffusers").path,
+             loralib.save(b, tmp_path / "b.safetensors", "diffusers").path]
     weights = [0.7, -0.3]
     merged = merge(list(zip(paths, weights))).save(tmp_path / "merged.safetensors").path
 
@@ -297,8 +306,8 @@ def test_merged_file_fuses_like_diffusers_set_adapters(tiny_sdxl, tmp_path):
 
 @pytest.fixture
 def two_files(tmp_path):
-    a = adapter(SMALL_LAYERS, 4, 2.0, seed=1).save(tmp_path / "a.safetensors").path
-    b = adapter(SMALL_LAYERS, 6, 3.0, seed=2).save(tmp_path / "b.safetensors").path
+    a = loralib.save(adapter(SMALL_LAYERS, 4, 2.0, seed=1), tmp_path / "a.safetensors").path
+    b = loralib.save(adapter(SMALL_LAYERS, 6, 3.0, seed=2), tmp_path / "b.safetensors").path
     return a, b
 
 
@@ -355,6 +364,6 @@ def test_cli_refuses_without_writing(lorareg, two_files, tmp_path, real_loras):
     assert res.code == 1 and "cannot be combined" in res.err and not cross.exists()
     res = lorareg("merge", f"{a}:0.5", f"{b}:0.5", "--method", "ties", "-o", cross)
     assert res.code == 1 and "needs a density" in res.err and not cross.exists()
-    res = lorareg("merge", real_loras / "sd1_lycoris-lokr_f16.safetensors", a, "-o", cross)
-    assert res.code == 1 and "LoKr" in res.err and not cross.exists()
+    res = lorareg("merge", real_loras / "sd1_lycoris-lokr_f16.safetensors", a, "--method", "linear", "-o", cross)
+    assert res.code == 1 and "lokr" in res.err and not cross.exists()
     assert list(tmp_path.glob("*.partial")) == []

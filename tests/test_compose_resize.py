@@ -13,8 +13,15 @@ from loralib.compose import resize
 from loralib.errors import InvalidArgumentError
 from loralib.files.header import read_header
 from loralib.metadata import history
-from tests.helpers.compose_cases import (MEDIUM_LAYERS, SMALL_LAYERS, adapter, dense, optimal_error, relative,
-                                         with_spectrum)
+from tests.helpers.compose_cases import (
+    MEDIUM_LAYERS,
+    SMALL_LAYERS,
+    adapter,
+    dense,
+    optimal_error,
+    relative,
+    with_spectrum,
+)
 
 CONV = "unet.down_blocks.0.resnets.0.conv1"
 
@@ -97,7 +104,7 @@ def test_resize_argument_errors():
 
 
 def test_cli_resize(lorareg, tmp_path):
-    source = adapter(SMALL_LAYERS, 8, 4.0, seed=4).save(tmp_path / "big.safetensors").path
+    source = loralib.save(adapter(SMALL_LAYERS, 8, 4.0, seed=4), tmp_path / "big.safetensors").path
     out = tmp_path / "small.safetensors"
     res = lorareg("resize", source, "--rank", "3", "-o", out)
     assert res.code == 0, res.err

@@ -143,11 +143,11 @@ def test_new_keys_reject_non_finite_and_absurd_values():
 
 def test_feature_combinations_are_checked_together():
     with pytest.raises(ConfigError) as caught:
-        load_config(None, {"network_type": "dora", "fused_backward_pass": True, "optimizer": "prodigy",
-                           "gradient_accumulation_steps": 2, "mask_dir": "masks", "validation_split": 0.2,
+        load_config(None, {"network_type": "dora", "output_format": "diffusers", "fused_backward_pass": True,
+                           "optimizer": "prodigy", "gradient_accumulation_steps": 2, "mask_dir": "masks", "validation_split": 0.2,
                            "validation_dir": "val", "conv_block_dims": ",".join(["2"] * 25)})
     problems = caught.value.problems
-    for expected in ('network.network_type = "dora" is saved as a PEFT folder: set output_format = "peft"',
+    for expected in ('output.output_format = "diffusers" cannot hold DoRA: set output_format = "kohya"',
                      "training.fused_backward_pass works with adafactor, adamw, adam, sgd, not prodigy",
                      "training.fused_backward_pass needs gradient_accumulation_steps = 1",
                      "data.mask_dir is set but masked_loss is off", "set validation_split or validation_dir, not both",

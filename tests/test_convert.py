@@ -25,7 +25,7 @@ def tiny_layers():
 
 def _round_trip(adapter, tmp_path):
     """kohya -> PEFT -> diffusers -> kohya, through files, with the public convert()."""
-    adapter.save(tmp_path / "a.safetensors")
+    loralib.save(adapter, tmp_path / "a.safetensors")
     convert(tmp_path / "a.safetensors", tmp_path / "peft", "peft")
     convert(tmp_path / "peft", tmp_path / "d.safetensors", "diffusers")
     convert(tmp_path / "d.safetensors", tmp_path / "b.safetensors", "kohya")
@@ -58,7 +58,7 @@ def test_round_trip_full_size_every_module(tmp_path, arch):
 def test_cp_mid_is_kept_in_kohya_and_folded_elsewhere(tiny_layers, tmp_path):
     adapter = varied_adapter(tiny_layers["sd1"], architecture="sd1", mid=True)
     assert any(m.mid is not None for m in adapter.modules.values())
-    adapter.save(tmp_path / "k.safetensors")
+    loralib.save(adapter, tmp_path / "k.safetensors")
     assert_same_factors(adapter, loralib.load(tmp_path / "k.safetensors"))
     result = convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", "diffusers")
     assert any("lora_mid" in note for note in result.notes)
@@ -76,7 +76,7 @@ def test_fractional_alpha_survives_every_format(tiny_layers, tmp_path):
 
 def test_rslora_peft_config_is_read_with_its_own_scale(tiny_layers, tmp_path):
     adapter = varied_adapter(tiny_layers["sd1"], architecture="sd1", rank=4)
-    adapter.save(tmp_path / "p", "peft")
+    loralib.save(adapter, tmp_path / "p", "peft")
     config_path = tmp_path / "p" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config.update(use_rslora=True, alpha_pattern={}, lora_alpha=2.0)
@@ -113,9 +113,9 @@ def test_existing_output_is_kept_without_force(tiny_layers, tmp_path):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
     with pytest.raises(OutputExistsError, match="--force"):
-        adapter.save(out)
+        loralib.save(adapter, out)
     assert out.read_bytes() == b"precious"
-    adapter.save(out, force=True)
+    loralib.save(adapter, out, force=True)
     assert_same_factors(adapter, loralib.load(out))
 
 
@@ -130,7 +130,7 @@ def test_failed_write_leaves_nothing_behind(tiny_layers, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "tensor_bytes", broken)
     with pytest.raises(OSError):
-        adapter.save(out, force=True)
+        loralib.save(adapter, out, force=True)
     assert out.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 

@@ -16,8 +16,7 @@ from loralib.architectures import ARCHITECTURES
 from loralib.base_model import pipeline_layers
 from loralib.formats import convert
 from loralib.naming import internal_key
-from tests.helpers.diffusers_oracle import COMPONENTS, component_weights, load_with_diffusers
-from tests.helpers.diffusers_oracle import pipeline_class
+from tests.helpers.diffusers_oracle import COMPONENTS, component_weights, load_with_diffusers, pipeline_class
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj", "conv_shortcut"]

@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import loralib
 from loralib.base_model import layer_shape, pipeline_layers
 from loralib.files.hashes import hash_file
 from loralib.generation import AdapterUse, fuse_adapters, read_parameters
-from loralib.synthetic import random_adapter, select_layers
+from loralib.layers import select_layers
+from loralib.synthetic import random_adapter
 from tests.helpers.diffusers_oracle import pipeline_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
@@ -33,8 +35,17 @@ def adapters(tiny_sd1, tmp_path_factory):
     paths = []
     for name, seed, rank in (("pixel", 1, 4), ("other", 2, 2)):
         adapter = random_adapter(layers, rank, alpha=rank / 2, seed=seed, architecture="sd1")
-        paths.append(adapter.save(folder / f"{name}.safetensors").path)
+        paths.append(loralib.save(adapter, folder / f"{name}.safetensors").path)
     return paths
+
+
+def _folder_hash(folder) -> str:
+    """A1111's "Model hash" of a diffusers folder as docs/generation.md defines it, written out."""
+    import hashlib
+
+    listing = "".join(f"{f.relative_to(folder).as_posix()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n"
+                      for f in sorted(p for p in folder.rglob("*") if p.is_file()))
+    return hashlib.sha256(listing.encode()).hexdigest()[:10]
 
 
 def _pixels(path):
@@ -55,8 +66,17 @@ def test_pngs_carry_a1111_parameters_and_seeds_reproduce(tiny_sd1, adapters, tmp
     assert lines[1] == "Negative prompt: blurry, dark"
     fields = lines[2]
     for expected in ("Steps: 2", "Sampler: Euler a", "CFG scale: 7", "Seed: 7", "Size: 32x48",
+                     f"Model hash: {_folder_hash(tiny_sd1)}, Model: {tiny_sd1.name}",
                      f'Lora hashes: "pixel: {hash_file(pixel).a1111}, other: {hash_file(other).a1111}"'):
         assert expected in fields, (expected, fields)
+    # the images belong to both adapters in the catalog, each with its own weight
+    for name, weight in (("pixel", 0.8), ("other", -0.3)):
+        samples = json.loads(lorareg("show", name, "--json").out)["samples"]
+        assert [(s["path"], s["seed"], s["weight"], s["prompt"], s["negative_prompt"], s["source"]) for s in samples] == [
+            (str(first), 7, weight, "pxl style, a castle", "blurry, dark", "generate"),
+            (str(second), 8, weight, "pxl style, a castle", "blurry, dark", "generate")]
+        assert samples[0]["parameters"]["Steps"] == "2" and samples[0]["parameters"]["Sampler"] == "Euler a"
+    assert "seed 7, weight 0.8" in lorareg("show", "pixel").out
     with Image.open(second) as image:
         assert image.size == (32, 48)
         details = json.loads(image.text["lorareg"])
@@ -113,7 +133,7 @@ def test_catalog_names_work_as_adapter_references(tiny_sd1, adapters, tmp_path, 
 def test_an_adapter_for_another_architecture_is_refused(tiny_sd1, tiny_sdxl, tmp_path, lorareg):
     pipe = pipeline_class("sdxl").from_pretrained(tiny_sdxl)
     layers = select_layers({k: layer_shape(m) for k, m in pipeline_layers(pipe).items()}, feed_forward=False)
-    path = random_adapter(layers, 2, seed=3, architecture="sdxl").save(tmp_path / "xl.safetensors").path
+    path = loralib.save(random_adapter(layers, 2, seed=3, architecture="sdxl"), tmp_path / "xl.safetensors").path
     res = lorareg("generate", "x", "--base", tiny_sd1, "--lora", path, "--steps", "1", "-o", tmp_path / "out")
     assert res.code == 1
     assert "xl is an sdxl adapter and the base model is sd1" in res.err and "Traceback" not in res.err

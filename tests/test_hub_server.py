@@ -67,7 +67,7 @@ def _raw(hub: HubServer, method: str, path: str, body: bytes | None = None, head
     """Plain urllib request (bypasses the client's own validation); returns (status, headers, body)."""
     request = urllib.request.Request(hub.url + path, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
@@ -272,7 +272,7 @@ def test_commit_endpoint_rejects_lfs_and_stores_odd_names_verbatim(hub: HubServe
     assert status == 400 and "needs a string 'path'" in json.loads(body)["error"]
 
     lfs = {"key": "lfsFile", "value": {"path": "big.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 9}}
-    status, headers, body = _raw(hub, "POST", f"/api/models/{REPO}/commit/main", _ndjson(header, lfs), auth)
+    status, _headers, body = _raw(hub, "POST", f"/api/models/{REPO}/commit/main", _ndjson(header, lfs), auth)
     assert status == 400
     assert "only accepts regular" in json.loads(body)["error"]
 

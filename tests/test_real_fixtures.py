@@ -65,17 +65,19 @@ def test_textual_inversion_tokens_are_reported(real_loras, lorareg):
     assert "<s1>, <s2>" in res.out
 
 
-def test_lycoris_lokr_is_named_and_inspectable_but_not_converted(real_loras, lorareg, tmp_path):
+def test_lycoris_lokr_is_read_kept_as_lokr_and_refused_where_a_format_cannot_hold_it(real_loras, lorareg, tmp_path):
     path = real_loras / "sd1_lycoris-lokr_f16.safetensors"
     res = lorareg("inspect", path, "--json")
     assert res.code == 0
     report = json.loads(res.out)
     assert report["format"] == "lycoris-lokr" and report["format_title"] == "LyCORIS LoKr"
-    assert report["architecture"] == "sd1" and report["modules"] > 300
+    assert report["architecture"] == "sd1" and report["modules"] == 350 and report["kinds"] == {"lokr": 350}
     assert sum(k.startswith(("ss_", "sshs_")) for k in report["metadata"]) == 61
     res = lorareg("convert", path, "-o", tmp_path / "x.safetensors")
-    assert res.code == 1 and res.err.startswith("error: ") and "LyCORIS LoKr, not a plain LoRA" in res.err
-    assert "Traceback" not in res.err and not (tmp_path / "x.safetensors").exists()
+    assert res.code == 0 and loralib.load(tmp_path / "x.safetensors").kinds == {"lokr": 350}
+    res = lorareg("convert", path, "--to", "peft", "-o", tmp_path / "x_peft")
+    assert res.code == 1 and res.err.startswith("error: ") and "cannot hold the adapter's 350 LoKr" in res.err
+    assert "Traceback" not in res.err and not (tmp_path / "x_peft").exists()
 
 
 def test_flux_is_detected_from_keys_not_metadata(real_loras, lorareg, tmp_path):
@@ -92,7 +94,6 @@ def test_flux_is_detected_from_keys_not_metadata(real_loras, lorareg, tmp_path):
     ("BAD_sdxl_diffusers-attnprocs_truncated-data", CorruptFileError, "is truncated"),
     ("NOT-LORA_textual-inversion", NotALoraError, "not a LoRA adapter: it is a textual-inversion embedding"),
     ("flux_aitoolkit-peft-names_f16", UnsupportedFormatError, "Flux.1"),
-    ("sd1_lycoris-lokr_f16", UnsupportedFormatError, "LyCORIS LoKr"),
 ])
 def test_unloadable_files_raise_clear_errors(real_loras, stem, error, message):
     with pytest.raises(error, match=message):

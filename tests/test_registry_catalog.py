@@ -143,7 +143,7 @@ def test_list_filters_sorts_limits_and_prints_tables(lorareg, tmp_path):
     assert len(json.loads(lorareg("list", "--format", "kohya", "--arch", "sd1", "--json").out)) == 5
     limited = lorareg("list", "--limit", "2", "--json")
     assert len(json.loads(limited.out)) == 2 and "showing 2 of 5" in limited.err
-    assert [e["name"] for e in json.loads(lorareg("list", "--sort", "added", "--json").out)][0] == "lora4"
+    assert next(e["name"] for e in json.loads(lorareg("list", "--sort", "added", "--json").out)) == "lora4"
     table = lorareg("list").out.splitlines()
     assert table[0].split() == ["name", "arch", "format", "rank", "modules", "size", "tags", "A1111"]
     assert len(table) == 6 and table[1].split()[:5] == ["lora0", "sd1", "kohya", "1", "4"]
@@ -259,13 +259,16 @@ def test_a_version_1_catalog_is_migrated_with_its_data(tmp_path):
                   "VALUES ('old', 'ab', '[\"style\"]', ?, 'x', 'x')", (metadata,))
     conn.close()
     with Catalog(tmp_path) as catalog:
-        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == [1, 2]
+        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == list(
+            range(1, schema.SCHEMA_VERSION + 1))
+        assert catalog.get("old").identity == "tensor:ab"  # no file on disk: the documented placeholder
         assert catalog.conn.execute("SELECT keywords FROM adapters").fetchone()[0] == "dreamshaper_8.safetensors"
         assert [e.name for e in catalog.search("dreamshaper")[0]] == ["old"]
         assert [e.name for e in catalog.list(tag="style")] == ["old"]
         assert catalog.search("buckets")[1] == 0  # bulky JSON is no longer indexed
         catalog.tag("old", add=["new"])
         assert [e.name for e in catalog.list(tag="new")] == ["old"]
+        assert [e.name for e in catalog.list(sort="size")] == ["old"]  # version 3's sort indexes
 
 
 def test_a_damaged_catalog_file_gives_one_line(lorareg, tmp_path):
@@ -322,3 +325,49 @@ def test_catalog_commands_never_import_torch_diffusers_or_peft(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def test_database_errors_in_any_catalog_method_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    """No raw sqlite3 error leaves the Catalog: each becomes a CatalogError naming the database and what to do."""
+    with Catalog(tmp_path) as catalog:
+        for message, expected in (("attempt to write a readonly database", "is read-only"),
+                                  ("database or disk is full", "Free some space"),
+                                  ("database is locked", "locked by another lorareg"),
+                                  ("database disk image is malformed", "it is damaged")):
+            class Failing:
+                def execute(self, *args, message=message):
+                    raise (sqlite3.DatabaseError if "malformed" in message else sqlite3.OperationalError)(message)
+
+            monkeypatch.setattr(catalog, "conn", Failing())
+            with pytest.raises(CatalogError) as caught:
+                catalog.list()
+            text = str(caught.value)
+            assert expected in text and str(catalog.path) in text and "\n" not in text
+            assert isinstance(caught.value.__cause__, sqlite3.Error)
+            monkeypatch.undo()
+
+
+def test_a_read_only_catalog_gives_one_line(lorareg, tmp_path, monkeypatch):
+    """A catalog that cannot be written: reading works; a write says so in one line naming the file.
+
+    Tests run as root, which ignores file modes, so the connection is made read-only the way a
+    read-only file makes it (SQLite then refuses every write with the same error).
+    """
+    import lorareg.registry.catalog as catalog_module
+    from tests.helpers.small_loras import write_small_loras
+
+    home = tmp_path / "ro"
+    path = write_small_loras(tmp_path / "files", 1)[0]
+    assert lorareg("--home", home, "add", path, "--name", "one").code == 0
+    real = catalog_module.connect
+
+    def read_only(db):
+        connection = real(db)
+        connection.execute("PRAGMA query_only = 1")
+        return connection
+
+    monkeypatch.setattr(catalog_module, "connect", read_only)
+    assert lorareg("--home", home, "show", "one").code == 0
+    res = lorareg("--home", home, "tag", "one", "+x")
+    line = _one_line_error(res)
+    assert "is read-only" in line and str(home / "catalog.db") in line

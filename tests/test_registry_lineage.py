@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import loralib
 from loralib.files.hashes import hash_file
 from loralib.synthetic import random_adapter
 from lorareg.registry.catalog import Catalog
@@ -25,8 +26,8 @@ def chain(lorareg, layers, tmp_path):
     The merge names its inputs by catalog name and by A1111 hash prefix, so resolve_adapter is exercised too.
     """
     original, other = tmp_path / "original_diffusers.safetensors", tmp_path / "other.safetensors"
-    random_adapter(layers, rank=8, seed=1, architecture="sd1").save(original, "diffusers")
-    random_adapter(layers, rank=4, seed=2, architecture="sd1").save(other)
+    loralib.save(random_adapter(layers, rank=8, seed=1, architecture="sd1"), original, "diffusers")
+    loralib.save(random_adapter(layers, rank=4, seed=2, architecture="sd1"), other)
     assert lorareg("add", other, "--name", "other-style").code == 0
     steps = [("convert", original, "--to", "kohya", "-o", tmp_path / "converted.safetensors"),
              ("resize", "converted", "--rank", "4", "-o", tmp_path / "small.safetensors"),
@@ -104,10 +105,10 @@ def test_commands_accept_names_and_hash_prefixes_and_peft_outputs_resolve_to_the
 def test_register_output_accepts_paths_records_and_weights(tmp_path, layers):
     """The hook colleagues call: inputs as paths or records, weights separately, extra parameters kept."""
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    random_adapter(layers, rank=2, seed=3, architecture="sd1").save(a)
-    random_adapter(layers, rank=2, seed=4, architecture="sd1").save(b)
+    loralib.save(random_adapter(layers, rank=2, seed=3, architecture="sd1"), a)
+    loralib.save(random_adapter(layers, rank=2, seed=4, architecture="sd1"), b)
     out = tmp_path / "trained.safetensors"
-    random_adapter(layers, rank=2, seed=5, architecture="sd1").save(out)
+    loralib.save(random_adapter(layers, rank=2, seed=5, architecture="sd1"), out)
     sample = tmp_path / "sample.png"
     sample.write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature without text: no prompt
     operation = {"operation": "train", "inputs": [str(a), {"file": "dataset/", "images": 12}, Path(b)],
@@ -120,4 +121,5 @@ def test_register_output_accepts_paths_records_and_weights(tmp_path, layers):
         assert parents[0].tensor_sha256 == hash_file(a).tensor_sha256 and parents[1].tensor_sha256 is None
         assert entry.operation["config"] == {"rank": 2, "learning_rate": 1e-4}
         assert entry.operation["dataset"] == {"images": 12} and entry.operation["inputs"][1]["images"] == 12
-        assert entry.samples == [{"path": str(sample), "prompt": None}]
+        assert entry.samples == [{"path": str(sample), "prompt": None, "weight": 1.0, "source": "train"}]
+        assert parents[0].identity == hash_file(a).identity and parents[0].name is None

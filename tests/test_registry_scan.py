@@ -108,7 +108,7 @@ def test_a_killed_scan_leaves_a_consistent_catalog_that_the_next_scan_completes(
     process = _start_scan(many_loras, home)
     _wait_for_first_batch(home, process)
     process.send_signal(how)
-    out, err = process.communicate(timeout=60)
+    _out, err = process.communicate(timeout=60)
     adapters, files = _consistent(home)
     assert 0 < adapters < KILL_FILES and adapters == files, "the scan should have been stopped part way"
     if how == signal.SIGKILL:

@@ -51,7 +51,7 @@ def test_base_models_that_cannot_load_are_one_clear_line(tmp_path, lorareg):
     assert res.code == 1 and "is not a diffusers model folder (it has no model_index.json)" in res.err
     module = loralib.LoraModule(torch.ones(1, 32), torch.ones(32, 1), 1.0)
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    lora = loralib.LoraAdapter({key: module}, "sd1").save(tmp_path / "adapter.safetensors").path  # not a model
+    lora = loralib.save(loralib.LoraAdapter({key: module}, "sd1"), tmp_path / "adapter.safetensors").path  # not a model
     res = lorareg("train", "--base", lora, *common)
     assert res.code == 1 and "adapter.safetensors is not a single-file Stable Diffusion checkpoint" in res.err
     assert not (tmp_path / "out").exists()

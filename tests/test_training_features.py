@@ -252,9 +252,15 @@ def test_masked_loss_and_debiased_estimation(tiny_sd1, tmp_path):
 # --- DoRA, fp8 base weights, gradient checkpointing, the disk cache -----------------------------------------------
 
 
-def test_dora_is_saved_as_a_peft_folder_that_peft_loads_exactly(tiny_sd1, tmp_path):
+def test_dora_is_saved_as_dora_modules_that_peft_and_lorareg_read_exactly(tiny_sd1, tmp_path):
+    """A DoRA run saves DoRA modules: the PEFT folder loads into peft exactly, and a kohya file (LyCORIS'
+    dora_scale) read back by lorareg gives every layer the weight of the live peft layer."""
+    import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
     from peft import PeftModel
+
+    from loralib.files.header import read_header
+    from loralib.training import network
 
     data = small_dataset(tmp_path / "data", 1)
     trainer = _trainer(tiny_sd1, data, tmp_path / "out", network_type="dora", output_format="peft",
@@ -264,8 +270,6 @@ def test_dora_is_saved_as_a_peft_folder_that_peft_loads_exactly(tiny_sd1, tmp_pa
     assert folder.name == "t_peft" and json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
     tensors = load_file(folder / "adapter_model.safetensors")
     assert any(name.endswith(".lora_magnitude_vector") for name in tensors)
-    from loralib.files.header import read_header
-
     assert json.loads(read_header(folder / "adapter_model.safetensors").metadata["ss_network_args"])["dora_wd"] == "True"
     fresh = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet"), folder)
     generator = torch.Generator().manual_seed(0)
@@ -279,6 +283,25 @@ def test_dora_is_saved_as_a_peft_folder_that_peft_loads_exactly(tiny_sd1, tmp_pa
         base_only = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")(sample, torch.tensor([500]),
                                                                                       hidden).sample
     assert not torch.allclose(base_only, expected)  # the DoRA layers changed the output
+
+    # the same modules in kohya format, read back by lorareg, against each live peft layer
+    kohya = loralib.save(result.adapter, tmp_path / "dora.safetensors", format="kohya", dtype=torch.float32).path
+    adapter = loralib.load(kohya)
+    layers = network.lora_layers(live, trainer.targets["unet"][1])
+    assert set(adapter.modules) == set(layers) and {m.kind for m in adapter.modules.values()} == {"dora"}
+    assert {m.is_conv for m in adapter.modules.values()} == {True, False}  # locon: linear and conv layers
+    for key, layer in layers.items():
+        base = layer.get_base_layer()
+        weight = base.weight.detach() + adapter.modules[key].delta(base=base.weight.detach())
+        x = torch.randn(2, *((base.in_channels, 6, 6) if isinstance(base, torch.nn.Conv2d) else (base.in_features,)),
+                        generator=generator)
+        with torch.no_grad():
+            want = layer(x)
+            if isinstance(base, torch.nn.Conv2d):
+                have = F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+            else:
+                have = F.linear(x, weight, base.bias)
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_fp8_base_weights_need_a_gpu_and_compute_like_rounded_weights(tiny_sd1, tmp_path, lorareg):

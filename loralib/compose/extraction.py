@@ -18,12 +18,12 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import COMPONENTS, detect_architecture
-from ..base_model import LayerShape
+from ..dtypes import from_safetensors
 from ..errors import InvalidArgumentError, MismatchError
-from ..synthetic import PROJECTION, select_layers
+from ..layers import PROJECTION, LayerShape, select_layers
+from ..records import InputRecord, OperationRecord
 from .inputs import Progress, module_from_factors
 from .lowrank import SVD_METHODS
-from ..dtypes import from_safetensors
 from .model_weights import ModelWeights
 from .rank_rules import RankRule, rank_rule
 from .reduce import reduce_dense
@@ -79,9 +79,9 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
     report.parameters, report.bytes = adapter.parameter_count, storage_bytes(adapter)
     params = {**rule.params(), "conv_rank": conv_rank, "svd": svd, "min_diff": min_diff,
               "components": sorted(wanted)}
-    operation = {"operation": "extract", "rank": rank,
-                 "inputs": [{"file": Path(base).name, "role": "base"}, {"file": Path(tuned).name, "role": "tuned"}],
-                 "params": params}
+    inputs = [InputRecord(file=Path(p).name, path=str(Path(p).absolute()), role=role)
+              for p, role in ((base, "base"), (tuned, "tuned"))]
+    operation = OperationRecord("extract", inputs, {"rank": rank, "params": params})
     return Composition(adapter, report, operation)
 
 

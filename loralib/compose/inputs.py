@@ -1,8 +1,8 @@
 """The inputs of a composition: adapters with weights, loaded and checked to fit together.
 
-Every check runs before any output is computed or written: all inputs must be plain LoRAs (the
-loader refuses LoHa/LoKr with a clear message), of one architecture, and every module present in
-several inputs must adapt a layer of the same shape in each.
+Every check runs before any output is computed or written: all inputs must be adapters lorareg
+reads (any module kind, see :mod:`loralib.lycoris`), of one architecture, and every module present
+in several inputs must adapt a layer of the same shape in each.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import ARCHITECTURES, UNKNOWN
-from ..base_model import LayerShape
 from ..errors import InvalidArgumentError, MismatchError
+from ..layers import LayerShape
 
-AdapterLike = Union[LoraAdapter, str, Path]
+AdapterLike = LoraAdapter | str | Path
 Progress = Callable[[int, int], None]
 
 
@@ -54,8 +53,8 @@ def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]]) -> 
         source, weight = item if isinstance(item, tuple) else (item, 1.0)
         try:
             weight = float(weight)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight!r}, not a number") from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"the weight of input {position + 1} is {weight!r}, not a number") from exc
         if not math.isfinite(weight):
             raise InvalidArgumentError(f"the weight of input {position + 1} is {weight}", "Use a finite number")
         adapter = load(source)

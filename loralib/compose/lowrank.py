@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-SVD_METHODS = ("auto", "exact", "randomized")
+from ..vocabulary import SVD_METHODS
 
 
 def work_dtype(*tensors: torch.Tensor) -> torch.dtype:

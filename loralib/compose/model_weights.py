@@ -12,8 +12,10 @@ original layout, as A1111 and ComfyUI load it:
   ``conditioner.embedders.1.model.…`` (SDXL's second), whose attention keeps q, k and v stacked
   in one ``in_proj_weight``; each projection is a block of rows of it.
 
-Only Linear and Conv2d weights are addressed (the layers a LoRA can adapt). Nothing here loads
-a tensor until asked, and reading one layer reads only its bytes.
+Linear and Conv2d weights are addressed by layer key (the layers a LoRA can adapt); with
+``vectors=True`` also biases and norm-layer weights, as :func:`vector_key` ``(layer, "bias")`` (what
+full-rank and norm differences change; not OpenCLIP's). Nothing here loads a tensor until asked,
+and reading one layer reads only its bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from ..base_model import LayerShape
 from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
 from ..files import is_pickle
 from ..files.header import SafetensorsHeader, read_header
+from ..layers import LayerShape
 from ..naming import internal_key
 from ..naming.sgm import UNetLayout, sgm_to_diffusers
 
@@ -55,6 +57,19 @@ class Slot:
     rows: tuple[int, int] | None = None
 
 
+def vector_key(key: str, parameter: str) -> str:
+    """The slot key of a layer's bias (``parameter="bias"``) or a norm layer's 1-D weight (``"weight"``)."""
+    return f"{key}:{parameter}"
+
+
+def _vector(name: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """``(path, parameter)`` of a bias or a 1-D weight, else None."""
+    for parameter in ("bias", "weight"):
+        if name.endswith("." + parameter) and (parameter == "bias" or len(shape) == 1):
+            return name[: -len(parameter) - 1], parameter
+    return None
+
+
 def layer_shape(shape: tuple[int, ...]) -> LayerShape:
     """The :class:`LayerShape` of a stored Linear or Conv2d weight."""
     if len(shape) == 4:
@@ -69,10 +84,16 @@ def _text_key(component: str, path: str) -> str | None:
     return internal_key(component, path)
 
 
-def diffusers_slots(component: str, header: SafetensorsHeader) -> dict[str, Slot]:
-    """The adaptable layers in one weight file of a diffusers component folder."""
+def diffusers_slots(component: str, header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers in one weight file of a diffusers component folder (and their vectors)."""
     slots = {}
     for name, info in header.tensors.items():
+        if vectors and (found := _vector(name, tuple(info.shape))):
+            path, parameter = found
+            key = f"{UNET}.{path}" if component == UNET else _text_key(component, path)
+            if key is not None:
+                slots[vector_key(key, parameter)] = Slot(header.path, name, tuple(info.shape), info.dtype)
+            continue
         if not name.endswith(".weight") or len(info.shape) not in ((2, 4) if component == UNET else (2,)):
             continue
         path = name[: -len(".weight")]
@@ -104,13 +125,26 @@ def infer_layout(names: list[str]) -> UNetLayout:
     return UNetLayout(layers, down_attention, up_attention_blocks)
 
 
-def checkpoint_slots(header: SafetensorsHeader) -> dict[str, Slot]:
-    """The adaptable layers of a single-file checkpoint in the original layout."""
+def checkpoint_slots(header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers of a single-file checkpoint in the original layout (and their vectors;
+    OpenCLIP's are not addressed)."""
     names = list(header.tensors)
     layout = infer_layout(names)
     slots: dict[str, Slot] = {}
     for name, info in header.tensors.items():
         shape, dtype = tuple(info.shape), info.dtype
+        if vectors and (found := _vector(name, shape)):
+            path, parameter = found
+            key = None
+            if name.startswith(UNET_PREFIX):
+                mapped = sgm_to_diffusers(f"{path[len(UNET_PREFIX):]}.weight", layout)
+                key = f"{UNET}.{mapped[: -len('.weight')]}" if mapped else None
+            for prefix, component in CLIP_PREFIXES.items():
+                if path.startswith(prefix):
+                    key = _text_key(component, path[len(prefix):])
+            if key is not None:
+                slots[vector_key(key, parameter)] = Slot(header.path, name, shape, dtype)
+            continue
         if name.startswith(UNET_PREFIX) and name.endswith(".weight") and len(shape) in (2, 4):
             path = sgm_to_diffusers(name[len(UNET_PREFIX):], layout)
             if path is not None:
@@ -161,13 +195,13 @@ class ModelWeights:
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> ModelWeights:
-        """Index the model at ``path`` from its file headers."""
+    def open(cls, path: str | Path, vectors: bool = False) -> ModelWeights:
+        """Index the model at ``path`` from its file headers (``vectors``: biases and norm weights too)."""
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"{path} does not exist", "Check the path")
         if path.is_dir():
-            return cls(path, "diffusers", _diffusers_folder_slots(path))
+            return cls(path, "diffusers", _diffusers_folder_slots(path, vectors))
         if is_pickle(path):
             raise UnsafeFileError(f"{path.name} is a pickle checkpoint; reading it would run code stored in it",
                                   "Convert it to .safetensors first")
@@ -179,7 +213,7 @@ class ModelWeights:
                                     "Give a checkpoint or a diffusers folder as the base model")
             raise NotALoraError(f"{path.name} is not a Stable Diffusion checkpoint: it has no "
                                 f"'{UNET_PREFIX}' weights", "Give a single-file checkpoint or a diffusers folder")
-        return cls(path, "checkpoint", checkpoint_slots(header))
+        return cls(path, "checkpoint", checkpoint_slots(header, vectors))
 
     def shapes(self) -> dict[str, LayerShape]:
         """Every addressed layer's shape."""
@@ -217,7 +251,7 @@ def component_folders(path: Path) -> Iterator[tuple[str, Path]]:
             yield component, folder
 
 
-def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
+def _diffusers_folder_slots(path: Path, vectors: bool = False) -> dict[str, Slot]:
     folders = list(component_folders(path))
     if not folders:
         raise InputNotFoundError(f"{path} is not a diffusers model folder: it has no unet/ or text_encoder/ folder",
@@ -233,7 +267,7 @@ def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
         for file in files:
             header = read_header(file)
             header.require_complete()
-            slots.update(diffusers_slots(component, header))
+            slots.update(diffusers_slots(component, header, vectors))
     return slots
 
 

@@ -9,12 +9,13 @@ picks exactly the rank the spectrum dictates. ``max_rank`` caps any of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgumentError
+from ..vocabulary import DYNAMIC_RULES
 
-DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
+if TYPE_CHECKING:  # the rules are checked without torch (the command line does it first)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class RankRule:
 
 def _first_reaching(fractions: torch.Tensor, target: float) -> int:
     """The smallest k with ``fractions[k-1] ≥ target`` (all of them when round-off keeps it short)."""
+    import torch
+
     reached = torch.nonzero(fractions >= target)
     return int(reached[0]) + 1 if reached.numel() else int(fractions.numel())
 
@@ -79,9 +82,9 @@ def parse_dynamic(text: str) -> tuple[str, float]:
                                    "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95")
     try:
         number = float(value)
-    except ValueError:
+    except ValueError as exc:
         raise InvalidArgumentError(f"{text!r}: {value!r} is not a number",
-                                   "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95") from None
+                                   "Write sv_ratio:N, sv_fro:F or sv_cumulative:F, e.g. sv_fro:0.95") from exc
     return name, number
 
 

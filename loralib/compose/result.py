@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from ..adapter import LoraAdapter
     from ..formats.base import SaveResult
+    from ..records import OperationRecord
 
 
 @dataclass
@@ -25,15 +26,16 @@ class Composition:
 
     adapter: LoraAdapter
     report: CompositionReport
-    operation: dict
+    operation: OperationRecord
 
     def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
              dtype: torch.dtype | None = None) -> SaveResult:
         """Write the adapter (atomically; refuses to overwrite unless ``force``) with its operation record."""
-        return self.adapter.save(path, format, force=force, dtype=dtype, operation=self.operation)
+        from ..formats import save_adapter
+
+        return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation)
 
 
 def storage_bytes(adapter: LoraAdapter) -> int:
     """Bytes the adapter's factors occupy in their dtype (the tensor data of the written file)."""
-    return sum(t.numel() * t.element_size() for m in adapter.modules.values()
-               for t in (m.down, m.up, m.mid) if t is not None)
+    return sum(m.nbytes for m in adapter.modules.values())

@@ -19,4 +19,4 @@ def read_tensors(header: SafetensorsHeader, names: Iterable[str]) -> dict[str, t
         with safe_open(str(header.path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in names}
     except Exception as exc:  # the file changed after its header was validated
-        raise CorruptFileError(f"{header.path.name} could not be read: {exc}", "The file may be damaged") from None
+        raise CorruptFileError(f"{header.path.name} could not be read: {exc}", "The file may be damaged") from exc

@@ -3,7 +3,9 @@
 The tensor-data hash must go into the file's own metadata (``sshs_model_hash``). It does not
 depend on the header, so the file is written once under a temporary name with fixed-length
 placeholders in the header, the data hashed alongside, the header completed in place, and the
-file renamed into place.
+file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
+background thread while it loads) are completed the same way: the caller passes them, with the
+placeholder each one stands behind in the metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..dtypes import to_safetensors
 from .atomic import atomic_file
-from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, fill_placeholders
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred
 
 _BYTE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -42,13 +44,15 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     self_hashes: Mapping[str, str] | None = None,
+    pending: Mapping[str, Deferred] | None = None,
 ) -> str:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically; return the SHA-256 of the tensor data.
 
     ``self_hashes`` maps metadata keys to hashes of the file itself that they must hold:
     ``tensor_sha256`` (kohya's ``sshs_model_hash``), ``tensor_sha256_0x`` (ModelSpec's
     ``hash_sha256``) or ``legacy`` (``sshs_legacy_hash``, computed on the final bytes at offset
-    1 MiB; left out when the header itself reaches that far).
+    1 MiB; left out when the header itself reaches that far). ``pending`` maps placeholder strings
+    that occur in metadata values to the deferred values that replace them (of the same length).
 
     The header is first written with placeholders of the final values' length while the data is
     hashed in a second thread as it is written; then the header is rewritten in place. One pass.
@@ -78,7 +82,8 @@ def write_safetensors(
         for view in views:
             f.write(view)
         tensor_sha256 = digest.result()
-        if fill_placeholders(meta) or self_hashes:
+        if pending or self_hashes:
+            meta = _fill(meta, pending or {})
             legacy = _legacy_hash(data_start, views)
             values = {"tensor_sha256": tensor_sha256, "tensor_sha256_0x": "0x" + tensor_sha256, "legacy": legacy}
             meta.update({key: values[kind] for key, kind in self_hashes.items()})
@@ -89,6 +94,20 @@ def write_safetensors(
             f.seek(8)
             f.write(final + b" " * (len(raw) - len(final)))  # trailing spaces are valid header padding
     return tensor_sha256
+
+
+def _fill(metadata: dict[str, str], pending: Mapping[str, Deferred]) -> dict[str, str]:
+    """``metadata`` with every placeholder replaced by its value (waiting for it)."""
+    values = {token: deferred.result() for token, deferred in pending.items()}
+    filled = {}
+    for key, text in metadata.items():
+        for token, value in values.items():
+            if token in text:
+                if len(value) != len(token):
+                    raise AssertionError("a deferred value differs in length from its placeholder")
+                text = text.replace(token, value)
+        filled[key] = text
+    return filled
 
 
 def _sha256_of(views: list[memoryview]) -> str:

@@ -1,26 +1,150 @@
-"""What readers produce before any tensor is loaded, and what writers return.
+"""The shapes every format shares: what a format is, what readers produce, what writers return.
 
-A reader turns one or more :class:`~loralib.formats.source.TensorSource` into an
-:class:`AdapterIndex`: for every module, which tensors hold its factors and what its alpha is.
-``inspect`` stops there; ``load`` then reads the tensors into a :class:`~loralib.adapter.LoraAdapter`.
+A format is one module of this package that exports a :class:`Format`: the names it is known
+by, how its keys are spelled (for detection), the folder layout it uses, how to read it and how
+to write it. :mod:`loralib.formats.table` lists them; nothing else names a format.
+
+A reader turns the files behind an adapter (:class:`Inputs`) into an :class:`AdapterIndex`: for
+every module, which tensors hold its factors and what its alpha is. ``inspect`` stops there;
+``load`` then reads the tensors into a :class:`~loralib.adapter.LoraAdapter`. A writer turns an
+adapter into files and returns a :class:`SaveResult`.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..architectures import Detection, detect_architecture
 from ..errors import CorruptFileError
 from ..files.hashes import FileHashes
-from .detect import Kind
 from .source import TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import AdapterModule, LoraAdapter
+    from ..records import OperationRecord
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a file holds: a format (or another kind of file), and whether lorareg reads it as LoRA."""
+
+    format: str
+    title: str
+    plain_lora: bool
+    family: str | None = None  # "flux" or "sd3" for adapters of other model families
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for any kind of adapter (plain LoRA or not); False for embeddings and checkpoints."""
+        return self.format not in ("textual-inversion", "checkpoint")
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The files of an adapter stored as a folder.
+
+    ``weights`` are the tensor files' names, preferred first; ``config`` a file that must lie
+    beside them (and marks a folder as this layout); ``subfolders`` hold one component each,
+    laid out the same way.
+    """
+
+    weights: tuple[str, ...]
+    config: str | None = None
+    subfolders: tuple[str, ...] = ()
+
+    def component_files(self, folder: Path) -> list[Path]:
+        """The weights files of an adapter folder (top level first, then each component subfolder);
+        where a config belongs, only files that have one beside them."""
+        files = []
+        for location in (folder, *(folder / sub for sub in self.subfolders)):
+            for name in self.weights:
+                if (location / name).is_file() and (self.config is None or (location / self.config).is_file()):
+                    files.append(location / name)
+                    break
+        return files
+
+    def holds(self, folder: Path) -> bool:
+        """True when ``folder`` is laid out this way (its config at the top or in a component subfolder)."""
+        if self.config is None:
+            return any((folder / name).is_file() for name in self.weights)
+        return any((place / self.config).is_file() for place in (folder, *(folder / s for s in self.subfolders)))
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every file that belongs to the adapter in ``folder``: weights, and their configs."""
+        weights = self.component_files(folder)
+        configs = [f.parent / self.config for f in weights] if self.config else []
+        return weights + configs
+
+
+@dataclass
+class Inputs:
+    """The files behind one adapter path, and the configs that go with them.
+
+    ``format`` is set when the folder layout alone says which format the files are in.
+    """
+
+    path: Path
+    sources: list[TensorSource]
+    configs: dict[Path, dict] = field(default_factory=dict)
+    format: Format | None = None
+
+
+@dataclass
+class WriteRequest:
+    """What every writer is asked besides the adapter and the path."""
+
+    force: bool = False
+    dtype: torch.dtype | None = None
+    title: str | None = None
+    operation: OperationRecord | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One file format: its names, its key spellings, its layout, and how to read and write it.
+
+    ``spellings`` are the key patterns detection counts, each with the :class:`Kind` a file
+    mostly spelled that way is (most specific first: a key counts for the first pattern it
+    matches, over every format in table order). ``read`` indexes :class:`Inputs` from headers;
+    ``write`` writes an adapter (None for formats lorareg only reads). ``folder`` is the layout of
+    an adapter stored as a folder, and ``read_config`` reads its config file.
+    """
+
+    name: str
+    title: str
+    spellings: tuple[tuple[Kind, re.Pattern[str]], ...]
+    read: Callable[[Inputs], AdapterIndex]
+    write: Callable[[LoraAdapter, Path, WriteRequest], SaveResult] | None = None
+    folder: FolderLayout | None = None
+    read_config: Callable[[Path], dict] | None = None
+    writes_folder: bool = False  # the output path names a folder
+    holds_embeddings: bool = False  # can carry textual-inversion tokens
+    holds_cp_mid: bool = False  # can store CP-decomposed conv factors (lora_mid) as they are
+    holds_kinds: frozenset[str] = frozenset({"lora"})  # module kinds it can store (see loralib.lycoris)
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        """Every kind detection may give a file of this format."""
+        return tuple(dict.fromkeys(kind for kind, _ in self.spellings))
 
 
 @dataclass
 class ModuleEntry:
-    """Where one module's factors are stored, and its alpha (kohya convention: scale = alpha / rank)."""
+    """Where one module's factors are stored, and its alpha (kohya convention: scale = alpha / rank).
+
+    A DoRA module is a LoRA entry with a ``magnitude`` tensor, whose ``magnitude_style`` (``peft``
+    or ``lycoris``) says how it is laid out. Other kinds (LyCORIS LoHa, LoKr, …) are subclasses
+    (:mod:`loralib.formats.lycoris`) that override the shape properties, :meth:`tensor_names` and
+    :meth:`build`.
+    """
 
     key: str
     source: TensorSource
@@ -28,6 +152,30 @@ class ModuleEntry:
     up: str
     alpha: float | None = None  # None: alpha equals the rank
     mid: str | None = None
+    magnitude: str | None = None  # DoRA: peft's lora_magnitude_vector or LyCORIS' dora_scale
+    magnitude_style: str = "peft"
+    bias: str | None = None  # a bias difference stored beside the factors (diff_b)
+
+    @property
+    def kind(self) -> str:
+        """The module kind: ``lora``, or ``dora`` with a magnitude."""
+        return "lora" if self.magnitude is None else "dora"
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor the module is built from."""
+        return [n for n in (self.down, self.up, self.mid, self.magnitude, self.bias) if n]
+
+    def build(self, tensors: Mapping[str, torch.Tensor]) -> AdapterModule:
+        """The module, from its loaded tensors (by name)."""
+        from ..adapter import LoraModule
+
+        module = LoraModule(tensors[self.down], tensors[self.up], self.effective_alpha,
+                            tensors[self.mid] if self.mid else None, tensors[self.bias] if self.bias else None)
+        if self.magnitude is None:
+            return module
+        from ..lycoris.kinds import dora
+
+        return dora(module, tensors[self.magnitude], self.magnitude_style)
 
     @property
     def rank(self) -> int:
@@ -65,6 +213,23 @@ class ModuleEntry:
             raise CorruptFileError(
                 f"{self.source.path.name}: module {self.key} has factors of shapes {list(down)} and {list(up)} "
                 "that do not multiply", "The file is damaged or was written by a broken converter")
+        if self.magnitude is not None:
+            from ..lycoris.shapes import magnitude_axis
+
+            try:
+                magnitude_axis(self.source.shapes[self.magnitude], self.weight_shape, self.magnitude_style)
+            except CorruptFileError as exc:
+                raise CorruptFileError(f"{self.source.path.name}: module {self.key}: {exc.message}",
+                                       "The file is damaged or was written by a broken converter") from exc
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the adapted layer's weight."""
+        down, up = self.source.shapes[self.down], self.source.shapes[self.up]
+        if len(down) != 4:
+            return (int(up[0]), int(down[1]))
+        kernel = self.source.shapes[self.mid][2:] if self.mid else down[2:]
+        return (int(up[0]), int(down[1]), *(int(k) for k in kernel))
 
 
 @dataclass
@@ -89,23 +254,29 @@ class AdapterIndex:
         return self.sources[0].path
 
     def rank_counts(self) -> Counter:
-        """How many modules have each rank."""
-        return Counter(e.rank for e in self.modules.values())
+        """How many modules have each rank (kinds without one are left out)."""
+        return Counter(e.rank for e in self.modules.values() if e.rank is not None)
 
     def alpha_counts(self) -> Counter:
         """How many modules have each alpha."""
-        return Counter(e.effective_alpha for e in self.modules.values())
+        return Counter(e.effective_alpha for e in self.modules.values() if e.effective_alpha is not None)
+
+    def kind_counts(self) -> Counter:
+        """How many modules of each kind (``lora``, ``loha``, ``lokr``, ``full``, ``norm``, ``dora``)."""
+        return Counter(e.kind for e in self.modules.values())
 
 
 @dataclass
 class SaveResult:
-    """What a writer wrote: the adapter's main file, every file, and the main file's tensor hash."""
+    """What a writer wrote: the adapter's main file, every file, the main file's tensor hash, and
+    the operation record as written into the file (input hashes resolved)."""
 
     path: Path
     format: str
     files: list[Path]
     tensor_sha256: str
     notes: list[str] = field(default_factory=list)
+    operation: OperationRecord | None = None
     _hashes: FileHashes | None = field(default=None, repr=False)
 
     @property

@@ -13,12 +13,15 @@ embeddings.
 from __future__ import annotations
 
 import json
+import re
 
 from ..architectures import ARCHITECTURES, SD1, TEXT_ENCODER, UNET
 from ..errors import UnsupportedFormatError
-from .base import AdapterIndex, ModuleEntry
-from .detect import CLONEOFSIMO, CLONEOFSIMO_KEY
+from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry
 from .source import TensorSource
+
+CLONEOFSIMO = Kind("cloneofsimo", "cloneofsimo lora_diffusion LoRA", True)
+CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 
 EMBED_FLAG = "<embed>"
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -47,6 +50,11 @@ def _unet_order(config: dict, with_ff: bool) -> list[tuple[str, int, int]]:
 
 def _text_order(layers: int) -> list[str]:
     return [f"text_model.encoder.layers.{i}.self_attn.{p}" for i in range(layers) for p in _CLIP_ATTENTION]
+
+
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a lora_diffusion file, checking each numbered module against its expected shape."""
+    return parse(inputs.sources[0])
 
 
 def parse(source: TensorSource) -> AdapterIndex:
@@ -84,3 +92,6 @@ def parse(source: TensorSource) -> AdapterIndex:
     notes = [f"textual-inversion tokens {', '.join(embeddings)} are kept with the adapter"] if embeddings else []
     metadata = {k: v for k, v in source.metadata.items() if k.startswith(("ss_", "modelspec."))}
     return AdapterIndex(CLONEOFSIMO, [source], entries, metadata, embeddings, notes)
+
+
+FORMAT = Format("cloneofsimo", "cloneofsimo lora_diffusion (read only)", ((CLONEOFSIMO, CLONEOFSIMO_KEY),), read)

@@ -8,6 +8,9 @@ it the scale is 1 (alpha = rank).
 Legacy (read only, scale 1): the 0.21-era ``<path>.lora.down.weight`` with text encoders as
 ``<path>.lora_linear_layer.down.weight``, and the attention-processor format
 ``<attention>.processor.to_q_lora.down.weight`` (with or without ``unet.``).
+
+Full-rank differences some trainers add (read only): ``unet.<path>.diff`` (a weight, or a norm
+layer's 1-D weight) and ``unet.<path>.diff_b`` (a bias, alone or beside the layer's LoRA factors).
 """
 
 from __future__ import annotations
@@ -15,24 +18,36 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..architectures import UNET
 from ..errors import CorruptFileError
-from .base import AdapterIndex, ModuleEntry
-from .detect import ATTN_PROCS, DIFFUSERS, DIFFUSERS_KEY, DIFFUSERS_OLD, DIFFUSERS_OLD_KEY, ATTN_PROC_KEY
 from ..naming import internal_key
+from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
+from .lycoris import full_entry
 from .peft import component_of
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
+from .writing import write_single_file
 
 if TYPE_CHECKING:
     import torch
 
+    from ..adapter import LoraAdapter
+
+DIFFUSERS = Kind("diffusers", "diffusers LoRA", True)
+DIFFUSERS_OLD = Kind("diffusers-old", "diffusers 0.21-era LoRA (lora.down/lora.up)", True)
+ATTN_PROCS = Kind("diffusers-attnprocs", "diffusers attention-processor LoRA (to_q_lora)", True)
+DIFFUSERS_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.lora_([AB])(?:\.default(?:_\d+)?)?\.weight$")
+DIFFUSERS_OLD_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+ATTN_PROC_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:processor\.)?"
+                           r"(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight$")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LAYOUT = FolderLayout((WEIGHTS_NAME,))
 METADATA_KEY = "lora_adapter_metadata"
 _ALPHA_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.alpha$")
+DIFF_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(diff|diff_b)$")
 # Attention-processor LoRA names the projection; text encoders call them q_proj…out_proj.
 _UNET_PROJECTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
                     "add_k_proj": "add_k_proj", "add_v_proj": "add_v_proj"}
@@ -45,8 +60,8 @@ def _component_configs(metadata: dict[str, str], path_name: str) -> dict[str, di
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from None
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from exc
     configs: dict[str, dict] = {}
     for key, value in flat.items() if isinstance(flat, dict) else ():
         component, _, field = key.partition(".")
@@ -70,15 +85,24 @@ def _classify(name: str) -> tuple[str | None, str, str] | None:
     return None
 
 
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a diffusers LoRA file in any of its spellings."""
+    return parse(inputs.sources[0])
+
+
 def parse(source: TensorSource) -> AdapterIndex:
     """Index a diffusers LoRA file in any of its spellings."""
     factors: dict[tuple[str | None, str], dict[str, str]] = {}
     alphas: dict[tuple[str | None, str], str] = {}
     spelling = Counter()
     unrecognised = []
+    differences: dict[tuple[str, str], dict[str, str]] = {}
     for name in source.names:
         if match := _ALPHA_KEY.match(name):
             alphas[match.group(1), match.group(2)] = name
+            continue
+        if match := DIFF_KEY.match(name):
+            differences.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = name
             continue
         parsed = _classify(name)
         if parsed is None:
@@ -101,19 +125,37 @@ def parse(source: TensorSource) -> AdapterIndex:
         key = internal_key(component, path)
         if key in entries:
             raise CorruptFileError(f"{source.path.name} adapts {key} twice")
-        entry = ModuleEntry(key, source, parts["down"], parts["up"])
+        bias = differences.get((component, path), {})
+        if "diff" in bias:
+            raise CorruptFileError(f"{source.path.name}: module {path} has both LoRA factors and a full weight difference")
+        entry = ModuleEntry(key, source, parts["down"], parts["up"], bias=bias.pop("diff_b", None))
         entry.check_shapes()
         if (component, path) in alphas or (None, path) in alphas:
             entry.alpha = alpha_values[alphas.get((component, path)) or alphas[None, path]]
         elif component in scales:
             entry.alpha = scales[component].alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
+    for (component, path), parts in differences.items():
+        if parts:  # differences of layers without LoRA factors
+            key = internal_key(component, path)
+            entries[key] = full_entry(key, path, parts, source)
     kind = spelling.most_common(1)[0][0] if spelling else DIFFUSERS
+    if differences and any(e.kind != "lora" or e.bias for e in entries.values()):
+        kind = Kind(kind.format, f"{kind.title} with full-rank differences (diff/diff_b)", False)
     metadata = {k: v for k, v in source.metadata.items() if k != METADATA_KEY}
     return AdapterIndex(kind, [source], entries, metadata)
 
 
-def state_dict(adapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def write(adapter: LoraAdapter, path: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` in the current diffusers spelling (into ``path`` as a folder when it is one)."""
+    if path.is_dir() or str(path).endswith(("/", "\\")):
+        path.mkdir(exist_ok=True)
+        path = path / WEIGHTS_NAME
+    tensors, extra = state_dict(adapter, dtype=request.dtype)
+    return write_single_file(adapter, path, request, DIFFUSERS.format, tensors, before={"format": "pt"}, after=extra)
+
+
+def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The current-diffusers tensors of an adapter and its ``lora_adapter_metadata`` entry."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
@@ -130,3 +172,10 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, 
         config.pop("peft_type")
         flat.update({f"{component}.{field}": value for field, value in config.items()})
     return tensors, {METADATA_KEY: json.dumps(flat, sort_keys=True)}
+
+
+# A PEFT key also reads as a current diffusers key: the PEFT format comes first in the table.
+FORMAT = Format("diffusers", "diffusers LoRA (load_lora_weights)",
+                ((ATTN_PROCS, ATTN_PROC_KEY), (DIFFUSERS_OLD, DIFFUSERS_OLD_KEY), (DIFFUSERS, DIFFUSERS_KEY),
+                 (DIFFUSERS, DIFF_KEY)),
+                read, write, folder=LAYOUT)

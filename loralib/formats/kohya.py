@@ -4,28 +4,35 @@ Keys: ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, optional ``<mo
 (scalar; missing means alpha = rank) and ``<module>.lora_mid.weight`` (CP-decomposed LoCon).
 Module names are flattened paths (see :mod:`loralib.naming.kohya`); SDXL UNets use SGM block
 names, which is what sd-scripts writes and what is written here. Textual-inversion tokens
-travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``.
+travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``. LyCORIS and DoRA
+modules are written with LyCORIS' suffixes (:func:`loralib.formats.lycoris.module_tensors`); a
+file with any of them is read back by the LyCORIS format.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..architectures import ARCHITECTURES, SD1, SDXL, TEXT_ENCODER_2
 from ..errors import CorruptFileError
 from ..naming.kohya import module_name, parse_module_name
 from ..naming.sgm import UNetLayout
-from .base import AdapterIndex, ModuleEntry
-from .detect import KOHYA, KOHYA_KEY
+from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .source import TensorSource
+from .writing import write_single_file
 
 if TYPE_CHECKING:
     import torch
 
-_BUNDLE = re.compile(r"^bundle_emb\.([^.]+)\.(.+)$")
+    from ..adapter import LoraAdapter
+
+KOHYA = Kind("kohya", "kohya-ss LoRA", True)
+KOHYA_KEY = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
+BUNDLE_KEY = re.compile(r"^bundle_emb\.([^.]+)\.(.+)$")  # A1111's textual-inversion tokens bundled with a LoRA
+
 _PLAIN_EMBEDDING = ("string_to_param.*", "emb_params")
 _SGM_CROSS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_.*_attn2_to_[kv]$")
 
@@ -39,6 +46,11 @@ def _sgm_layout(source: TensorSource, modules: dict[str, dict[str, str]]) -> UNe
     return UNetLayout.from_config(SDXL.unet_config)
 
 
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a kohya file from its header."""
+    return parse(inputs.sources[0])
+
+
 def parse(source: TensorSource) -> AdapterIndex:
     """Index a kohya file from its header."""
     modules: dict[str, dict[str, str]] = defaultdict(dict)
@@ -47,7 +59,7 @@ def parse(source: TensorSource) -> AdapterIndex:
     for name in source.names:
         if match := KOHYA_KEY.match(name):
             modules[match.group(1)][match.group(2)] = name
-        elif match := _BUNDLE.match(name):
+        elif match := BUNDLE_KEY.match(name):
             token, part = match.groups()
             embeddings[token if part in _PLAIN_EMBEDDING else f"{token}/{part}"] = (source, name)
         else:
@@ -79,7 +91,12 @@ def parse(source: TensorSource) -> AdapterIndex:
     return AdapterIndex(KOHYA, [source], entries, metadata, embeddings)
 
 
-def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def write(adapter: LoraAdapter, path: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` as one kohya file."""
+    return write_single_file(adapter, path, request, KOHYA.format, state_dict(adapter, dtype=request.dtype))
+
+
+def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The kohya tensors of an adapter (SGM names and ``lora_te1``/``lora_te2`` for SDXL)."""
     import torch
 
@@ -91,10 +108,17 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.
         if dtype is not None:
             module = module.to(dtype)
         name = module_name(key, sgm_layout=layout, two_text_encoders=two_encoders)
+        if module.kind != "lora":
+            from .lycoris import module_tensors
+
+            tensors.update(module_tensors(name, module))
+            continue
         tensors[f"{name}.lora_down.weight"] = module.down
         tensors[f"{name}.lora_up.weight"] = module.up
         if module.mid is not None:
             tensors[f"{name}.lora_mid.weight"] = module.mid
+        if module.bias is not None:  # a bias difference beside the factors, as LyCORIS and ComfyUI spell it
+            tensors[f"{name}.diff_b"] = module.bias
         # float32 as sd-scripts writes it, unless that would round this alpha
         exact = float(torch.tensor(module.alpha, dtype=torch.float32)) == module.alpha
         tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32 if exact else torch.float64)
@@ -103,3 +127,8 @@ def state_dict(adapter, *, dtype: torch.dtype | None = None) -> dict[str, torch.
         tensors[f"bundle_emb.{name}.{part or 'string_to_param.*'}"] = vectors.reshape(-1, vectors.shape[-1])
     return tensors
 
+
+FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY), (KOHYA, BUNDLE_KEY)),
+                read, write,
+                holds_embeddings=True, holds_cp_mid=True,
+                holds_kinds=frozenset({"lora", "loha", "lokr", "full", "norm", "dora", "bias"}))

@@ -5,29 +5,41 @@ adapter at the top (what ``PeftModel.from_pretrained(unet, folder)`` expects) an
 encoders in ``text_encoder/`` and ``text_encoder_2/`` subfolders. Keys are
 ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight``; the config's ``r``,
 ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` give each module's scale.
+A DoRA adapter (``use_dora``) adds ``<module path>.lora_magnitude_vector``: one magnitude per
+output feature (:class:`~loralib.lycoris.kinds.DoraModule`); a component is written as DoRA when
+all of its modules are LoRA-based DoRA with per-output magnitudes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from ..errors import CorruptFileError, UnsupportedFormatError
+from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
+from ..files.atomic import atomic_dir, check_output
 from ..naming import TE_ROOT, internal_key
-from .base import AdapterIndex, ModuleEntry
-from .detect import PEFT, PEFT_KEY
+from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
+from .writing import file_metadata, write_tensor_file
 
 if TYPE_CHECKING:
     import torch
 
+    from ..adapter import LoraAdapter
+
+PEFT = Kind("peft", "PEFT LoRA", True)
+PEFT_DORA = Kind("peft", "PEFT DoRA (weight-decomposed LoRA)", False)
+PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
+MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
 SUBFOLDERS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
+LAYOUT = FolderLayout((WEIGHTS_NAME, PICKLE_WEIGHTS_NAME), CONFIG_NAME, SUBFOLDERS)
 _TE_ROOTS = (TE_ROOT + ".", "encoder.layers.", "embeddings.", "final_layer_norm", "text_projection")
 
 
@@ -36,20 +48,17 @@ def read_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise CorruptFileError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}",
-                               "PEFT needs both files; without the config the scale of each module is unknown") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptFileError(f"{path} is not valid JSON") from None
+                               "PEFT needs both files; without the config the scale of each module is unknown") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON") from exc
     if not isinstance(config, dict):
         raise CorruptFileError(f"{path} does not hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedFormatError(f"{folder} is a PEFT {peft_type} adapter, not a LoRA",
                                      "Only plain LoRA adapters can be converted")
-    if config.get("use_dora"):
-        raise UnsupportedFormatError(f"{folder} is a PEFT DoRA adapter",
-                                     "DoRA rescales the base weights and is not a plain low-rank update")
     return config
 
 
@@ -62,48 +71,48 @@ def component_of(path: str, folder_name: str, in_features: int) -> str:
     return UNET
 
 
+def read(inputs: Inputs) -> AdapterIndex:
+    """Index a PEFT folder: the adapter of each component, with its config."""
+    parts = [parse(source, inputs.configs[source.path]) for source in inputs.sources]
+    index = parts[0]
+    for part in parts[1:]:
+        index.sources += part.sources
+        index.modules.update(part.modules)
+    return index
+
+
 def parse(source: TensorSource, config: dict) -> AdapterIndex:
     """Index one PEFT ``adapter_model.safetensors`` with its config."""
     pairs: dict[str, dict[str, str]] = {}
     unrecognised = []
     for name in source.names:
-        match = PEFT_KEY.match(name)
+        match = PEFT_KEY.match(name) or MAGNITUDE_KEY.match(name)
         if match is None:
             unrecognised.append(name)
             continue
-        pairs.setdefault(match.group(1), {})[match.group(2)] = name
+        pairs.setdefault(match.group(1), {})[match.group(2) if match.re is PEFT_KEY else "M"] = name
     if unrecognised:
         raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
     folder_name = source.path.parent.name
     scales = PeftScales(config)
     entries: dict[str, ModuleEntry] = {}
     for path, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise CorruptFileError(f"{source.path}: module {path} lacks lora_{'B' if 'A' in ab else 'A'}")
+        if config.get("use_dora") and "M" not in ab:
+            raise CorruptFileError(f"{source.path}: the config says use_dora but module {path} has no "
+                                   "lora_magnitude_vector", "The adapter folder is incomplete")
         component = component_of(path, folder_name, source.shapes[ab["A"]][1])
         key = internal_key(component, path)
-        entry = ModuleEntry(key, source, ab["A"], ab["B"])
+        entry = ModuleEntry(key, source, ab["A"], ab["B"], magnitude=ab.get("M"), magnitude_style="peft")
         entry.check_shapes()
         entry.alpha = scales.alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
-    return AdapterIndex(PEFT, [source], entries, dict(source.metadata))
+    kind = PEFT_DORA if any(e.magnitude for e in entries.values()) else PEFT
+    return AdapterIndex(kind, [source], entries, dict(source.metadata))
 
 
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-
-
-def component_files(folder: Path) -> list[Path]:
-    """The adapter files of a PEFT folder (top level and component subfolders), safetensors preferred."""
-    files = []
-    for location in (folder, *(folder / sub for sub in SUBFOLDERS)):
-        for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-            if (location / name).is_file() and (location / CONFIG_NAME).is_file():
-                files.append(location / name)
-                break
-    return files
-
-
-def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The PEFT tensors and config of one component of an adapter.
 
     Text-encoder paths are spelled as the installed transformers builds the model (with or
@@ -112,21 +121,69 @@ def component_state(adapter, component: str, dtype: torch.dtype | None) -> tuple
     from ..base_model import text_model_prefix
 
     tensors, ranks_alphas = {}, {}
-    for key, module in adapter.modules.items():
-        if key.split(".", 1)[0] != component:
-            continue
-        module = module.without_mid()
+    modules = {key: module for key, module in adapter.modules.items() if key.split(".", 1)[0] == component}
+    use_dora = _uses_dora(component, modules)
+    for key, module in modules.items():
         if dtype is not None:
             module = module.to(dtype)
+        magnitude = None
+        if use_dora:
+            from ..lycoris.kinds import stored_magnitude
+
+            magnitude, module = stored_magnitude(module, "peft"), module.inner
+        module = module.without_mid()
         path = key.split(".", 1)[1]
         if component != UNET and path.startswith(TE_ROOT + "."):
             path = text_model_prefix(component) + path.removeprefix(TE_ROOT + ".")
         tensors[f"base_model.model.{path}.lora_A.weight"] = module.down
         tensors[f"base_model.model.{path}.lora_B.weight"] = module.up
+        if magnitude is not None:
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = magnitude.contiguous()
         ranks_alphas[config_path(key)] = (module.rank, module.alpha)
-    return tensors, build_config(ranks_alphas)
+    config = build_config(ranks_alphas)
+    config["use_dora"] = use_dora
+    return tensors, config
+
+
+def _uses_dora(component: str, modules: dict) -> bool:
+    """Whether a component is written as a DoRA adapter; PEFT's ``use_dora`` is all or nothing per config."""
+    dora = [m for m in modules.values() if m.kind == "dora"]
+    if not dora:
+        return False
+    fits = [m for m in dora if m.inner.kind == "lora" and m.axis == "out"]
+    if len(dora) != len(modules) or len(fits) != len(dora):
+        raise UnsupportedFormatError(
+            f"PEFT cannot hold the {component} modules: use_dora is all or nothing per component, and PEFT DoRA "
+            "decomposes plain LoRA factors with one magnitude per output feature",
+            "Write kohya format (it holds every DoRA variant), or make a plain LoRA with convert --plain --base MODEL")
+    return True
 
 
 def relative_folder(component: str) -> str:
     """Where a component's adapter goes inside a PEFT folder ("" for the UNet)."""
     return "" if component == UNET else component
+
+
+def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResult:
+    """Write ``adapter`` as a PEFT folder: the UNet at the top, text encoders in subfolders."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError(f"{folder} is a file; PEFT output is a folder", "Give a folder path with -o")
+    existing = LAYOUT.component_files(folder) if folder.is_dir() else []
+    if existing and not request.force:
+        check_output(existing[0], force=False)
+    header = file_metadata(adapter, request, folder.name)
+    files, main_hash = [], None
+    with atomic_dir(folder) as tmp:
+        for component in adapter.components:
+            tensors, config = component_state(adapter, component, request.dtype)
+            inside = tmp / relative_folder(component)
+            inside.mkdir(exist_ok=True)
+            tensor_sha256 = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"})
+            (inside / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files += [folder / relative_folder(component) / name for name in (WEIGHTS_NAME, CONFIG_NAME)]
+            main_hash = main_hash or tensor_sha256
+    return SaveResult(files[0], PEFT.format, files, main_hash, list(request.notes), header.completed_operation())
+
+
+FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY), (PEFT, MAGNITUDE_KEY)), read, write,
+                folder=LAYOUT, read_config=read_config, writes_folder=True, holds_kinds=frozenset({"lora", "dora"}))

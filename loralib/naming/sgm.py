@@ -117,9 +117,9 @@ def sgm_to_diffusers(path: str, layout: UNetLayout) -> str | None:
         if m == 1 and has_attention:
             return _join(f"up_blocks.{block}.attentions.{layer}", rest)
         is_last_block = block == len(layout.up_attention) - 1
-        if m == upsampler_slot and layer == layout.layers_per_block and not is_last_block:
-            if rest == "conv" or rest.startswith("conv."):
-                return _join(f"up_blocks.{block}.upsamplers.0", rest)
+        if (m == upsampler_slot and layer == layout.layers_per_block and not is_last_block
+                and (rest == "conv" or rest.startswith("conv."))):
+            return _join(f"up_blocks.{block}.upsamplers.0", rest)
         return None
     return None
 

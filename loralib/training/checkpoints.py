@@ -121,7 +121,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
     except Exception as exc:
         raise CorruptFileError(f"the checkpoint {path} cannot be read ({type(exc).__name__})",
-                               "Resume from an older checkpoint (pass its folder to --resume)") from None
+                               "Resume from an older checkpoint (pass its folder to --resume)") from exc
     return Checkpoint(path, int(state["step"]), trainable, state, config, ema)
 
 

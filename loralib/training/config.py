@@ -54,9 +54,9 @@ def _number_list(value: Any, *, integer: bool, low: float, high: float, lengths,
     for part in (p.strip() for p in parts):
         try:
             number = int(part) if integer else float(part)
-        except ValueError:
+        except ValueError as exc:
             kind = "whole numbers" if integer else "numbers"
-            raise ValueError(f"must be comma-separated {kind}; {part!r} is not one") from None
+            raise ValueError(f"must be comma-separated {kind}; {part!r} is not one") from exc
         if not math.isfinite(number) or not low <= number <= high or (positive and number <= 0):
             bound = f"greater than {low}" if positive else f"at least {low}"
             raise ValueError(f"values must be {bound} and at most {high:g}; {part} is not")
@@ -111,9 +111,9 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     if data.enable_bucket and data.resolution % step:
         problems.append(f"data.resolution ({data.resolution}) must be a multiple of data.bucket_step ({step}) "
                         "when bucketing")
-    if net.network_type == "dora" and config.output.output_format != "peft":
-        problems.append("network.network_type = \"dora\" is saved as a PEFT folder: set output_format = \"peft\" "
-                        "(the kohya and diffusers writers cannot hold DoRA magnitudes yet)")
+    if net.network_type == "dora" and not _format_holds_dora(config.output.output_format):
+        problems.append(f"output.output_format = \"{config.output.output_format}\" cannot hold DoRA: set "
+                        "output_format = \"kohya\" (LyCORIS' dora_scale) or \"peft\" (use_dora)")
     if net.network_type == "dora" and train.base_weights_dtype != "default":
         problems.append("training.base_weights_dtype: 8-bit base weights do not work with DoRA (its magnitudes are "
                         "computed from the base weights); use base_weights_dtype = \"default\"")
@@ -143,6 +143,13 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     if (val.validate_every_n_steps or val.validate_every_n_epochs) and not config.has_validation:
         problems.append("validation.validate_every_n_steps/epochs need validation_split or validation_dir")
     return problems
+
+
+def _format_holds_dora(name: str) -> bool:
+    """Whether the writer of format ``name`` stores DoRA modules (asked of the format table only for DoRA runs)."""
+    from ..formats.table import FORMATS
+
+    return any(fmt.name == name and "dora" in fmt.holds_kinds for fmt in FORMATS)
 
 
 class ConfigError(InvalidArgumentError):
@@ -239,7 +246,8 @@ class NetworkSection(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder(s).")
     network_type: Literal["lora", "dora", "loha", "lokr"] = Field(
-        "lora", description="lora; dora (weight-decomposed LoRA with peft's use_dora, saved as a PEFT folder); "
+        "lora", description="lora; dora (weight-decomposed LoRA, peft's use_dora; saved in kohya format with "
+                            "LyCORIS' dora_scale, or as a PEFT folder); "
                             "loha and lokr are not available yet.")
     block_dims: str | None = Field(None, description="Rank per UNet block, kohya's block_dims: 25 comma-separated "
                                                      "values for SD1/SD2, 23 for SDXL; 0 leaves a block out.")
@@ -603,9 +611,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), ["not a UTF-8 text file"]) from None
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), ["not a UTF-8 text file"]) from exc
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

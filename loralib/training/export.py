@@ -6,8 +6,9 @@ is written from) whose metadata carries what sd-scripts records — ``ss_learnin
 ``modelspec.*`` keys; :mod:`loralib.metadata` adds rank, alpha, architecture and the hashes when
 the file is written, atomically.
 
-A DoRA run is written as a PEFT folder (``adapter_config.json`` with ``use_dora``, and the
-magnitude vectors beside the factors): the kohya and diffusers writers cannot hold DoRA yet.
+A DoRA run's modules are DoRA modules (:class:`~loralib.lycoris.kinds.DoraModule`, what every
+reader makes of a DoRA file), written by the kohya writer with LyCORIS' ``dora_scale`` or by the PEFT
+writer with ``use_dora`` and ``lora_magnitude_vector``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from .config import TrainConfig
 from .dataset import BatchPlan, Dataset
 
 if TYPE_CHECKING:
-    import torch
-
+    from ..formats.base import SaveResult
+    from ..lycoris.kinds import DoraModule
+    from ..records import OperationRecord
     from .blocks import BlockPlan
+
 
 @dataclass
 class RunInfo:
@@ -158,63 +161,15 @@ def _network_args(config: TrainConfig) -> dict[str, str]:
     return args
 
 
-def build_adapter(modules: dict[str, LoraModule], architecture: str, metadata: dict[str, str]) -> LoraAdapter:
+def build_adapter(modules: dict[str, LoraModule | DoraModule], architecture: str, metadata: dict[str, str]) -> LoraAdapter:
     """The trained modules as an adapter of ``architecture`` carrying ``metadata``."""
     return LoraAdapter(dict(sorted(modules.items())), architecture, "lorareg", dict(metadata))
 
 
-def save_dora(adapter: LoraAdapter, magnitudes: dict[str, torch.Tensor], path: Path, config: TrainConfig, *,
-              operation: dict | None, force: bool = False):
-    """Write a DoRA adapter as a PEFT folder: the factors of ``adapter``, each module's magnitude vector,
-    ``use_dora`` in every ``adapter_config.json``; atomically, with the training metadata."""
-    import json
-
-    from .. import metadata as meta
-    from ..files.atomic import atomic_dir, check_output
-    from ..files.writer import write_safetensors
-    from ..formats import peft
-    from ..formats.base import SaveResult
-    from ..naming import TE_ROOT
-
-    dtype = storage_dtype(config.output.save_dtype)
-    if path.exists() and not path.is_dir():
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"{path} is a file; a PEFT DoRA adapter is a folder", "Remove it or pass --force")
-    existing = peft.component_files(path) if path.is_dir() else []
-    if existing and not force:
-        check_output(existing[0], force=False)
-    metadata = meta.build(adapter, title=path.name, operation=operation)
-    files, main_hash = [], None
-    with atomic_dir(path) as tmp:
-        for component in adapter.components:
-            tensors, peft_config = peft.component_state(adapter, component, dtype)
-            by_path = {_module_path(k): k for k in adapter.modules if k.split(".", 1)[0] == component}
-            for name in [n for n in tensors if n.endswith(".lora_A.weight")]:
-                module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                magnitude = magnitudes[by_path[module.removeprefix(TE_ROOT + ".")]]
-                tensors[name.removesuffix(".lora_A.weight") + ".lora_magnitude_vector"] = \
-                    magnitude.to(dtype) if dtype is not None else magnitude
-            peft_config["use_dora"] = True
-            folder = tmp / peft.relative_folder(component)
-            folder.mkdir(exist_ok=True)
-            digest = write_safetensors(folder / peft.WEIGHTS_NAME, tensors, {"format": "pt", **metadata},
-                                       meta.SELF_HASHES)
-            (folder / peft.CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-            files += [path / peft.relative_folder(component) / n for n in (peft.WEIGHTS_NAME, peft.CONFIG_NAME)]
-            main_hash = main_hash or digest
-    return SaveResult(files[0], "peft", files, main_hash, ["DoRA: saved as a PEFT folder"])
-
-
-def _module_path(key: str) -> str:
-    """The module path of an internal key without its component and the text encoders' ``text_model.``."""
-    from ..naming import TE_ROOT
-
-    return key.split(".", 1)[1].removeprefix(TE_ROOT + ".")
-
-
-def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, operation: dict | None,
-                 force: bool = False):
+def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, operation: OperationRecord | None,
+                 force: bool = False) -> SaveResult:
     """Write ``adapter`` in the configured format and dtype, atomically; returns the SaveResult."""
+    from ..formats import save_adapter
+
     dtype = storage_dtype(config.output.save_dtype)
-    return adapter.save(path, config.output.output_format, force=force, dtype=dtype, operation=operation)
+    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation)

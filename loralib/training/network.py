@@ -13,13 +13,17 @@ trained adapter's modules are exactly the chosen layers:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..adapter import LoraModule
 from ..base_model import adaptable_layers
-from ..synthetic import ATTENTION, FEED_FORWARD, PROJECTION
+from ..layers import ATTENTION, FEED_FORWARD, PROJECTION
+
+if TYPE_CHECKING:
+    from ..lycoris.kinds import DoraModule
 
 ADAPTER_NAME = "default"
 _RESNET = re.compile(r"\.(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")
@@ -97,18 +101,12 @@ def lora_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Modul
     return found
 
 
-def dora_magnitudes(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """``{internal key: DoRA magnitude vector}`` of layers trained with ``use_dora`` (empty for plain LoRA)."""
-    found = {}
-    for key, layer in layers.items():
-        magnitude = getattr(layer, "lora_magnitude_vector", None)
-        if magnitude is not None and ADAPTER_NAME in magnitude:
-            found[key] = magnitude[ADAPTER_NAME].weight.detach().float().cpu().clone()
-    return found
+def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule | DoraModule]:
+    """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down); a layer
+    trained with ``use_dora`` becomes a :class:`~loralib.lycoris.kinds.DoraModule` around them, with
+    peft's magnitude (one per output feature, no epsilon)."""
+    from ..lycoris.kinds import dora
 
-
-def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule]:
-    """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down)."""
     modules = {}
     for key, layer in layers.items():
         down = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
@@ -117,7 +115,11 @@ def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule]:
         alpha = float(layer.lora_alpha[ADAPTER_NAME])
         if layer.use_rslora.get(ADAPTER_NAME, False):  # rsLoRA scales by alpha / sqrt(r); restate as alpha' / r
             alpha *= rank ** 0.5
-        modules[key] = LoraModule(down, up, alpha)
+        module = LoraModule(down, up, alpha)
+        magnitude = getattr(layer, "lora_magnitude_vector", None)
+        if magnitude is not None and ADAPTER_NAME in magnitude:
+            module = dora(module, magnitude[ADAPTER_NAME].weight.detach().float().cpu().clone(), "peft")
+        modules[key] = module
     return modules
 
 

@@ -101,7 +101,7 @@ def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig,
             optimizer = cls(groups, **arguments)
     except (ValueError, TypeError) as exc:
         raise InvalidArgumentError(f"optimizer {name} refused its settings: {exc}",
-                                   "Check learning_rate, weight_decay and optimizer_args") from None
+                                   "Check learning_rate, weight_decay and optimizer_args") from exc
     shown = ", ".join(f"{key}={value}" for key, value in arguments.items())
     return optimizer, f"{cls.__module__}.{cls.__name__}({shown})"
 

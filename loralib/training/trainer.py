@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, LoraError, OutputExistsError
+from ..records import OperationRecord
 from . import checkpoints, network
 from .config import TrainConfig
 from .dataset import BatchLoader, BatchPlan, BatchSpec, Dataset, scan_configured, training_and_validation
-from .export import RunInfo, adapter_path, build_adapter, save_dora, save_trained, training_metadata
+from .export import RunInfo, adapter_path, build_adapter, save_trained, training_metadata
 from .validation import derive_seed as _derive_seed
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,7 +76,7 @@ class TrainResult:
     checkpoint: Path | None = None
     save: Any = None  # SaveResult of the final adapter (None when interrupted)
     adapter: Any = None
-    operation: dict[str, Any] | None = None
+    operation: OperationRecord | None = None
     samples: list[Path] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)
     steps_per_second: float | None = None
@@ -652,29 +653,22 @@ class Trainer:
             return self.ema.swapped_in()
         return contextlib.nullcontext()
 
-    def _export(self, path: Path, epoch: int, operation: dict | None, force: bool):
+    def _export(self, path: Path, epoch: int, operation: OperationRecord | None, force: bool):
         adapter = result = None
         if self.accelerator.is_main_process:
             adapter = self.adapter(epoch)
-            if self.config.network.network_type == "dora":
-                with self._saved_weights():
-                    magnitudes = {}
-                    for model, targets in self.targets.values():
-                        magnitudes.update(network.dora_magnitudes(network.lora_layers(model, targets)))
-                result = save_dora(adapter, magnitudes, path, self.config, operation=operation, force=force)
-            else:
-                result = save_trained(adapter, path, self.config, operation=operation, force=force)
+            result = save_trained(adapter, path, self.config, operation=operation, force=force)
         self.accelerator.wait_for_everyone()
         return adapter, result
 
-    def operation(self) -> dict[str, Any]:
+    def operation(self) -> OperationRecord:
         """The history record of this run (written into the file and given to the catalog)."""
-        return {"operation": "train", "inputs": [], "params": self.config.flat(),
-                "dataset": self.dataset.summary(self.plan.bucket_counts()),
-                "base_model": str(self.config.model.base_model), "architecture": self.base.architecture,
-                "steps": self.step, "epochs": self._epoch_of(max(self.step - 1, 0)) + 1,
-                "final_loss": self.losses[-1] if self.losses else None,
-                "final_validation_loss": self.validation_losses[-1][1] if self.validation_losses else None}
+        return OperationRecord("train", [], {
+            "params": self.config.flat(), "dataset": self.dataset.summary(self.plan.bucket_counts()),
+            "base_model": str(self.config.model.base_model), "architecture": self.base.architecture,
+            "steps": self.step, "epochs": self._epoch_of(max(self.step - 1, 0)) + 1,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "final_validation_loss": self.validation_losses[-1][1] if self.validation_losses else None})
 
     def _finish(self, began: float, speed: float | None) -> TrainResult:
         epoch = self._epoch_of(max(self.step - 1, 0)) + 1
@@ -698,6 +692,14 @@ class Trainer:
 
     # --- samples ----------------------------------------------------------------------------------------------
 
+    def _base_hash(self) -> str | None:
+        """The base model's A1111 ``Model hash`` (computed once, for the samples)."""
+        if not hasattr(self, "_model_hash"):
+            from ..generation import model_hash
+
+            self._model_hash = model_hash(self.config.model.base_model)
+        return self._model_hash
+
     def _render_samples(self) -> None:
         from .sampling import render_samples
 
@@ -711,7 +713,8 @@ class Trainer:
                     written = render_samples(
                         self.base, acc.unwrap_model(self.objective.unet),
                         [acc.unwrap_model(e) for e in self.objective.text_encoders], self.config, self.step,
-                        self.output_dir / "samples", lambda d, t: self.on_phase("rendering samples", d, t))
+                        self.output_dir / "samples", lambda d, t: self.on_phase("rendering samples", d, t),
+                        model_hash=self._base_hash())
             finally:
                 torch.set_rng_state(rng_state)
                 for model in self.models.values():

@@ -9,7 +9,9 @@ never writes files anywhere, whatever names a commit contains.
 
 What it models
 --------------
-* Model repos only (``/api/models/...``); dataset/space/kernel routes answer
+* Model repos (``/api/models/...``) and Space repos (``/api/spaces/...``, kept
+  under the id ``spaces/<owner>/<name>`` in the test hooks, e.g.
+  ``hub.list_files("spaces/alice/gallery")``); dataset/kernel routes answer
   404 ``RepoNotFound``.
 * Git-like history: every commit has a 40-hex id and a parent; branches (at
   least ``main``) and tags point to commits; a revision is a branch name, a
@@ -90,7 +92,7 @@ import threading
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import MappingProxyType, TracebackType
@@ -162,7 +164,7 @@ class CommitRecord:
 
 
 def _git_blob_id(data: bytes) -> str:
-    digest = hashlib.sha1()  # noqa: S324 - git object ids are SHA-1 by definition
+    digest = hashlib.sha1()
     digest.update(b"blob %d\0" % len(data))
     digest.update(data)
     return digest.hexdigest()
@@ -235,6 +237,7 @@ class _Repo:
     commits: dict[str, CommitRecord] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    sdk: str | None = None  #: Spaces only: gradio, docker or static
 
 
 class _RepoStore:
@@ -250,13 +253,13 @@ class _RepoStore:
         with self.lock:
             return self._repos.get(repo_id)
 
-    def create(self, repo_id: str, owner: str, private: bool) -> _Repo:
+    def create(self, repo_id: str, owner: str, private: bool, sdk: str | None = None) -> _Repo:
         with self.lock:
             if repo_id in self._repos:
                 raise HubError(409, "You already created this model repo")
-            now = datetime.now(timezone.utc)
-            object_id = hashlib.sha1(f"{repo_id}:{next(self._sequence)}".encode()).hexdigest()[:24]  # noqa: S324
-            repo = _Repo(repo_id=repo_id, owner=owner, private=private, created_at=now, object_id=object_id)
+            now = datetime.now(UTC)
+            object_id = hashlib.sha1(f"{repo_id}:{next(self._sequence)}".encode()).hexdigest()[:24]
+            repo = _Repo(repo_id=repo_id, owner=owner, private=private, created_at=now, object_id=object_id, sdk=sdk)
             self._repos[repo_id] = repo
             gitattributes = {".gitattributes": Blob.of(DEFAULT_GITATTRIBUTES)}
             initial = self._new_commit(repo, None, owner, "initial commit", "", gitattributes)
@@ -334,8 +337,8 @@ class _RepoStore:
         description: str,
         files: Mapping[str, Blob],
     ) -> CommitRecord:
-        now = datetime.now(timezone.utc)
-        digest = hashlib.sha1()  # noqa: S324 - commit ids are SHA-1 shaped, like git's
+        now = datetime.now(UTC)
+        digest = hashlib.sha1()
         digest.update(f"{repo.repo_id}\n{parent}\n{author}\n{_iso(now)}\n{next(self._sequence)}\n".encode())
         digest.update(f"{title}\n{description}\n".encode())
         for path in sorted(files):
@@ -423,6 +426,8 @@ class _HubApi:
                 return self._delete_repo(request)
             if rest == ["validate-yaml"] and method == "POST":
                 return self._validate_yaml(request)
+            if rest[:1] == ["spaces"] and len(rest) >= 3:
+                return self._model_route(request, f"spaces/{rest[1]}/{rest[2]}", rest[3:])
             if rest[:1] in (["datasets"], ["spaces"], ["kernels"]):
                 raise _repo_not_found()
             if rest[:1] == ["models"] and len(rest) >= 3:
@@ -487,7 +492,7 @@ class _HubApi:
         return _Response.json(
             {
                 "type": "user",
-                "id": hashlib.sha1(user.encode()).hexdigest()[:24],  # noqa: S324
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
                 "name": user,
                 "fullname": user,
                 "email": f"{user}@example.invalid",
@@ -512,8 +517,10 @@ class _HubApi:
         user = self._require_user(request)
         payload = request.json() or {}
         repo_type = payload.get("type") or "model"
-        if repo_type != "model":
-            raise HubError(400, f"This test hub only hosts model repos, not '{repo_type}' repos")
+        if repo_type not in ("model", "space"):
+            raise HubError(400, f"This test hub only hosts model and space repos, not '{repo_type}' repos")
+        if repo_type == "space" and payload.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, f"Invalid Space SDK: {payload.get('sdk')!r}")
         name, namespace = payload.get("name"), payload.get("organization") or user
         if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS or ".." in name:
             raise HubError(400, f"Invalid repo name: {name!r}")
@@ -521,10 +528,10 @@ class _HubApi:
             raise HubError(403, f"You don't have the rights to create a model under the namespace '{namespace}'")
         visibility = payload.get("visibility")
         private = visibility == "private" if visibility is not None else bool(payload.get("private"))
-        repo_id = f"{namespace}/{name}"
+        repo_id = f"{namespace}/{name}" if repo_type == "model" else f"spaces/{namespace}/{name}"
         url = f"{self.hub.url}/{repo_id}"
         try:
-            repo = self.store.create(repo_id, user, private)
+            repo = self.store.create(repo_id, user, private, payload.get("sdk") if repo_type == "space" else None)
         except HubError as error:
             error.extra_body["url"] = url
             raise
@@ -583,6 +590,8 @@ class _HubApi:
             "siblings": siblings,
             "usedStorage": sum(blob.size for blob in commit.files.values()),
         }
+        if repo.sdk:
+            info["sdk"] = repo.sdk
         wanted = request.query.get("expand") or request.query.get("expand[]")
         if wanted:
             info = {key: value for key, value in info.items() if key in {"_id", "id", *wanted}}
@@ -849,7 +858,7 @@ def _folders(files: Iterable[str]) -> set[str]:
 
 def _folder_id(files: Mapping[str, Blob], folder: str) -> str:
     prefix = folder + "/"
-    digest = hashlib.sha1(b"tree\0")  # noqa: S324
+    digest = hashlib.sha1(b"tree\0")
     for path in sorted(p for p in files if p.startswith(prefix)):
         digest.update(f"{path}\0{files[path].git_sha1}\n".encode())
     return digest.hexdigest()
@@ -937,12 +946,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.track(self.connection, add=False)
 
-    def do_GET(self) -> None:  # noqa: N802 - name imposed by BaseHTTPRequestHandler
+    def do_GET(self) -> None:
         self._dispatch()
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET  # noqa: N815
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: tests inspect ``hub.requests`` instead."""
 
     def _read_body(self) -> bytes:
@@ -1047,7 +1056,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         #: Tracebacks of unexpected exceptions raised while serving (should stay empty).
         self.server_errors: list[str] = []
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._host, self._port = host, port
         self._store = _RepoStore()
         self._api = _HubApi(self)
@@ -1149,6 +1158,10 @@ class HubServer:
     def file_bytes(self, repo_id: str, path: str, revision: str = _DEFAULT_BRANCH) -> bytes:
         """Stored (uncorrupted) content of ``path`` at ``revision``; ``KeyError`` if absent."""
         return self.commits(repo_id, revision)[0].files[path].data
+
+    def space_sdk(self, repo_id: str) -> str | None:
+        """The SDK a Space was created with (``repo_id`` written ``spaces/<owner>/<name>``)."""
+        return self._repo(repo_id).sdk
 
     def repo_is_private(self, repo_id: str) -> bool:
         """Visibility of an existing repo."""

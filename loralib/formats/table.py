@@ -1,0 +1,31 @@
+"""Every file format lorareg reads or writes, in detection order.
+
+Adding a format is adding a module that exports a :class:`~loralib.formats.base.Format` and
+listing it here (see docs/formats.md). Order matters where spellings overlap: a PEFT key also
+reads as a current diffusers key, so PEFT comes first; LyCORIS files also spell their LoCon
+modules the kohya way, so kohya (which reads only plain files) comes before LyCORIS.
+"""
+
+from __future__ import annotations
+
+from . import cloneofsimo, diffusers, kohya, lycoris, peft
+from .base import Format, Kind
+
+FORMATS: tuple[Format, ...] = (kohya.FORMAT, lycoris.FORMAT, peft.FORMAT, diffusers.FORMAT, cloneofsimo.FORMAT)
+WRITE_FORMATS: tuple[str, ...] = tuple(f.name for f in FORMATS if f.write is not None)
+
+
+def by_name(name: str) -> Format | None:
+    """The format called ``name`` (case-insensitive), or None."""
+    wanted = name.strip().lower()
+    return next((f for f in FORMATS if f.name == wanted), None)
+
+
+def for_kind(kind: Kind) -> Format | None:
+    """The format that reads files of ``kind``, or None (checkpoints, other families, unsupported kinds)."""
+    return next((f for f in FORMATS if kind in f.kinds), None)
+
+
+def folder_formats() -> tuple[Format, ...]:
+    """The formats that store an adapter as a folder of known files."""
+    return tuple(f for f in FORMATS if f.folder is not None)
