@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 EXTRA_MODULES: dict[str, str] = {
     "torch": "compose", "safetensors": "compose", "diffusers": "compose", "transformers": "compose",
     "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+    "prodigyopt": "train",
     "starlette": "web", "uvicorn": "web", "jinja2": "web", "multipart": "web",
 }
 SECTIONS: list[tuple[str, list[str]]] = [
