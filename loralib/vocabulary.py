@@ -6,16 +6,16 @@ Nothing here imports torch, so ``lorareg --help`` and the catalog commands can u
 
 from __future__ import annotations
 
-from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES
+from .architectures import ARCHITECTURES, COMPONENTS
 from .dtypes import STORAGE_DTYPES
 from .formats.table import FORMATS, WRITE_FORMATS
 
 __all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "FORMAT_NAMES", "HUB_LAYOUTS",
            "KNOWN_ARCHITECTURES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", "WRITE_FORMATS"]
 
-# Architectures lorareg trains, converts and merges for; and every one it can name.
+# Architectures lorareg converts and merges for (and builds tiny models of); and every one it can name.
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
-KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, *FOREIGN_FAMILIES, "unknown")
+KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, "unknown")
 # Every format name a file can be recorded under (the spellings lorareg reads).
 FORMAT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds))
 # Extra layouts ``push --also`` uploads beside the kohya file.

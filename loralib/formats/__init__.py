@@ -52,9 +52,6 @@ def refuse(kind: Kind, name: str) -> None:
     """Raise the error for a recognised file that is not a plain LoRA."""
     if not kind.is_adapter:
         raise NotALoraError(f"{name} is not a LoRA adapter: it is a {kind.title}")
-    if kind.family is not None:
-        raise UnsupportedFormatError(f"{name} is a {kind.title}",
-                                     "lorareg converts and merges SD1.x, SD2.x and SDXL adapters only")
     raise UnsupportedFormatError(f"{name} is a {kind.title}, not a plain LoRA",
                                  "This operation needs plain low-rank factors (down/up); inspect still works")
 
@@ -81,6 +78,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     """
     from ..adapter import LoraAdapter, LoraModule
     from ..files.hashes import Deferred, tensor_data_sha256
+    from .fusing import split, swap_halves
 
     index = index_adapter(path, allow_pickle=allow_pickle)
     main = index.sources[0]
@@ -89,12 +87,23 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     for source in index.sources:
         wanted = [n for e in index.modules.values() if e.source is source for n in (e.down, e.up, e.mid) if n]
         wanted += [n for s, n in index.embeddings.values() if s is source]
-        tensors[id(source)] = source.load(wanted)
+        tensors[id(source)] = source.load(list(dict.fromkeys(wanted)))
     modules = {}
+    fused: dict[tuple[int, str], list] = {}
     for key, e in index.modules.items():
         loaded = tensors[id(e.source)]
-        modules[key] = LoraModule(loaded[e.down], loaded[e.up], e.effective_alpha,
-                                  loaded[e.mid] if e.mid else None)
+        if e.rows is not None:
+            fused.setdefault((id(e.source), e.up), []).append(e)
+            continue
+        up = swap_halves(loaded[e.up]) if e.swap else loaded[e.up]
+        modules[key] = LoraModule(loaded[e.down], up, e.effective_alpha, loaded[e.mid] if e.mid else None)
+    for entries in fused.values():
+        first = entries[0]
+        loaded = tensors[id(first.source)]
+        entries.sort(key=lambda e: e.rows)
+        parts = split(loaded[first.down], loaded[first.up], first.effective_alpha, [e.rows for e in entries])
+        modules.update({e.key: part for e, part in zip(entries, parts) if part is not None})
+    modules = {key: modules[key] for key in index.modules if key in modules}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),
                        embeddings, Path(path), source_hash=identity)
@@ -110,13 +119,16 @@ def writer(format: str) -> Format:
 
 def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", *, force: bool = False,
                  dtype: torch.dtype | None = None, drop_embeddings: bool = False,
-                 operation: OperationRecord | None = None, title: str | None = None) -> SaveResult:
-    """Write ``adapter`` to ``path`` in ``format`` (``kohya``, ``peft`` or ``diffusers``), atomically.
+                 operation: OperationRecord | None = None, title: str | None = None,
+                 fused_rank: int | None = None) -> SaveResult:
+    """Write ``adapter`` to ``path`` in ``format`` (``kohya``, ``comfyui``, ``peft`` or ``diffusers``), atomically.
 
     An existing output is replaced only with ``force``. ``operation`` describes how the adapter
     was made; it is appended to the file's ``lorareg.history`` and returned, input hashes
     resolved, as the result's ``operation``. ``title`` is the ModelSpec title of a new adapter
-    (default: the file's name).
+    (default: the file's name). ``fused_rank`` caps the rank of the layers a format fuses (Flux's
+    and SD3's ``qkv``, Flux's ``linear1``) at the optimal approximation of that rank; without it they
+    are fused exactly (block-diagonally when the parts have their own ``down``).
     """
     fmt = writer(format)
     if not adapter.modules:
@@ -131,18 +143,24 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
         notes.append(f"left out textual-inversion tokens: {', '.join(adapter.embeddings)}")
     if not fmt.holds_cp_mid and any(m.mid is not None for m in adapter.modules.values()):
         notes.append("folded CP-decomposed conv factors (lora_mid) into lora_down; ΔW is unchanged")
-    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes))
+    if fused_rank is not None and fused_rank < 1:
+        raise InvalidArgumentError(f"the rank of fused layers must be at least 1, not {fused_rank}")
+    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, fused_rank))
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,
-            dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False) -> SaveResult:
-    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged."""
+            dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False,
+            fused_rank: int | None = None) -> SaveResult:
+    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged
+    (unless ``fused_rank`` asks for a lower rank of fused layers, see :func:`save_adapter`)."""
     from ..metadata import input_record
     from ..records import OperationRecord
 
     fmt = writer(format)
     adapter = load_adapter(source, allow_pickle=allow_pickle)
-    operation = OperationRecord("convert", [input_record(adapter)],
-                                {"from_format": adapter.source_format, "to_format": fmt.name})
+    params = {"from_format": adapter.source_format, "to_format": fmt.name}
+    if fused_rank is not None:
+        params["fused_rank"] = fused_rank
+    operation = OperationRecord("convert", [input_record(adapter)], params)
     return save_adapter(adapter, output, fmt.name, force=force, dtype=dtype, drop_embeddings=drop_embeddings,
-                        operation=operation)
+                        operation=operation, fused_rank=fused_rank)

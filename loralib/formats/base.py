@@ -38,7 +38,6 @@ class Kind:
     format: str
     title: str
     plain_lora: bool
-    family: str | None = None  # "flux" or "sd3" for adapters of other model families
 
     @property
     def is_adapter(self) -> bool:
@@ -105,6 +104,7 @@ class WriteRequest:
     title: str | None = None
     operation: OperationRecord | None = None
     notes: list[str] = field(default_factory=list)
+    fused_rank: int | None = None  # cap on the rank of layers a format fuses (Flux/SD3 qkv), optimal approximation
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,8 @@ class ModuleEntry:
     up: str
     alpha: float | None = None  # None: alpha equals the rank
     mid: str | None = None
+    rows: tuple[int, int] | None = None  # this module's rows of a fused layer's ``up`` (split on loading)
+    swap: bool = False  # the file stores the two halves of the rows exchanged (shift/scale order)
 
     @property
     def rank(self) -> int:
@@ -155,6 +157,11 @@ class ModuleEntry:
     def in_features(self) -> int:
         """Input width of the adapted layer (after folding a CP mid, the same)."""
         return int(self.source.shapes[self.down][1])
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the adapted layer (its rows of a fused layer)."""
+        return self.rows[1] - self.rows[0] if self.rows else int(self.source.shapes[self.up][0])
 
     @property
     def is_conv(self) -> bool:
@@ -175,6 +182,10 @@ class ModuleEntry:
         """Raise if the stored factor shapes cannot form a LoRA module."""
         down, up = self.source.shapes[self.down], self.source.shapes[self.up]
         ok = len(down) in (2, 4) and len(up) == len(down) and up[1] == down[0] and down[0] > 0
+        if ok and self.rows is not None:
+            ok = len(down) == 2 and 0 <= self.rows[0] < self.rows[1] <= up[0]
+        if ok and self.swap:
+            ok = up[0] % 2 == 0
         if ok and self.mid is not None:
             mid = self.source.shapes[self.mid]
             ok = len(mid) == 4 and tuple(mid[:2]) == (down[0], down[0])
@@ -194,11 +205,12 @@ class AdapterIndex:
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, tuple[TensorSource, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    family: str | None = None  # what the file's own names say (``flux`` for BFL names, ``sd3`` for MMDiT ones)
 
     @property
     def architecture(self) -> Detection:
-        """The base architecture, decided from module keys and widths."""
-        return detect_architecture({k: e.in_features for k, e in self.modules.items()})
+        """The base architecture, decided from module keys and widths (metadata only breaks ties)."""
+        return detect_architecture({k: e.in_features for k, e in self.modules.items()}, self.metadata, self.family)
 
     @property
     def path(self) -> Path:

@@ -1,10 +1,10 @@
 """Tell what a tensor file holds from its key names and shapes alone (no tensors are read).
 
-Plain LoRA formats (those in :mod:`loralib.formats.table`) are read by lorareg: each key counts
-for the first format spelling it matches, and the most counted wins. Other adapter kinds
-(LyCORIS LoHa/LoKr/DoRA/…), adapters for other model families (Flux, SD3), textual inversions
-and full checkpoints are recognised and named, so that an operation which needs plain LoRA
-factors can say exactly what it was given.
+Plain LoRA formats (those in :mod:`loralib.formats.table`) are read by lorareg, for every model
+family (SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): each key counts for the first format spelling it
+matches, and a format that reads every key wins. Other adapter kinds (LyCORIS LoHa/LoKr/DoRA/…,
+Flux Control LoRAs), textual inversions and full model weights are recognised and named, so
+that an operation which needs plain LoRA factors can say exactly what it was given.
 """
 
 from __future__ import annotations
@@ -27,37 +27,19 @@ _LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
     (re.compile(r"\.(w_norm|b_norm)$"), Kind("lycoris-norm", "LyCORIS norm-layer adapter", False)),
     (re.compile(r"\.on_input$"), Kind("lycoris-ia3", "(IA)³ adapter", False)),
 ]
-_FLUX = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks|x_embedder|guidance_in|img_in|txt_in)[._]")
-_SD3 = re.compile(r"(^|[._])(joint_blocks|context_block|x_block|pos_embed)[._]")
-# Keys both MMDiT families share (Flux and SD3 differ in width: Flux is 3072 wide).
-_MMDIT = re.compile(r"^lora_(te3|transformer)_|(^|\.)transformer_blocks\.\d+\.(attn\.add_[qkv]_proj|ff_context|norm1_context)")
+# Adapters that are not LoRA factors alone: a Flux Control LoRA (BFL) also trains biases and norm scales.
+_OTHER_KINDS = [
+    (re.compile(r"(\.lora_B\.bias|_norm\.scale)$"), Kind("flux-control", "Flux Control LoRA (BFL: with biases and norm scales)", False)),
+]
 _CHECKPOINT = re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner\.embedders|"
                          r"model_ema|text_encoders?\.\w+\.transformer)\.")
 _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_blocks|decoder\.up_blocks|"
-                            r"text_model\.encoder|encoder\.layers)\.[\w.]+\.(weight|bias)$")
+                            r"text_model\.encoder|encoder\.layers|encoder\.block|(model\.diffusion_model\.)?(double_blocks|"
+                            r"single_blocks|joint_blocks)|transformer_blocks|single_transformer_blocks)\.[\w.]+\.(weight|bias|scale)$")
 _TI_NAMES = {"emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "*"}
 _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
 
-# Words without which none of the foreign-family patterns can match: a substring test over all
-# names is a hundred times faster than the patterns, which then run only where one is present.
-_FOREIGN_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks", "x_embedder", "guidance_in", "img_in",
-                  "txt_in", "joint_blocks", "context_block", "x_block", "pos_embed", "lora_te3_", "lora_transformer_",
-                  "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context")
 _LYCORIS_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _LYCORIS))
-
-
-def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    text = "\n".join(names)
-    if not any(word in text for word in _FOREIGN_WORDS):
-        return None
-    if any(_FLUX.search(n) for n in names):
-        return "flux"
-    if any(_SD3.search(n) for n in names):
-        return "sd3"
-    if any(_MMDIT.search(n) for n in names):
-        widths = {shapes[n][-1] for n in names if re.search(r"(lora_A|lora\.down|lora_down)\.weight$", n)}
-        return "sd3" if widths and 3072 not in widths else "flux"
-    return None
 
 
 def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> Kind | None:
@@ -69,23 +51,19 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     """
     if not names:
         return None
-    family = _family(names, shapes)
     lycoris = None
     if any(_LYCORIS_ANY.search(n) for n in names):
         lycoris = next(kind for pattern, kind in _LYCORIS for n in names if pattern.search(n))
-    if family is not None:
-        title = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
-        if any(_LORA_HINT.search(n) for n in names):
-            what = lycoris.title if lycoris else "LoRA"
-            return Kind(f"{family}-adapter", f"{title} {what}", False, family)
-        return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
     match = best_format(names)
     if match is not None and match.complete:
         return match.kind
     if lycoris is not None:
         return lycoris
+    other = next((kind for pattern, kind in _OTHER_KINDS for n in names if pattern.search(n)), None)
+    if other is not None:
+        return other
     if any(_CHECKPOINT.match(n) for n in names):
-        return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
+        return Kind("checkpoint", "full model checkpoint (not an adapter)", False)
     if match is not None:
         return match.kind
     if _is_textual_inversion(names, shapes):

@@ -2,15 +2,17 @@
 
 Adding a format is adding a module that exports a :class:`~loralib.formats.base.Format` and
 listing it here (see docs/formats.md). Order matters where spellings overlap: a PEFT key also
-reads as a current diffusers key, so PEFT comes first.
+reads as a current diffusers key, so PEFT comes first; a diffusers file with ``.alpha`` keys is
+also read by OneTrainer's INTERNAL reader, so diffusers comes first.
 """
 
 from __future__ import annotations
 
-from . import cloneofsimo, diffusers, kohya, peft
+from . import cloneofsimo, comfyui, diffusers, kohya, omi, onetrainer, peft, xlabs
 from .base import Format, Kind
 
-FORMATS: tuple[Format, ...] = (kohya.FORMAT, peft.FORMAT, diffusers.FORMAT, cloneofsimo.FORMAT)
+FORMATS: tuple[Format, ...] = (kohya.FORMAT, peft.FORMAT, diffusers.FORMAT, cloneofsimo.FORMAT, comfyui.FORMAT,
+                               onetrainer.INTERNAL_FORMAT, onetrainer.ORIGINAL_FORMAT, omi.FORMAT, xlabs.FORMAT)
 WRITE_FORMATS: tuple[str, ...] = tuple(f.name for f in FORMATS if f.write is not None)
 
 
@@ -21,7 +23,7 @@ def by_name(name: str) -> Format | None:
 
 
 def for_kind(kind: Kind) -> Format | None:
-    """The format that reads files of ``kind``, or None (LyCORIS, checkpoints, other families)."""
+    """The format that reads files of ``kind``, or None (LyCORIS, checkpoints, embeddings)."""
     return next((f for f in FORMATS if kind in f.kinds), None)
 
 
