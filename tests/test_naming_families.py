@@ -46,16 +46,15 @@ def _meta_transformer(arch: str):
         return getattr(diffusers, spec.denoiser_class)(**spec.denoiser_config)
 
 
-def _original_checkpoint(model, native_map, extra):
-    """An original-layout checkpoint whose rows say where each must land: value = 100000·index + row."""
+def original_layout(model, native_map, extra, value_of) -> dict[str, torch.Tensor]:
+    """The model's parameters in the original checkpoint layout, ``value_of(name, parameter)`` each:
+    fused layers' rows concatenated in their order, swapped halves swapped."""
     import re
 
     modules = dict(model.named_modules())
-    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    expected, fused = {}, {}
-    for index, (name, shape) in enumerate(shapes.items()):
-        rows = torch.arange(shape[0] if shape else 1, dtype=torch.float64) + 100000 * index
-        expected[name] = rows
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for name, parameter in model.state_dict().items():
+        value = value_of(name, parameter)
         module_path, _, kind = name.rpartition(".")
         if isinstance(modules.get(module_path), (torch.nn.Linear, torch.nn.Conv2d)):
             found = native_map.to_native(module_path)
@@ -64,19 +63,28 @@ def _original_checkpoint(model, native_map, extra):
             out, width = modules[module_path].weight.shape[:2]
             target = native_map.to_target(native, (sum(rule.units) * width if len(rule.parts) > 1 else out, width))
             assert target.keys[part] == f"transformer.{module_path}"
-            stored = rows
-            if target.swap:
-                stored = torch.cat(rows.chunk(2)[::-1])
-            fused.setdefault(f"{native}.{kind}", {})[part] = stored
+            fused.setdefault(f"{native}.{kind}", {})[part] = torch.cat(value.chunk(2)[::-1]) if target.swap else value
             continue
         for pattern, original in extra.items():
             if match := re.fullmatch(pattern, name):
-                fused[original.format(*match.groups())] = {0: rows}
+                fused[original.format(*match.groups())] = {0: value}
                 break
         else:
             raise AssertionError(f"{name} is neither an adaptable layer nor a known extra parameter")
-    checkpoint = {name: torch.cat([parts[i] for i in sorted(parts)]) for name, parts in fused.items()}
-    return checkpoint, expected
+    return {name: torch.cat([parts[i] for i in sorted(parts)]) for name, parts in fused.items()}
+
+
+def _original_checkpoint(model, native_map, extra):
+    """An original-layout checkpoint whose rows say where each must land: value = 100000·index + row."""
+    index = {name: i for i, name in enumerate(model.state_dict())}
+    expected = {}
+
+    def encode(name, parameter):
+        rows = parameter.shape[0] if parameter.ndim else 1
+        expected[name] = torch.arange(rows, dtype=torch.float64) + 100000 * index[name]
+        return expected[name]
+
+    return original_layout(model, native_map, extra, encode), expected
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3", "sd35-medium", "sd35-large"])
