@@ -110,24 +110,30 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of the layers the output fuses (Flux/SD3 qkv, Flux "
+              "linear1): the optimal rank-N approximation; default exact (rank up to the sum of the parts' ranks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, dtype: str | None, force: bool,
-                    drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
-    """Convert ADAPTER to kohya (default), PEFT or diffusers format; every module's ΔW is unchanged.
+                    drop_embeddings: bool, allow_pickle: bool, rank: int | None, as_json: bool) -> None:
+    """Convert ADAPTER to kohya (default), PEFT, diffusers or ComfyUI format; every module's ΔW is unchanged.
+
+    Reads every spelling (kohya, PEFT, diffusers, ComfyUI/BFL, OneTrainer, OMI, XLabs, cloneofsimo)
+    of SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 adapters.
 
     \b
     Examples:
       lorareg convert my_lora.safetensors --to peft -o out_dir/
       lorareg convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
       lorareg convert x.safetensors --to diffusers -o pytorch_lora_weights.safetensors
+      lorareg convert flux_diffusers.safetensors --to kohya --rank 32 -o flux_kohya.safetensors
     """
     from loralib.formats import convert
 
     source = resolve_adapter(ctx, adapter)
     target = Path(output) if output else default_output(source, fmt)
     result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
-                     drop_embeddings=drop_embeddings, allow_pickle=allow_pickle)
+                     drop_embeddings=drop_embeddings, allow_pickle=allow_pickle, fused_rank=rank)
     register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],

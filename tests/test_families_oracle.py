@@ -57,7 +57,8 @@ def _adapter(arch: str, base_dir, *, with_t5: bool = False, without=None, seed: 
         if without is not None and without.match(key):
             continue
         component = key.split(".", 1)[0]
-        if component == "transformer" or (T5.search(key) and with_t5) or ATTENTION.search(key) or FEED_FORWARD.search(key):
+        t5 = bool(T5.search(key))
+        if component == "transformer" or (t5 and with_t5) or (not t5 and (ATTENTION.search(key) or FEED_FORWARD.search(key))):
             layers[key] = layer_shape(module)
     adapter = random_adapter(layers, rank=4, seed=seed, architecture=arch)
     for i, module in enumerate(adapter.modules.values()):

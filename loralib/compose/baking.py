@@ -3,7 +3,9 @@
 Every adapted weight becomes ``W + Σ w_i · ΔW_i``, computed and added in float32 and then cast
 back to the weight's stored dtype (adding in fp16/bf16 would drift). A diffusers folder is baked
 into a diffusers folder (every weight file of every variant is rewritten, everything else is
-copied); a single-file checkpoint into a single file with the same keys. All checks — adapters
+copied), a diffusers transformer folder into a transformer folder, and a single-file checkpoint
+(SD's original layout, or Flux.1's/SD3's with fused ``qkv`` layers) into a single file with the
+same keys. All checks — adapters
 fit each other and the base, the output may be written — run before anything is written, and
 the output appears atomically.
 """
@@ -25,6 +27,7 @@ from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
 from ..files.atomic import atomic_dir, check_output, refuse_overwrite
 from ..files.header import read_header
 from ..files.writer import write_safetensors
+from ..formats.fusing import swap_halves
 from ..metadata import HISTORY_KEY, history, input_record
 from ..records import OperationRecord
 from .inputs import AdapterLike, Progress, WeightedAdapter, check_compatible, load_weighted
@@ -154,6 +157,8 @@ def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict
         weight = stored.to(torch.float32)
         for key, slot in entries:
             delta = layer_delta(deltas[key])
+            if slot.swap:  # the file keeps this layer's halves in the original model's order
+                delta = swap_halves(delta)
             if slot.rows is None:
                 weight += delta.reshape(weight.shape)
             else:
