@@ -72,9 +72,13 @@ def _output_options(function):
     return function
 
 
-def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool) -> None:
-    """Save a composition, record it in the catalog and print its summary."""
-    result = composition.save(output, fmt, force=force)
+def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool,
+            rank: int | None = None) -> None:
+    """Save a composition, record it in the catalog and print its summary.
+
+    With a fixed ``rank``, layers the output format fuses (Flux/SD3 ``qkv``) are kept at that rank too.
+    """
+    result = composition.save(output, fmt, force=force, fused_rank=rank)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
@@ -155,7 +159,7 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+    _finish(ctx, composition, output, fmt, force, as_json, rank)
 
 
 @click.command("resize")
@@ -167,7 +171,8 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
                    output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
-    Modules already at or below --rank are kept bit for bit.
+    Modules already at or below --rank are kept bit for bit. For Flux.1/SD3 written in kohya or
+    ComfyUI names, fused layers (qkv, linear1) are also stored at --rank.
 
     \b
     Examples:
@@ -180,7 +185,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     refuse_overwrite(output, force)
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+    _finish(ctx, composition, output, fmt, force, as_json, rank)
 
 
 @click.command("bake")
@@ -256,4 +261,4 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
         composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
                               min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json)
+    _finish(ctx, composition, output, fmt, force, as_json, rank)

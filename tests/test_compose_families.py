@@ -102,7 +102,7 @@ def test_bake_into_a_flux_folder_and_extract_it_back(tiny_flux, flux_pair, tmp_p
 
 
 def test_bake_into_a_single_bfl_file_and_a_transformer_folder_and_extract(tiny_flux, flux_pair, tmp_path):
-    a, a_path, _, _ = flux_pair
+    a = flux_pair[0]
     from diffusers import FluxTransformer2DModel
 
     from loralib.naming.flux import FLUX_MAP
@@ -155,3 +155,31 @@ def test_inspect_catalog_and_hub_card_of_a_flux_lora(flux_pair, lorareg, hub, tm
     assert res.code == 0, res.err
     pulled = json.loads(res.out)
     assert loralib.load(pulled["path"]).architecture == "flux"
+
+
+def test_bake_into_an_sd3_single_file_with_mmdit_names_and_extract_it_back(tiny_sd3, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from loralib.naming.sd3 import SD3_MAP
+    from tests.test_naming_families import SD3_EXTRA
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3 / "transformer")
+    original = original_layout(transformer, SD3_MAP, SD3_EXTRA, lambda name, value: value.detach().clone().contiguous())
+    save_file({f"model.diffusion_model.{k}": v for k, v in original.items()}, tmp_path / "sd3.safetensors")
+    with ModelWeights.open(tmp_path / "sd3.safetensors") as model:
+        layers = model.shapes()
+    assert "transformer.pos_embed.proj" in layers and layers["transformer.pos_embed.proj"].is_conv
+    adapter = random_adapter(layers, 3, 3.0, seed=4, architecture="sd3")  # every layer, the conv and the swapped ones too
+    bake(tmp_path / "sd3.safetensors", [(adapter, 1.0)], tmp_path / "baked.safetensors")
+    state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    for key, module in adapter.modules.items():
+        state[key.split(".", 1)[1] + ".weight"] += module.delta()
+    transformer.load_state_dict(state)
+    expected = original_layout(transformer, SD3_MAP, SD3_EXTRA, lambda name, value: value.detach())
+    baked = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(tmp_path / "baked.safetensors").items()}
+    assert set(baked) == set(expected)
+    assert max((baked[k] - expected[k]).abs().max().item() for k in baked) <= 2e-6
+    extracted = extract(tmp_path / "sd3.safetensors", tmp_path / "baked.safetensors", rank=3, conv_rank=3)
+    assert extracted.adapter.architecture == "sd3"
+    for key, module in extracted.adapter.modules.items():
+        assert torch.allclose(module.delta(torch.float64), adapter.modules[key].delta(torch.float64), atol=2e-5), key

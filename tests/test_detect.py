@@ -178,6 +178,29 @@ def test_nothing_recognisable():
     ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 1024}, "sd2"),
     ({"unet.down_blocks.2.attentions.0.transformer_blocks.5.attn1.to_q": 1280}, "sdxl"),
     ({"unet.down_blocks.0.attentions.0.proj_in": 32}, "unknown"),
+    ({"transformer.transformer_blocks.0.attn.to_q": 3072}, "flux"),
+    ({"transformer.transformer_blocks.0.attn.to_q": 2432}, "sd35-large"),
+    ({"transformer.transformer_blocks.0.attn.to_q": 1536}, "sd3"),
+    ({"transformer.transformer_blocks.0.attn2.to_q": 1536}, "sd35-medium"),
+    ({"transformer.single_transformer_blocks.0.proj_mlp": 64}, "flux"),  # structure, whatever the width
+    ({"transformer.transformer_blocks.0.attn.to_q": 64}, "unknown"),
+    ({"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": 4096}, "flux"),  # T5 as the second encoder
+    ({"text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": 4096}, "sd3"),
 ])
 def test_architecture_from_widths(widths, expected):
     assert detect_architecture(widths).name == expected
+
+
+@pytest.mark.parametrize("widths, metadata, expected", [
+    ({"transformer.transformer_blocks.0.attn.to_q": 1536}, {"modelspec.architecture": "stable-diffusion-3-5-medium/lora"},
+     "sd35-medium"),  # a tie the tensors cannot break
+    ({"transformer.transformer_blocks.0.attn.to_q": 64}, {"ss_base_model_version": "flux1"}, "flux"),
+    ({"transformer.transformer_blocks.0.attn.to_q": 3072}, {"ss_base_model_version": "sd_v1"}, "flux"),  # never overridden
+    ({"transformer.transformer_blocks.0.attn.to_q": 2432}, {"modelspec.architecture": "flux-1-dev/lora"}, "sd35-large"),
+    ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 768}, {"ss_base_model_version": "flux1"}, "flux"),
+    ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": 1280}, {"ss_base_model_version": "5-large"},
+     "sd35-large"),
+    ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": 1280}, {}, "sdxl"),
+])
+def test_metadata_breaks_ties_and_nothing_else(widths, metadata, expected):
+    assert detect_architecture(widths, metadata).name == expected

@@ -183,6 +183,10 @@ def test_sd3_kohya_and_comfyui_files_convert_like_diffusers_single_file_converte
         assert max((converted[k] - expected["transformer"][k]).abs().max().item() for k in converted) <= 2e-6, fmt
         checked = _text_encoder_oracle(pipe, deltas, encoders, expected, separator)
         assert checked == sum(1 for k in adapter.modules if k.startswith("text_encoder")), fmt
+        again = loralib.load(out)  # and lorareg reads its own file back to the same modules
+        assert again.architecture == "sd3" and set(again.modules) == set(adapter.modules)
+        for key, module in adapter.modules.items():
+            assert torch.allclose(again.modules[key].delta(), module.delta(), atol=1e-6), (fmt, key)
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
@@ -216,3 +220,16 @@ def test_flux_t5_is_named_where_comfyui_and_sd_scripts_look(tiny_flux, tmp_path,
     assert set(again.modules) == set(adapter.modules)
     for key, module in adapter.modules.items():
         assert torch.allclose(again.modules[key].delta(), module.delta(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("arch, cls", [("flux", "FluxPipeline"), ("sd35-medium", "StableDiffusion3Pipeline")])
+def test_tiny_model_command_builds_every_family(lorareg, tmp_path, arch, cls):
+    import diffusers
+
+    res = lorareg("tiny-model", tmp_path / arch, "--arch", arch)
+    assert res.code == 0, res.err
+    pipe = getattr(diffusers, cls).from_pretrained(tmp_path / arch)
+    layers = pipeline_layers(pipe)
+    assert any(".single_transformer_blocks." in k for k in layers) == (arch == "flux")
+    assert any(".attn2." in k for k in layers) == (arch == "sd35-medium")
+    assert any(k.startswith(("text_encoder_2.encoder.block", "text_encoder_3.encoder.block")) for k in layers)

@@ -20,6 +20,7 @@ READABLE = {  # file stem -> (format, architecture, modules, dtype)
     "sd2_diffusers-lora-down_unet-prefix_bf16": ("diffusers-old", "sd2", 128, "BF16"),
     "sd15_cloneofsimo_r4_f16": ("cloneofsimo", "sd1", 192, "F16"),
     "sd15_cloneofsimo_r1_f32_with-ti-tokens": ("cloneofsimo", "sd1", 192, "F32"),
+    "flux_aitoolkit-peft-names_f16": ("diffusers", "flux", 4, "F16"),
 }
 
 
@@ -88,6 +89,20 @@ def test_flux_is_detected_from_keys_not_metadata(real_loras, lorareg, tmp_path):
     assert res.code == 0, res.err
     written = loralib.load(tmp_path / "x.safetensors")
     assert written.architecture == "flux" and written.metadata["ss_base_model_version"] == "flux1"
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui", "diffusers", "peft"])
+def test_the_real_flux_lora_converts_to_every_spelling_and_back_bit_for_bit(real_loras, tmp_path, fmt):
+    from safetensors.torch import load_file
+
+    source = real_loras / "flux_aitoolkit-peft-names_f16.safetensors"
+    there = tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+    loralib.convert(source, there, fmt)
+    assert loralib.load(there).architecture == "flux"
+    loralib.convert(there, tmp_path / "back.safetensors", "diffusers")
+    original, back = load_file(source), load_file(tmp_path / "back.safetensors")
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k], back[k]) and original[k].dtype == back[k].dtype for k in original)
 
 
 @pytest.mark.parametrize("stem, error, message", [

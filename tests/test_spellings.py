@@ -173,3 +173,21 @@ def test_a_key_no_reader_can_place_is_an_error_naming_it(tmp_path, name, problem
     save_file(tensors, tmp_path / "x.safetensors")
     with pytest.raises(CorruptFileError, match=problem or name.split(".")[0]):
         loralib.load(tmp_path / "x.safetensors")
+
+
+def test_an_attention_only_sd35_large_diffusers_lora_converts_to_mmdit_names_and_back(tmp_path):
+    layers = full_size_layers("sd35-large", ("transformer",))
+    keys = [f"transformer.transformer_blocks.{b}.attn.{p}" for b in (0, 37) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    g = torch.Generator().manual_seed(7)
+    modules = {k: (torch.randn(2, layers[k].in_features, generator=g), torch.randn(layers[k].out_features, 2, generator=g),
+                   2.0) for k in keys}
+    path = _write(tmp_path / "d.safetensors", modules, lambda k: k, ("lora_A.weight", "lora_B.weight", None))
+    _check(path, modules, "diffusers", "sd35-large", alphas=False)
+    loralib.convert(path, tmp_path / "k.safetensors", "kohya")
+    from safetensors.torch import load_file
+
+    names = {n.split(".")[0] for n in load_file(tmp_path / "k.safetensors")}
+    assert names == {f"lora_unet_joint_blocks_{b}_x_block_attn_{p}" for b in (0, 37) for p in ("qkv", "proj")}
+    _check(tmp_path / "k.safetensors", modules, "kohya", "sd35-large", alphas=False)
+    report = loralib.inspect(tmp_path / "k.safetensors")
+    assert not report.damaged and report.architecture == "sd35-large"

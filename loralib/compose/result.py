@@ -29,11 +29,16 @@ class Composition:
     operation: OperationRecord
 
     def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
-             dtype: torch.dtype | None = None) -> SaveResult:
-        """Write the adapter (atomically; refuses to overwrite unless ``force``) with its operation record."""
+             dtype: torch.dtype | None = None, fused_rank: int | None = None) -> SaveResult:
+        """Write the adapter (atomically; refuses to overwrite unless ``force``) with its operation record.
+
+        ``fused_rank`` caps the rank of the layers the format fuses (Flux/SD3 ``qkv``, Flux ``linear1``;
+        see :func:`loralib.save`): without it a fused layer holds its parts block-diagonally.
+        """
         from ..formats import save_adapter
 
-        return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation)
+        return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation,
+                            fused_rank=fused_rank)
 
 
 def storage_bytes(adapter: LoraAdapter) -> int:

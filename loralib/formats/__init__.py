@@ -1,9 +1,11 @@
 """Reading any supported adapter file into a :class:`~loralib.adapter.LoraAdapter`, and writing one.
 
 The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, PEFT, diffusers
-in every generation, cloneofsimo); :mod:`~loralib.formats.layout` knows which files make up an
-adapter and :mod:`~loralib.formats.detect` which format a file is in. Everything else that looks
-like a model file is named precisely in the error.
+in every generation, cloneofsimo, ComfyUI/BFL, OneTrainer's INTERNAL and ORIGINAL spellings,
+OMI, XLabs); :mod:`~loralib.formats.layout` knows which files make up an adapter,
+:mod:`~loralib.formats.detect` which format a file is in, and :mod:`~loralib.formats.fusing`
+splits and fuses the layers some spellings fuse (Flux's and SD3's ``qkv``). Everything else that
+looks like a model file is named precisely in the error.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     computed in a background thread while the tensors load.
     """
     from ..adapter import LoraAdapter, LoraModule
+    from ..compose.parallel import single_threaded_torch
     from ..files.hashes import Deferred, tensor_data_sha256
     from .fusing import split, swap_halves
 
@@ -97,12 +100,13 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             continue
         up = swap_halves(loaded[e.up]) if e.swap else loaded[e.up]
         modules[key] = LoraModule(loaded[e.down], up, e.effective_alpha, loaded[e.mid] if e.mid else None)
-    for entries in fused.values():
-        first = entries[0]
-        loaded = tensors[id(first.source)]
-        entries.sort(key=lambda e: e.rows)
-        parts = split(loaded[first.down], loaded[first.up], first.effective_alpha, [e.rows for e in entries])
-        modules.update({e.key: part for e, part in zip(entries, parts) if part is not None})
+    with single_threaded_torch():  # small memory-bound work; torch's threads only wait on each other
+        for entries in fused.values():
+            first = entries[0]
+            loaded = tensors[id(first.source)]
+            entries.sort(key=lambda e: e.rows)
+            parts = split(loaded[first.down], loaded[first.up], first.effective_alpha, [e.rows for e in entries])
+            modules.update({e.key: part for e, part in zip(entries, parts) if part is not None})
     modules = {key: modules[key] for key in index.modules if key in modules}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),

@@ -49,8 +49,7 @@ def split(down: torch.Tensor, up: torch.Tensor, alpha: float, ranges: Sequence[t
     no columns). ``alpha`` is the fused module's (kohya convention)."""
     rank = int(down.shape[0])
     blocks = [up[start:stop] for start, stop in ranges]
-    owned = [(block != 0).any(dim=0) for block in blocks]
-    columns = _block_columns(owned, rank)
+    columns = None if _shares_a_column(blocks, rank) else _block_columns([_nonzero_columns(b) for b in blocks], rank)
     if columns is None:  # parts share the whole rank: each keeps the shared down
         return [LoraModule(down, block.contiguous(), alpha) for block in blocks]
     parts: list[LoraModule | None] = []
@@ -63,6 +62,24 @@ def split(down: torch.Tensor, up: torch.Tensor, alpha: float, ranges: Sequence[t
         part_up = block[:, cols[0]: cols[-1] + 1] if _contiguous(cols) else block.index_select(1, index)
         parts.append(LoraModule(part_down.contiguous(), part_up.contiguous(), alpha * len(cols) / rank))
     return parts
+
+
+def _shares_a_column(blocks: Sequence[torch.Tensor], rank: int) -> bool:
+    """True when two parts use the first or the last column: a quick no for block-diagonal
+    (every fused layer trained as one has it), before scanning every column."""
+    return any(sum(bool(b[:, j].any()) for b in blocks) > 1 for j in {0, rank - 1})
+
+
+_INT_VIEW = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
+
+
+def _nonzero_columns(block: torch.Tensor) -> torch.Tensor:
+    """Which columns of ``block`` hold a nonzero entry (−0.0 counts as zero); integer compares for speed."""
+    view = _INT_VIEW.get(block.element_size()) if block.is_floating_point() else None
+    if view is None:
+        return (block != 0).any(dim=0)
+    dtype, mask = view
+    return ((block.contiguous().view(dtype) & mask) != 0).any(dim=0)
 
 
 def _contiguous(cols: list[int]) -> bool:
@@ -107,14 +124,25 @@ def fuse(parts: Sequence[LoraModule | None], sizes: Sequence[int], rank: int | N
     modules = [p for _, p in present]
     dtype = modules[0].dtype if len({m.dtype for m in modules}) == 1 else torch.float32
     first = modules[0].down
-    if all(m.down is first or (m.down.shape == first.shape and m.down.dtype == first.dtype and torch.equal(m.down, first))
-           for m in modules):
+    if all(_identical(m.down, first) for m in modules):
         fused = _fuse_shared(parts, sizes, dtype)
     else:
         fused = _fuse_blocks(parts, sizes, dtype)
     if rank is not None and fused.rank > rank:
         fused = _reduce(fused, rank)
     return fused
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors hold the same bits (compared as integers: faster than float compares)."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = _INT_VIEW.get(a.element_size()) if a.is_floating_point() else None
+    if view is None:
+        return torch.equal(a, b)
+    return torch.equal(a.contiguous().view(view[0]), b.contiguous().view(view[0]))
 
 
 def _common_scale(modules: Sequence[LoraModule]) -> float:
@@ -135,7 +163,21 @@ def _fuse_shared(parts: Sequence[LoraModule | None], sizes: Sequence[int], dtype
     ups = [_scaled_up(p, scale, dtype) if p is not None else torch.zeros(size, rank, dtype=dtype)
            for p, size in zip(parts, sizes)]
     alpha = modules[0].alpha if all(m.alpha == modules[0].alpha for m in modules) else scale * rank
-    return LoraModule(modules[0].down.to(dtype), torch.cat(ups), alpha)
+    return LoraModule(modules[0].down.to(dtype), _rejoined(ups), alpha)
+
+
+def _rejoined(ups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(ups)``, without a copy when they are consecutive row blocks of one tensor (as split
+    leaves a fused layer that was read)."""
+    first = ups[0]
+    offset = first.storage_offset()
+    for up in ups:
+        if (up.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or up.stride() != first.stride()
+                or not up.is_contiguous() or up.storage_offset() != offset):
+            return torch.cat(ups)
+        offset += up.numel()
+    rows = sum(up.shape[0] for up in ups)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _fuse_blocks(parts: Sequence[LoraModule | None], sizes: Sequence[int], dtype: torch.dtype) -> LoraModule:
@@ -199,11 +241,17 @@ def native_modules(modules: dict[str, LoraModule], family: str, *, rank: int | N
 
     ``rank`` caps the rank of fused modules (optimal approximation); others are kept as they are.
     """
-    from ..errors import UnsupportedFormatError
+    from ..compose.parallel import single_threaded_torch
     from ..naming.flux import FLUX_MAP
     from ..naming.sd3 import SD3_MAP
 
-    native_map = {"flux": FLUX_MAP, "sd3": SD3_MAP}[family]
+    with single_threaded_torch():  # small memory-bound work; torch's threads only wait on each other
+        return _native_modules(modules, {"flux": FLUX_MAP, "sd3": SD3_MAP}[family], family, rank)
+
+
+def _native_modules(modules: dict[str, LoraModule], native_map, family: str, rank: int | None) -> dict[str, LoraModule]:
+    from ..errors import UnsupportedFormatError
+
     groups: dict[str, dict[int, LoraModule]] = {}
     rules = {}
     for key, module in modules.items():
