@@ -14,7 +14,11 @@ with decaying spectra, at rank 32 and 128.
 3. each whole operation (read, compute, write kohya) against reading the inputs and writing the
    output alone.
 
-    .venv/bin/python benchmarks/flux.py [--ranks 32 128] [--repeats 3]
+Both routes run with ``--threads`` torch threads (default 1: on a machine whose cores other
+processes share, torch's second thread mostly spins; lorareg's own operations run modules side
+by side, one thread each).
+
+    .venv/bin/python benchmarks/flux.py [--ranks 32 128] [--repeats 3] [--threads 1] [--convert-only]
 """
 
 from __future__ import annotations
@@ -102,30 +106,27 @@ def bench_low_rank(modules: dict[str, list[tuple[torch.Tensor, torch.Tensor, flo
     """lorareg's route and the dense route on the same modules (each a weighted sum of factor pairs)."""
     rule = RankRule("fixed", rank)
 
-    def ours():
-        out = {}
+    def ours(out):
+        out.clear()
         for name, parts in modules.items():
             up = torch.cat([u.float() for u, _, _ in parts], dim=1)
             down = torch.cat([d.float() for _, d, _ in parts], dim=0)
             scale = torch.cat([torch.full((d.shape[0],), c, dtype=torch.float64) for _, d, c in parts])
             new_up, new_down, _ = reduce_factors(up, down, rule, scale)
             out[name] = (new_up, new_down)
-        return out
 
     def exact(name):
         return sum(c * (u.float() @ d.float()) for u, d, c in modules[name])
 
-    def dense():
-        out = {}
+    def dense(out):
+        out.clear()
         for name in modules:
             u, s, vh = torch.linalg.svd(exact(name), full_matrices=False)
             out[name] = (u[:, :rank] * s[:rank], vh[:rank])
-        return out
 
-    ours_t = best(ours, repeats)
-    ours_result = ours()
-    dense_t = best(dense, 1)
-    dense_result = dense()
+    ours_result, dense_result = {}, {}
+    ours_t = best(lambda: ours(ours_result), repeats)
+    dense_t = best(lambda: dense(dense_result), 1)  # minutes: timed once
     errors = []
     for name in modules:
         target = exact(name)
@@ -162,7 +163,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every step")
+    parser.add_argument("--convert-only", action="store_true", help="only the conversions (minutes instead of an hour)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     shapes = native_shapes()
@@ -180,6 +184,8 @@ def main() -> None:
                   f"{a.stat().st_size / 2**20:.0f} MiB per file")
             for name, seconds, ratio in bench_convert(work, a, args.repeats):
                 print(f"  {name:<38}{seconds:>8.2f} s{ratio:>8.2f}x")
+            if args.convert_only:
+                continue
             tensors_a, tensors_b = load_file(a), load_file(b)
 
             def pair(tensors, native, coefficient=1.0):
