@@ -1,7 +1,7 @@
-"""Catalog speed: scan of 1,000 small adapter files, rescan with nothing changed, and list/search/show
-on a 100,000-entry catalog.
+"""Catalog speed: scan of 1,000 small adapter files, rescan with nothing changed, list/search/show
+on a 100,000-entry catalog, and `lorareg duplicates` over 20,000 fingerprinted entries.
 
-    .venv/bin/python benchmarks/registry.py [--files 1000] [--entries 100000] [--runs 5]
+    .venv/bin/python benchmarks/registry.py [--files 1000] [--entries 100000] [--duplicates 20000] [--runs 5]
 
 Goals (issue 4): first scan >= 500 files/s, rescan >= 5,000 files/s, ``lorareg list`` and
 ``lorareg search`` as whole commands (a new process, Python start-up included) < 0.5 s.
@@ -88,8 +88,13 @@ def bench_scan(work: Path, files: int, runs: int, env: dict[str, str]) -> dict:
 
 def _synthetic_rows(count: int, seed: int = 0):
     """Rows shaped like real entries: names, tags, triggers, ss_* metadata (30 caption tags, bucket info), hashes,
-    one file each. A style word such as "pixel" is in about a third of them: a broad search."""
+    a ΔW fingerprint, one file each. A style word such as "pixel" is in about a third of them: a broad search."""
+    import numpy as np
+
+    from loralib.fingerprint import DIMENSIONS, MAGIC, band_keys
     from lorareg.registry.describe import metadata_keywords
+
+    vectors = np.random.default_rng(seed).standard_normal((count, DIMENSIONS)).astype("<f4")
 
     rnd = random.Random(seed)
     stamp = "2025-01-01T00:00:00Z"
@@ -110,7 +115,10 @@ def _synthetic_rows(count: int, seed: int = 0):
                     "ss_bucket_info": json.dumps({"buckets": {str(b): {"resolution": [512 + 64 * b, 512], "count": b}
                                                               for b in range(12)}}),
                     "sshs_model_hash": tensor_hash, "modelspec.title": name.replace("-", " ")}
-        yield ({"name": name, "tensor_sha256": tensor_hash, "sha256": file_hash, "legacy": file_hash[:8],
+        yield ({"name": name, "identity": hashlib.sha256(f"i{i}".encode()).hexdigest(), "tensor_sha256": tensor_hash,
+                "fingerprint": MAGIC + vectors[i].tobytes(), "fp_norm": float(np.linalg.norm(vectors[i])) / 4,
+                "fp_modules": 264, **{f"fp_band{b}": k for b, k in enumerate(band_keys(vectors[i].tolist()))},
+                "sha256": file_hash, "legacy": file_hash[:8],
                 "format": rnd.choice(("kohya", "kohya", "kohya", "peft", "diffusers")), "architecture": arch,
                 "plain_lora": 1, "components": json.dumps({"unet": 192, "text_encoder": 72}), "modules": 264,
                 "ranks": json.dumps({str(rank): 264}), "alphas": json.dumps({str(rank // 2): 264}), "dtype": "F16",
@@ -165,10 +173,19 @@ def bench_queries(work: Path, entries: int, runs: int, env: dict[str, str]) -> d
     return {"entries": entries, "build_s": built, "database_mib": size / 2**20, "median_s": times}
 
 
+def bench_duplicates(work: Path, entries: int, env: dict[str, str]) -> dict:
+    """`lorareg duplicates --json` as a command on a catalog of ``entries`` fingerprinted entries (all pairs compared)."""
+    home = work / "home-duplicates"
+    build_catalog(home, entries)
+    seconds = _time_command([*LORAREG, "duplicates", "--json"], {**env, "LORAREG_HOME": str(home)}, 1)
+    return {"entries": entries, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--duplicates", type=int, default=20_000, help="entries for the duplicates timing (0: skip)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = parser.parse_args()
@@ -177,8 +194,9 @@ def main() -> None:
         work = Path(tmp)
         scan_result = bench_scan(work, args.files, min(args.runs, 3), env)
         query_result = bench_queries(work, args.entries, args.runs, env)
+        duplicates = bench_duplicates(work, args.duplicates, env) if args.duplicates else None
     if args.json:
-        print(json.dumps({"scan": scan_result, "queries": query_result}, indent=2))
+        print(json.dumps({"scan": scan_result, "queries": query_result, "duplicates": duplicates}, indent=2))
         return
     s, q = scan_result, query_result
     print(f"scan of {s['files']} files ({s['bytes_per_file']} bytes each), in-process, median of {min(args.runs, 3)}:")
@@ -193,6 +211,9 @@ def main() -> None:
     for label, seconds in q["median_s"].items():
         goal = "  (goal < 0.5 s)" if label in ("lorareg list", "lorareg search pixel") else ""
         print(f"  {label:<42} {seconds:.3f} s  ({seconds / floor:.1f}x python start-up){goal}")
+    if duplicates:
+        print(f"lorareg duplicates --json on {duplicates['entries']:,} fingerprinted entries (every pair compared): "
+              f"{duplicates['seconds']:.2f} s as a command")
 
 
 if __name__ == "__main__":

@@ -7,27 +7,32 @@ from pathlib import Path
 import click
 
 from loralib.dtypes import storage_dtype
-from loralib.vocabulary import STORAGE_DTYPES, WRITE_FORMATS
+from loralib.vocabulary import STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import human_size, note, print_json
-from .refs import register_output, resolve_adapter
+from .paths import adapter_output, make_parents, refuse_existing
+from .refs import complete_adapters, register_output, resolve_adapter
 
 
 @click.command("inspect")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-hash", is_flag=True, help="Skip hashing the file (faster on huge files).")
 @click.option("--metadata", "-m", "show_metadata", is_flag=True, help="Show every metadata entry.")
+@click.option("--modules", "show_modules", is_flag=True, help="List every module with its kind (LoRA, LoHa, LoKr, …).")
 @click.pass_context
-def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bool, show_metadata: bool) -> None:
-    """Describe ADAPTER from its header: format, architecture, modules, ranks, alphas, dtype, hashes, metadata.
+def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bool, show_metadata: bool,
+                    show_modules: bool) -> None:
+    """Describe ADAPTER from its header: format, architecture, module kinds, ranks, alphas, dtype, hashes, metadata.
 
-    No tensor is loaded. Damaged files are described and flagged, with exit code 1.
+    No tensor is loaded. Damaged files are described and flagged, with exit code 1. LyCORIS files
+    (LoHa, LoKr, full and norm differences) and DoRA are counted per kind.
 
     \b
     Examples:
       lorareg inspect my_lora.safetensors
       lorareg inspect peft_dir/ --json
+      lorareg inspect my_lokr.safetensors --modules
     """
     from loralib.inspection import inspect
 
@@ -35,7 +40,7 @@ def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bo
     if as_json:
         print_json(report.to_dict())
     else:
-        _print_report(report, show_metadata)
+        _print_report(report, show_metadata, show_modules)
     if report.damaged:
         ctx.exit(1)
 
@@ -49,7 +54,7 @@ def _counts(counts: dict, unit: str = "") -> str:
     return ", ".join(parts) if len(parts) <= 6 else f"{', '.join(parts[:6])}, … ({len(parts)} values)"
 
 
-def _print_report(report, show_metadata: bool) -> None:
+def _print_report(report, show_metadata: bool, show_modules: bool = False) -> None:
     from rich.table import Table
 
     from loralib.inspection import architecture_title, metadata_summary
@@ -67,7 +72,10 @@ def _print_report(report, show_metadata: bool) -> None:
         table.add_row("metadata says", report.metadata_claims)
     components = ", ".join(f"{c} {n}" for c, n in report.components.items())
     table.add_row("modules", f"{report.modules}" + (f" ({components})" if components else ""))
-    if report.plain_lora:
+    if report.kinds:
+        from loralib.lycoris import KIND_TITLES
+
+        table.add_row("adapter kinds", ", ".join(f"{KIND_TITLES.get(k, k)} {n}" for k, n in report.kinds.items()))
         table.add_row("module kinds", f"linear {report.linear_modules}, conv {report.conv_modules}"
                       + (f" (CP-decomposed {report.cp_modules})" if report.cp_modules else ""))
         table.add_row("ranks", _counts(report.ranks))
@@ -87,6 +95,15 @@ def _print_report(report, show_metadata: bool) -> None:
     if not show_metadata and len(report.metadata) > len(shown):
         table.add_row("[dim]metadata[/]", f"[dim]{len(report.metadata)} entries (show all with --metadata)[/]")
     out.print(table)
+    if show_modules and report.module_kinds:
+        from loralib.lycoris import KIND_TITLES
+
+        modules = Table(box=None, pad_edge=False)
+        modules.add_column("module", style="cyan", overflow="fold")
+        modules.add_column("kind")
+        for key, kind in report.module_kinds.items():
+            modules.add_row(key, KIND_TITLES.get(kind, kind))
+        out.print(modules)
     for line in report.notes:
         out.print(f"[yellow]note:[/] {line}")
     for line in report.problems:
@@ -102,24 +119,42 @@ def default_output(source: Path, fmt: str) -> Path:
 
 
 @click.command("convert")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @click.option("--to", "fmt", type=click.Choice(WRITE_FORMATS), default="kohya", show_default=True,
               help="Output format.")
-@click.option("-o", "--output", type=click.Path(), help="Output file (kohya, diffusers) or folder (peft, diffusers).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output file (kohya, diffusers) or folder (peft); a path ending in / is a folder to write into.")
+@click.option("--plain", is_flag=True,
+              help="Make a plain LoRA of a LyCORIS/DoRA adapter, exactly (LoHa and LoKr by their exact low-rank forms).")
+@click.option("--rank", "-r", type=int,
+              help="Make a plain LoRA of at most this rank per module: the best approximation of each ΔW (layers the "
+                   "output fuses, Flux/SD3 qkv and Flux linear1 in kohya/ComfyUI names, are kept at this rank too).")
+@click.option("--dynamic", metavar="RULE",
+              help="Make a plain LoRA, choosing each module's rank: sv_fro:F, sv_ratio:N or sv_cumulative:F.")
+@click.option("--max-rank", type=int, help="Cap on the rank a --dynamic rule may choose.")
+@click.option("--base", type=click.Path(),
+              help="Base model (diffusers folder or .safetensors checkpoint) for DoRA modules, whose ΔW depends on it.")
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
+              help="With --rank: how full-rank differences and DoRA deltas are factorised.")
 @click.option("--dtype", type=click.Choice(sorted(STORAGE_DTYPES)), help="Store factors in this dtype (default: as read).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
-@click.option("--rank", type=click.IntRange(min=1), help="Rank of the layers the output fuses (Flux/SD3 qkv, Flux "
-              "linear1): the optimal rank-N approximation; default exact (rank up to the sum of the parts' ranks).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (and the per-module report) as JSON.")
 @click.pass_context
-def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, dtype: str | None, force: bool,
-                    drop_embeddings: bool, allow_pickle: bool, rank: int | None, as_json: bool) -> None:
+def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, plain: bool, rank: int | None,
+                    dynamic: str | None, max_rank: int | None, base: str | None, svd: str, dtype: str | None,
+                    force: bool, drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
     """Convert ADAPTER to kohya (default), PEFT, diffusers or ComfyUI format; every module's ΔW is unchanged.
 
-    Reads every spelling (kohya, PEFT, diffusers, ComfyUI/BFL, OneTrainer, OMI, XLabs, cloneofsimo)
-    of SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 adapters.
+    Reads every spelling (kohya, LyCORIS, PEFT, diffusers, ComfyUI/BFL, OneTrainer, OMI, XLabs,
+    cloneofsimo) of SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 adapters.
+
+    LyCORIS adapters (LoHa, LoKr, full-rank differences) and DoRA stay what they are in kohya
+    format. --plain, --rank or --dynamic make a plain LoRA instead (what every loader and merge
+    tool reads): exactly, or the best approximation at that rank (Eckart–Young), computed from the
+    factors without dense weight matrices where the kind allows; the retained energy of every
+    module is reported. DoRA needs --base.
 
     \b
     Examples:
@@ -127,13 +162,35 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
       lorareg convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
       lorareg convert x.safetensors --to diffusers -o pytorch_lora_weights.safetensors
       lorareg convert flux_diffusers.safetensors --to kohya --rank 32 -o flux_kohya.safetensors
+      lorareg convert x_lokr.safetensors --to kohya --rank 32 -o x_lora.safetensors
+      lorareg convert x_loha.safetensors --dynamic sv_fro:0.99 --max-rank 64 -o x_lora.safetensors
+      lorareg convert x_dora.safetensors --plain --base sd15_model/ -o x_lora.safetensors
     """
+    source = resolve_adapter(ctx, adapter)
+    default = default_output(source, fmt)
+    target = adapter_output(output, fmt, default.name) if output else default
+    refuse_existing(target, fmt, force)
+    to_plain = plain or rank is not None or dynamic is not None or max_rank is not None or base is not None
+    if to_plain:
+        from loralib.compose.rank_rules import rank_rule
+
+        rank_rule(rank, dynamic, max_rank)  # a wrong rule is reported before torch is imported
+    import torch  # noqa: F401 - after the checks: a mistake is reported before the seconds torch takes
+
+    from .threads import folder_bytes, use_threads
+
+    storage = storage_dtype(dtype) if dtype else None
+    make_parents(target)
+    if to_plain:
+        use_threads(folder_bytes([source]))
+        _convert_to_lora(ctx, source, target, fmt, rank, dynamic, max_rank, base, svd, storage, force, drop_embeddings,
+                         allow_pickle, as_json)
+        return
     from loralib.formats import convert
 
-    source = resolve_adapter(ctx, adapter)
-    target = Path(output) if output else default_output(source, fmt)
-    result = convert(source, target, fmt, force=force, dtype=storage_dtype(dtype) if dtype else None,
-                     drop_embeddings=drop_embeddings, allow_pickle=allow_pickle, fused_rank=rank)
+    use_threads(0)  # copying factors: one thread is enough
+    result = convert(source, target, fmt, force=force, dtype=storage, drop_embeddings=drop_embeddings,
+                     allow_pickle=allow_pickle)
     register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],
@@ -144,3 +201,21 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     click.echo(f"wrote {result.format} adapter to {result.path}" + (
         f" (+{len(result.files) - 1} more files)" if len(result.files) > 1 else ""))
     click.echo(f"  A1111 hash {result.hashes.a1111}  AutoV2 {result.hashes.autov2}")
+
+
+def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, rank, dynamic, max_rank, base, svd,
+                     dtype, force: bool, drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
+    """``convert --plain/--rank/--dynamic``: a plain LoRA of any adapter, with its per-module report."""
+    from loralib.compose import to_lora
+    from loralib.formats import load_adapter
+
+    from .compose import save_composition
+    from .output import progress
+
+    adapter = load_adapter(source, allow_pickle=allow_pickle)
+    if drop_embeddings:
+        adapter.embeddings = {}
+    with progress("converting", enabled=not as_json) as update:
+        composition = to_lora(adapter, rank, dynamic=dynamic, max_rank=max_rank, base=Path(base) if base else None,
+                              svd=svd, dtype=dtype, progress=update)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank)

@@ -1,4 +1,5 @@
-"""Catalog commands: ``add``, ``scan``, ``list``, ``search``, ``show``, ``tag``, ``rm``, ``verify``, ``lineage``.
+"""Catalog commands: ``add``, ``scan``, ``list``, ``search``, ``show``, ``tag``, ``rm``, ``verify``, ``lineage``,
+``duplicates``.
 
 None of them imports torch, diffusers or peft: headers are read by ``loralib.inspect`` and the
 database is SQLite.
@@ -15,7 +16,7 @@ import click
 from loralib.vocabulary import CATALOG_SORTS
 
 from .output import console, human_size, note, print_json, progress
-from .refs import catalog_home
+from .refs import catalog_home, complete_names
 
 
 def _open(ctx: click.Context):
@@ -34,24 +35,29 @@ def _one_line(entry) -> str:
 @click.command("add")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--name", help="Catalog name (one adapter only; default: the file's name).")
+@click.option("--rename", is_flag=True, help="With --name: rename the entry when the adapter is already in the catalog "
+                                             "under another name (without it, that is refused).")
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
 @click.option("--trigger", "triggers", multiple=True, help="A trigger word or phrase (repeatable).")
 @click.option("--description", help="A description (searchable).")
 @click.option("--sample", "samples", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A sample image made with the adapter (repeatable; its prompt is read from PNG parameters).")
+              help="A sample image (PNG, JPEG, WebP or GIF) made with the adapter (repeatable; its prompt, seed and "
+                   "settings are read from the PNG's A1111 parameters).")
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 @click.pass_context
-def add_command(ctx: click.Context, paths: tuple[str, ...], name: str | None, tags: tuple[str, ...],
+def add_command(ctx: click.Context, paths: tuple[str, ...], name: str | None, rename: bool, tags: tuple[str, ...],
                 triggers: tuple[str, ...], description: str | None, samples: tuple[str, ...], as_json: bool) -> None:
     """Add adapter files (or PEFT/diffusers folders) to the catalog, from their headers and hashes.
 
-    An adapter already in the catalog (same tensor data, even with other metadata) gains the new
-    path, tags and trigger words instead of a second entry.
+    An adapter already in the catalog (the same tensors under the same names, even with other
+    metadata) gains the new path, tags and trigger words instead of a second entry; --name does
+    not rename it unless --rename is given.
 
     \b
     Examples:
       lorareg add my_lora.safetensors --name pixel-art --tag style --trigger "pxl style"
       lorareg add loras/*.safetensors --tag sdxl
+      lorareg add my_lora.safetensors --name better-name --rename
     """
     from loralib.errors import InvalidArgumentError
     from lorareg.registry.samples import sample_record
@@ -59,20 +65,24 @@ def add_command(ctx: click.Context, paths: tuple[str, ...], name: str | None, ta
     if name and len(paths) > 1:
         raise InvalidArgumentError("--name gives one adapter a name, but several paths were given",
                                    "Add them one at a time to name them")
+    if rename and not name:
+        raise InvalidArgumentError("--rename renames to the name given with --name, and no --name was given")
     records = [sample_record(s) for s in samples]
     results = []
     with _open(ctx) as catalog:
         for path in paths:
             results.append(catalog.add(path, name=name, tags=tags, triggers=triggers, description=description,
-                                       samples=records))
+                                       samples=records, rename=rename))
     if as_json:
-        print_json([{**r.entry.to_dict(), "new": r.created} for r in results])
+        print_json([{**r.entry.to_dict(), "new": r.created, "renamed_from": r.renamed_from} for r in results])
         return
     for r in results:
         if r.created:
             click.echo(f"added {_one_line(r.entry)}")
         else:
             click.echo(f"already in the catalog: {_one_line(r.entry)}" + (" (new path recorded)" if r.new_path else ""))
+        if r.renamed_from:
+            click.echo(f"  renamed {r.renamed_from} to {r.entry.name}")
         if r.entry.damaged:
             note(f"damaged: {'; '.join(r.entry.problems)}")
 
@@ -143,9 +153,33 @@ def _print_scan(report) -> None:
 
 # -- list and search ----------------------------------------------------------------------------- #
 
+def _known(kind: str, vocabulary_list: str):
+    """A click callback accepting one word of ``loralib.vocabulary``'s list ``vocabulary_list`` (any
+    case; looked up only when the option is given), and otherwise naming the nearest ones."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from loralib import vocabulary
+
+        values = getattr(vocabulary, vocabulary_list)
+        if value.lower() in values:
+            return value.lower()
+        import difflib
+
+        from loralib.errors import InvalidArgumentError
+
+        close = difflib.get_close_matches(value.lower(), values, n=1, cutoff=0.5)
+        hint = f"Did you mean {close[0]}?" if close else ""
+        raise InvalidArgumentError(f"unknown {kind} {value!r} for {param.opts[0]}",
+                                   f"{hint} The {kind}s are: {', '.join(values)}".strip())
+    return check
+
+
 _FILTERS = [
-    click.option("--arch", "architecture", help="Only this architecture (sd1, sd2, sdxl, flux…)."),
-    click.option("--format", "fmt", help="Only this format (kohya, peft, diffusers…)."),
+    click.option("--arch", "architecture", callback=_known("architecture", "KNOWN_ARCHITECTURES"),
+                 help="Only this architecture (sd1, sd2, sdxl, flux…)."),
+    click.option("--format", "fmt", callback=_known("format", "CATALOG_FORMATS"),
+                 help="Only this format (kohya, peft, diffusers…, or a kind such as lycoris-lokr)."),
     click.option("--tag", help="Only adapters with this tag."),
     click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="At most this many (0: all)."),
     click.option("--json", "as_json", is_flag=True, help="Print JSON."),
@@ -272,7 +306,7 @@ def search_command(ctx: click.Context, query: str, architecture, fmt, tag, limit
 # -- show and lineage ---------------------------------------------------------------------------- #
 
 @click.command("show")
-@click.argument("reference")
+@click.argument("reference", shell_complete=complete_names)
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--metadata", "-m", "show_metadata", is_flag=True, help="Show every metadata entry.")
 @click.pass_context
@@ -291,18 +325,35 @@ def show_command(ctx: click.Context, reference: str, as_json: bool, show_metadat
     with _open(ctx) as catalog:
         entry = catalog.get(reference)
         files, parents, children = catalog.files(entry), catalog.parents(entry), catalog.children(entry)
+        same = catalog.same_adapter(entry)
         tree = lineage(catalog, entry)
     if as_json:
         print_json({**entry.to_dict(), "files": [f.to_dict() for f in files], "parents": [p.to_dict() for p in parents],
-                    "children": [c.name for c in children], "lineage": tree.to_dict()})
+                    "children": [c.name for c in children], "lineage": tree.to_dict(),
+                    "same_adapter_as": [{"name": e.name, "format": e.format, "dtype": e.dtype,
+                                         "similarity": round(similarity, 6)} for e, similarity in same]})
         return
-    _print_entry(entry, files, children, tree, show_metadata)
+    _print_entry(entry, files, children, tree, show_metadata, same)
 
 
-def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
+def _sample_line(sample: dict) -> str:
+    """A sample image for ``show``: path, then prompt, seed, weight and the main settings."""
+    details = []
+    if sample.get("prompt"):
+        details.append(repr(sample["prompt"]))
+    settings = sample.get("parameters") or {}
+    for label, value in (("seed", sample.get("seed")), ("weight", sample.get("weight")),
+                         ("steps", settings.get("Steps")), ("sampler", settings.get("Sampler")),
+                         ("CFG", settings.get("CFG scale")), ("size", settings.get("Size"))):
+        if value not in (None, ""):
+            details.append(f"{label} {value}")
+    return f"{sample.get('path')}" + (f" — {', '.join(details)}" if details else "")
+
+
+def _print_entry(entry, files, children, tree, show_metadata: bool, same=()) -> None:
     from rich.table import Table
 
-    from loralib.inspection import architecture_title, metadata_summary
+    from loralib.inspection import architecture_title, format_title, metadata_summary
     from lorareg.registry.lineage import operation_summary, render
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -315,7 +366,7 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     if entry.description:
         row("description", entry.description)
     row("architecture", f"{architecture_title(entry.architecture or 'unknown')} ({entry.architecture})")
-    row("format", entry.format)
+    row("format", f"{format_title(entry.format)} ({entry.format})" if entry.format else "—")
     row("modules", f"{entry.modules} (" + ", ".join(f"{k} {v}" for k, v in entry.components.items()) + ")")
     row("ranks", ", ".join(f"{k} ×{v}" for k, v in entry.ranks.items()) or "—")
     row("alphas", ", ".join(f"{k} ×{v}" for k, v in entry.alphas.items()) or "—")
@@ -323,6 +374,8 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     row("size", f"{human_size(entry.size or 0)}, {entry.tensors} tensors, {entry.parameters or 0:,} values")
     row("tags", ", ".join(entry.tags) or "—")
     row("trigger words", ", ".join(entry.triggers) or "—")
+    if same:
+        row("same adapter as", ", ".join(f"{e.name} ({e.format}, {e.dtype})" for e, _ in same))
     labels = {"sha256": "sha256", "autov2": "AutoV2", "tensor_sha256": "tensor sha256 (AutoV3)", "a1111": "A1111 hash",
               "legacy": "legacy hash"}
     for key, label in labels.items():
@@ -338,7 +391,7 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
     for record in entry.hub:
         row("pushed to", f"{record.get('repo')} ({str(record.get('commit', ''))[:12]}, {record.get('date', '')})")
     for sample in entry.samples:
-        row("sample", f"{sample.get('path')}" + (f" — {sample['prompt']}" if sample.get("prompt") else ""))
+        row("sample", _sample_line(sample))
     for f in files:
         state = "" if f.state == "ok" else f" [{f.state}]"
         row("file", f"{f.path}{state}")
@@ -360,15 +413,16 @@ def _print_entry(entry, files, children, tree, show_metadata: bool) -> None:
 
 
 @click.command("lineage")
-@click.argument("reference")
+@click.argument("reference", shell_complete=complete_names)
 @click.option("--depth", type=click.IntRange(min=1), default=32, show_default=True, help="How many generations back.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as nested JSON.")
 @click.pass_context
 def lineage_command(ctx: click.Context, reference: str, depth: int, as_json: bool) -> None:
     """The tree of operations (merge, resize, convert, train…) an adapter came from, with weights.
 
-    Parents are matched by tensor hash: those in the catalog are followed through their own
-    entries, the others through the history each file carries in its metadata.
+    Parents are matched by identity (tensor hash for files written before lorareg recorded it):
+    those in the catalog are followed through their own entries, the others through the history
+    each file carries in its metadata.
 
     \b
     Example:
@@ -389,18 +443,21 @@ def lineage_command(ctx: click.Context, reference: str, depth: int, as_json: boo
 
 # -- tag, rm, verify ----------------------------------------------------------------------------- #
 
-@click.command("tag", context_settings={"ignore_unknown_options": True})
-@click.argument("reference")
+# -h is not help here: "-photo" removes the tag "photo" (click would read it as -p -h -o -t -o).
+@click.command("tag", context_settings={"ignore_unknown_options": True, "help_option_names": ["--help"]})
+@click.argument("reference", shell_complete=complete_names)
 @click.argument("changes", nargs=-1, type=click.UNPROCESSED)
 @click.option("--json", "as_json", is_flag=True, help="Print the entry's tags as JSON.")
 @click.pass_context
 def tag_command(ctx: click.Context, reference: str, changes: tuple[str, ...], as_json: bool) -> None:
     """Add (+tag or tag) and remove (-tag) tags; with no changes, print the tags.
 
+    Any word starting with - removes that tag (-h too: help is --help here).
+
     \b
     Examples:
       lorareg tag pixel-art +anime -style
-      lorareg tag pixel-art "+pixel art"
+      lorareg tag pixel-art "+pixel art" -photo
     """
     add = [c[1:] if c.startswith("+") else c for c in changes if not c.startswith("-")]
     remove = [c[1:] for c in changes if c.startswith("-")]
@@ -413,7 +470,7 @@ def tag_command(ctx: click.Context, reference: str, changes: tuple[str, ...], as
 
 
 @click.command("rm")
-@click.argument("references", nargs=-1, required=True)
+@click.argument("references", nargs=-1, required=True, shell_complete=complete_names)
 @click.option("--delete-file", is_flag=True, help="Also delete the adapter's files from disk.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting files.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
@@ -443,7 +500,7 @@ def rm_command(ctx: click.Context, references: tuple[str, ...], delete_file: boo
 
 
 @click.command("verify")
-@click.argument("references", nargs=-1)
+@click.argument("references", nargs=-1, shell_complete=complete_names)
 @click.option("--search", "folders", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Look for moved files in this folder (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -452,7 +509,7 @@ def verify_command(ctx: click.Context, references: tuple[str, ...], folders: tup
     """Re-hash every file the catalog records and report missing, moved and changed ones.
 
     Exits with 1 when a file is missing, changed or unreadable. Metadata-only edits are the same
-    adapter (same tensor hash) and are recorded; moved files found in --search folders are too.
+    adapter (same tensors) and are recorded; moved files found in --search folders are too.
 
     \b
     Examples:
@@ -477,3 +534,72 @@ def verify_command(ctx: click.Context, references: tuple[str, ...], folders: tup
     if report.problems:
         ctx.exit(1)
 
+
+
+# -- duplicates ------------------------------------------------------------------------------------ #
+
+@click.command("duplicates")
+@click.option("--near", type=click.FloatRange(0.0, 1.0), default=0.8, show_default=True,
+              help="Report entries whose ΔW cosine is at least this as near-duplicates.")
+@click.option("--json", "as_json", is_flag=True, help="Print every group as JSON.")
+@click.pass_context
+def duplicates_command(ctx: click.Context, near: float, as_json: bool) -> None:
+    """Byte-identical copies, the same adapter in other formats or dtypes, and near-duplicates.
+
+    Adapters are compared by a fingerprint of their ΔW (the same whatever the format, key names,
+    dtype or factors): "same" means the same ΔW up to rounding (cosine ≥ 0.9999, norms within 1 %),
+    "near" a cosine of at least --near (a rank reduction, a merge dominated by one adapter). Two
+    unrelated adapters have a cosine near 0.
+
+    \b
+    Examples:
+      lorareg duplicates
+      lorareg duplicates --near 0.9 --json
+    """
+    from lorareg.registry.duplicates import find_duplicates
+
+    with _open(ctx) as catalog, progress("comparing", enabled=not as_json) as update:
+        report = find_duplicates(catalog, near=near, progress=update)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    _print_duplicates(report)
+
+
+def _member(m) -> str:
+    return f"{m.name} ({m.format}, {m.dtype}, rank {m.rank})"
+
+
+def _print_duplicates(report) -> None:
+    out = console()
+    shown = False
+    if report.copies:
+        shown = True
+        out.print("[bold]byte-identical copies[/] (same SHA-256)")
+        for group in report.copies:
+            name = group["files"][0]["name"]
+            out.print(f"  {_escape(name or '?')}: " + ", ".join(_escape(f["path"]) for f in group["files"]))
+    if report.variants:
+        shown = True
+        out.print("[bold]the same tensors with other metadata[/] (one entry, several files)")
+        for group in report.variants:
+            out.print(f"  {_escape(group['name'])}: " + ", ".join(_escape(f["path"]) for f in group["files"]))
+    if report.same:
+        shown = True
+        out.print("[bold]the same adapter in other formats, dtypes or factors[/] (ΔW equal up to rounding)")
+        for group in report.same:
+            out.print("  " + " = ".join(_escape(_member(m)) for m in group))
+    if report.near:
+        shown = True
+        out.print(f"[bold]near-duplicates[/] (ΔW cosine ≥ {report.near_threshold:g})")
+        for group in report.near:
+            for pair in group["pairs"]:
+                out.print(f"  {_escape(pair['a'])} ~ {_escape(pair['b'])}: similarity {pair['similarity']:.3f}, "
+                          f"norm ratio {pair['norm_ratio']:.2f}")
+    if not shown:
+        click.echo(f"no duplicates among {report.compared} fingerprinted adapters")
+    missing = sum(report.without_fingerprint.values())
+    if missing:
+        reasons = "; ".join(f"{n} {reason}" for reason, n in list(report.without_fingerprint.items())[:4])
+        what = "1 entry has" if missing == 1 else f"{missing} entries have"
+        note(f"{what} no fingerprint and could not be compared ({reasons})")

@@ -2,7 +2,8 @@
 
 Adapter arguments take an optional weight after the last colon (``a.safetensors:0.7``); an
 argument that is an existing path as a whole (``C:\\loras\\x.safetensors``, ``odd:name``) has
-weight 1. torch is imported only when a command runs.
+weight 1. Every command checks its arguments (inputs, output, rank) before it imports torch, so a
+mistake is reported at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from loralib.files.atomic import refuse_overwrite
 from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import human_size, note, print_json, progress
-from .refs import register_output, resolve_adapter
+from .paths import adapter_output, make_parents, output_file, refuse_existing
+from .refs import complete_adapters, register_output, resolve_adapter
+from .threads import folder_bytes, use_threads
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -44,6 +47,35 @@ def _dtype(name: str | None):
     return storage_dtype(name) if name is not None else None
 
 
+def _checked_rule(command: str, rank: int | None, dynamic: str | None, max_rank: int | None, *, required: bool):
+    """Check the rank options without torch; a command that needs a rank says so before any work."""
+    from loralib.compose.rank_rules import rank_rule
+
+    rule = rank_rule(rank, dynamic, max_rank)
+    if rule is None and required:
+        raise InvalidArgumentError(f"{command} needs a target rank or a dynamic rule",
+                                   "Pass --rank N, or --dynamic sv_fro:0.95 (optionally with --max-rank N)")
+    return rule
+
+
+def _existing_model(text: str) -> Path:
+    """A model path given to bake or extract, refused at once when it does not exist."""
+    from loralib.errors import InputNotFoundError
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputNotFoundError(f"the model {text} does not exist",
+                                 "Give a diffusers folder or a single-file .safetensors checkpoint")
+    return path
+
+
+def _prepare_output(output: str, fmt: str, default_name: str, force: bool) -> Path:
+    """The output path for ``-o`` (see :mod:`lorareg.cli.paths`), refused when it exists (unless ``force``)."""
+    target = adapter_output(output, fmt, default_name)
+    refuse_existing(target, fmt, force)
+    return target
+
+
 def _rank_options(function):
     options = [
         click.option("--rank", "-r", type=int, help="Keep at most this rank per module (best approximation)."),
@@ -55,6 +87,12 @@ def _rank_options(function):
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _base_option(function):
+    return click.option("--base", type=click.Path(),
+                        help="Base model (diffusers folder or .safetensors checkpoint) for DoRA inputs, "
+                             "whose ΔW depends on it.")(function)
 
 
 def _output_options(function):
@@ -72,12 +110,13 @@ def _output_options(function):
     return function
 
 
-def _finish(ctx: click.Context, composition, output: str, fmt: str, force: bool, as_json: bool,
-            rank: int | None = None) -> None:
+def save_composition(ctx: click.Context, composition, output: Path, fmt: str, force: bool, as_json: bool,
+                     rank: int | None = None) -> None:
     """Save a composition, record it in the catalog and print its summary.
 
     With a fixed ``rank``, layers the output format fuses (Flux/SD3 ``qkv``) are kept at that rank too.
     """
+    make_parents(output)
     result = composition.save(output, fmt, force=force, fused_rank=rank)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
@@ -126,7 +165,7 @@ def _ranks(ranks: dict[int, int]) -> str:
 
 
 @click.command("merge")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...", shell_complete=complete_adapters)
 @_rank_options
 @click.option("--method", type=click.Choice(MERGE_METHODS), default="concat", show_default=True,
               help="concat: the exact weighted sum. linear: peft's factor-wise sum (not exact). "
@@ -134,17 +173,19 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.option("--density", type=float, help="ties/dare: fraction of each ΔW's entries to keep (0 < d ≤ 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
-              help="ties/dare: how the dense merged ΔW is factorised.")
+              help="ties/dare (and full-rank/DoRA inputs): how a dense merged ΔW is factorised.")
+@_base_option
 @_output_options
 @click.pass_context
 def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
-                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, output: str,
-                  fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, base: str | None,
+                  output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
 
     Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
     is the best rank-K approximation of the exact sum (no rank-K adapter is closer), computed
-    without ever forming a dense weight matrix.
+    without ever forming a dense weight matrix. Inputs may be LyCORIS (LoHa, LoKr, full-rank
+    differences) or DoRA (with --base); the output is a plain LoRA.
 
     \b
     Examples:
@@ -152,45 +193,55 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
       lorareg merge a.safetensors:0.7 b.safetensors:-0.3 c_peft_dir:1.0 --rank 32 -o abc.safetensors
       lorareg merge a:0.5 b:0.5 --method ties --density 0.3 --rank 32 -o t.safetensors
     """
+    inputs = _resolve_weighted(ctx, adapters)
+    _checked_rule("merge", rank, dynamic, max_rank, required=False)
+    target = _prepare_output(output, fmt, "merged.safetensors", force)
     from loralib.compose import merge
 
-    inputs = _resolve_weighted(ctx, adapters)
-    refuse_overwrite(output, force)
+    use_threads(folder_bytes(path for path, _ in inputs))
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
-                            seed=seed, svd=svd, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json, rank)
+                            seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
+                            progress=update)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank)
 
 
 @click.command("resize")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_adapters)
 @_rank_options
+@_base_option
 @_output_options
 @click.pass_context
 def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: str | None, max_rank: int | None,
-                   output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                   base: str | None, output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
-    Modules already at or below --rank are kept bit for bit. For Flux.1/SD3 written in kohya or
-    ComfyUI names, fused layers (qkv, linear1) are also stored at --rank.
+    Modules already at or below --rank are kept bit for bit. LyCORIS and DoRA modules (with --base)
+    become plain LoRA modules of that rank. For Flux.1/SD3 written in kohya or ComfyUI names, fused
+    layers (qkv, linear1) are also stored at --rank.
 
     \b
     Examples:
       lorareg resize big.safetensors --rank 16 -o small.safetensors
       lorareg resize big.safetensors --dynamic sv_fro:0.95 --max-rank 64 -o small.safetensors
     """
+    source = resolve_adapter(ctx, adapter)
+    rule = _checked_rule("resize", rank, dynamic, max_rank, required=True)
+    stem = source.stem if source.is_file() else source.name
+    suffix = f"r{int(rule.value)}" if rule.kind == "fixed" else "resized"
+    target = _prepare_output(output, fmt, f"{stem}_{suffix}.safetensors", force)
     from loralib.compose import resize
 
-    source = resolve_adapter(ctx, adapter)
-    refuse_overwrite(output, force)
+    use_threads(folder_bytes([source]))
     with progress("resizing", enabled=not as_json) as update:
-        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json, rank)
+        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
+                             base=Path(base) if base else None, progress=update)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank)
 
 
 @click.command("bake")
 @click.argument("base")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...", shell_complete=complete_adapters)
 @click.option("-o", "--output", type=click.Path(), required=True,
               help="Output folder (diffusers base) or .safetensors file (single-file base).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -208,12 +259,16 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
       lorareg bake sd15_model/ style.safetensors:0.8 detail.safetensors:0.4 -o merged_model/
       lorareg bake sdxl_base.safetensors style.safetensors -o sdxl_style.safetensors
     """
+    base_path = _existing_model(base)
+    inputs = _resolve_weighted(ctx, adapters)
+    target = Path(output.rstrip("/")) if base_path.is_dir() else output_file(output, f"{base_path.stem}_baked.safetensors")
+    refuse_overwrite(target, force)
     from loralib.compose import bake
 
-    base_path = Path(base).expanduser()
-    inputs = _resolve_weighted(ctx, adapters)
+    use_threads(folder_bytes([base_path]))
+    make_parents(target)
     with progress("baking", enabled=not as_json) as update:
-        result = bake(base_path, inputs, output, force=force, progress=update)
+        result = bake(base_path, inputs, target, force=force, progress=update)
     if as_json:
         print_json({"output": str(result.path), "kind": result.kind, "files": [str(f) for f in result.files],
                     "layers": result.layers, "modules": result.modules, "notes": result.notes})
@@ -254,11 +309,16 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
       lorareg extract sd15_base/ my_finetune/ --rank 32 -o extracted.safetensors
       lorareg extract base.safetensors tuned.safetensors --dynamic sv_fro:0.9 --max-rank 64 -o x.safetensors
     """
+    _existing_model(base)
+    tuned_path = _existing_model(tuned)
+    _checked_rule("extract", rank, dynamic, max_rank, required=True)
+    stem = tuned_path.stem if tuned_path.is_file() else tuned_path.name
+    target = _prepare_output(output, fmt, f"{stem}_extracted.safetensors", force)
     from loralib.compose import extract
 
-    refuse_overwrite(output, force)
+    use_threads(folder_bytes([base, tuned]))
     with progress("extracting", enabled=not as_json) as update:
-        composition = extract(Path(base).expanduser(), Path(tuned).expanduser(), rank, dynamic=dynamic,
+        composition = extract(Path(base).expanduser(), tuned_path, rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
                               min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
-    _finish(ctx, composition, output, fmt, force, as_json, rank)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank)

@@ -12,7 +12,9 @@ from loralib.vocabulary import SCHEDULERS
 from .compose import parse_weighted
 from .libraries import quiet_libraries
 from .output import print_json, progress
-from .refs import resolve_adapter
+from .paths import make_parents
+from .refs import attach_samples, complete_adapters, resolve_adapter
+from .threads import folder_bytes, use_threads
 
 
 def display_name(reference: str) -> str:
@@ -27,7 +29,7 @@ def display_name(reference: str) -> str:
 @click.argument("prompt")
 @click.option("--base", required=True, metavar="MODEL", help="Base model: a diffusers folder, a .safetensors "
                                                              "checkpoint or a Hub id.")
-@click.option("--lora", "loras", multiple=True, metavar="REF[:WEIGHT]",
+@click.option("--lora", "loras", multiple=True, metavar="REF[:WEIGHT]", shell_complete=complete_adapters,
               help="An adapter (file, folder, catalog name, hash prefix or Hub id) and its weight (default 1); "
                    "repeatable.")
 @click.option("--negative", default="", help="Negative prompt.")
@@ -53,25 +55,31 @@ def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[st
     """Render PROMPT with a base model and weighted adapters into PNGs with A1111-style parameters.
 
     The base model is loaded once and the adapters are fused into it with their weights. Every
-    PNG records prompt, negative prompt, steps, sampler, CFG scale, seed, size and the adapters'
-    A1111 hashes (the "parameters" text chunk A1111, ComfyUI and Civitai read). The same seed
-    gives the same image.
+    PNG records prompt, negative prompt, steps, sampler, CFG scale, seed, size, the base model's
+    hash and the adapters' A1111 hashes (the "parameters" text chunk A1111, ComfyUI and Civitai
+    read). The same seed gives the same image. The images are attached to the catalog entries
+    of the adapters used (see `lorareg show`).
 
     \b
     Examples:
       lorareg generate "a pxl style castle" --base base/ --lora pixel-art:0.8 --lora other:0.3 -n 4 --seed 7
       lorareg generate "a cat" --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora my_lora.safetensors
     """
+    from loralib.pipelines import check_base_model
+
     adapters, names = [], []
     for item in loras:
         reference, weight = parse_weighted(item)
         adapters.append((resolve_adapter(ctx, reference), weight))
         names.append(display_name(reference))
+    check_base_model(base)
     quiet_libraries()
     import torch
 
     from loralib.generation import generate
 
+    use_threads(folder_bytes([base]))
+    make_parents(Path(output_dir.rstrip("/") or output_dir))
     if device is None and torch.cuda.is_available():
         device = "cuda"
     seed = secrets.randbelow(2**32) if seed is None else seed
@@ -79,6 +87,7 @@ def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[st
         result = generate(base, prompt, adapters, names=names, output_dir=output_dir, num_samples=num_samples,
                           seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                           negative_prompt=negative, scheduler=scheduler, device=device, progress=update)
+    attach_samples(ctx, [image.path for image in result.images], result.adapters)
     if as_json:
         print_json(result.to_dict())
         return

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import click
 
-from .output import note, print_json
-from .refs import catalog_home
+from .output import note, print_json, steps
+from .refs import catalog_home, complete_names
 
 
 @click.command("push")
-@click.argument("reference")
+@click.argument("reference", shell_complete=complete_names)
 @click.option("--repo", "repo_id", required=True, help="The Hub repo to push to, user/name (created if needed).")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
 @click.option("--also", default="", metavar="LAYOUTS",
@@ -46,8 +46,9 @@ def push_command(ctx: click.Context, reference: str, repo_id: str, private: bool
         if entry is None and os.path.exists(reference):
             entry = catalog.add(reference).entry
         entry = entry or catalog.get(reference)
-        result = push(catalog, entry, repo_id, private=private, also=also.split(","), license=license_,
-                      base_model=base_model, message=message)
+        with steps(enabled=not as_json) as step:
+            result = push(catalog, entry, repo_id, private=private, also=also.split(","), license=license_,
+                          base_model=base_model, message=message, progress=step)
     if as_json:
         print_json(result.to_dict())
         return
@@ -77,11 +78,17 @@ def pull_command(ctx: click.Context, repo: str, filename: str | None, name: str 
       lorareg pull alice/pixel-art-lora
       lorareg pull alice/pixel-art-lora@v1.0 --file pixel-art.safetensors --dir ~/webui/models/Lora
     """
+    from pathlib import Path
+
     from lorareg.registry.catalog import Catalog
     from lorareg.registry.hub import pull
 
-    with Catalog(catalog_home(ctx)) as catalog:
-        result = pull(catalog, repo, filename=filename, name=name, tags=tags, local_dir=local_dir)
+    from .paths import make_parents
+
+    if local_dir is not None:
+        make_parents(Path(local_dir.rstrip("/") or local_dir))
+    with Catalog(catalog_home(ctx)) as catalog, steps(enabled=not as_json) as step:
+        result = pull(catalog, repo, filename=filename, name=name, tags=tags, local_dir=local_dir, progress=step)
     if as_json:
         print_json(result.to_dict())
         return

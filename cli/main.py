@@ -2,7 +2,8 @@
 
 Commands live in modules of this package and are imported only when run, so ``lorareg --help``
 and catalog commands start without importing torch. Every :class:`~loralib.errors.LoraError`
-becomes one line on stderr and a non-zero exit; tracebacks appear only with ``--debug``.
+becomes one line on stderr and a non-zero exit; tracebacks appear only with ``--debug``. With
+``--json`` an error is also printed on stdout as ``{"error": "…"}``, so scripts always get JSON.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import sys
 
 import click
 
-from loralib import __version__
 from loralib.errors import LoraError
+from loralib.version import __version__
 
 # name -> (module, function, one-line help). The help is here so that listing the commands
 # imports none of them.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("lorareg.cli.adapters", "inspect_command", "Describe an adapter: format, architecture, modules, ranks, hashes."),
-    "convert": ("lorareg.cli.adapters", "convert_command", "Convert an adapter between kohya, PEFT and diffusers formats."),
+    "convert": ("lorareg.cli.adapters", "convert_command", "Convert an adapter between formats, or LyCORIS/DoRA into a plain LoRA."),
     "merge": ("lorareg.cli.compose", "merge_command", "Merge adapters with weights (exact, or best rank-k; ties, dare)."),
     "resize": ("lorareg.cli.compose", "resize_command", "Reduce an adapter's rank by exact SVD (fixed or dynamic rank)."),
     "bake": ("lorareg.cli.compose", "bake_command", "Fuse adapters into a base model (diffusers folder or single file)."),
@@ -34,23 +35,30 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rm": ("lorareg.cli.catalog", "rm_command", "Remove adapters from the catalog (files kept unless --delete-file)."),
     "verify": ("lorareg.cli.catalog", "verify_command", "Re-hash catalog files; report missing, moved and changed ones."),
     "lineage": ("lorareg.cli.catalog", "lineage_command", "The merge/resize/convert tree an adapter came from."),
+    "duplicates": ("lorareg.cli.catalog", "duplicates_command",
+                   "Copies, the same adapter in other formats or dtypes, and near-duplicates."),
     "push": ("lorareg.cli.hub", "push_command", "Upload an adapter to the Hugging Face Hub with a model card."),
     "pull": ("lorareg.cli.hub", "pull_command", "Download an adapter from the Hub, verify its SHA-256, register it."),
     "train": ("lorareg.cli.train", "train_command", "Train a LoRA on captioned images (TOML config or options)."),
     "generate": ("lorareg.cli.generate", "generate_command", "Render images with a base model and weighted adapters."),
     "tiny-model": ("lorareg.cli.train", "tiny_model_command", "Build a tiny random SD1/SD2/SDXL base model (demos, tests)."),
+    "serve": ("lorareg.cli.web", "serve_command", "Start the playground: a local web page over the catalog, with actions."),
+    "export-site": ("lorareg.cli.web", "export_site_command", "Write a static gallery of the catalog (HTML, images, JSON)."),
+    "push-site": ("lorareg.cli.web", "push_site_command", "Publish the gallery as a static Hugging Face Space."),
 }
 # The module each optional dependency is imported as -> the extra that installs it (pyproject.toml).
 EXTRA_MODULES: dict[str, str] = {
-    "torch": "compose", "safetensors": "compose", "numpy": "compose", "diffusers": "compose", "transformers": "compose",
+    "torch": "compose", "safetensors": "compose", "diffusers": "compose", "transformers": "compose",
     "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+    "starlette": "web", "uvicorn": "web", "jinja2": "web", "multipart": "web",
 }
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Adapters", ["inspect", "convert"]),
     ("Composition", ["merge", "resize", "bake", "extract"]),
-    ("Catalog", ["add", "scan", "list", "search", "show", "tag", "rm", "verify", "lineage"]),
+    ("Catalog", ["add", "scan", "list", "search", "show", "tag", "rm", "verify", "lineage", "duplicates"]),
     ("Hub", ["push", "pull"]),
     ("Training and generation", ["train", "generate", "tiny-model"]),
+    ("Playground", ["serve", "export-site", "push-site"]),
 ]
 
 
@@ -86,53 +94,66 @@ def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
     Every command that takes an adapter accepts a .safetensors file, a PEFT or diffusers folder,
     a catalog name or hash prefix, or a Hub repo id.
     """
-    ctx.obj = {"home": home, "debug": debug}
+    ctx.obj = {**(ctx.obj or {}), "home": home, "debug": debug}
 
 
-def _error(message: str, code: int) -> int:
-    from .output import print_error
+def _error(message: str, code: int, as_json: bool = False) -> int:
+    from .output import print_error, print_json
 
     print_error(message)
+    if as_json:
+        print_json({"error": message, "exit_code": code})
     return code
+
+
+def _wants_json(args: list[str]) -> bool:
+    """True when the command line asks for --json (before any ``--``)."""
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and turn every user-facing error into one line and an exit code."""
-    debug = "--debug" in (argv or sys.argv[1:]) or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
+    as_json = _wants_json(args)
     try:
-        code = cli.main(args=argv, prog_name="lorareg", standalone_mode=False)
+        # The command line as given, for messages that repeat it (train's "continue with").
+        code = cli.main(args=args, prog_name="lorareg", standalone_mode=False, obj={"argv": args})
     except LoraError as exc:
         if debug:
             raise
-        code = _error(str(exc), exc.exit_code)
+        code = _error(str(exc), exc.exit_code, as_json)
     except click.exceptions.Abort:
-        code = _error("aborted", 130)
+        code = _error("aborted", 130, as_json)
     except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
+        if as_json:
+            code = _error(exc.format_message(), exc.exit_code, as_json)
+        else:
+            exc.show()
+            code = exc.exit_code
     except KeyboardInterrupt:
-        code = _error("interrupted", 130)
+        code = _error("interrupted", 130, as_json)
     except OSError as exc:
         if debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        code = _error(f"{exc.strerror or exc}{where}", 1)
+        code = _error(f"{exc.strerror or exc}{where}", 1, as_json)
     except Exception as exc:  # a bug, or an optional dependency that is not installed
         if debug:
             raise
-        code = _unexpected(exc)
+        code = _unexpected(exc, as_json)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _unexpected(exc: Exception) -> int:
+def _unexpected(exc: Exception, as_json: bool = False) -> int:
     """One line for an exception no command expected: the extra to install, or an internal error."""
     if isinstance(exc, ModuleNotFoundError):
         extra = EXTRA_MODULES.get((exc.name or "").split(".", 1)[0])
         if extra is not None:
             return _error(f"this command needs {exc.name}, which comes with lorareg's '{extra}' extra; "
-                          f"install it with: pip install 'lorareg[{extra}]'", 1)
+                          f"install it with: pip install 'lorareg[{extra}]'", 1, as_json)
     return _error(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
-                  "and please report it", 2)
+                  "and please report it", 2, as_json)
 
 
 if __name__ == "__main__":

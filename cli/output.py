@@ -49,8 +49,11 @@ def human_size(n: float) -> str:
 
 @contextmanager
 def progress(description: str, total: int | None = None, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr; yields ``update(done, total)`` for loralib's callbacks."""
-    if not enabled:
+    """A rich progress bar on stderr; yields ``update(done, total)`` for loralib's callbacks.
+
+    Only on a terminal: elsewhere (logs, pipes) a bar is noise, and rich would leave a blank line.
+    """
+    if not enabled or not sys.stderr.isatty():
         yield lambda done, total: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,3 +67,23 @@ def progress(description: str, total: int | None = None, *, enabled: bool = True
             bar.update(task, completed=done, total=new_total)
 
         yield update
+
+
+@contextmanager
+def steps(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr whose description changes with each step (a terminal only); yields
+    ``step(description, done, total)`` for the registry's Hub callbacks."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda description, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console(stderr=True), transient=True)
+    with bar:
+        task = bar.add_task("", total=None)
+
+        def step(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        yield step

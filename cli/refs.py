@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import click
 
 from loralib.errors import LoraError
-from loralib.records import OperationRecord
 
 if TYPE_CHECKING:
     from loralib.formats.base import SaveResult
@@ -24,6 +23,28 @@ def catalog_home(ctx: click.Context | None) -> str | None:
     """The catalog folder chosen with ``--home`` / ``LORAREG_HOME`` (None: the default)."""
     root = ctx.find_root() if ctx is not None else None
     return (root.obj or {}).get("home") if root is not None and isinstance(root.obj, dict) else None
+
+
+def _completion_home(ctx: click.Context) -> str | None:
+    """The catalog folder while completing: --home given earlier on the line, else $LORAREG_HOME."""
+    root = ctx.find_root()
+    return root.params.get("home") if root is not None else None
+
+
+def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of catalog names (``_LORAREG_COMPLETE=bash_source lorareg``; see docs/cli.md)."""
+    from click.shell_completion import CompletionItem
+
+    from lorareg.registry.catalog import complete_names as names
+
+    return [CompletionItem(name) for name in names(incomplete, _completion_home(ctx))]
+
+
+def complete_adapters(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of an adapter argument: catalog names, else file names."""
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="file"), *complete_names(ctx, param, incomplete)]
 
 
 def resolve_adapter(ctx: click.Context, reference: str) -> Path:
@@ -38,23 +59,42 @@ def resolve_adapter(ctx: click.Context, reference: str) -> Path:
     return resolve(reference, catalog_home(ctx))
 
 
-def register_output(ctx: click.Context, result: SaveResult) -> None:
-    """Record a written adapter (a loralib ``SaveResult``) and its lineage in the catalog.
+def register_output(ctx: click.Context, result: SaveResult, samples: list[Path] = ()) -> None:
+    """Record a written adapter (a loralib ``SaveResult``) and its lineage in the catalog, with the
+    sample images made with it.
 
     The operation that made it is the record the writer stored in the file (``result.operation``).
     The output exists whatever happens here, so a catalog problem is reported as a warning and
     does not fail the command.
     """
-    from lorareg.registry.catalog import Catalog
+    from lorareg.registry.outputs import record_output
 
     from .output import note
 
-    hashes = result.hashes if getattr(result, "format", None) != "peft" else None
     try:
-        with Catalog(catalog_home(ctx)) as catalog:
-            added = catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes)
+        added = record_output(result, catalog_home(ctx), samples=samples)
     except (LoraError, OSError) as exc:
         note(f"warning: {result.path} was written but could not be recorded in the catalog: {exc}")
         return
     verb = "registered as" if added.created else "already in the catalog as"
     note(f"{verb} {added.entry.name} (see: lorareg show {shlex.quote(added.entry.name)})")
+
+
+def attach_samples(ctx: click.Context, images: list[Path], uses: list) -> None:
+    """Attach generated images to the catalog entries of every adapter used (adding adapters not yet in it).
+
+    ``uses`` are :class:`loralib.generation.AdapterUse`; see
+    :func:`lorareg.registry.outputs.attach_samples`. A catalog problem is a warning: the images exist.
+    """
+    from lorareg.registry.outputs import attach_samples as attach
+
+    from .output import note
+
+    try:
+        for entry, count, added in attach(images, uses, catalog_home(ctx)):
+            if added:
+                note(f"added {entry.name} to the catalog")
+            note(f"attached {count} image{'s' if count != 1 else ''} to {entry.name} "
+                 f"(see: lorareg show {shlex.quote(entry.name)})")
+    except (LoraError, OSError) as exc:
+        note(f"warning: the images were written but could not be attached in the catalog: {exc}")

@@ -7,6 +7,7 @@ to the model as text and validated there, so every problem is reported at once.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from loralib.vocabulary import ARCHITECTURE_NAMES
 
 from .libraries import quiet_libraries
 from .output import human_size, note, print_json
+from .paths import make_parents
 from .refs import register_output
+from .threads import folder_bytes, use_threads
 
 # Short spellings users know from the tutorial and from sd-scripts, beside the --key-name of every key.
 ALIASES = {"data_dir": ["--data"], "base_model": ["--base"], "num_epochs": ["--epochs"],
@@ -70,13 +73,18 @@ def _overrides(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrainingDisplay:
-    """A Rich progress bar (step, epoch, loss, learning rate, speed) on a terminal; plain lines elsewhere."""
+    """A Rich progress bar (step, epoch, loss, learning rate, speed) on a terminal; plain lines elsewhere.
+
+    Every phase of the preparation shows from its start (a line per phase when not on a terminal),
+    and messages go through the bar's console, so they never run into it.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.live = enabled and sys.stderr.isatty()
         self.bar = None
         self.tasks: dict[str, Any] = {}
+        self.waiting: str | None = None
 
     def __enter__(self) -> TrainingDisplay:
         if self.live:
@@ -103,16 +111,46 @@ class TrainingDisplay:
 
     def phase(self, description: str, done: int, total: int) -> None:
         """Preparation progress (checking images, caching, samples)."""
-        if not self.live:
+        self.waited()
+        if not self.enabled:
             return
         if description not in self.tasks:
-            self.tasks[description] = self.bar.add_task(description, total=total, info="")
-        self.bar.update(self.tasks[description], completed=done, total=total)
-        if done >= total:
-            self.bar.update(self.tasks[description], visible=False)
+            if not self.live:
+                self.tasks[description] = None
+                print(f"{description}…", file=sys.stderr, flush=True)
+                return
+            self.tasks[description] = self.bar.add_task(description, total=total, completed=done, info="",
+                                                        visible=done < total)
+            return
+        if self.live:
+            self.bar.update(self.tasks[description], completed=done, total=total, visible=done < total)
+
+    def wait(self, description: str) -> None:
+        """Show that something without steps is under way (importing libraries) until the next phase."""
+        self.waited()
+        if not self.enabled:
+            return
+        if not self.live:
+            print(f"{description}…", file=sys.stderr, flush=True)
+            return
+        self.waiting = self.bar.add_task(description, total=None, info="")
+
+    def waited(self) -> None:
+        """End the wait shown by :meth:`wait`."""
+        if self.waiting is not None and self.bar is not None:
+            self.bar.remove_task(self.waiting)
+        self.waiting = None
+
+    def message(self, text: str) -> None:
+        """A line on stderr that does not run into the progress bar."""
+        if self.bar is not None:
+            self.bar.console.print(f"[dim]{_escaped(text)}[/]")
+        else:
+            note(text)
 
     def step(self, report) -> None:
         """One optimizer step done."""
+        self.waited()
         speed = f"{report.steps_per_second:.2f} steps/s" if report.steps_per_second else "—"
         info = (f"epoch {report.epoch}/{report.num_epochs}  loss {report.loss:.4f}  "
                 f"lr {report.learning_rate:.2e}  {speed}")
@@ -155,6 +193,7 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
       lorareg train train.toml --resume latest
       accelerate launch -m lorareg train train.toml      # several GPUs or machines
     """
+    from loralib.pipelines import check_base_model
     from loralib.training.config import load_config
 
     settings = load_config(config, _overrides(values))
@@ -167,12 +206,16 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
     from loralib.training.dataset import scan_dataset
 
     with TrainingDisplay(enabled=not as_json) as display:
-        # The data is checked before torch and diffusers load, so its problems show up at once.
+        # The data and the base model are checked before torch and diffusers load, so their problems show at once.
         dataset = scan_dataset(settings.data.data_dir, settings.data.caption_extension,
                                progress=lambda done, total: display.phase("checking images", done, total))
+        check_base_model(settings.model.base_model)
+        display.wait("loading torch, diffusers and peft")
         quiet_libraries()
         from loralib.training.trainer import Trainer
 
+        use_threads(folder_bytes([settings.model.base_model]))
+        make_parents(Path(settings.output_dir))
         trainer = Trainer(settings, resume=resume, force=force, on_step=display.step, on_phase=display.phase,
                           dataset=dataset)
         trainer.setup()
@@ -181,18 +224,56 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
             trainer.run()
             return
         if not as_json:
-            note(f"training {settings.model.model_name}: {trainer.total_steps} steps ({trainer.num_epochs} epochs "
-                 f"of {trainer.steps_per_epoch}) on {trainer.device}, {len(trainer.dataset.records)} images, "
-                 f"from step {trainer.step}; output in {trainer.output_dir}")
+            display.message(f"training {settings.model.model_name}: {trainer.total_steps} steps ({trainer.num_epochs} "
+                            f"epochs of {trainer.steps_per_epoch}) on {trainer.device}, {len(trainer.dataset.records)} "
+                            f"images, from step {trainer.step}; output in {trainer.output_dir}")
         result = trainer.run()
     if result.save is not None:
-        register_output(ctx, result.save)
+        register_output(ctx, result.save, samples=final_samples(result.samples))
     if as_json:
         print_json(result.to_dict())
     else:
-        _print_result(result, config)
+        _print_result(result, continue_command(ctx))
     if result.interrupted:
         ctx.exit(130)
+
+
+def _escaped(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def final_samples(paths: list[Path]) -> list[Path]:
+    """The sample images rendered at the last sampling step (``<name>-step<N>-<i>.png``): made with the saved adapter."""
+    import re
+
+    steps = {path: int(m.group(1)) for path in paths if (m := re.search(r"-step(\d+)-\d+\.png$", path.name))}
+    if not steps:
+        return []
+    last = max(steps.values())
+    return [path for path, step in steps.items() if step == last]
+
+
+def continue_command(ctx: click.Context) -> str | None:
+    """The command that continues an interrupted run: the same command line, with ``--resume latest``
+    instead of any ``--resume`` or ``--force`` (None when the command line is not known)."""
+    root = ctx.find_root()
+    argv = (root.obj or {}).get("argv") if isinstance(root.obj, dict) else None
+    if not argv or "train" not in argv:
+        return None
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = True
+            continue
+        if token.startswith("--resume=") or token == "--force":
+            continue
+        kept.append(token)
+    return shlex.join(["lorareg", *kept, "--resume", "latest"])
 
 
 def _dry_run(settings, as_json: bool) -> None:
@@ -212,11 +293,11 @@ def _dry_run(settings, as_json: bool) -> None:
     click.echo(f"plan: {steps_per_epoch} steps per epoch, {total} steps; output in {settings.output_dir}")
 
 
-def _print_result(result, config: str | None) -> None:
+def _print_result(result, again: str | None) -> None:
     if result.interrupted:
-        again = f"lorareg train {config} --resume latest" if config else "the same command with --resume latest"
+        again = again or "the same command with --resume latest"
         note(f"interrupted at step {result.steps} of {result.total_steps}; checkpoint saved to {result.checkpoint}")
-        note(f"continue with: {again}")
+        click.echo(f"continue with: {again}", err=True)  # unwrapped and unstyled: it is copied as it is
         return
     save = result.save
     size = human_size(save.path.stat().st_size) if save.path.is_file() else "folder"
@@ -252,6 +333,9 @@ def tiny_model_command(output: str, arch: str, seed: int, force: bool) -> None:
     """
     quiet_libraries()
     from loralib.tiny_models import write_tiny_model
+
+    use_threads(0)
+    make_parents(Path(output.rstrip("/") or output))
 
     path = write_tiny_model(Path(output), arch, seed=seed, force=force)
     click.echo(f"wrote tiny {arch} base model to {path}")

@@ -12,10 +12,10 @@ Importing ``loralib`` is cheap: torch is imported only by the functions that nee
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
-__all__ = ["LoraAdapter", "LoraModule", "convert", "inspect", "load", "save", "LoraError",
-           "merge", "resize", "bake", "extract"]
+__all__ = ["LoraAdapter", "LoraModule", "__version__", "convert", "inspect", "load", "save", "LoraError",
+           "merge", "resize", "bake", "extract", "to_lora"]
 
 from .errors import LoraError
 
@@ -33,7 +33,7 @@ def __getattr__(name: str):
         from .inspection import inspect
 
         return inspect
-    if name in ("merge", "resize", "bake", "extract"):
+    if name in ("merge", "resize", "bake", "extract", "to_lora"):
         from . import compose
 
         return getattr(compose, name)

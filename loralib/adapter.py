@@ -2,9 +2,10 @@
 
 A :class:`LoraAdapter` maps internal module keys (``unet.down_blocks.0…to_q``,
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``; see :mod:`loralib.naming`) to
-:class:`LoraModule` factors. Every file format is read into this and written from this (by
-:mod:`loralib.formats`, which this module knows nothing of); nothing else in lorareg knows how a
-format spells its keys.
+modules: :class:`LoraModule` factors, or one of the LyCORIS/DoRA kinds of
+:mod:`loralib.lycoris.kinds`, all following :class:`AdapterModule`. Every file format is read
+into this and written from this (by :mod:`loralib.formats`, which this module knows nothing of);
+nothing else in lorareg knows how a format spells its keys.
 
 Alpha follows kohya's convention everywhere: a module adds ``ΔW = (alpha / rank) · up @ down``.
 Readers translate other conventions (PEFT's per-module patterns, rsLoRA's ``alpha / √rank``,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
@@ -27,19 +28,68 @@ if TYPE_CHECKING:
     from .files.hashes import Deferred
 
 
+class AdapterModule(Protocol):
+    """What every module kind offers (:class:`LoraModule` and :mod:`loralib.lycoris.kinds`).
+
+    ``kind`` names it (``lora``, ``loha``, ``lokr``, ``full``, ``norm``, ``dora``). Matrices are the
+    layer's weight flattened to ``[out, in·kh·kw]``. ``delta`` is the dense ``ΔW`` in the weight's
+    shape (None when only a bias changes; DoRA needs ``base``, the layer's weight); ``apply(x)``
+    is ``ΔW`` applied to the rows of ``x`` (``[..., in·kh·kw] → [..., out]``), computed from the
+    factors; ``low_rank`` is ``(up, down, coefficient)`` with ``ΔW = coefficient · up @ down``
+    exactly, or None where no low-rank form exists (full differences, norms, DoRA).
+    """
+
+    kind: ClassVar[str]
+    needs_base: ClassVar[bool]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def kernel_size(self) -> tuple[int, int]: ...
+    @property
+    def is_conv(self) -> bool: ...
+    @property
+    def is_matrix(self) -> bool: ...
+    @property
+    def rank(self) -> int | None: ...
+    @property
+    def exact_rank(self) -> int | None: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def parameter_count(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def to(self, dtype: torch.dtype) -> AdapterModule: ...
+    def delta(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor | None: ...
+    def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None: ...
+    def apply(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor: ...
+    def low_rank(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float] | None: ...
+
+
 @dataclass
 class LoraModule:
     """The low-rank factors of one adapted Linear or Conv2d layer.
 
     Linear: ``down`` is ``[r, in]``, ``up`` is ``[out, r]``. Conv (LoCon): ``down`` is
     ``[r, in, kh, kw]`` and ``up`` is ``[out, r, 1, 1]``; with a CP-decomposed ``mid`` of shape
-    ``[r, r, kh, kw]`` the ``down`` is a ``1×1`` conv instead.
+    ``[r, r, kh, kw]`` the ``down`` is a ``1×1`` conv instead. ``bias`` is a full difference of the
+    layer's bias that some trainers add beside the factors (``diff_b``; plain LoRA formats cannot hold it).
     """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
     mid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    kind: ClassVar[str] = "lora"
+    needs_base: ClassVar[bool] = False
+    is_matrix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.alpha = float(self.alpha)
@@ -61,6 +111,8 @@ class LoraModule:
                 return f"mid {list(mid.shape)} does not fit down {list(down.shape)}"
         if not math.isfinite(self.alpha):
             return f"alpha is {self.alpha}"
+        if self.bias is not None and tuple(self.bias.shape) != (up.shape[0],):
+            return f"bias difference {list(self.bias.shape)} does not fit {up.shape[0]} outputs"
         return None
 
     @property
@@ -114,40 +166,68 @@ class LoraModule:
         if self.mid is None:
             return self
         down = torch.einsum("okab,ki->oiab", self.mid.float(), self.down.float()[:, :, 0, 0])
-        return LoraModule(down.to(self.dtype), self.up, self.alpha)
+        return LoraModule(down.to(self.dtype), self.up, self.alpha, bias=self.bias)
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` as matrices ``[out, r]`` and ``[r, in·kh·kw]`` (mid folded, scale not applied)."""
         module = self.without_mid()
         return module.up.reshape(module.out_features, module.rank).to(dtype), module.down.reshape(module.rank, -1).to(dtype)
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense ``ΔW = scale · up @ down`` in the base weight's shape. Costs ``out × in`` memory."""
+    def delta(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense ``ΔW = scale · up @ down`` in the base weight's shape (``base`` is not needed). Costs
+        ``out × in`` memory."""
         up, down = self.factors(torch.float32)
         return (self.scale * (up @ down)).reshape(self.weight_shape).to(dtype)
 
     def to(self, dtype: torch.dtype) -> LoraModule:
         """The same module with factors cast to ``dtype``."""
         mid = None if self.mid is None else self.mid.to(dtype)
-        return replace(self, down=self.down.to(dtype), up=self.up.to(dtype), mid=mid)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return replace(self, down=self.down.to(dtype), up=self.up.to(dtype), mid=mid, bias=bias)
 
     @property
     def parameter_count(self) -> int:
         """Number of stored values in the factors."""
-        return sum(t.numel() for t in (self.down, self.up, self.mid) if t is not None)
+        return sum(t.numel() for t in (self.down, self.up, self.mid, self.bias) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the factors occupy in their dtype."""
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.mid, self.bias) if t is not None)
+
+    @property
+    def exact_rank(self) -> int:
+        """Rank of the exact low-rank form: the rank."""
+        return self.rank
+
+    def low_rank(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(up, down, scale)``: ``ΔW = scale · up @ down`` as matrices (mid folded)."""
+        dtype = dtype or (torch.float64 if self.down.dtype == torch.float64 else torch.float32)
+        up, down = self.factors(dtype)
+        return up, down, self.scale
+
+    def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The bias difference stored beside the factors, if any."""
+        return None if self.bias is None else self.bias.to(dtype)
+
+    def apply(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``ΔW`` applied to the rows of ``x`` (``[..., in·kh·kw] → [..., out]``) from the factors."""
+        dtype = torch.float64 if torch.float64 in (x.dtype, self.down.dtype) else torch.float32
+        up, down = self.factors(dtype)
+        return self.scale * ((x.to(dtype) @ down.T) @ up.T)
 
 
 @dataclass
 class LoraAdapter:
     """A LoRA adapter: modules keyed by component and module path, plus what is known about it."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, AdapterModule]
     architecture: str = UNKNOWN
     source_format: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
-    source_hash: Deferred | None = field(default=None, repr=False)  # SHA-256 of the source's tensor data
+    source_hash: Deferred | None = field(default=None, repr=False)  # FileHashes of the source's files
 
     @property
     def components(self) -> list[str]:
@@ -157,8 +237,21 @@ class LoraAdapter:
 
     @property
     def ranks(self) -> list[int]:
-        """Distinct module ranks, ascending."""
-        return sorted({m.rank for m in self.modules.values()})
+        """Distinct module ranks, ascending (kinds without a rank are left out)."""
+        return sorted({m.rank for m in self.modules.values() if m.rank is not None})
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """How many modules of each kind (``lora``, ``loha``, ``lokr``, ``full``, ``norm``, ``dora``)."""
+        counts: dict[str, int] = {}
+        for m in self.modules.values():
+            counts[m.kind] = counts.get(m.kind, 0) + 1
+        return counts
+
+    @property
+    def is_plain(self) -> bool:
+        """True when every module is a plain LoRA."""
+        return all(m.kind == "lora" for m in self.modules.values())
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -175,8 +268,13 @@ class LoraAdapter:
 
     @property
     def source_tensor_sha256(self) -> str | None:
-        """SHA-256 of the source file's tensor data (its identity; hashed while it loads), or None."""
-        return self.source_hash.result() if self.source_hash is not None else None
+        """SHA-256 of the source's main file's tensor data (AutoV3; hashed while it loads), or None."""
+        return self.source_hash.result().tensor_sha256 if self.source_hash is not None else None
+
+    @property
+    def source_identity(self) -> str | None:
+        """The identity of the source's content as stored (see :mod:`loralib.files.hashes`), or None."""
+        return self.source_hash.result().identity if self.source_hash is not None else None
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

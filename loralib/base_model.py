@@ -15,26 +15,30 @@ from .architectures import ARCHITECTURES, COMPONENTS, T5, TEXT_ENCODER_2
 from .layers import LayerShape
 from .naming import TE_ROOT, internal_key
 
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)  # what LyCORIS' norm modules (and ComfyUI's 1-D .diff) change
 
-def adaptable_layers(component: str, model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear and Conv2d layer of one component, keyed by internal key.
+
+def adaptable_layers(component: str, model: nn.Module, *, norms: bool = False) -> dict[str, nn.Module]:
+    """Every Linear and Conv2d layer of one component (and LayerNorm/GroupNorm with ``norms``), by internal key.
 
     Text encoders' embeddings are not LoRA targets and are left out.
     """
+    kinds = (nn.Linear, nn.Conv2d, *NORM_LAYERS) if norms else (nn.Linear, nn.Conv2d)
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, kinds):
             layers[internal_key(component, name)] = module
     return layers
 
 
-def pipeline_layers(pipe) -> dict[str, nn.Module]:
-    """Every adaptable layer of a diffusers pipeline's denoiser (UNet or transformer) and text encoders."""
+def pipeline_layers(pipe, *, norms: bool = False) -> dict[str, nn.Module]:
+    """Every adaptable layer of a diffusers pipeline's denoiser (UNet or transformer) and text encoders
+    (norm layers too with ``norms``)."""
     layers = {}
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if model is not None:
-            layers.update(adaptable_layers(component, model))
+            layers.update(adaptable_layers(component, model, norms=norms))
     return layers
 
 

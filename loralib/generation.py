@@ -1,18 +1,21 @@
 """Rendering images with a base model and any number of LoRA adapters, the way A1111 records them.
 
 The base model is loaded once; adapters are fused into its weights with their weights
-(``W += weight · alpha / rank · up @ down``, computed in float32 — the same result as diffusers'
+(``W += weight · ΔW``, computed in float32 — for a LoRA the same result as diffusers'
 ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``, and it works for every module kind
-lorareg reads, LoCon and CP-decomposed convs included) and can be removed again exactly.
+lorareg reads: LoCon and CP-decomposed convs, LoHa and LoKr, which diffusers cannot load, full and
+norm/bias differences, and DoRA, computed from the pipeline's own weights) and can be removed
+again exactly.
 Every PNG carries AUTOMATIC1111's ``parameters`` text chunk — prompt, negative prompt, steps,
-sampler, CFG scale, seed, size, ``Lora hashes`` — that A1111, ComfyUI, Civitai and image viewers
-read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
+sampler, CFG scale, seed, size, ``Model hash`` (:func:`model_hash`), ``Lora hashes`` — that A1111,
+ComfyUI, Civitai and image viewers read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
 the same seed always gives the same image.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -21,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .errors import InvalidArgumentError, MismatchError
+from .version import TOOL
 from .vocabulary import SCHEDULERS
 
 if TYPE_CHECKING:
@@ -92,16 +95,16 @@ class FusedAdapters:
     """Adapters fused into a pipeline; :meth:`remove` restores the original weights exactly."""
 
     uses: list[AdapterUse]
-    originals: dict[str, Any] = field(default_factory=dict, repr=False)
+    originals: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)  # (layer, "weight"|"bias")
     layers: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def remove(self) -> None:
-        """Put back the base weights that fusing changed."""
+        """Put back the base weights and biases that fusing changed."""
         import torch
 
         with torch.no_grad():
-            for key, weight in self.originals.items():
-                self.layers[key].weight.copy_(weight)
+            for (key, parameter), value in self.originals.items():
+                getattr(self.layers[key], parameter).copy_(value)
         self.originals.clear()
 
 
@@ -134,7 +137,7 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
 
     from .base_model import pipeline_layers
 
-    layers = pipeline_layers(pipe)
+    layers = pipeline_layers(pipe, norms=True)
     base_arch = _pipeline_architecture(pipe)
     for adapter, _, use in adapters:
         if adapter.architecture not in (base_arch, "unknown"):
@@ -145,22 +148,55 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
             raise MismatchError(f"{use.name} adapts {len(missing)} layer(s) the base model does not have, "
                                 f"e.g. {missing[0]}", "Use the base model the adapter was trained for")
         for key, module in adapter.modules.items():
-            if tuple(layers[key].weight.shape) != tuple(module.weight_shape):
-                raise MismatchError(f"{use.name}: layer {key} has shape {list(layers[key].weight.shape)} in the base "
-                                    f"model but {list(module.weight_shape)} in the adapter",
-                                    "Use the base model the adapter was trained for")
+            problem = _misfit(layers[key], module)
+            if problem:
+                raise MismatchError(f"{use.name}: layer {key} {problem}", "Use the base model the adapter was trained for")
     fused = FusedAdapters([use for _, _, use in adapters], layers=layers)
     keys = dict.fromkeys(key for adapter, _, _ in adapters for key in adapter.modules)
     with torch.no_grad():
         for key in keys:  # one layer at a time: the sum of its deltas in float32, one rounding to its dtype
-            target = layers[key].weight
-            fused.originals[key] = target.detach().clone()
-            total = target.float()
+            layer = layers[key]
+            weight_parts, bias_parts = [], []
             for adapter, weight, _ in adapters:
-                if key in adapter.modules:
-                    total = total + weight * adapter.modules[key].delta(torch.float32).to(target.device)
-            target.copy_(total.to(target.dtype))
+                module = adapter.modules.get(key)
+                if module is None:
+                    continue
+                base = layer.weight.detach().float().cpu() if module.needs_base else None
+                delta = module.delta(torch.float32, base)
+                if delta is not None:
+                    weight_parts.append(weight * delta.reshape(layer.weight.shape))
+                bias = module.bias_delta(torch.float32)
+                if bias is not None:
+                    bias_parts.append(weight * bias)
+            for parameter, parts in (("weight", weight_parts), ("bias", bias_parts)):
+                if parts:
+                    _add(fused, key, layer, parameter, parts)
     return fused
+
+
+def _misfit(layer, module) -> str | None:
+    """Why ``module`` cannot change ``layer`` (None when it fits)."""
+    if module.is_matrix:
+        have, want = tuple(layer.weight.shape), tuple(module.weight_shape)
+        flat = lambda shape: (shape[0], math.prod(shape[1:]))  # noqa: E731 a 1x1 conv takes a Linear's factors
+        if layer.weight.ndim < 2 or flat(have) != flat(want):
+            return f"has shape {list(have)} in the base model but {list(want)} in the adapter"
+    elif module.delta() is not None and layer.weight.shape != module.delta().shape:
+        return f"has {layer.weight.numel()} weights in the base model but the adapter changes {module.delta().numel()}"
+    bias = module.bias_delta()
+    if bias is not None and (getattr(layer, "bias", None) is None or layer.bias.shape != bias.shape):
+        return "has no bias of the adapter's width in the base model"
+    return None
+
+
+def _add(fused: FusedAdapters, key: str, layer, parameter: str, parts: list) -> None:
+    """Add the deltas to one parameter of a layer in float32, keeping the original for :meth:`FusedAdapters.remove`."""
+    target = getattr(layer, parameter)
+    fused.originals[key, parameter] = target.detach().clone()
+    total = target.float()
+    for part in parts:
+        total = total + part.to(target.device)
+    target.copy_(total.to(target.dtype))
 
 
 def _pipeline_architecture(pipe) -> str:
@@ -174,8 +210,36 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n\"") else value
 
 
+def model_hash(base_model: str | os.PathLike) -> str | None:
+    """The ``Model hash`` of a base model as A1111 writes it: the first 10 hex digits (AutoV2) of the
+    SHA-256 of a single-file checkpoint. For a diffusers folder (which A1111 cannot load, so has no
+    hash of its own) it is the SHA-256 of a list of its files' relative paths and SHA-256s. A Hub id
+    is hashed through its cached snapshot; None when nothing local can be hashed.
+    """
+    from .files.hashes import file_sha256
+
+    path = Path(str(base_model)).expanduser()
+    if not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            from .hub_ids import parse_repo_ref
+
+            repo_id, revision = parse_repo_ref(str(base_model))
+            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        except Exception:  # not a Hub id, or not cached: no hash
+            return None
+    if path.is_file():
+        return file_sha256(path)[:10]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    listing = "".join(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n" for f in files)
+    import hashlib
+
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:10]
+
+
 def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), *, model: str | None = None,
-             extra: dict[str, Any] | None = None) -> str:
+             extra: dict[str, Any] | None = None, model_hash: str | None = None) -> str:
     """The A1111 ``parameters`` text: prompt (with ``<lora:name:weight>`` tags), negative prompt, settings line."""
     prompt = settings.prompt
     tags = [f"<lora:{use.name}:{use.weight:g}>" for use in adapters if f"<lora:{use.name}:" not in prompt]
@@ -187,13 +251,15 @@ def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), 
     fields: dict[str, Any] = {"Steps": settings.steps, "Sampler": settings.sampler or "Default",
                               "CFG scale": f"{settings.guidance_scale:g}", "Seed": settings.seed,
                               "Size": f"{settings.width}x{settings.height}"}
+    if model_hash:
+        fields["Model hash"] = model_hash
     if model:
         fields["Model"] = model
     hashed = [f"{use.name}: {use.a1111_hash}" for use in adapters if use.a1111_hash]
     if hashed:
         fields["Lora hashes"] = ", ".join(hashed)
     fields.update(extra or {})
-    fields["Version"] = f"lorareg {__version__}"
+    fields["Version"] = TOOL
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items()))
     return "\n".join(lines)
 
@@ -263,12 +329,12 @@ def adapter_use(adapter: LoraAdapter, weight: float, name: str | None = None) ->
 
 
 def _file_hashes(path: Path) -> FileHashes | None:
-    from .errors import CorruptFileError
+    from .errors import LoraError
     from .files.hashes import hash_file
 
     try:
         return hash_file(path)
-    except (CorruptFileError, OSError):  # a pickle file, or one that changed: named without a hash
+    except (LoraError, OSError):  # a pickle file, or one that changed: named without a hash
         return None
 
 
@@ -299,11 +365,13 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     """
     import torch
 
+    from .files.hashes import Deferred
     from .formats import load_adapter
     from .pipelines import load_base_model
 
     if num_samples < 1:
         raise InvalidArgumentError(f"num_samples must be at least 1 (got {num_samples})")
+    base_hash = Deferred(model_hash, base_model)  # hashed while the model loads
     loaded = [(a if not isinstance(a, (str, Path)) else load_adapter(a), float(w)) for a, w in adapters]
     names = list(names) if names is not None else [None] * len(loaded)
     base = load_base_model(base_model)
@@ -326,11 +394,11 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     for i, image_seed in enumerate(seeds):
         one = GenerationSettings(**{**settings.__dict__, "seed": image_seed})
         image = render(pipe, one, [image_seed])[0]
-        text = infotext(one, uses, model=model_name)
+        text = infotext(one, uses, model=model_name, model_hash=base_hash.result())
         details = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": image_seed, "steps": steps,
                    "guidance_scale": guidance_scale, "width": one.width, "height": one.height,
-                   "scheduler": one.sampler, "base_model": str(base_model), "adapters": [u.to_dict() for u in uses],
-                   "tool": f"lorareg {__version__}"}
+                   "scheduler": one.sampler, "base_model": str(base_model), "model_hash": base_hash.result(),
+                   "adapters": [u.to_dict() for u in uses], "tool": TOOL}
         path = save_png(image, output_dir / f"{index + i:05d}-{image_seed}.png", text, details)
         results.append(GeneratedImage(image, image_seed, text, path))
         if progress:

@@ -2,8 +2,8 @@
 
 Input metadata is kept; what an operation changed is updated (rank, alpha, architecture), the
 hashes are computed on the bytes actually written, and every operation is appended to
-``lorareg.history`` — a JSON list of records with the operation, its inputs (file name and
-tensor hash) and its parameters — which the catalog reads to show lineage.
+``lorareg.history`` — a JSON list of records with the operation, its inputs (file name, identity,
+tensor hash and file hash) and its parameters — which the catalog reads to show lineage.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from . import __version__
 from .architectures import ARCHITECTURES
 from .records import InputRecord, OperationRecord
+from .version import TOOL
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
@@ -26,6 +26,18 @@ HISTORY_KEY = "lorareg.history"
 # Hashes that describe the file they are stored in; stale once anything is rewritten.
 SELF_HASHES = {"sshs_model_hash": "tensor_sha256", "sshs_legacy_hash": "legacy",
                "modelspec.hash_sha256": "tensor_sha256_0x"}
+
+
+def _lycoris_algorithm(adapter: LoraAdapter) -> tuple[str, bool] | None:
+    """LyCORIS' ``algo`` for an adapter with non-plain modules (its most common kind) and whether it
+    uses DoRA; None for a plain LoRA."""
+    kinds = Counter(getattr(m, "inner_kind", m.kind) for m in adapter.modules.values())
+    dora = any(m.kind == "dora" for m in adapter.modules.values())
+    special = [k for k, _ in kinds.most_common() if k != "lora"]
+    if not special and not dora:
+        return None
+    names = {"loha": "loha", "lokr": "lokr", "full": "full", "norm": "full"}
+    return (names[special[0]] if special else "locon"), dora
 
 
 def _number(value: float) -> str:
@@ -42,11 +54,12 @@ def history(metadata: dict[str, str]) -> list[dict]:
 
 
 def input_record(adapter: LoraAdapter, weight: float | None = None) -> InputRecord:
-    """How an operation's record names one input: file name and path, format and tensor hash (its identity)."""
+    """How an operation's record names one input: file name and path, format, and its hashes
+    (identity, tensor hash, file hash; filled in when the background hashing is done)."""
     path = adapter.source_path
     return InputRecord(file=path.name if path else None, format=adapter.source_format,
                        path=str(path.absolute()) if path else None, weight=weight,
-                       pending_sha256=adapter.source_hash)
+                       pending_hashes=adapter.source_hash)
 
 
 @dataclass
@@ -66,7 +79,7 @@ class FileMetadata:
 def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None) -> FileMetadata:
     """The metadata to write for ``adapter`` (hash entries are filled in by the writer)."""
     meta = {k: v for k, v in adapter.metadata.items() if k not in SELF_HASHES}
-    modules = list(adapter.modules.values())
+    modules = [m for m in adapter.modules.values() if m.rank is not None]  # full/norm differences have no rank
     ranks = Counter(m.rank for m in modules)
     alphas = Counter(m.alpha for m in modules)
     # sd-scripts counts 1x1 convs (SD1's proj_in/proj_out) with the linear layers: conv_dim is for k×k LoCon
@@ -75,13 +88,17 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     main = linear or conv
     uniform_rank = len({m.rank for m in main}) == 1
     uniform_alpha = len({m.alpha for m in main}) == 1
-    meta["ss_network_module"] = "networks.lora"
+    args = json.loads(meta.get("ss_network_args") or "{}") if meta.get("ss_network_args", "").startswith("{") else {}
+    algorithm = _lycoris_algorithm(adapter)
+    meta["ss_network_module"] = "lycoris.kohya" if algorithm else "networks.lora"
     meta["ss_network_dim"] = str(main[0].rank) if main and uniform_rank else "Dynamic"
     meta["ss_network_alpha"] = _number(main[0].alpha) if main and uniform_alpha else "Dynamic"
-    if conv and linear:
-        args = json.loads(meta.get("ss_network_args") or "{}") if meta.get("ss_network_args", "").startswith("{") else {}
-        if len({m.rank for m in conv}) == 1 and len({m.alpha for m in conv}) == 1:
-            args.update(conv_dim=str(conv[0].rank), conv_alpha=_number(conv[0].alpha))
+    stale = [args.pop(k) for k in ("algo", "dora_wd", "wd_on_output") if k in args]  # an input's LyCORIS settings
+    if algorithm:
+        args.update(algo=algorithm[0], **({"dora_wd": "True"} if algorithm[1] else {}))
+    if conv and linear and len({m.rank for m in conv}) == 1 and len({m.alpha for m in conv}) == 1:
+        args.update(conv_dim=str(conv[0].rank), conv_alpha=_number(conv[0].alpha))
+    if (conv and linear) or algorithm or stale:
         meta["ss_network_args"] = json.dumps(args)
     arch = ARCHITECTURES.get(adapter.architecture)
     if arch is not None:
@@ -101,7 +118,7 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     meta["ss_output_name"] = title
     if operation is None:
         return FileMetadata(meta)
-    written = {"tool": f"lorareg {__version__}", "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
+    written = {"tool": TOOL, "date": meta["modelspec.date"], "ranks": dict(sorted(ranks.items())),
                "alphas": {_number(a): n for a, n in sorted(alphas.items())}}
     entry, pending = operation.history_entry(written)
     meta[HISTORY_KEY] = json.dumps(history(adapter.metadata) + [entry])

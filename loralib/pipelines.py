@@ -155,6 +155,40 @@ def _load_hub(reference: str, dtype):
     return _from_pipeline(reference, cls.from_pretrained(repo_id, revision=revision, **kwargs))
 
 
+def check_base_model(reference: str | Path) -> None:
+    """Check a base model reference without loading anything (and without torch), so a mistake is
+    reported before the seconds that loading torch and diffusers take.
+
+    A local folder must be a diffusers folder, a local file a ``.safetensors`` checkpoint; a Hub id
+    is accepted, except with ``HF_HUB_OFFLINE`` set when it is not in the Hugging Face cache.
+    """
+    text = str(reference)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise InvalidArgumentError(f"{path} is not a diffusers model folder (it has no model_index.json)",
+                                       "Give a diffusers folder, a single-file .safetensors checkpoint or a Hub id")
+        return
+    if path.is_file():
+        if is_pickle(path):
+            raise UnsafeFileError(f"{path.name} is a pickle checkpoint; loading it would run code stored in it",
+                                  "Use the .safetensors version of the model")
+        return
+    if not is_repo_ref(text) or text.startswith((".", "/", "~")):
+        raise InputNotFoundError(f"base model {text} is not a folder, a file or a Hugging Face Hub id",
+                                 "Check base_model (--base)")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, revision = parse_repo_ref(text)
+        if not isinstance(try_to_load_from_cache(repo_id, "model_index.json", revision=revision), str):
+            raise InputNotFoundError(
+                f"cannot load the base model {text} from the Hub: there is no network access (HF_HUB_OFFLINE is set) "
+                "and it is not in the Hugging Face cache",
+                "Connect to the network, or give a local diffusers folder or .safetensors file "
+                "(lorareg tiny-model builds a tiny one offline)")
+
+
 def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
     """Load the base model at ``reference``: a local diffusers folder, a ``.safetensors`` file or a Hub id.
 

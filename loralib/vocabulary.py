@@ -1,25 +1,24 @@
 """The words users type: formats, methods, dtypes, architectures, components, samplers.
 
 The one list of each, for the library's argument checks and for the command line's choices.
-Nothing here imports torch, so ``lorareg --help`` and the catalog commands can use it.
+Nothing here imports torch, so ``lorareg --help`` and the catalog commands can use it; the
+format names are derived from :mod:`loralib.formats.table` when first asked for.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .architectures import ARCHITECTURES, COMPONENTS
 from .dtypes import STORAGE_DTYPES
-from .formats.table import FORMATS, WRITE_FORMATS
 
-__all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "FORMAT_NAMES", "HUB_LAYOUTS",
-           "KNOWN_ARCHITECTURES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", "WRITE_FORMATS"]
+_FROM_THE_TABLE = ("CATALOG_FORMATS", "FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
+__all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "KNOWN_ARCHITECTURES",
+           "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
 
 # Architectures lorareg converts and merges for (and builds tiny models of); and every one it can name.
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
 KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, "unknown")
-# Every format name a file can be recorded under (the spellings lorareg reads).
-FORMAT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds))
-# Extra layouts ``push --also`` uploads beside the kohya file.
-HUB_LAYOUTS: tuple[str, ...] = tuple(name for name in WRITE_FORMATS if name != "kohya")
 
 MERGE_METHODS = ("concat", "linear", "ties", "dare")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -39,3 +38,25 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+
+
+def __getattr__(name: str) -> Any:
+    """The names that come from the format table, computed on first use: importing the table
+    costs more than the catalog commands, which need none of them, should pay at start-up."""
+    if name not in _FROM_THE_TABLE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .formats.detect import FOREIGN_KINDS
+    from .formats.table import FORMATS, WRITE_FORMATS
+
+    # Every format name a file can be recorded under (the spellings lorareg reads).
+    format_names = tuple(dict.fromkeys(kind.format for fmt in FORMATS for kind in fmt.kinds))
+    derived = {
+        "WRITE_FORMATS": WRITE_FORMATS,
+        "FORMAT_NAMES": format_names,
+        # Every format the catalog records: those lorareg reads and the other adapter kinds it names.
+        "CATALOG_FORMATS": (*format_names, *FOREIGN_KINDS),
+        # Extra layouts ``push --also`` uploads beside the kohya file.
+        "HUB_LAYOUTS": tuple(n for n in WRITE_FORMATS if n != "kohya"),
+    }
+    globals().update(derived)
+    return derived[name]

@@ -5,6 +5,6 @@ formats, composition, training), :mod:`lorareg.registry` (the SQLite catalog and
 :mod:`lorareg.cli` (the ``lorareg`` command). ``python -m lorareg`` runs the command.
 """
 
-from loralib import __version__
+from loralib.version import __version__
 
 __all__ = ["__version__"]

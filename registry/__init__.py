@@ -2,6 +2,7 @@
 
 - :mod:`lorareg.registry.catalog`: :class:`~lorareg.registry.catalog.Catalog` — add, look up, list, search, tag,
   remove, and record what commands wrote (``register_output``).
+- :mod:`lorareg.registry.outputs`: record what an operation wrote (``record_output``), for the CLI and the playground.
 - :mod:`lorareg.registry.scan`: index folders in place, incrementally and resumably.
 - :mod:`lorareg.registry.lineage`: the tree of operations behind an adapter.
 - :mod:`lorareg.registry.verify`: re-hash recorded files; find missing, moved and changed ones.

@@ -8,8 +8,11 @@
         catalog.search("pixel")                       # full-text, best match first
         catalog.get("pixel")                          # by name, hash prefix or file path
 
-An adapter is identified by the SHA-256 of its tensor data, so copies of a file and files that
-differ only in metadata are one entry with several paths. Reading imports neither torch nor
+An adapter is identified by its content as stored — tensor names, dtypes, shapes and data, with
+the metadata left out (``identity``) — so copies of a file and files that differ only in metadata
+are one entry with several paths, while a conversion to other key names is an entry of its own
+(linked to its input as a parent, and to every other copy of the same ΔW by its fingerprint:
+:meth:`Catalog.same_adapter`). Reading imports neither torch nor
 sqlite-utils (which creates and migrates the schema, see :mod:`lorareg.registry.schema`); every write runs
 in a ``BEGIN IMMEDIATE`` transaction with bound parameters.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import re
 import sqlite3
@@ -42,26 +46,33 @@ if TYPE_CHECKING:
 HASH_PREFIX = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{8,64})$")
 SORTS = {"name": "a.name COLLATE NOCASE", "added": "a.added_at DESC, a.id DESC",
          "updated": "a.updated_at DESC, a.id DESC", "size": "a.size DESC, a.id"}
+# The index each sort order walks (schema.py creates them; a catalog without one sorts the slow way).
+SORT_INDEXES = {"name": "adapters_name", "added": "idx_adapters_added_at", "updated": "idx_adapters_updated_at",
+                "size": "idx_adapters_size"}
 _FTS_SYNTAX = re.compile(r'["*()^:+{}]|\b(AND|OR|NOT|NEAR)\b')
 MAX_NAME = 200
-PARENT_COLUMNS = ("tensor_sha256", "sha256", "file", "path", "format", "weight")
+PARENT_COLUMNS = ("identity", "tensor_sha256", "sha256", "file", "path", "format", "weight")
 
 
 class Stored(NamedTuple):
-    """What storing one file did: the adapter's id, whether the entry is new, whether the path is new to it."""
+    """What storing one file did: the adapter's id, whether the entry is new, whether the path is new
+    to it, and the entry's name before a rename."""
 
     adapter_id: int
     created: bool
     new_path: bool
+    renamed_from: str | None = None
 
 
 @dataclass
 class AddResult:
-    """What :meth:`Catalog.add` did: the entry, whether it is new, and whether the path is new to it."""
+    """What :meth:`Catalog.add` did: the entry, whether it is new, whether the path is new to it, and
+    the name it had before a rename (None when it was not renamed)."""
 
     entry: Entry
     created: bool
     new_path: bool
+    renamed_from: str | None = None
 
 
 @dataclass
@@ -174,10 +185,23 @@ class Catalog:
         found = self._entries("a.name = ? COLLATE NOCASE", (" ".join(name.split()),))
         return found[0] if found else None
 
-    def by_tensor_hash(self, tensor_sha256: str) -> Entry | None:
-        """The entry whose tensor data has this SHA-256."""
-        found = self._entries("a.tensor_sha256 = ?", (tensor_sha256.lower(),))
+    def by_identity(self, identity: str) -> Entry | None:
+        """The entry with this identity (its content as stored)."""
+        found = self._entries("a.identity = ?", (identity.lower(),))
         return found[0] if found else None
+
+    def by_tensor_hash(self, tensor_sha256: str) -> Entry | None:
+        """The first entry (oldest) whose main file's tensor data has this SHA-256.
+
+        Several entries may share a tensor hash (the same tensors under other key names); see
+        :meth:`with_tensor_hash` for all of them.
+        """
+        found = self.with_tensor_hash(tensor_sha256)
+        return found[0] if found else None
+
+    def with_tensor_hash(self, tensor_sha256: str) -> list[Entry]:
+        """Every entry whose main file's tensor data has this SHA-256, oldest first."""
+        return self._entries("a.tensor_sha256 = ?", (tensor_sha256.lower(),), tail="ORDER BY a.id")
 
     def by_path(self, path: str | os.PathLike) -> Entry | None:
         """The entry one of whose files is at ``path`` (a file, or a PEFT folder)."""
@@ -194,7 +218,7 @@ class Catalog:
         return None
 
     def by_hash_prefix(self, text: str) -> list[Entry]:
-        """Entries whose tensor SHA-256 (A1111/AutoV3), file SHA-256 (AutoV2) or legacy hash starts with ``text``.
+        """Entries whose tensor SHA-256 (A1111/AutoV3), file SHA-256 (AutoV2), identity or legacy hash starts with ``text``.
 
         ``text`` is at least 8 hex digits, optionally written ``sha256:…`` or ``0x…``.
         """
@@ -204,6 +228,7 @@ class Catalog:
         prefix = match.group(1).lower()
         upper = prefix + "g"  # 'g' sorts after every hex digit: a range scan on the index
         where = ("a.tensor_sha256 >= ?1 AND a.tensor_sha256 < ?2 OR a.sha256 >= ?1 AND a.sha256 < ?2 "
+                 "OR a.identity >= ?1 AND a.identity < ?2 "
                  "OR a.id IN (SELECT adapter_id FROM files WHERE sha256 >= ?1 AND sha256 < ?2)")
         params: tuple = (prefix, upper)
         if len(prefix) == 8:
@@ -264,97 +289,277 @@ class Catalog:
     def parents(self, entry: Entry) -> list[ParentRecord]:
         """The inputs of the operation that made ``entry`` (with their names when they are in the catalog)."""
         rows = self.conn.execute(
-            "SELECT p.position, p.tensor_sha256, p.sha256, p.file, p.path, p.format, p.weight, a.name "
-            "FROM parents p LEFT JOIN adapters a ON a.tensor_sha256 = p.tensor_sha256 "
-            "WHERE p.child_id = ? ORDER BY p.position", (entry.id,)).fetchall()
-        return [ParentRecord(*r) for r in rows]
+            "SELECT position, tensor_sha256, sha256, file, path, format, weight, identity FROM parents "
+            "WHERE child_id = ? ORDER BY position", (entry.id,)).fetchall()
+        parents = [ParentRecord(*r[:7], identity=r[7]) for r in rows]
+        for parent in parents:
+            found = self.parent_entry(parent, child_id=entry.id)
+            parent.name = found.name if found is not None else None
+        return parents
+
+    def parent_entry(self, parent: ParentRecord | InputRecord, *, child_id: int | None = None) -> Entry | None:
+        """The catalog entry of a recorded input, or None when it is not in the catalog.
+
+        An input recorded with its identity is that entry. Older histories record only the tensor
+        hash, which the same tensors under other key names share: then the entry is the one whose
+        format the record names, else the one with a file of the recorded name, else the only
+        candidate (never the child itself).
+        """
+        if parent.identity:
+            found = self.by_identity(parent.identity)
+            return found if found is None or found.id != child_id else None
+        if not parent.tensor_sha256:
+            return None
+        candidates = [e for e in self.with_tensor_hash(parent.tensor_sha256) if e.id != child_id]
+        if len(candidates) > 1 and parent.format:
+            candidates = [e for e in candidates if e.format == parent.format] or candidates
+        if len(candidates) > 1 and parent.file:
+            named = [e for e in candidates
+                     if any(os.path.basename(f.path) == parent.file or os.path.basename(os.path.dirname(f.path)) ==
+                            parent.file for f in self.files(e))]
+            candidates = named or candidates
+        return candidates[0] if len(candidates) == 1 else None
 
     def children(self, entry: Entry) -> list[Entry]:
         """Entries made from ``entry`` by an operation."""
-        return self._entries("a.id IN (SELECT child_id FROM parents WHERE tensor_sha256 = ?)", (entry.tensor_sha256,),
-                             SUMMARY_COLUMNS, "ORDER BY a.name COLLATE NOCASE")
+        rows = self.conn.execute(
+            "SELECT child_id, position, tensor_sha256, sha256, file, path, format, weight, identity FROM parents "
+            "WHERE identity = ?1 OR (identity IS NULL AND tensor_sha256 = ?2)",
+            (entry.identity, entry.tensor_sha256)).fetchall()
+        ids: list[int] = []
+        for child_id, *fields in rows:
+            if child_id == entry.id or child_id in ids:
+                continue
+            parent = ParentRecord(*fields[:7], identity=fields[7])
+            found = entry if parent.identity else self.parent_entry(parent, child_id=child_id)
+            if found is not None and found.id == entry.id:
+                ids.append(child_id)
+        if not ids:
+            return []
+        return self._entries(f"a.id IN ({', '.join('?' * len(ids))})", ids, SUMMARY_COLUMNS,
+                             "ORDER BY a.name COLLATE NOCASE")
+
+    def same_adapter(self, entry: Entry) -> list[tuple[Entry, float]]:
+        """Other entries holding the same ΔW (its fingerprint, up to rounding): other formats, key
+        spellings, dtypes or factors of this adapter. Each with the fingerprints' cosine."""
+        from loralib.fingerprint import BANDS, compare
+
+        bands = [f"fp_band{i}" for i in range(BANDS)]
+        row = self.conn.execute(f"SELECT fingerprint, {', '.join(bands)} FROM adapters WHERE id = ?",
+                                (entry.id,)).fetchone()
+        if row is None or row[0] is None:
+            return []
+        # candidates share a band key (an index lookup each); each is then compared in full
+        where = " OR ".join(f"a.{band} = ?" for band in bands)
+        found = []
+        for other in self.conn.execute(f"SELECT a.id, a.fingerprint FROM adapters a WHERE ({where}) AND a.id != ?",
+                                       [*row[1:], entry.id]).fetchall():
+            comparison = compare(row[0], other[1])
+            if comparison is not None and comparison.verdict == "same":
+                found.append((other[0], comparison.similarity))
+        entries = {e.id: e for e in self._entries(f"a.id IN ({', '.join('?' * len(found))})", [i for i, _ in found],
+                                                   SUMMARY_COLUMNS)} if found else {}
+        return sorted(((entries[i], s) for i, s in found if i in entries), key=lambda pair: pair[0].name.casefold())
+
+    def fingerprints(self) -> list[tuple[int, bytes, float]]:
+        """Every stored fingerprint of an undamaged entry: (id, fingerprint, norm)."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT id, fingerprint, fp_norm FROM adapters WHERE fingerprint IS NOT NULL AND NOT damaged ORDER BY id")]
+
+    def fingerprint_notes(self) -> dict[str, int]:
+        """Why entries have no fingerprint: reason -> how many."""
+        rows = self.conn.execute("SELECT coalesce(fp_note, 'not computed yet'), count(*) FROM adapters "
+                                 "WHERE fingerprint IS NULL GROUP BY 1 ORDER BY 2 DESC")
+        return {r[0]: r[1] for r in rows}
+
+    def entries_by_id(self, ids: Iterable[int]) -> dict[int, Entry]:
+        """Entries (summary fields) by database id."""
+        wanted = list(dict.fromkeys(ids))
+        found: dict[int, Entry] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            for entry in self._entries(f"a.id IN ({', '.join('?' * len(chunk))})", chunk, SUMMARY_COLUMNS):
+                found[entry.id] = entry
+        return found
+
+    def copies(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Files recorded in good order that share a SHA-256 with another: (sha256, [(path, adapter id)])."""
+        rows = self.conn.execute(
+            "SELECT sha256, path, adapter_id FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL AND sha256 IN "
+            "(SELECT sha256 FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL GROUP BY sha256 "
+            "HAVING count(*) > 1) ORDER BY sha256, path").fetchall()
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for sha256, path, adapter_id in rows:
+            groups.setdefault(sha256, []).append((path, adapter_id))
+        return list(groups.items())
+
+    def variants(self) -> list[tuple[int, list[tuple[str, str]]]]:
+        """Entries recorded with files of different SHA-256 (the same tensors, other metadata): (id, [(path, sha256)])."""
+        rows = self.conn.execute(
+            "SELECT adapter_id, path, sha256 FROM files WHERE state = 'ok' AND adapter_id IN "
+            "(SELECT adapter_id FROM files WHERE state = 'ok' AND adapter_id IS NOT NULL GROUP BY adapter_id "
+            "HAVING count(DISTINCT sha256) > 1) ORDER BY adapter_id, path").fetchall()
+        groups: dict[int, list[tuple[str, str]]] = {}
+        for adapter_id, path, sha256 in rows:
+            groups.setdefault(adapter_id, []).append((path, sha256))
+        return list(groups.items())
 
     # -- listing and searching ------------------------------------------------------------- #
 
     @staticmethod
-    def _filters(architecture: str | None, format: str | None, tag: str | None) -> tuple[list[str], list]:
-        where, params = [], []
+    def _filter_ids(architecture: str | None, format: str | None, tag: str | None,
+                    base_model: str | None = None) -> tuple[str | None, list]:
+        """A compound SELECT of the ids the filters keep (None: no filter), read from indexes only.
+
+        Rows of ``adapters`` are large (metadata), so reading one costs a page: the filters
+        intersect id sets from the architecture and format indexes, the tag table and the
+        full-text index instead of testing rows.
+        """
+        parts, params = [], []
         if architecture:
-            where.append("a.architecture = ?")
+            parts.append("SELECT id FROM adapters WHERE architecture = ?")
             params.append(architecture.lower())
         if format:
-            where.append("a.format = ?")
+            parts.append("SELECT id FROM adapters WHERE format = ?")
             params.append(format.lower())
         if tag:
-            where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
+            parts.append("SELECT adapter_id FROM adapter_tags WHERE tag = ?")
             params.append(" ".join(tag.split()).lower())
-        return where, params
+        if base_model and re.search(r"\w", base_model):
+            # The base model's name is among the metadata's words (ss_sd_model_name, modelspec.architecture…).
+            parts.append("SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?")
+            params.append('keywords : "' + " ".join(base_model.split()).replace('"', '""') + '"')
+        return (" INTERSECT ".join(parts) if parts else None), params
+
+    def _in_order(self, ids: Sequence[int]) -> list[Entry]:
+        """The summary entries of ``ids``, in that order."""
+        if not ids:
+            return []
+        found = {e.id: e for e in self._entries(f"a.id IN ({', '.join('?' * len(ids))})", ids, SUMMARY_COLUMNS)}
+        return [found[i] for i in ids if i in found]
 
     def list(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-             sort: str = "name", limit: int | None = 100, offset: int = 0) -> list[Entry]:
-        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all."""
+             base_model: str | None = None, sort: str = "name", limit: int | None = 100,
+             offset: int = 0) -> list[Entry]:
+        """Entries (summary fields only), filtered and sorted; ``limit=None`` for all.
+
+        ``base_model`` keeps entries whose metadata names it (words of ``ss_sd_model_name`` and the like).
+        """
         if sort not in SORTS:
             raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
-        where, params = self._filters(architecture, format, tag)
-        tail = f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
-        return self._entries(" AND ".join(where) or "1", [*params, -1 if limit is None else limit, offset],
-                             SUMMARY_COLUMNS, tail)
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        return self._in_order(self._sorted_ids(chosen, params, sort, limit, offset))
 
-    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None) -> int:
+    def _sorted_ids(self, chosen: str | None, params: list, sort: str, limit: int | None, offset: int) -> list[int]:
+        """A page of the ids ``chosen`` selects, in ``sort`` order: the sort order's index is walked and
+        the chosen ids kept, so no row is read."""
+        index = f"INDEXED BY {SORT_INDEXES[sort]}" if SORT_INDEXES.get(sort) in self._indexes() else ""
+        return [r[0] for r in self.conn.execute(
+            f"SELECT a.id FROM adapters a {index} WHERE {f'a.id IN ({chosen})' if chosen else '1'} "
+            f"ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?", [*params, -1 if limit is None else limit, offset])]
+
+    def _indexes(self) -> set[str]:
+        if not hasattr(self, "_index_names"):
+            self._index_names = {r[0] for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'adapters'")}
+        return self._index_names
+
+    def count(self, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
+              base_model: str | None = None) -> int:
         """How many entries match the filters of :meth:`list`."""
-        where, params = self._filters(architecture, format, tag)
-        return self.conn.execute(f"SELECT count(*) FROM adapters a WHERE {' AND '.join(where) or '1'}", params).fetchone()[0]
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        sql = f"SELECT count(*) FROM ({chosen})" if chosen else "SELECT count(*) FROM adapters"
+        return self.conn.execute(sql, params).fetchone()[0]
 
     def search(self, text: str, *, architecture: str | None = None, format: str | None = None, tag: str | None = None,
-               limit: int | None = 100) -> tuple[list[Entry], int]:
+               base_model: str | None = None, sort: str | None = None, limit: int | None = 100,
+               offset: int = 0) -> tuple[list[Entry], int]:
         """Full-text search over names, titles, tags, triggers, descriptions, metadata and Hub repos.
 
-        Returns the best ``limit`` matches (summary fields) and the number of all matches. A query
-        that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with one clear line.
+        Returns the best ``limit`` matches after skipping ``offset`` (summary fields) and the number
+        of all matches; ``sort`` (one of :meth:`list`'s orders) orders them by that instead of by
+        relevance. A query that is not valid FTS5 syntax raises :class:`InvalidArgumentError` with
+        one clear line.
         """
         query = fts_query(text)
-        where, params = self._filters(architecture, format, tag)
-        condition = " AND ".join(["adapters_fts MATCH ?", *where])
-        cols = ", ".join(f"a.{c}" for c in SUMMARY_COLUMNS)
-        join = "FROM adapters_fts JOIN adapters a ON a.id = adapters_fts.rowid"
+        if sort is not None and sort not in SORTS:
+            raise InvalidArgumentError(f"unknown sort order {sort!r}", f"Choose one of {', '.join(SORTS)}")
+        chosen, params = self._filter_ids(architecture, format, tag, base_model)
+        condition = "adapters_fts MATCH ?" + (f" AND rowid IN ({chosen})" if chosen else "")
         try:
-            rows = self.conn.execute(f"SELECT {cols} {join} WHERE {condition} ORDER BY adapters_fts.rank LIMIT ?",
-                                     [query, *params, -1 if limit is None else limit]).fetchall()
-            if limit is None or len(rows) < limit:
-                total = len(rows)
-            elif where:
-                total = self.conn.execute(f"SELECT count(*) {join} WHERE {condition}", [query, *params]).fetchone()[0]
-            else:  # counting in the index alone is several times faster than through the join
-                total = self.conn.execute("SELECT count(*) FROM adapters_fts WHERE adapters_fts MATCH ?",
-                                          [query]).fetchone()[0]
+            if sort is not None:
+                matching = "SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?" + (
+                    f" INTERSECT {chosen}" if chosen else "")
+                ids = self._sorted_ids(matching, [query, *params], sort, limit, offset)
+            else:  # ranked in the index alone; only the page's rows are read from the table
+                ids = [r[0] for r in self.conn.execute(
+                    f"SELECT rowid FROM adapters_fts WHERE {condition} ORDER BY rank LIMIT ? OFFSET ?",
+                    [query, *params, -1 if limit is None else limit, offset])]
+            if limit is None or 0 < len(ids) < limit:
+                total = offset + len(ids)
+            else:
+                total = self.conn.execute(f"SELECT count(*) FROM adapters_fts WHERE {condition}",
+                                          [query, *params]).fetchone()[0]
         except sqlite3.OperationalError as exc:
             reason = str(exc).removeprefix("fts5: ")
             raise InvalidArgumentError(
                 f"the search {text!r} is not valid full-text query syntax ({reason})",
                 'Search plain words, or quote exact text: lorareg search \'"pixel art"\'; '
                 "operators are AND, OR, NOT, prefix*, and column:word") from exc
-        return [Entry.from_row(r) for r in rows], total
+        return self._in_order(ids), total
+
+    def facets(self, tags: int = 200) -> dict[str, list[tuple[str, int]]]:
+        """The values the filters can take, with how many entries have each: architectures, formats, and
+        the ``tags`` most used tags."""
+        def grouped(sql: str, params: Sequence = ()) -> list[tuple[str, int]]:
+            return [(r[0], r[1]) for r in self.conn.execute(sql, params).fetchall() if r[0]]
+
+        return {"architecture": grouped("SELECT architecture, count(*) FROM adapters GROUP BY architecture "
+                                        "ORDER BY count(*) DESC"),
+                "format": grouped("SELECT format, count(*) FROM adapters GROUP BY format ORDER BY count(*) DESC"),
+                "tag": grouped("SELECT tag, count(*) n FROM adapter_tags GROUP BY tag ORDER BY n DESC, tag LIMIT ?",
+                               (tags,))}
+
+    def samples_of(self, entries: Iterable[Entry]) -> dict[int, list[dict]]:
+        """The sample images recorded for each of ``entries`` (list and search results leave them out)."""
+        ids = [e.id for e in entries]
+        rows = self.conn.execute(f"SELECT id, samples FROM adapters WHERE id IN ({', '.join('?' * len(ids))})",
+                                 ids).fetchall() if ids else []
+        return {r[0]: [s for s in _json_list(r[1]) if isinstance(s, dict)] for r in rows}
+
+    def paths_of(self, entries: Iterable[Entry]) -> dict[int, list[str]]:
+        """Every recorded path of each of ``entries``, usable ones first."""
+        ids = [e.id for e in entries]
+        found: dict[int, list[str]] = {i: [] for i in ids}
+        if ids:
+            for adapter_id, path in self.conn.execute(
+                    f"SELECT adapter_id, path FROM files WHERE adapter_id IN ({', '.join('?' * len(ids))}) "
+                    "ORDER BY state != 'ok', seen_at DESC", ids).fetchall():
+                found[adapter_id].append(path)
+        return found
 
     # -- writing --------------------------------------------------------------------------- #
 
     def add(self, path: str | os.PathLike, *, name: str | None = None, tags: Iterable[str] = (),
             triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
             source: dict | None = None, operation: dict | None = None, hashes: FileHashes | None = None,
-            fallback_name: str | None = None) -> AddResult:
+            fallback_name: str | None = None, rename: bool = True) -> AddResult:
         """Record the adapter at ``path`` (a file or a PEFT/diffusers folder), reading its header and hashes.
 
-        An adapter already in the catalog (same tensor data) gains the path, tags and triggers;
-        a ``name`` renames it. ``source`` is ``{"source": "hub", "repo", "revision", "commit", "file"}``
-        for Hub downloads. A new entry without ``name`` is named ``fallback_name`` or after its file
-        (with ``-2``, ``-3``… when taken).
+        An adapter already in the catalog (same content as stored) gains the path, tags and
+        triggers; a ``name`` renames it (``AddResult.renamed_from`` says so), or, with
+        ``rename=False``, is refused with :class:`InvalidArgumentError`. ``source`` is
+        ``{"source": "hub", "repo", "revision", "commit", "file"}`` for Hub downloads. A new entry
+        without ``name`` is named ``fallback_name`` or after its file (with ``-2``, ``-3``… when taken).
         """
         from .describe import describe
 
         facts = describe(path, hashes)
         with write(self.conn):
             stored = self._store(facts, name=name, tags=tags, triggers=triggers, description=description,
-                                 samples=samples, source=source, operation=operation, fallback_name=fallback_name)
-        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path)
+                                 samples=samples, source=source, operation=operation, fallback_name=fallback_name,
+                                 rename=rename)
+        return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path, stored.renamed_from)
 
     def add_many(self, facts: Iterable[FileFacts]) -> list[Stored]:
         """Record several described files in one transaction (``scan`` does this in batches)."""
@@ -375,7 +580,7 @@ class Catalog:
         """
         from .describe import describe
         from .lineage import as_record, history_record, parent_records
-        from .samples import sample_record
+        from .samples import image_kind, sample_record
 
         record, named_samples = as_record(operation)
         facts = describe(path, hashes)
@@ -384,24 +589,28 @@ class Catalog:
         stored = OperationRecord(record.operation, parents, {**(written.params if written else {}), **record.params},
                                  {**(written.written if written else {}), **record.written})
         source = {"source": "output", "file": str(facts.root)}
-        images = [s if isinstance(s, dict) else sample_record(s) for s in [*named_samples, *samples]
-                  if isinstance(s, dict) or os.path.isfile(s)]
+        images = [s if isinstance(s, dict) else sample_record(s, weight=1.0, source=record.operation)
+                  for s in [*named_samples, *samples] if isinstance(s, dict) or image_kind(s) is not None]
         with write(self.conn):
             result = self._store(facts, name=name, source=source, operation=stored.to_dict(), parents=parents,
                                  samples=images)
-        return AddResult(self.by_id(result.adapter_id), result.created, result.new_path)
+        return AddResult(self.by_id(result.adapter_id), result.created, result.new_path, result.renamed_from)
 
     def _store(self, facts: FileFacts, *, name: str | None = None, tags: Iterable[str] = (),
                triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
                source: dict | None = None, operation: dict | None = None, parents: list[InputRecord] | None = None,
-               fallback_name: str | None = None) -> Stored:
+               fallback_name: str | None = None, rename: bool = True) -> Stored:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
         from .describe import unique
         from .lineage import history_parents
+        from .upgrade_v4 import placeholder_identity
 
         stamp = now()
         columns = facts.columns()
-        existing = self.by_tensor_hash(facts.tensor_sha256)
+        # its entry, or one that kept a placeholder identity at the schema 4 upgrade (see upgrade_v4)
+        found = self._entries("a.identity IN (?, ?)", (facts.identity, placeholder_identity(facts.tensor_sha256)))
+        existing = min(found, key=lambda e: e.identity != facts.identity) if found else None
+        renamed_from = None
         tags, user_triggers = clean_tags(tags), unique([" ".join(t.split()) for t in triggers if t.strip()])
         source_columns = _source_columns(source)
         if existing is None:
@@ -423,8 +632,12 @@ class Catalog:
                        "user_triggers": dumps(all_triggers),
                        "triggers": dumps(unique(all_triggers + facts.file_triggers()))}
             if name and check_name(name) != existing.name:
+                if not rename:
+                    raise InvalidArgumentError(f"{facts.root} is already in the catalog as {existing.name!r}",
+                                               f"Pass --rename to rename it to {check_name(name)!r}")
                 self._require_free(check_name(name), existing.id)
                 changes["name"] = check_name(name)
+                renamed_from = existing.name
             if description:
                 changes["description"] = description
             if samples:
@@ -436,14 +649,14 @@ class Catalog:
             self._update(adapter_id, changes)
         if existing is None or not self.conn.execute("SELECT 1 FROM parents WHERE child_id = ?", (adapter_id,)).fetchone():
             chosen = parents if parents is not None else history_parents(facts.metadata)
-            for i, parent in enumerate(p for p in chosen if p.tensor_sha256 != facts.tensor_sha256):
+            for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):
                 self._insert("parents", {"child_id": adapter_id, "position": i,
                                          **{k: getattr(parent, k) for k in PARENT_COLUMNS}})
         owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (str(facts.path),)).fetchone()
         self._upsert_file({"path": str(facts.path), "adapter_id": adapter_id, "size": facts.size,
                            "mtime_ns": facts.mtime_ns, "sha256": facts.hashes.get("sha256"), "state": "ok",
                            "problem": None, "seen_at": stamp})
-        return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id)
+        return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id, renamed_from)
 
     def _insert(self, table: str, row: dict) -> int:
         """Insert one row (column names come from this module, values are bound parameters)."""
@@ -514,6 +727,19 @@ class Catalog:
             self._update(entry.id, changes)
             return self.by_id(entry.id)
 
+    def add_samples(self, entry: Entry, samples: Iterable[dict]) -> Entry:
+        """Attach sample images (records from :func:`lorareg.registry.samples.sample_record`) to an entry;
+        an image already attached (same path) is replaced by the new record."""
+        with write(self.conn):
+            current = self.by_id(entry.id)
+            if current is None:
+                raise InputNotFoundError(f"the catalog entry {entry.name!r} no longer exists")
+            new = list(samples)
+            paths = {s.get("path") for s in new}
+            kept = [s for s in current.samples if s.get("path") not in paths]
+            self._update(entry.id, {"samples": dumps(kept + new), "updated_at": now()})
+            return self.by_id(entry.id)
+
     def tag(self, reference: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> Entry:
         """Add and remove tags of an entry."""
         return self.update(reference, add_tags=add, remove_tags=remove)
@@ -546,7 +772,6 @@ class Catalog:
                     deleted.append(str(file))
         return RemoveResult(entry, deleted)
 
-
     # -- files: what scan and verify record ---------------------------------------------------- #
 
     @contextmanager
@@ -561,11 +786,13 @@ class Catalog:
     def files_under(self, folder: str | os.PathLike) -> dict[str, tuple[int | None, int | None, str]]:
         """What the catalog recorded for files under ``folder``: path -> (size, mtime_ns, state).
 
-        The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``.
+        The state of a file whose adapter is flagged damaged (a truncated file) reads ``damaged``;
+        one whose adapter has no fingerprint yet (recorded before fingerprints existed) reads ``stale``.
         """
         prefix = str(folder).rstrip(os.sep) + os.sep
         rows = self.conn.execute(
-            "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' ELSE f.state END "
+            "SELECT f.path, f.size, f.mtime_ns, CASE WHEN a.damaged THEN 'damaged' WHEN f.state = 'ok' AND "
+            "a.fingerprint IS NULL AND a.fp_note IS NULL THEN 'stale' ELSE f.state END "
             "FROM files f LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.path >= ? AND f.path < ?",
             (prefix, prefix[:-1] + chr(ord(os.sep) + 1)))
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
@@ -575,9 +802,10 @@ class Catalog:
         ids = [self.get(ref).id for ref in references]
         where = f"WHERE f.adapter_id IN ({','.join('?' * len(ids))})" if ids else ""
         rows = self.conn.execute(
-            "SELECT f.path, f.size, f.mtime_ns, f.sha256, f.state, f.problem, f.seen_at, a.id, a.name, a.tensor_sha256 "
-            f"FROM files f JOIN adapters a ON a.id = f.adapter_id {where} ORDER BY a.name COLLATE NOCASE", ids).fetchall()
-        return [(FileRecord(*r[:7]), Entry(id=r[7], name=r[8], tensor_sha256=r[9])) for r in rows]
+            "SELECT f.path, f.size, f.mtime_ns, f.sha256, f.state, f.problem, f.seen_at, a.id, a.name, a.tensor_sha256, "
+            f"a.identity FROM files f JOIN adapters a ON a.id = f.adapter_id {where} ORDER BY a.name COLLATE NOCASE",
+            ids).fetchall()
+        return [(FileRecord(*r[:7]), Entry(id=r[7], name=r[8], tensor_sha256=r[9], identity=r[10])) for r in rows]
 
     def known_paths(self) -> set[str]:
         """Every path the catalog has recorded (adapters and files that are not)."""
@@ -629,6 +857,47 @@ class Catalog:
         """Entries downloaded from ``repo_id`` (at ``revision``, a branch, tag or commit, when given), newest first."""
         return self._entries("a.source_repo = ?1 AND (?2 IS NULL OR a.source_revision = ?2 OR a.source_commit = ?2)",
                              (repo_id, revision), tail="ORDER BY a.updated_at DESC")
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def complete_names(prefix: str, home: str | os.PathLike | None = None, limit: int = 100) -> list[str]:
+    """Catalog names starting with ``prefix`` (case-insensitive), for shell completion.
+
+    Opens the catalog read-only and never creates or migrates one: fast, and silent (an empty
+    list) when there is no catalog or it cannot be read.
+    """
+    path = catalog_path(home)
+    if not path.is_file():
+        return []
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = conn.execute("SELECT name FROM adapters WHERE name LIKE ? ESCAPE '\\' "
+                                "ORDER BY name COLLATE NOCASE LIMIT ?", (escaped + "%", limit)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+    return [r[0] for r in rows]
+
+
+def _is_itself(parent: InputRecord, facts: FileFacts) -> bool:
+    """True for a recorded input that is the written adapter itself (a conversion that changed nothing).
+
+    Older histories name inputs by tensor hash only, which a conversion to other key names keeps:
+    such an input is the adapter itself only when its format is the same too.
+    """
+    if parent.identity:
+        return parent.identity == facts.identity
+    return parent.tensor_sha256 == facts.tensor_sha256 and parent.format in (None, facts.report.format)
 
 
 def _source_columns(source: dict | None) -> dict | None:

@@ -1,7 +1,8 @@
-"""What the catalog learns from an adapter file: its header facts, hashes, size and mtime.
+"""What the catalog learns from an adapter file: its header facts, hashes, fingerprint, size and mtime.
 
-Only the header is parsed (``loralib.inspect``); the bytes are read once to hash them. torch is
-never imported.
+Only the header is parsed (``loralib.inspect``); the bytes are read once, through a memory map, to
+hash them and to fingerprint the ΔW of a plain LoRA (:mod:`loralib.fingerprint`). torch is never
+imported.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from loralib.files.hashes import FileHashes
-from loralib.formats.layout import adapter_root, main_file
-from loralib.inspection import InspectReport, format_number, inspect, top_tags
+from loralib.files.hashes import FileHashes, hash_adapter_files
+from loralib.fingerprint import BANDS
+from loralib.formats.layout import adapter_root, main_file, open_inputs
+from loralib.inspection import InspectReport, caption_tags, format_number, inspect, top_tags
 from loralib.metadata import HISTORY_KEY, history
 
 from .records import dumps
 
+BAND_COLUMNS = tuple(f"fp_band{i}" for i in range(BANDS))
 TOP_TAGS = 5
 KEYWORD_TAGS = 50
 # Metadata entries whose values are hashes, images or bulky numeric JSON: not worth searching.
@@ -47,8 +50,13 @@ class FileFacts:
 
     @property
     def tensor_sha256(self) -> str:
-        """The adapter's identity."""
+        """The SHA-256 of the main file's tensor data (AutoV3, the A1111 hash)."""
         return self.hashes["tensor_sha256"]
+
+    @property
+    def identity(self) -> str:
+        """The adapter's identity: its content as stored, metadata left out."""
+        return self.hashes["identity"]
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -66,15 +74,23 @@ class FileFacts:
         """Trigger words the file itself names: ModelSpec's trigger phrase, then kohya's most frequent tags."""
         phrase = self.metadata.get("modelspec.trigger_phrase", "")
         words = [w.strip() for w in phrase.split(",") if w.strip()]
-        return unique(words + top_tags(self.metadata, TOP_TAGS))
+        return unique(words + caption_tags(self.metadata, TOP_TAGS))
 
     def columns(self) -> dict:
         """The ``adapters`` columns that come from the file (refreshed whenever the file changes)."""
         r = self.report
         dtypes = Counter(r.dtypes)
         meta = self.metadata
+        fingerprint = r.fingerprint if not r.damaged else None
+        note = r.fingerprint_note or (f"the file is damaged ({r.problems[0]})" if r.damaged and r.problems else None)
         return {
-            "tensor_sha256": self.tensor_sha256, "sha256": self.hashes.get("sha256"), "legacy": self.hashes.get("legacy"),
+            "identity": self.identity, "tensor_sha256": self.tensor_sha256, "sha256": self.hashes.get("sha256"),
+            "legacy": self.hashes.get("legacy"),
+            "fingerprint": fingerprint.to_bytes() if fingerprint is not None else None,
+            "fp_norm": fingerprint.norm if fingerprint is not None else None,
+            "fp_modules": fingerprint.modules if fingerprint is not None else None,
+            "fp_note": None if fingerprint is not None else (note or "not computed"),
+            **dict(zip(BAND_COLUMNS, fingerprint.bands() if fingerprint is not None else [None] * BANDS)),
             "format": r.format, "architecture": r.architecture, "plain_lora": int(r.plain_lora),
             "components": dumps(r.components), "modules": r.modules,
             "ranks": dumps({str(k): v for k, v in r.ranks.items()}),
@@ -85,20 +101,38 @@ class FileFacts:
             "problems": dumps(r.problems),
         }
 
-def describe(path: str | os.PathLike, hashes: FileHashes | None = None) -> FileFacts:
-    """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder) and hash it.
+def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, fingerprint: bool = True) -> FileFacts:
+    """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder), hash its
+    files and fingerprint its ΔW (``fingerprint=False`` skips that), reading the bytes once.
 
-    ``hashes`` may be passed when they are already known (a writer computed them). Raises
-    :class:`~loralib.errors.LoraError` subclasses for files that are not adapters or are unreadable.
+    ``hashes`` may be passed when they are already known (a writer computed them for a one-file
+    adapter). Raises :class:`~loralib.errors.LoraError` subclasses for files that are not adapters
+    or are unreadable.
     """
     given = absolute(path)
     root = adapter_root(given) if given.is_file() else given
-    report = inspect(root, hashes=hashes is None)
+    report = None
+    if hashes is not None and hashes.identity is not None:
+        report = inspect(root, hashes=False, fingerprint=fingerprint)
+        found = hashes.to_dict()
+        if len(report.files) > 1:  # the writer's hashes are of one file; the identity is of all of them
+            report = None
+    if report is None:
+        report = inspect(root, hashes=True, fingerprint=fingerprint)
+        found = dict(report.hashes)
     main = absolute(report.files[0]) if report.files else main_file(root)
     stat = main.stat()
-    found = hashes.to_dict() if hashes is not None else dict(report.hashes)
     report.hashes = found
     return FileFacts(main, root, stat.st_size, stat.st_mtime_ns, report, found)
+
+
+def adapter_hashes(path: str | os.PathLike) -> FileHashes:
+    """The hashes of the adapter stored at ``path`` (a file, or a folder adapter or one of its files):
+    its main file's, with the identity of all its files. Headers and bytes only, no fingerprint."""
+    given = absolute(path)
+    root = adapter_root(given) if given.is_file() else given
+    headers = [s.header for s in open_inputs(root).sources]
+    return hash_adapter_files(headers)
 
 
 def metadata_keywords(metadata: dict[str, str]) -> str:

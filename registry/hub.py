@@ -17,17 +17,17 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from loralib import __version__
 from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
 from loralib.files.hashes import hash_file
 from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
+from loralib.version import __version__
 from loralib.vocabulary import HUB_LAYOUTS
 
 from .catalog import AddResult, Catalog
@@ -42,6 +42,12 @@ if TYPE_CHECKING:
 
 LAYOUTS = HUB_LAYOUTS
 DEFAULT_REVISION = "main"
+# progress(description, done, total): what pull and push are doing, step by step.
+Steps = Callable[[str, int, int], None]
+
+
+def _no_steps(description: str, done: int, total: int) -> None:
+    return None
 
 
 class HubError(LoraError):
@@ -270,12 +276,15 @@ def _card_fields(repo_id: str, commit: str, token: str | None) -> tuple[list[str
 
 
 def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name: str | None = None,
-         tags: Iterable[str] = (), local_dir: str | os.PathLike | None = None, token: str | None = None) -> PullResult:
+         tags: Iterable[str] = (), local_dir: str | os.PathLike | None = None, token: str | None = None,
+         progress: Steps | None = None) -> PullResult:
     """Download an adapter from ``user/repo[@revision]``, verify it, and register it in ``catalog``.
 
     The file goes into the huggingface_hub cache (or ``local_dir``), pinned to the commit the
     revision resolves to. Tags and the trigger word of the repo's model card are kept.
+    ``progress(description, done, total)`` is told each step (resolving, each download, registering).
     """
+    progress = progress or _no_steps
     from huggingface_hub import hf_hub_download
 
     repo_id, revision = parse_repo_ref(reference)
@@ -285,6 +294,7 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
                        "Unset HF_HUB_OFFLINE, or use an adapter that is already in the catalog")
     destination = absolute(local_dir) if local_dir is not None else cache_dir()
     api = _api(token)
+    progress(f"resolving {repo_id}@{revision}", 0, 1)
     with hub_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     commit = info.sha
@@ -293,11 +303,15 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
     wanted = [chosen, *(n for n in companions(chosen, list(siblings)) if safe_repo_path(n))]
     downloaded: list[Path] = []
     hashes: list[FileHashes | None] = []
-    for item in wanted:
+    for done, item in enumerate(wanted):
+        size = getattr(siblings[item], "size", None)
+        description = f"downloading {item} ({done + 1}/{len(wanted)})"
+        progress(description, 0, size or 0)
         with hub_errors(repo_id, revision, item):
             local = Path(hf_hub_download(repo_id, item, revision=commit, endpoint=endpoint(), token=token,
                                          cache_dir=None if local_dir else destination,
-                                         local_dir=destination if local_dir else None))
+                                         local_dir=destination if local_dir else None,
+                                         tqdm_class=_byte_counter(progress, description, size or 0)))
         local = absolute(local)
         if not local.is_relative_to(destination):
             _discard(local, destination, None, item)
@@ -309,6 +323,7 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
                 _discard(path, destination, destination if local_dir else None, item)
             raise
         downloaded.append(local)
+    progress("registering", len(wanted), len(wanted))
     card_tags, triggers = _card_fields(repo_id, commit, token) if "README.md" in siblings else ([], [])
     root = adapter_root(downloaded[0])
     default = PurePosixPath(chosen).stem
@@ -347,13 +362,16 @@ def weight_file_name(entry: Entry) -> str:
 
 def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False, also: Iterable[str] = (),
          license: str | None = None, base_model: str | None = None, message: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, progress: Steps | None = None) -> PushResult:
     """Upload ``entry`` to ``repo_id`` (created if needed) in kohya format, with a model card.
 
     ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``),
-    ``peft`` (a ``peft/`` folder) and ``comfyui`` (``comfyui/<name>.safetensors``, ComfyUI/BFL names). Sample images recorded in the catalog become the card's widget.
-    Converting (an adapter not stored as kohya, or ``also``) needs torch.
+    ``peft`` (a ``peft/`` folder) and ``comfyui`` (``comfyui/<name>.safetensors``, ComfyUI/BFL
+    names). Sample images recorded in the catalog become the card's widget. Converting (an adapter
+    not stored as kohya, or ``also``) needs torch. ``progress(description, done, total)`` is told
+    each step (conversions, the model card, the upload).
     """
+    progress = progress or _no_steps
     from huggingface_hub import CommitOperationAdd
 
     from .lineage import lineage, render
@@ -376,12 +394,15 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
         if entry.format == "kohya" and source.is_file():
             kohya_file = source
         else:
+            progress("converting to kohya", 0, 1)
             kohya_file = _convert(source, work / weight_name, "kohya")[0]
         uploads.append((weight_name, kohya_file))
         if "diffusers" in layouts:
+            progress("converting to diffusers", 0, 1)
             out = _convert(source, work / "diffusers" / "pytorch_lora_weights.safetensors", "diffusers")
             uploads += [(f"diffusers/{p.relative_to(work / 'diffusers').as_posix()}", p) for p in out]
         if "peft" in layouts:
+            progress("converting to peft", 0, 1)
             out = _convert(source, work / "peft", "peft")
             uploads += [(f"peft/{p.relative_to(work / 'peft').as_posix()}", p) for p in out]
         if "comfyui" in layouts:
@@ -391,8 +412,9 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
         for sample in entry.samples:
             image = Path(str(sample.get("path", "")))
             if image.is_file():
-                uploads.append((f"images/{image.name}", image))
-                widget.append({"text": str(sample.get("prompt") or ""), "output": {"url": f"images/{image.name}"}})
+                name = _unique_name(f"images/{image.name}", {n for n, _ in uploads})
+                uploads.append((name, image))
+                widget.append(_widget_item(sample, name))
         card = model_card(entry, CardInputs(
             repo_id=repo_id, weight_name=weight_name, hashes=hash_file(kohya_file).to_dict(),
             lineage=render(lineage(catalog, entry)), widget=widget, extra_layouts=layouts,
@@ -401,13 +423,62 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in uploads]
         api = _api(token)
+        total = sum(len(data) if isinstance(data, bytes) else data.stat().st_size for _, data in uploads)
+        progress(f"uploading {len(uploads)} files ({_size(total)}) to {repo_id}", 0, 1)
         with hub_errors(repo_id):
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.create_commit(repo_id, operations, commit_message=message or f"Upload {entry.name} with lorareg")
+    progress(f"uploaded {len(uploads)} files to {repo_id}", 1, 1)
     files = [name for name, _ in uploads]
     catalog.record_push(entry, {"repo": repo_id, "commit": info.oid, "file": weight_name, "files": files,
                                 "date": now()})
     return PushResult(repo_id, info.oid, info.commit_url, files, weight_name, private)
+
+
+def _byte_counter(progress: Steps, description: str, size: int):
+    """A tqdm class for huggingface_hub's downloads that reports the bytes received to ``progress`` and draws nothing."""
+    from tqdm.auto import tqdm
+
+    class ByteCounter(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.received = int(kwargs.get("initial") or 0)
+            self.expected = int(kwargs.get("total") or size or 0)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.received += int(n or 0)
+            progress(description, self.received, self.expected)
+            return None
+
+    return ByteCounter
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``stem-2.ext``… when another upload already has it (samples from different folders)."""
+    stem, dot, suffix = name.rpartition(".")
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}-{n}{dot}{suffix}"
+    return candidate
+
+
+def _widget_item(sample: dict, url: str) -> dict:
+    """A model card widget entry for a sample image: its prompt, negative prompt, and the image."""
+    item: dict = {"text": str(sample.get("prompt") or "")}
+    if sample.get("negative_prompt"):
+        item["parameters"] = {"negative_prompt": str(sample["negative_prompt"])}
+    item["output"] = {"url": url}
+    return item
 
 
 def _convert(source: Path, output: Path, fmt: str) -> list[Path]:
@@ -416,6 +487,71 @@ def _convert(source: Path, output: Path, fmt: str) -> list[Path]:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     return list(convert(source, output, fmt).files)
+
+
+@dataclass
+class SitePushResult:
+    """What ``push_site`` uploaded to a static Space."""
+
+    space_id: str
+    commit: str
+    url: str
+    files: list[str]
+    private: bool
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary."""
+        return {"space": self.space_id, "commit": self.commit, "url": self.url, "files": self.files,
+                "private": self.private}
+
+
+def space_readme(title: str, tags: Iterable[str] = ()) -> str:
+    """The README.md of a static Space: the YAML front matter the Hub reads to serve ``index.html``."""
+    lines = ["---", f"title: {_yaml_text(title)}", "emoji: 🎨", "colorFrom: indigo", "colorTo: pink", "sdk: static",
+             "app_file: index.html", "pinned: false", "tags:", "  - lora", "  - lorareg"]
+    lines += [f"  - {_yaml_text(t)}" for t in tags if t not in ("lora", "lorareg")]
+    lines += ["---", "", f"# {title}", "", "A gallery of LoRA adapters exported with "
+              f"[lorareg](https://pypi.org/project/lorareg/) {__version__} (`lorareg export-site`).", ""]
+    return "\n".join(lines)
+
+
+def _yaml_text(text: str) -> str:
+    """A YAML double-quoted scalar (safe whatever the text holds)."""
+    import json
+
+    return json.dumps(" ".join(str(text).split()), ensure_ascii=False)
+
+
+def push_site(folder: str | os.PathLike, space_id: str, *, private: bool = False, title: str | None = None,
+              tags: Iterable[str] = (), message: str | None = None, token: str | None = None) -> SitePushResult:
+    """Publish a folder written by ``export-site`` as a static Hugging Face Space (created if needed).
+
+    Every file of the folder is uploaded, plus a README.md whose front matter makes the Hub
+    serve ``index.html`` (``sdk: static``). Files the folder no longer has stay in the Space.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    root = Path(folder)
+    if not (root / "index.html").is_file():
+        raise InputNotFoundError(f"{root} has no index.html", "Write the site first with: lorareg export-site DIR")
+    repo_id, revision = parse_repo_ref(space_id)
+    if revision:
+        raise InvalidArgumentError("push-site writes to the main branch",
+                                   f"Give the Space as {repo_id}, without @{revision}")
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", "Unset HF_HUB_OFFLINE to use the network")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    names = [p.relative_to(root).as_posix() for p in files]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                  for name, path in zip(names, files, strict=True) if name != "README.md"]
+    readme = space_readme(title or repo_id.split("/")[-1], tags)
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
+    api = _api(token)
+    with hub_errors(repo_id):
+        url = api.create_repo(repo_id, repo_type="space", space_sdk="static", private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, repo_type="space",
+                                 commit_message=message or "Publish the LoRA gallery with lorareg")
+    return SitePushResult(repo_id, info.oid, str(url), sorted({*names, "README.md"}), private)
 
 
 def find_pulled(catalog: Catalog, repo_id: str, revision: str | None) -> Entry | None:

@@ -2,11 +2,14 @@
 
 Parents come from two places. A lorareg command that writes an adapter records its operation
 (inputs with weights, parameters) when it registers the output. And loralib appends every
-operation to the ``lorareg.history`` list in the file's own metadata, with each input's tensor
-hash, so a file made elsewhere and only scanned later still names its parents. Parents are
-matched by tensor hash: a parent in the catalog is followed through its own entry; one that is
-not is followed through the history the child file carries (its metadata came from its first
-input, so the records before the last describe that input).
+operation to the ``lorareg.history`` list in the file's own metadata, with each input's identity
+(its content as stored) and tensor hash, so a file made elsewhere and only scanned later still
+names its parents. Parents are matched by identity; inputs of older histories, which record only
+the tensor hash, by tensor hash, the ambiguity between the same tensors under other key names
+resolved by the recorded format and file name (:meth:`Catalog.parent_entry`). A conversion is
+thus a "converted from" edge between two entries. A parent in the catalog is followed through its
+own entry; one that is not is followed through the history the child file carries (its metadata
+came from its first input, so the records before the last describe that input).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _identify_input(catalog: Catalog, item: InputRecord) -> None:
     reading it (an input that is not an adapter, a dataset folder or a base model, keeps its path)."""
     from .describe import absolute, describe
 
-    if item.path is None or item.tensor_sha256 is not None:
+    if item.path is None or item.identity is not None:
         return
     path = absolute(item.path)
     item.path, item.file = str(path), item.file or path.name
@@ -79,13 +82,14 @@ def _identify_input(catalog: Catalog, item: InputRecord) -> None:
         return
     entry = catalog.by_path(path)
     if entry is not None:
-        item.tensor_sha256, item.sha256, item.format = entry.tensor_sha256, entry.sha256, item.format or entry.format
+        item.identity, item.tensor_sha256 = entry.identity, entry.tensor_sha256
+        item.sha256, item.format = entry.sha256, item.format or entry.format
         return
     try:
-        facts = describe(path)
+        facts = describe(path, fingerprint=False)
     except LoraError:  # a dataset folder or a base model: named, not hashed
         return
-    item.tensor_sha256, item.sha256 = facts.tensor_sha256, facts.hashes.get("sha256")
+    item.identity, item.tensor_sha256, item.sha256 = facts.identity, facts.tensor_sha256, facts.hashes.get("sha256")
     item.format = item.format or facts.report.format
 
 
@@ -110,7 +114,7 @@ def parent_records(catalog: Catalog, operation: OperationRecord, facts: FileFact
     for i, item in enumerate(operation.completed().inputs):
         _identify_input(catalog, item)
         if i < len(from_file):
-            for key in ("file", "format", "tensor_sha256", "sha256", "weight", "role"):
+            for key in ("file", "format", "identity", "tensor_sha256", "sha256", "weight", "role"):
                 if getattr(item, key) is None:
                     setattr(item, key, getattr(from_file[i], key))
         parents.append(item)
@@ -123,6 +127,7 @@ class LineageNode:
 
     label: str
     name: str | None = None
+    identity: str | None = None
     tensor_sha256: str | None = None
     file: str | None = None
     format: str | None = None
@@ -154,7 +159,7 @@ def _from_entry(catalog: Catalog, entry: Entry, weight: float | None, seen: froz
         entry = catalog.by_id(entry.id) or entry
     records = [r for r in history(entry.metadata) if isinstance(r, dict)]
     made_by = entry.operation or (records[-1] if records else None)
-    node = LineageNode(label=entry.name, name=entry.name, tensor_sha256=entry.tensor_sha256,
+    node = LineageNode(label=entry.name, name=entry.name, identity=entry.identity, tensor_sha256=entry.tensor_sha256,
                        file=os.path.basename(entry.source_file) if entry.source_file else None, format=entry.format,
                        weight=weight, operation=(made_by or {}).get("operation"), params=_params(made_by),
                        in_catalog=True)
@@ -166,17 +171,18 @@ def _from_entry(catalog: Catalog, entry: Entry, weight: float | None, seen: froz
     carried = records[:-1] if records and made_by and records[-1].get("operation") == made_by.get("operation") else []
     for parent in catalog.parents(entry):
         node.parents.append(_from_parent(catalog, parent, carried if parent.position == 0 else [],
-                                         seen | {entry.id}, depth - 1))
+                                         seen | {entry.id}, depth - 1, entry.id))
     return node
 
 
-def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], seen: frozenset, depth: int) -> LineageNode:
-    found = catalog.by_tensor_hash(parent.tensor_sha256) if parent.tensor_sha256 else None
+def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], seen: frozenset, depth: int,
+                 child_id: int | None) -> LineageNode:
+    found = catalog.parent_entry(parent, child_id=child_id)
     if found is not None:
         return _from_entry(catalog, found, parent.weight, seen, depth)
     label = parent.file or (parent.tensor_sha256[:12] if parent.tensor_sha256 else "unknown input")
-    node = LineageNode(label=label, tensor_sha256=parent.tensor_sha256, file=parent.file, format=parent.format,
-                       weight=parent.weight)
+    node = LineageNode(label=label, identity=parent.identity, tensor_sha256=parent.tensor_sha256, file=parent.file,
+                       format=parent.format, weight=parent.weight)
     if not carried or depth <= 0:
         return node
     made_by = carried[-1]
@@ -184,8 +190,8 @@ def _from_parent(catalog: Catalog, parent: ParentRecord, carried: list[dict], se
     inputs = (OperationRecord.from_dict(made_by) or OperationRecord("")).inputs
     for i, record in enumerate(inputs):
         grand = ParentRecord(i, record.tensor_sha256, record.sha256, record.file, record.path, record.format,
-                             record.weight)
-        node.parents.append(_from_parent(catalog, grand, carried[:-1] if i == 0 else [], seen, depth - 1))
+                             record.weight, identity=record.identity)
+        node.parents.append(_from_parent(catalog, grand, carried[:-1] if i == 0 else [], seen, depth - 1, None))
     return node
 
 

@@ -8,9 +8,10 @@ diffusers, ComfyUI and AUTOMATIC1111, its trigger words, lineage, training setti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from loralib import __version__
 from loralib.inspection import architecture_title, metadata_summary
+from loralib.version import TOOL
 
 from .records import Entry
 
@@ -44,13 +45,30 @@ class CardInputs:
     license: str | None = None
 
 
+def local_base(entry: Entry) -> str | None:
+    """The local base model the training metadata names (a file or folder, not a Hub id), or None."""
+    trained_on = entry.metadata.get("ss_sd_model_name", "").strip()
+    if not trained_on or _hub_id(trained_on):
+        return None
+    return trained_on
+
+
+def _hub_id(text: str) -> bool:
+    from loralib.hub_ids import is_repo_ref
+
+    return (is_repo_ref(text) and not text.endswith((".safetensors", ".ckpt")) and not text.startswith((".", "/", "~"))
+            and "\\" not in text)
+
+
 def base_model_for(entry: Entry, override: str | None = None) -> str | None:
-    """The Hub id of the base model: the override, a Hub id in the training metadata, or the architecture's default."""
+    """The Hub id of the base model: the override, a Hub id in the training metadata, or — when the
+    metadata names no base at all — the architecture's usual base. None when training used a local
+    base model (a file or folder): the card then names it in its text instead of guessing a Hub id."""
     if override:
         return override
-    trained_on = entry.metadata.get("ss_sd_model_name", "")
-    if trained_on.count("/") == 1 and not trained_on.endswith((".safetensors", ".ckpt")) and " " not in trained_on:
-        return trained_on
+    trained_on = entry.metadata.get("ss_sd_model_name", "").strip()
+    if trained_on:
+        return trained_on if _hub_id(trained_on) else None
     return BASE_MODELS.get(entry.architecture or "")
 
 
@@ -92,8 +110,10 @@ def model_card(entry: Entry, inputs: CardInputs) -> str:
     lines = ["---", _yaml(meta).rstrip(), "---", "", f"# {title}", ""]
     if entry.description:
         lines += [entry.description, ""]
+    local = local_base(entry) if not meta.get("base_model") else None
     lines += [f"A LoRA adapter for {architecture_title(entry.architecture or 'unknown')}"
-              + (f" (`{meta['base_model']}`)" if meta.get("base_model") else "") + ".", ""]
+              + (f" (`{meta['base_model']}`)" if meta.get("base_model") else "")
+              + (f", trained on a local base model, {_code(Path(local).name or local)}" if local else "") + ".", ""]
     if entry.triggers:
         lines += ["## Trigger words", "", "Use these words in the prompt:", ""]
         lines += [f"- {_code(t)}" for t in entry.triggers] + [""]
@@ -138,5 +158,5 @@ def model_card(entry: Entry, inputs: CardInputs) -> str:
     labels = {"sha256": "SHA-256", "autov2": "AutoV2 (Civitai)", "tensor_sha256": "tensor SHA-256 (AutoV3, sshs_model_hash)",
               "a1111": "A1111 LoRA hash", "legacy": "legacy (AutoV1)"}
     lines += [f"| {label} | `{inputs.hashes[key]}` |" for key, label in labels.items() if inputs.hashes.get(key)]
-    lines += ["", f"Published with lorareg {__version__}.", ""]
+    lines += ["", f"Published with {TOOL}.", ""]
     return "\n".join(lines)

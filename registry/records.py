@@ -71,6 +71,10 @@ class Entry:
     problems: list[str] = field(default_factory=list)
     added_at: str | None = None
     updated_at: str | None = None
+    identity: str | None = None
+    fp_norm: float | None = None
+    fp_modules: int | None = None
+    fp_note: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Entry:
@@ -95,6 +99,11 @@ class Entry:
         if self.legacy:
             found["legacy"] = self.legacy
         return found
+
+    @property
+    def operation_name(self) -> str | None:
+        """The operation that made the adapter (``merge``, ``convert``…), when one is recorded."""
+        return self.operation.get("operation") if isinstance(self.operation, dict) else None
 
     @property
     def rank_text(self) -> str:
@@ -147,6 +156,7 @@ class ParentRecord:
     format: str | None
     weight: float | None
     name: str | None = None
+    identity: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""

@@ -142,8 +142,8 @@ def _stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
 
 
 def _unchanged(path: Path, known: tuple | None, stat: os.stat_result, report: ScanReport) -> bool:
-    """True (and counted) when the catalog saw this file with the same size and mtime."""
-    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] == "missing":
+    """True (and counted) when the catalog saw this file with the same size and mtime (and has its fingerprint)."""
+    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] in ("missing", "stale"):
         return False
     report.unchanged += 1
     if known[2] in ("not-lora", "damaged"):

@@ -1,20 +1,27 @@
 """The catalog's tables, and how a database file is opened, created and migrated.
 
-Tables (schema version 2):
+Tables (schema version 4):
 
-- ``adapters``: one row per adapter, identified by its tensor-data hash (``tensor_sha256`` =
-  kohya's ``sshs_model_hash`` = AutoV3), so a file whose metadata alone was edited is the same
-  adapter. Header facts (format, architecture, modules, ranks, …), user fields (name, tags,
-  triggers, description), provenance (source, the operation that made it) and timestamps.
+- ``adapters``: one row per adapter, identified by ``identity``: the SHA-256 of its content as
+  stored — tensor names, dtypes, shapes and data, metadata left out (:mod:`loralib.files.hashes`)
+  — so a file whose metadata alone was edited is the same adapter and a conversion to other key
+  names is another. ``tensor_sha256`` (kohya's ``sshs_model_hash`` = AutoV3) is kept, indexed, for
+  lookups. Header facts (format, architecture, modules, ranks, …), the ΔW fingerprint
+  (:mod:`loralib.fingerprint`: ``fingerprint``, ``fp_norm``, ``fp_modules``, or ``fp_note`` saying
+  why there is none), user fields (name, tags, triggers, description), provenance (source, the
+  operation that made it) and timestamps.
 - ``files``: every path where a file of an adapter was seen, with size and mtime (so ``scan``
   can skip unchanged files) and its own SHA-256; also files that are not adapters, so a rescan
   skips them too. ``state`` is ``ok``, ``missing``, ``changed``, ``not-lora`` or ``damaged``.
 - ``parents``: the inputs of the operation that made an adapter (merge weights included),
-  identified by tensor hash so they need not be in the catalog.
+  identified by identity (and tensor hash, which is all older histories record), so they need not
+  be in the catalog.
 - ``adapters_fts``: an FTS5 index over names, titles, tags, triggers, descriptions, the words of
   the metadata (``keywords``) and Hub repos, kept current by triggers; ``adapter_tags`` indexes
   the tags the same way.
 - ``schema_version``: one row per migration applied.
+
+Version 3 added indexes on ``updated_at`` and ``size`` (the ``updated`` and ``size`` sort orders).
 
 Connections use WAL mode and a long busy timeout, and every write runs in ``BEGIN IMMEDIATE``,
 so parallel ``lorareg`` processes wait for each other instead of failing with "database is locked".
@@ -35,7 +42,7 @@ from loralib.errors import LoraError
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 60.0
 FTS_COLUMNS = ("name", "title", "tags", "triggers", "description", "keywords", "source_repo")
 TOKENIZER = "unicode61 remove_diacritics 2"  # case- and accent-insensitive words
@@ -226,4 +233,20 @@ def _keywords_and_tag_index(db: Database) -> None:
     """)
 
 
-MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _create_v1, 2: _keywords_and_tag_index}
+def _sort_indexes(db: Database) -> None:
+    """Version 3: indexes for the ``updated`` and ``size`` sort orders, so a page of a large catalog
+    sorted by them reads a few rows instead of all of them."""
+    db["adapters"].create_index(["updated_at"], if_not_exists=True)
+    db["adapters"].create_index(["size"], if_not_exists=True)
+
+
+def _identity_and_fingerprint(db: Database) -> None:
+    """Version 4: identity of the content as stored, ΔW fingerprints, parents by identity (see
+    :mod:`lorareg.registry.upgrade_v4`)."""
+    from .upgrade_v4 import upgrade
+
+    upgrade(db)
+
+
+MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _create_v1, 2: _keywords_and_tag_index, 3: _sort_indexes,
+                                                     4: _identity_and_fingerprint}

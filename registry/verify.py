@@ -1,8 +1,9 @@
 """Check the catalog against the disk: re-hash every recorded file and report what changed.
 
-Each file of an adapter is one of: ``ok`` (same bytes), ``metadata-changed`` (same tensor data,
-so the same adapter, but its metadata was edited: the record is updated), ``changed`` (the
-tensor data differs: it is no longer this adapter), ``missing``, or ``moved`` (missing here,
+Each file of an adapter is one of: ``ok`` (same bytes), ``metadata-changed`` (same content as
+stored — tensor names, dtypes, shapes and data — so the same adapter, but its metadata was edited:
+the record is updated), ``changed`` (the content differs: it is no longer this adapter), ``missing``,
+or ``moved`` (missing here,
 but a file with the same bytes was found at another path, which is recorded instead). Moves
 are found among paths the catalog already knows and in the folders given with ``search``.
 """
@@ -15,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loralib.errors import LoraError
-from loralib.files.hashes import hash_file
 
 from .catalog import Catalog
-from .describe import absolute
+from .describe import absolute, adapter_hashes
 from .records import Entry, FileRecord
 
 PROBLEMS = ("changed", "missing", "unreadable")
@@ -93,7 +93,7 @@ def _check(catalog: Catalog, record: FileRecord, entry: Entry, known_paths: set[
     if not path.is_file():
         return _missing(catalog, record, entry, known_paths, by_size)
     try:
-        hashes = hash_file(path)
+        hashes = adapter_hashes(path)
     except (LoraError, OSError) as exc:
         catalog.set_file_state(path, "damaged", str(exc))
         return VerifyItem(name, str(path), "unreadable", str(exc))
@@ -101,12 +101,12 @@ def _check(catalog: Catalog, record: FileRecord, entry: Entry, known_paths: set[
     if hashes.sha256 == record.sha256:
         catalog.file_seen(path, sha256=hashes.sha256, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         return VerifyItem(name, str(path), "ok")
-    if hashes.tensor_sha256 == entry.tensor_sha256:
+    if hashes.identity == entry.identity:
         catalog.add(path, hashes=hashes)  # same adapter: refresh what its metadata says
-        return VerifyItem(name, str(path), "metadata-changed", "same tensor data, edited metadata")
-    catalog.set_file_state(path, "changed", f"tensor data is now {hashes.tensor_sha256[:12]}")
+        return VerifyItem(name, str(path), "metadata-changed", "same tensors, edited metadata")
+    catalog.set_file_state(path, "changed", f"its content is now {hashes.identity[:12]}")
     return VerifyItem(name, str(path), "changed",
-                      f"its tensor data changed (A1111 hash now {hashes.tensor_sha256[:12]}, was {entry.tensor_sha256[:12]}); "
+                      f"its tensors changed (A1111 hash now {hashes.tensor_sha256[:12]}, was {entry.tensor_sha256[:12]}); "
                       f"`lorareg add {path}` records it as a new adapter")
 
 
@@ -122,10 +122,10 @@ def _missing(catalog: Catalog, record: FileRecord, entry: Entry, known_paths: se
         if str(candidate) in known_paths:
             continue
         try:
-            hashes = hash_file(candidate)
+            hashes = adapter_hashes(candidate)
         except (LoraError, OSError):
             continue
-        if hashes.sha256 == record.sha256 or hashes.tensor_sha256 == entry.tensor_sha256:
+        if hashes.sha256 == record.sha256 or hashes.identity == entry.identity:
             catalog.move_file(path, candidate, sha256=hashes.sha256, mtime_ns=candidate.stat().st_mtime_ns)
             known_paths.add(str(candidate))
             return VerifyItem(name, str(path), "moved", "found with the same content", str(candidate))

@@ -85,5 +85,10 @@ cat <<EOF
   converted         $OUT/converted/pxl-style_peft/
   merged, resized   $OUT/composed/pxl-mix.safetensors, $OUT/composed/pxl-mix-r4.safetensors
   generated images  $OUT/samples/                  (A1111 parameters inside each PNG)
-  catalog           $OUT/catalog/                  (LORAREG_HOME=$LORAREG_HOME lorareg show pxl-mix-r4)
+  catalog           $OUT/catalog/
+
+lorareg is installed in $(pwd)/.venv: run it as $(pwd)/.venv/bin/lorareg, or activate
+the environment first (source $(pwd)/.venv/bin/activate). The demo's catalog is in $OUT/catalog:
+
+  LORAREG_HOME=$LORAREG_HOME $(pwd)/.venv/bin/lorareg show pxl-mix-r4
 EOF

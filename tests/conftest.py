@@ -119,3 +119,32 @@ def lorareg(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@dataclass
+class DemoCatalog:
+    """A copy of the playground's demo catalog (tests/helpers/web_catalog.py) for one test."""
+
+    home: Path  # the catalog folder (give it to Catalog(home) or --home)
+    files: Path  # the adapter files, samples and previews it records
+    ids: dict[str, int]  # entry ids by name
+
+
+@pytest.fixture(scope="session")
+def demo_catalog_template(tmp_path_factory) -> DemoCatalog:
+    """The demo catalog, built once per session (a merge and a conversion included: about 3 s)."""
+    from tests.helpers.web_catalog import build_demo_catalog
+
+    root = tmp_path_factory.mktemp("demo-catalog")
+    ids = build_demo_catalog(root / "home", root / "files")
+    return DemoCatalog(root / "home", root / "files", ids)
+
+
+@pytest.fixture
+def demo_catalog(demo_catalog_template, tmp_path) -> DemoCatalog:
+    """A private copy of the demo catalog's database (the files it records are shared, and left unchanged)."""
+    import shutil
+
+    home = tmp_path / "demo-home"
+    shutil.copytree(demo_catalog_template.home, home)
+    return DemoCatalog(home, demo_catalog_template.files, dict(demo_catalog_template.ids))

@@ -42,6 +42,36 @@ def flux_pair(tiny_flux, tmp_path_factory):
             b, loralib.save(b, folder / "b_diffusers.safetensors", "diffusers").path)
 
 
+def test_a_fused_kohya_flux_lora_has_the_fingerprint_of_its_split_spelling(flux_pair, tmp_path):
+    """The catalog's ΔW fingerprint sketches each part of a fused layer from its rows of the stored
+    factors: the kohya file (fused qkv/linear1) and the diffusers file (split) are the same adapter."""
+    from loralib.fingerprint import compare, fingerprint_file
+
+    a, a_path, _, _ = flux_pair
+    assert any(name.endswith("_qkv.lora_up.weight") for name in load_file(a_path))
+    split = loralib.save(a, tmp_path / "a_diffusers.safetensors", "diffusers").path
+    fused, separate = fingerprint_file(str(a_path)), fingerprint_file(str(split))
+    assert fused.modules == separate.modules == len(a.modules) and not fused.skipped
+    assert compare(fused.to_bytes(), separate.to_bytes()).verdict == "same"
+
+
+def test_kohya_names_of_flux_refuse_modules_that_are_not_plain_lora(flux_pair, tmp_path):
+    """Original names fuse layers, which only plain factors can: a bias difference is refused in one
+    line, and nothing is written."""
+    from loralib.errors import UnsupportedFormatError
+
+    a = flux_pair[0]
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    module = a.modules[key]
+    biased = loralib.LoraAdapter({**a.modules, key: loralib.LoraModule(module.down, module.up, module.alpha,
+                                                                       bias=torch.ones(module.up.shape[0]))},
+                                 "flux")
+    for fmt, message in (("kohya", f"{key}, are not plain LoRA factors"), ("comfyui", "cannot hold .* bias")):
+        with pytest.raises(UnsupportedFormatError, match=message):
+            loralib.save(biased, tmp_path / f"{fmt}.safetensors", fmt)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_of_a_fused_kohya_and_a_split_diffusers_flux_lora_is_the_weighted_sum(flux_pair, tmp_path):
     a, a_path, b, b_path = flux_pair
     assert loralib.load(a_path).source_format == "kohya" and loralib.load(b_path).source_format == "diffusers"

@@ -217,8 +217,9 @@ def test_argument_and_input_errors(real_loras):
     wide = adapter({TE: SMALL_LAYERS[CONV]}, 4, 4.0, seed=2)
     with pytest.raises(MismatchError, match="shape"):
         merge([(a, 1.0), (wide, 1.0)])
-    with pytest.raises(UnsupportedFormatError, match="LoKr"):
-        merge([(real_loras / f"{SD15[0]}.safetensors", 1.0), (real_loras / "sd1_lycoris-lokr_f16.safetensors", 1.0)])
+    with pytest.raises(UnsupportedFormatError, match="linear method sums LoRA factors.*lokr"):
+        merge([(real_loras / f"{SD15[0]}.safetensors", 1.0), (real_loras / "sd1_lycoris-lokr_f16.safetensors", 1.0)],
+              method="linear")
 
 
 def test_real_sd15_files_merge_exactly(real_loras, tmp_path):
@@ -363,6 +364,6 @@ def test_cli_refuses_without_writing(lorareg, two_files, tmp_path, real_loras):
     assert res.code == 1 and "cannot be combined" in res.err and not cross.exists()
     res = lorareg("merge", f"{a}:0.5", f"{b}:0.5", "--method", "ties", "-o", cross)
     assert res.code == 1 and "needs a density" in res.err and not cross.exists()
-    res = lorareg("merge", real_loras / "sd1_lycoris-lokr_f16.safetensors", a, "-o", cross)
-    assert res.code == 1 and "LoKr" in res.err and not cross.exists()
+    res = lorareg("merge", real_loras / "sd1_lycoris-lokr_f16.safetensors", a, "--method", "linear", "-o", cross)
+    assert res.code == 1 and "lokr" in res.err and not cross.exists()
     assert list(tmp_path.glob("*.partial")) == []

@@ -35,14 +35,14 @@ def _load(key_lists, name):
 
 
 # key list -> (kind, internal modules); plain LoRAs in every spelling are read as Flux.1, the
-# others (control, DoRA, LoKr) are named precisely (issue 12 reads LyCORIS kinds).
+# others (control, DoRA, LoKr: LyCORIS kinds are read for SD1.x/SD2.x/SDXL only) are named precisely.
 FLUX_EXPECTED = {
     "invokeai__flux_control_lora_format__state_dict_keys.json": ("flux-control", None),
-    "invokeai__flux_dora_onetrainer_format__state_dict_keys.json": ("lycoris-dora", None),
-    "invokeai__flux_lokr_bfl_format__state_dict_keys.json": ("lycoris-lokr", None),
+    "invokeai__flux_dora_onetrainer_format__state_dict_keys.json": ("flux-lycoris", None),
+    "invokeai__flux_lokr_bfl_format__state_dict_keys.json": ("flux-lycoris", None),
     "invokeai__flux_lora_aitoolkit_format__state_dict_keys.json": ("comfyui", 418),
     "invokeai__flux_lora_diffusers_base_model_format__state_dict_keys.json": ("peft", 381),
-    "invokeai__flux_lora_diffusers_dora_format__state_dict_keys.json": ("lycoris-dora", None),
+    "invokeai__flux_lora_diffusers_dora_format__state_dict_keys.json": ("flux-lycoris", None),
     "invokeai__flux_lora_diffusers_format__state_dict_keys.json": ("diffusers", 494),
     "invokeai__flux_lora_diffusers_no_proj_mlp_format__state_dict_keys.json": ("diffusers", 342),
     "invokeai__flux_lora_diffusers_v2_format__state_dict_keys.json": ("diffusers-old", 190),

@@ -39,6 +39,15 @@ def adapters(tiny_sd1, tmp_path_factory):
     return paths
 
 
+def _folder_hash(folder) -> str:
+    """A1111's "Model hash" of a diffusers folder as docs/generation.md defines it, written out."""
+    import hashlib
+
+    listing = "".join(f"{f.relative_to(folder).as_posix()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n"
+                      for f in sorted(p for p in folder.rglob("*") if p.is_file()))
+    return hashlib.sha256(listing.encode()).hexdigest()[:10]
+
+
 def _pixels(path):
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -57,8 +66,17 @@ def test_pngs_carry_a1111_parameters_and_seeds_reproduce(tiny_sd1, adapters, tmp
     assert lines[1] == "Negative prompt: blurry, dark"
     fields = lines[2]
     for expected in ("Steps: 2", "Sampler: Euler a", "CFG scale: 7", "Seed: 7", "Size: 32x48",
+                     f"Model hash: {_folder_hash(tiny_sd1)}, Model: {tiny_sd1.name}",
                      f'Lora hashes: "pixel: {hash_file(pixel).a1111}, other: {hash_file(other).a1111}"'):
         assert expected in fields, (expected, fields)
+    # the images belong to both adapters in the catalog, each with its own weight
+    for name, weight in (("pixel", 0.8), ("other", -0.3)):
+        samples = json.loads(lorareg("show", name, "--json").out)["samples"]
+        assert [(s["path"], s["seed"], s["weight"], s["prompt"], s["negative_prompt"], s["source"]) for s in samples] == [
+            (str(first), 7, weight, "pxl style, a castle", "blurry, dark", "generate"),
+            (str(second), 8, weight, "pxl style, a castle", "blurry, dark", "generate")]
+        assert samples[0]["parameters"]["Steps"] == "2" and samples[0]["parameters"]["Sampler"] == "Euler a"
+    assert "seed 7, weight 0.8" in lorareg("show", "pixel").out
     with Image.open(second) as image:
         assert image.size == (32, 48)
         details = json.loads(image.text["lorareg"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loralib.files.hashes import hash_file
+from loralib.files.hashes import Deferred, FileHashes, hash_file
 from loralib.files.header import read_header
 from loralib.files.writer import write_safetensors
 from loralib.metadata import SELF_HASHES
@@ -87,3 +88,35 @@ def test_writer_round_trips_every_dtype(tmp_path):
         for name, tensor in tensors.items():
             loaded = f.get_tensor(name)
             assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
+
+
+@pytest.mark.parametrize("finish", ["before the write", "during the write"])
+def test_an_input_hash_is_written_even_after_its_adapter_is_gone(tmp_path, finish):
+    """A merge drops its loaded inputs before the output is written (the playground's merge jobs do):
+    the input's hash, still being computed or already known, must reach the file's history and the
+    returned record — never a stand-in value (the old placeholder table lost it in exactly this case)."""
+    import gc
+    import threading
+
+    import loralib
+    from loralib.metadata import history
+    from loralib.records import InputRecord, OperationRecord
+    from loralib.synthetic import random_adapter
+    from tests.helpers.small_loras import sd1_attention_layers
+
+    release = threading.Event()
+    if finish == "before the write":
+        release.set()
+    hashes = FileHashes("cd" * 32, "ab" * 32, "12345678", identity="ef" * 32)
+    deferred = Deferred(lambda: (release.wait(10), hashes)[1])
+    record = OperationRecord("merge", [InputRecord(file="a.safetensors", weight=0.5, pending_hashes=deferred)])
+    del deferred
+    gc.collect()
+    if finish == "during the write":
+        threading.Timer(0.2, release.set).start()
+    adapter = random_adapter(sd1_attention_layers(2), rank=2, seed=1, architecture="sd1")
+    result = loralib.save(adapter, tmp_path / "merged.safetensors", operation=record)
+    written = history(read_header(result.path).metadata)[-1]["inputs"][0]
+    assert written == {"file": "a.safetensors", "identity": "ef" * 32, "tensor_sha256": "ab" * 32, "sha256": "cd" * 32,
+                       "weight": 0.5}
+    assert result.operation.inputs[0].tensor_sha256 == "ab" * 32 and result.operation.inputs[0].identity == "ef" * 32

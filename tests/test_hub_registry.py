@@ -145,8 +145,13 @@ def test_push_records_lineage_in_the_card_and_converts_extra_layouts(lorareg, hu
         assert entry.format == "peft" and entry.source_file == "peft/adapter_model.safetensors"
     assert pulled["name"] == "made-2"  # a generic file name: named after the repo, kept unique
     res = lorareg("pull", "alice/made", "--file", "diffusers/pytorch_lora_weights.safetensors", "--json")
-    # The same tensors in the same order (scales live in the config / metadata): the same tensor hash.
-    assert res.code == 0 and (json.loads(res.out)["name"], json.loads(res.out)["new"]) == ("made-2", False)
+    # The same tensors in the same order (scales live in the config / metadata): the same tensor hash, but
+    # other key names, so another entry — recognised as the same adapter by its fingerprint.
+    diffusers = json.loads(res.out)
+    assert res.code == 0 and (diffusers["name"], diffusers["new"]) == ("made-3", True)
+    assert diffusers["hashes"]["tensor_sha256"] == pulled["hashes"]["tensor_sha256"]
+    shown = json.loads(lorareg("show", "made-3", "--json").out)
+    assert {s["name"] for s in shown["same_adapter_as"]} == {"made", "made-2"}
 
 
 def test_a_corrupted_download_is_rejected_deleted_and_nothing_is_registered(lorareg, hub, pixel, tmp_path):
@@ -243,3 +248,46 @@ def test_private_repos_need_the_owners_token(lorareg, hub, pixel, monkeypatch):
     _one_line_error(lorareg("pull", "alice/secret"), "was not found", "private")
     monkeypatch.setenv("HF_TOKEN", ALICE)
     assert lorareg("pull", "alice/secret").code == 0
+
+
+def test_push_uploads_every_sample_and_the_widget_uses_their_prompts(lorareg, hub, pixel, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    (tmp_path / "second").mkdir()
+    other = tmp_path / "second" / "castle.png"  # the same file name as the first sample
+    info = PngInfo()
+    info.add_text("parameters", "a pxl style tower <lora:pixel-art:0.7>\nNegative prompt: blurry\nSteps: 4, Seed: 9")
+    Image.new("RGB", (8, 8), "teal").save(other, pnginfo=info)
+    assert lorareg("add", pixel, "--sample", other).code == 0
+    assert lorareg("push", "pixel-art", "--repo", "alice/samples").code == 0
+    files = hub.list_files("alice/samples")
+    assert {"images/castle.png", "images/castle-2.png"} <= set(files)
+    assert hub.file_bytes("alice/samples", "images/castle-2.png") == other.read_bytes()
+    widget = _front_matter(hub.file_bytes("alice/samples", "README.md").decode())["widget"]
+    assert widget == [{"text": "a pxl style castle at dusk", "output": {"url": "images/castle.png"}},
+                      {"text": "a pxl style tower", "parameters": {"negative_prompt": "blurry"},
+                       "output": {"url": "images/castle-2.png"}}]
+
+
+def test_pull_and_push_report_their_progress(lorareg, hub, pixel, monkeypatch):
+    import lorareg.cli.hub as cli_hub
+    from lorareg.registry.hub import pull
+
+    seen = []
+    real_steps = cli_hub.steps
+
+    def recording(enabled=True):
+        seen.append(enabled)
+        return real_steps(enabled)
+
+    monkeypatch.setattr(cli_hub, "steps", recording)
+    assert lorareg("push", "pixel-art", "--repo", "alice/progress").code == 0
+    assert seen == [True]
+    steps = []
+    with Catalog() as catalog:
+        pull(catalog, "alice/progress", progress=lambda *step: steps.append(step))
+    size = pixel.stat().st_size
+    assert steps[0][0] == "resolving alice/progress@main" and steps[-1][0] == "registering"
+    downloads = [s for s in steps if s[0].startswith("downloading pixel-art.safetensors")]
+    assert downloads[0][1:] == (0, size) and downloads[-1][1:] == (size, size)  # bytes received, as they came

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import loralib
-from loralib.errors import CorruptFileError, NotALoraError, UnsupportedFormatError
+from loralib.errors import CorruptFileError, NotALoraError
 
 READABLE = {  # file stem -> (format, architecture, modules, dtype)
     "sd15_diffusers-attnprocs_noprefix_f32": ("diffusers-attnprocs", "sd1", 128, "F32"),
@@ -66,17 +66,19 @@ def test_textual_inversion_tokens_are_reported(real_loras, lorareg):
     assert "<s1>, <s2>" in res.out
 
 
-def test_lycoris_lokr_is_named_and_inspectable_but_not_converted(real_loras, lorareg, tmp_path):
+def test_lycoris_lokr_is_read_kept_as_lokr_and_refused_where_a_format_cannot_hold_it(real_loras, lorareg, tmp_path):
     path = real_loras / "sd1_lycoris-lokr_f16.safetensors"
     res = lorareg("inspect", path, "--json")
     assert res.code == 0
     report = json.loads(res.out)
     assert report["format"] == "lycoris-lokr" and report["format_title"] == "LyCORIS LoKr"
-    assert report["architecture"] == "sd1" and report["modules"] > 300
+    assert report["architecture"] == "sd1" and report["modules"] == 350 and report["kinds"] == {"lokr": 350}
     assert sum(k.startswith(("ss_", "sshs_")) for k in report["metadata"]) == 61
     res = lorareg("convert", path, "-o", tmp_path / "x.safetensors")
-    assert res.code == 1 and res.err.startswith("error: ") and "LyCORIS LoKr, not a plain LoRA" in res.err
-    assert "Traceback" not in res.err and not (tmp_path / "x.safetensors").exists()
+    assert res.code == 0 and loralib.load(tmp_path / "x.safetensors").kinds == {"lokr": 350}
+    res = lorareg("convert", path, "--to", "peft", "-o", tmp_path / "x_peft")
+    assert res.code == 1 and res.err.startswith("error: ") and "cannot hold the adapter's 350 LoKr" in res.err
+    assert "Traceback" not in res.err and not (tmp_path / "x_peft").exists()
 
 
 def test_flux_is_detected_from_keys_not_metadata(real_loras, lorareg, tmp_path):
@@ -109,7 +111,6 @@ def test_the_real_flux_lora_converts_to_every_spelling_and_back_bit_for_bit(real
     ("BAD_sd15_malformed-kohya-double-prefix", CorruptFileError, "LoRA-like keys in no known spelling.*lora_unet_unet_"),
     ("BAD_sdxl_diffusers-attnprocs_truncated-data", CorruptFileError, "is truncated"),
     ("NOT-LORA_textual-inversion", NotALoraError, "not a LoRA adapter: it is a textual-inversion embedding"),
-    ("sd1_lycoris-lokr_f16", UnsupportedFormatError, "LyCORIS LoKr"),
 ])
 def test_unloadable_files_raise_clear_errors(real_loras, stem, error, message):
     with pytest.raises(error, match=message):

@@ -259,13 +259,16 @@ def test_a_version_1_catalog_is_migrated_with_its_data(tmp_path):
                   "VALUES ('old', 'ab', '[\"style\"]', ?, 'x', 'x')", (metadata,))
     conn.close()
     with Catalog(tmp_path) as catalog:
-        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == [1, 2]
+        assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == list(
+            range(1, schema.SCHEMA_VERSION + 1))
+        assert catalog.get("old").identity == "tensor:ab"  # no file on disk: the documented placeholder
         assert catalog.conn.execute("SELECT keywords FROM adapters").fetchone()[0] == "dreamshaper_8.safetensors"
         assert [e.name for e in catalog.search("dreamshaper")[0]] == ["old"]
         assert [e.name for e in catalog.list(tag="style")] == ["old"]
         assert catalog.search("buckets")[1] == 0  # bulky JSON is no longer indexed
         catalog.tag("old", add=["new"])
         assert [e.name for e in catalog.list(tag="new")] == ["old"]
+        assert [e.name for e in catalog.list(sort="size")] == ["old"]  # version 3's sort indexes
 
 
 def test_a_damaged_catalog_file_gives_one_line(lorareg, tmp_path):
@@ -331,10 +334,11 @@ def test_database_errors_in_any_catalog_method_are_one_line_naming_the_file(tmp_
                                   ("database or disk is full", "Free some space"),
                                   ("database is locked", "locked by another lorareg"),
                                   ("database disk image is malformed", "it is damaged")):
-            def fail(*args, message=message):
-                raise (sqlite3.DatabaseError if "malformed" in message else sqlite3.OperationalError)(message)
+            class Failing:
+                def execute(self, *args, message=message):
+                    raise (sqlite3.DatabaseError if "malformed" in message else sqlite3.OperationalError)(message)
 
-            monkeypatch.setattr(catalog, "_entries", fail)
+            monkeypatch.setattr(catalog, "conn", Failing())
             with pytest.raises(CatalogError) as caught:
                 catalog.list()
             text = str(caught.value)

@@ -121,4 +121,5 @@ def test_register_output_accepts_paths_records_and_weights(tmp_path, layers):
         assert parents[0].tensor_sha256 == hash_file(a).tensor_sha256 and parents[1].tensor_sha256 is None
         assert entry.operation["config"] == {"rank": 2, "learning_rate": 1e-4}
         assert entry.operation["dataset"] == {"images": 12} and entry.operation["inputs"][1]["images"] == 12
-        assert entry.samples == [{"path": str(sample), "prompt": None}]
+        assert entry.samples == [{"path": str(sample), "prompt": None, "weight": 1.0, "source": "train"}]
+        assert parents[0].identity == hash_file(a).identity and parents[0].name is None

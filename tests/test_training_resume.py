@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,12 +87,13 @@ def test_resume_refuses_a_changed_network_and_extends_a_finished_run(tiny_sd1, t
     assert loralib.inspect(tmp_path / "out" / "t.safetensors").metadata["ss_steps"] == "3"
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sd1, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_that_resumes_with_the_command_it_prints(tiny_sd1, tmp_path):
     data = small_dataset(tmp_path / "data", 2)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "lorareg", "train", "--base", str(tiny_sd1), "--data", str(data), "-o", str(out),
-               "--name", "t", "--resolution", "32", "--rank", "4", "--max-train-steps", "100000", "--no-tensorboard"]
+               "--name", "t", "--resolution", "32", "--rank", "4", "--max-train-steps", "12", "--no-tensorboard",
+               "--force"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -115,9 +118,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sd1, tmp_path):
     step = saved[0][0]
     assert step >= 1 and not (out / "t.safetensors").exists()
 
-    config = load_config(None, quick_settings(tiny_sd1, data, out, max_train_steps=step + 1))
-    resumed = train(config, resume="latest")
-    assert resumed.steps == step + 1 and resumed.save.path.is_file()
+    # the command it printed, run as printed, continues the run with its command-line settings
+    printed = next(line for line in err.splitlines() if "continue with: " in line).split("continue with: ", 1)[1]
+    words = shlex.split(printed)
+    assert words[0] == "lorareg" and "--force" not in words and words[-2:] == ["--resume", "latest"]
+    done = subprocess.run([sys.executable, "-m", "lorareg", *words[1:], "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["steps"] == 12 and not report["interrupted"] and Path(report["adapter"]) == out / "t.safetensors"
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(tiny_sd1, tmp_path, lorareg):
@@ -160,3 +169,8 @@ def test_the_trained_adapter_is_registered_with_its_config(tiny_sd1, tmp_path, l
     assert operation.get("operation") == "train"
     assert operation["params"]["rank"] == 4 and operation["params"]["mixed_precision"] == "bf16"
     assert operation["dataset"]["images"] == 1 and operation["base_model"] == str(tiny_sd1)
+    # the samples rendered with the saved adapter belong to it; the trigger word is the declared one
+    assert [(s["path"], s["prompt"], s["weight"], s["source"]) for s in entry["samples"]] == [
+        (str(sample), "pxl style, a castle", 1.0, "train")]
+    assert entry["samples"][0]["parameters"]["Model hash"] and entry["samples"][0]["seed"] is not None
+    assert entry["triggers"] == ["pxl style"]  # not the caption sentence "a red circle on a light background"

@@ -1,7 +1,10 @@
 """Fuse LoRAs into a base model: ``bake(base, [(a, 0.8), (b, 0.4)], output)``.
 
 Every adapted weight becomes ``W + Σ w_i · ΔW_i``, computed and added in float32 and then cast
-back to the weight's stored dtype (adding in fp16/bf16 would drift). A diffusers folder is baked
+back to the weight's stored dtype (adding in fp16/bf16 would drift). Any module kind is fused:
+LoRA, LoHa and LoKr through their exact low-rank forms, full-rank differences as they are, DoRA
+from the base weight itself (``ΔW = m · (W + ΔW₀)/‖W + ΔW₀‖ − W``), and the bias and norm-layer
+differences of full and norm modules into those vectors. A diffusers folder is baked
 into a diffusers folder (every weight file of every variant is rewritten, everything else is
 copied), a diffusers transformer folder into a transformer folder, and a single-file checkpoint
 (SD's original layout, or Flux.1's/SD3's with fused ``qkv`` layers) into a single file with the
@@ -22,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
 from ..files.atomic import atomic_dir, check_output, refuse_overwrite
 from ..files.header import read_header
@@ -30,9 +32,18 @@ from ..files.writer import write_safetensors
 from ..formats.fusing import swap_halves
 from ..metadata import HISTORY_KEY, history, input_record
 from ..records import OperationRecord
+from ..version import TOOL
 from .inputs import AdapterLike, Progress, WeightedAdapter, check_compatible, load_weighted
 from .lowrank import concatenate
-from .model_weights import ModelWeights, Slot, checkpoint_slots, component_folders, diffusers_slots, weight_files
+from .model_weights import (
+    ModelWeights,
+    Slot,
+    checkpoint_slots,
+    component_folders,
+    diffusers_slots,
+    vector_key,
+    weight_files,
+)
 
 
 @dataclass
@@ -57,17 +68,17 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
     items = load_weighted(adapters)
     check_compatible(items)
     base, output = Path(base), Path(output)
-    with ModelWeights.open(base) as model:
+    with ModelWeights.open(base, vectors=True) as model:
         _check_output(model, output, force)
         deltas = _fused_modules(items)
         _check_fits(model, deltas, items)
     operation = OperationRecord("bake", [input_record(i.adapter, i.weight) for i in items], {"base": base.name})
-    written = {"tool": f"lorareg {__version__}", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")}
+    written = {"tool": TOOL, "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")}
     record = operation.completed(written).to_dict(with_paths=False)
     if model.kind == "checkpoint":
-        plan = {base: checkpoint_slots(read_header(base))}
+        plan = {base: checkpoint_slots(read_header(base), vectors=True)}
     else:
-        plan = {f: diffusers_slots(component, read_header(f))
+        plan = {f: diffusers_slots(component, read_header(f), vectors=True)
                 for component, folder in component_folders(base) for f in weight_files(folder)}
     plan = {f: {k: s for k, s in slots.items() if k in deltas} for f, slots in plan.items()}
     total = sum(len(s) for s in plan.values())
@@ -78,7 +89,8 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
     else:
         files = _bake_folder(base, output, plan, deltas, record, counter)
     layers = len({(s.file, s.name) for slots in plan.values() for s in slots.values()})
-    return BakeResult(output, model.kind, files, layers, len(deltas))
+    modules = len({key.split(":", 1)[0] for key in deltas})
+    return BakeResult(output, model.kind, files, layers, modules)
 
 
 class _Counter:
@@ -109,27 +121,39 @@ def _check_output(model: ModelWeights, output: Path, force: bool) -> None:
 
 
 def _fused_modules(items: list[WeightedAdapter]) -> dict[str, list[tuple[object, float]]]:
-    """For each adapted layer, the (module, weight) pairs to add."""
+    """For each base tensor to change, the (module, weight) pairs to add: a layer's weight matrix by
+    its key, a bias or a norm layer's weight by :func:`vector_key`."""
     deltas: dict[str, list] = defaultdict(list)
     for item in items:
         if item.weight == 0:
             continue
         for key, module in item.adapter.modules.items():
-            deltas[key].append((module, item.weight))
+            if module.is_matrix:
+                deltas[key].append((module, item.weight))
+            elif module.delta() is not None:
+                deltas[vector_key(key, "weight")].append((module, item.weight))
+            if module.bias_delta() is not None:
+                deltas[vector_key(key, "bias")].append((module, item.weight))
     return dict(deltas)
 
 
 def _check_fits(model: ModelWeights, deltas: dict, items: list[WeightedAdapter]) -> None:
     missing = [k for k in deltas if k not in model.slots]
     if missing:
-        owner = next(i.name for i in items if missing[0] in i.adapter.modules)
+        layer = missing[0].split(":", 1)[0]
+        owner = next(i.name for i in items if layer in i.adapter.modules)
         raise MismatchError(f"{len(missing)} layer(s) adapted by the LoRAs are not in {model.path.name}, "
                             f"e.g. {missing[0]} (from {owner})",
                             "The adapter was made for a different base model architecture")
     for key, parts in deltas.items():
         module = parts[0][0]
         slot = model.slots[key]
-        if _flat(slot.shape) != _flat(module.weight_shape):
+        if ":" in key:
+            width = module.bias_delta().numel() if key.endswith(":bias") else module.delta().numel()
+            if _flat(slot.shape) != (width, 1):
+                raise MismatchError(f"{key} has {list(slot.shape)} values in {model.path.name} but the adapter changes "
+                                    f"{width}", "The adapter was made for a different base model")
+        elif _flat(slot.shape) != _flat(module.weight_shape):
             raise MismatchError(f"{key} is {list(slot.shape)} in {model.path.name} but the adapter changes a "
                                 f"{list(module.weight_shape)} weight", "The adapter was made for a different base model")
 
@@ -141,11 +165,29 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], rest
 
 
-def layer_delta(parts: list[tuple[object, float]]) -> torch.Tensor:
-    """``Σ w_i · scale_i · up_i @ down_i`` in float32 as a matrix ``[out, in·kh·kw]`` (one product)."""
-    factors = [(*module.factors(torch.float32), weight * module.scale) for module, weight in parts]
-    up, down = concatenate(factors, torch.float32)
-    return up @ down
+def layer_delta(parts: list[tuple[object, float]], base: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ w_i · ΔW_i`` in float32 as a matrix ``[out, in·kh·kw]``: the modules with an exact low-rank
+    form in one product, the others (full differences; DoRA, from ``base``, the layer's weight) added densely."""
+    factors = []
+    total = None
+    for module, weight in parts:
+        form = module.low_rank(torch.float32)
+        if form is not None:
+            up, down, coefficient = form
+            factors.append((up, down, weight * coefficient))
+        else:
+            dense = weight * module.delta(torch.float32, base).reshape(module.out_features, -1)
+            total = dense if total is None else total + dense
+    if factors:
+        up, down = concatenate(factors, torch.float32)
+        total = up @ down if total is None else total + up @ down
+    return total
+
+
+def vector_delta(key: str, parts: list[tuple[object, float]]) -> torch.Tensor:
+    """``Σ w_i · Δb_i`` (``key`` ends in ``:bias``) or ``Σ w_i · Δw_i`` of a norm layer's weight, in float32."""
+    pick = (lambda m: m.bias_delta(torch.float32)) if key.endswith(":bias") else (lambda m: m.delta(torch.float32))
+    return sum(weight * pick(module) for module, weight in parts)
 
 
 def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict, counter: _Counter) -> None:
@@ -154,11 +196,18 @@ def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict
         by_tensor[slot.name].append((key, slot))
     for name, entries in by_tensor.items():
         stored = tensors[name]
-        weight = stored.to(torch.float32)
+        changes = []  # every delta of this tensor is computed against the unchanged weight (DoRA reads it)
         for key, slot in entries:
-            delta = layer_delta(deltas[key])
+            if ":" in key:
+                delta = vector_delta(key, deltas[key])
+            else:
+                base = stored if slot.rows is None else stored[slot.rows[0]: slot.rows[1]]
+                delta = layer_delta(deltas[key], swap_halves(base) if slot.swap else base)
             if slot.swap:  # the file keeps this layer's halves in the original model's order
                 delta = swap_halves(delta)
+            changes.append((slot, delta))
+        weight = stored.to(torch.float32)
+        for slot, delta in changes:
             if slot.rows is None:
                 weight += delta.reshape(weight.shape)
             else:

@@ -1,8 +1,8 @@
 """The inputs of a composition: adapters with weights, loaded and checked to fit together.
 
-Every check runs before any output is computed or written: all inputs must be plain LoRAs (the
-loader refuses LoHa/LoKr with a clear message), of one architecture, and every module present in
-several inputs must adapt a layer of the same shape in each.
+Every check runs before any output is computed or written: all inputs must be adapters lorareg
+reads (any module kind, see :mod:`loralib.lycoris`), of one architecture, and every module present
+in several inputs must adapt a layer of the same shape in each.
 """
 
 from __future__ import annotations

@@ -15,19 +15,28 @@ Methods, per module:
 
 The output uses alpha = rank (scale 1) on every module, so its ``ΔW`` is exactly its factors'
 product and its alpha metadata is a whole number.
+
+Inputs may hold any module kind; the output is a plain LoRA. LoHa and LoKr modules take part through
+their exact low-rank forms (so ``concat`` stays exact); a module without one (a full-rank
+difference, or DoRA, whose ``ΔW`` needs the base model given as ``base``) makes that layer's sum
+dense, factorised by an SVD (full rank, exact up to rounding, when no rank is asked). Norm-layer
+and bias differences are left out, with a note: no LoRA holds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
-from ..errors import InvalidArgumentError, MismatchError
+from ..adapter import AdapterModule, LoraAdapter, LoraModule
+from ..errors import InvalidArgumentError, MismatchError, UnsupportedFormatError
+from ..lycoris.shapes import product
 from ..metadata import input_record
 from ..records import OperationRecord
 from ..vocabulary import MERGE_METHODS
+from .base_layers import BaseLayers, needing_base
 from .inputs import (
     AdapterLike,
     Progress,
@@ -42,6 +51,7 @@ from .inputs import (
 )
 from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, work_dtype
 from .parallel import map_modules
+from .plain import left_out_notes
 from .rank_rules import RankRule, rank_rule
 from .reduce import keeps_everything, reduce_dense, reduce_factors
 from .report import CompositionReport, ModuleReport
@@ -50,20 +60,22 @@ from .ties_dare import dare, module_seed, task_vectors, ties
 
 METHODS = MERGE_METHODS
 
-Part = tuple[LoraModule, float, int]  # module, weight, input position
+Part = tuple[AdapterModule, float, int]  # module, weight, input position
+Bases = dict[int, torch.Tensor | None]  # input position -> the base weight its module needs (DoRA)
 
 
 def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int | None = None, *,
           method: str = "concat", dynamic: str | None = None, max_rank: int | None = None,
           density: float | None = None, seed: int = 0, svd: str = "auto", dtype: torch.dtype | None = None,
-          progress: Progress | None = None) -> Composition:
+          base: str | Path | None = None, progress: Progress | None = None) -> Composition:
     """Merge weighted adapters (objects or paths) into one; see the module docstring for methods.
 
     ``rank`` truncates every module to at most that rank (best approximation); ``dynamic``
     (``sv_fro:0.95``, ``sv_ratio:N``, ``sv_cumulative:F``) chooses per module, capped by ``max_rank``.
     ``density`` and ``seed`` are TIES/DARE parameters; ``svd`` (``auto``, ``exact``,
     ``randomized``) how their dense deltas are factorised. ``dtype`` is the output's storage dtype
-    (default: the inputs' common dtype, else float32).
+    (default: the inputs' common dtype, else float32). ``base`` is the base model (a diffusers
+    folder or single-file checkpoint), needed only for DoRA inputs.
     """
     method = _check_method(method, density)
     if svd not in SVD_METHODS:
@@ -76,20 +88,27 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     dtype = dtype or common_dtype(i.adapter for i in items)
     report = CompositionReport("merge")
     keys = union_keys(items)
+    weighted = [item for item in items if item.weight != 0]
+    layers = BaseLayers.open(base, needing_base([(i.name, i.adapter.modules) for i in weighted]))
 
     def merge_one(key: str) -> tuple[LoraModule, ModuleReport] | None:
         parts = [(item.adapter.modules[key], item.weight, position) for position, item in enumerate(items)
-                 if key in item.adapter.modules and item.weight != 0]
+                 if key in item.adapter.modules and item.weight != 0 and item.adapter.modules[key].is_matrix]
         if not parts:
             return None
-        up, down, entry = _merge_module(key, parts, method, rule, density, seed, svd)
+        bases = {position: layers.weight(key, module) for module, _, position in parts}
+        up, down, entry = _merge_module(key, parts, method, rule, density, seed, svd, bases)
         return module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
 
     modules: dict[str, LoraModule] = {}
-    for key, merged in zip(keys, map_modules(merge_one, keys, progress)):
-        if merged is not None:
-            modules[key], report.modules[key] = merged
-    skipped = len(keys) - len(modules)
+    with layers:
+        for key, merged in zip(keys, map_modules(merge_one, keys, progress)):
+            if merged is not None:
+                modules[key], report.modules[key] = merged
+    for item in weighted:
+        report.notes += [f"{item.name}: {line}" for line in left_out_notes(item.adapter)]
+    skipped = sum(1 for key in keys if key not in modules
+                  and any(key in i.adapter.modules and i.adapter.modules[key].is_matrix for i in items))
     if skipped:
         report.notes.append(f"left out {skipped} module(s) that only inputs of weight 0 adapt")
     if not modules:
@@ -121,6 +140,11 @@ def _check_method(method: str, density: float | None) -> str:
 def _check_equal_ranks(items: Sequence[WeightedAdapter]) -> None:
     ranks: dict[str, tuple[int, str]] = {}
     for item in items:
+        if not item.adapter.is_plain:
+            raise UnsupportedFormatError(
+                f"the linear method sums LoRA factors, but {item.name} has modules of other kinds "
+                f"({', '.join(k for k in item.adapter.kinds if k != 'lora')})",
+                "Use the default exact method (concat), optionally with --rank")
         for key, module in item.adapter.modules.items():
             first = ranks.setdefault(key, (module.rank, item.name))
             if first[0] != module.rank:
@@ -140,16 +164,24 @@ def _params(rule: RankRule | None, density: float | None, seed: int, method: str
 
 
 def _merge_module(key: str, parts: Sequence[Part], method: str, rule: RankRule | None, density: float | None,
-                  seed: int, svd: str) -> tuple[torch.Tensor, torch.Tensor, ModuleReport]:
-    total_rank = sum(module.rank for module, _, _ in parts)
+                  seed: int, svd: str, bases: Bases) -> tuple[torch.Tensor, torch.Tensor, ModuleReport]:
+    dense = any(module.exact_rank is None for module, _, _ in parts)
+    first = parts[0][0]
+    full = min(first.out_features, product(first.weight_shape[1:]))
+    total_rank = sum(module.exact_rank or full for module, _, _ in parts)
     if method in ("ties", "dare"):
-        deltas = task_vectors([(module, weight) for module, weight, _ in parts])
+        deltas = task_vectors([(module, weight) for module, weight, _ in parts], [bases[p] for _, _, p in parts])
         if method == "ties":
             merged = ties(deltas, density)
         else:
             merged = dare(deltas, density, [module_seed(seed, key, position) for _, _, position in parts])
         return reduce_dense(merged, rule or RankRule("fixed", total_rank), svd=svd, seed=seed,
                             input_rank=total_rank)
+    if dense:  # a full-rank difference or DoRA: the weighted sum is a dense matrix
+        deltas = task_vectors([(module, weight) for module, weight, _ in parts], [bases[p] for _, _, p in parts])
+        merged = torch.stack(deltas).sum(dim=0)
+        return reduce_dense(merged, rule or RankRule("fixed", min(merged.shape)),
+                            svd="exact" if rule is None else svd, seed=seed, input_rank=min(merged.shape))
     if method == "concat":
         if keeps_everything(rule, total_rank):
             up, down = exact_factors(parts)
@@ -165,13 +197,18 @@ def _merge_module(key: str, parts: Sequence[Part], method: str, rule: RankRule |
                                   norm_ratio(up, down, exact_up, exact_down), error)
 
 
+def _dtype(parts: Sequence[Part]) -> torch.dtype:
+    return torch.float64 if any(module.dtype == torch.float64 for module, _, _ in parts) else torch.float32
+
+
 def exact_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of the exact weighted sum ``Σ w_i · scale_i · up_i @ down_i``: concatenated, each block balanced."""
-    dtype = work_dtype(*(t for module, _, _ in parts for t in (module.up, module.down)))
+    """Factors of the exact weighted sum ``Σ w_i · ΔW_i``: each module's exact low-rank form (LoRA,
+    LoHa, LoKr), concatenated, each block balanced."""
+    dtype = _dtype(parts)
     ups, downs = [], []
     for module, weight, _ in parts:
-        up, down = module.factors(dtype)
-        up, down = balance(up, down, weight * module.scale)
+        up, down, coefficient = module.low_rank(dtype)
+        up, down = balance(up, down, weight * coefficient)
         ups.append(up)
         downs.append(down)
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
@@ -179,10 +216,10 @@ def exact_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def stacked_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(up, down, scale)`` with ``up @ diag(scale) @ down`` the exact weighted sum (no scaling pass)."""
-    dtype = work_dtype(*(t for module, _, _ in parts for t in (module.up, module.down)))
-    factors = [module.factors(dtype) for module, _, _ in parts]
-    scale = torch.cat([torch.full((module.rank,), weight * module.scale, dtype=torch.float64)
-                       for module, weight, _ in parts])
+    dtype = _dtype(parts)
+    factors = [module.low_rank(dtype) for module, _, _ in parts]
+    scale = torch.cat([torch.full((f[0].shape[1],), weight * f[2], dtype=torch.float64)
+                       for f, (_, weight, _) in zip(factors, parts)])
     return torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors], dim=0), scale
 
 

@@ -20,9 +20,11 @@ weights hold several diffusers layers as blocks of rows and whose final modulati
 halves swapped (:mod:`loralib.naming.flux`, :mod:`loralib.naming.sd3`); text encoders bundled as
 ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.…``.
 
-Only Linear and Conv2d weights are addressed (the layers a LoRA can adapt; embeddings such as
-T5's ``shared`` and relative attention biases are not). Nothing here loads a tensor until asked,
-and reading one layer reads only its bytes.
+Linear and Conv2d weights are addressed by layer key (the layers a LoRA can adapt; embeddings such
+as T5's ``shared`` and relative attention biases are not); with ``vectors=True`` also biases and
+norm-layer weights, as :func:`vector_key` ``(layer, "bias")`` (what full-rank and norm
+differences change; not OpenCLIP's, nor the norms of Flux/SD3 single files). Nothing here loads a
+tensor until asked, and reading one layer reads only its bytes.
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ class Slot:
     swap: bool = False  # stored with the two halves of its rows exchanged (BFL/SAI final modulation)
 
 
+def vector_key(key: str, parameter: str) -> str:
+    """The slot key of a layer's bias (``parameter="bias"``) or a norm layer's 1-D weight (``"weight"``)."""
+    return f"{key}:{parameter}"
+
+
+def _vector(name: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """``(path, parameter)`` of a bias or a 1-D weight, else None."""
+    for parameter in ("bias", "weight"):
+        if name.endswith("." + parameter) and (parameter == "bias" or len(shape) == 1):
+            return name[: -len(parameter) - 1], parameter
+    return None
+
+
 def layer_shape(shape: tuple[int, ...]) -> LayerShape:
     """The :class:`LayerShape` of a stored Linear or Conv2d weight."""
     if len(shape) == 4:
@@ -90,10 +105,16 @@ def _text_key(component: str, path: str) -> str | None:
     return internal_key(component, path)
 
 
-def diffusers_slots(component: str, header: SafetensorsHeader) -> dict[str, Slot]:
-    """The adaptable layers in one weight file of a diffusers component folder."""
+def diffusers_slots(component: str, header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers in one weight file of a diffusers component folder (and their vectors)."""
     slots = {}
     for name, info in header.tensors.items():
+        if vectors and (found := _vector(name, tuple(info.shape))):
+            path, parameter = found
+            key = f"{component}.{path}" if component in DENOISERS else _text_key(component, path)
+            if key is not None:
+                slots[vector_key(key, parameter)] = Slot(header.path, name, tuple(info.shape), info.dtype)
+            continue
         if not name.endswith(".weight") or len(info.shape) not in ((2, 4) if component in DENOISERS else (2,)):
             continue
         path = name[: -len(".weight")]
@@ -130,8 +151,9 @@ def is_native_transformer(names: list[str]) -> bool:
     return any(_NATIVE_ROOT.match(n) for n in names)
 
 
-def native_slots(header: SafetensorsHeader) -> dict[str, Slot]:
-    """The adaptable layers of a Flux.1 or SD3 single file (original names, bundled text encoders)."""
+def native_slots(header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers of a Flux.1 or SD3 single file (original names, bundled text encoders),
+    and with ``vectors`` the biases of the transformer's layers (a fused layer's as blocks of rows)."""
     from ..formats.comfyui import text_component
     from ..naming.flux import FLUX_MAP
     from ..naming.sd3 import SD3_MAP
@@ -148,28 +170,46 @@ def native_slots(header: SafetensorsHeader) -> dict[str, Slot]:
             if key is not None:
                 slots[key] = Slot(header.path, name, shape, dtype)
             continue
-        if not name.endswith(".weight") or len(shape) not in (2, 4):
+        bias = vectors and name.endswith(".bias") and len(shape) == 1
+        if not bias and (not name.endswith(".weight") or len(shape) not in (2, 4)):
             continue
-        path = name.removeprefix(UNET_PREFIX)[: -len(".weight")]
-        target = native_map.to_target(path, (shape[0], shape[1]))
+        path = name.removeprefix(UNET_PREFIX).rsplit(".", 1)[0]
+        weight = header.tensors.get(name.rsplit(".", 1)[0] + ".weight") if bias else info
+        if weight is None or len(weight.shape) < 2:
+            continue
+        target = native_map.to_target(path, (weight.shape[0], weight.shape[1]))
         if target is None:
             continue
-        ranges = target.rows(shape[0], shape[1])
+        ranges = target.rows(weight.shape[0], weight.shape[1])
         for key, rows in zip(target.keys, ranges or ()):
             part = (rows[1] - rows[0], *shape[1:])
-            slots[key] = Slot(header.path, name, part, dtype, rows if target.fused else None, target.swap)
+            slot_key = vector_key(key, "bias") if bias else key
+            slots[slot_key] = Slot(header.path, name, part, dtype, rows if target.fused else None, target.swap)
     return slots
 
 
-def checkpoint_slots(header: SafetensorsHeader) -> dict[str, Slot]:
-    """The adaptable layers of a single-file checkpoint in the original layout."""
+def checkpoint_slots(header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers of a single-file checkpoint in the original layout (and their vectors;
+    OpenCLIP's are not addressed)."""
     names = list(header.tensors)
     if is_native_transformer(names):
-        return native_slots(header)
+        return native_slots(header, vectors)
     layout = infer_layout(names)
     slots: dict[str, Slot] = {}
     for name, info in header.tensors.items():
         shape, dtype = tuple(info.shape), info.dtype
+        if vectors and (found := _vector(name, shape)):
+            path, parameter = found
+            key = None
+            if name.startswith(UNET_PREFIX):
+                mapped = sgm_to_diffusers(f"{path[len(UNET_PREFIX):]}.weight", layout)
+                key = f"{UNET}.{mapped[: -len('.weight')]}" if mapped else None
+            for prefix, component in CLIP_PREFIXES.items():
+                if path.startswith(prefix):
+                    key = _text_key(component, path[len(prefix):])
+            if key is not None:
+                slots[vector_key(key, parameter)] = Slot(header.path, name, shape, dtype)
+            continue
         if name.startswith(UNET_PREFIX) and name.endswith(".weight") and len(shape) in (2, 4):
             path = sgm_to_diffusers(name[len(UNET_PREFIX):], layout)
             if path is not None:
@@ -220,13 +260,13 @@ class ModelWeights:
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> ModelWeights:
-        """Index the model at ``path`` from its file headers."""
+    def open(cls, path: str | Path, vectors: bool = False) -> ModelWeights:
+        """Index the model at ``path`` from its file headers (``vectors``: biases and norm weights too)."""
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"{path} does not exist", "Check the path")
         if path.is_dir():
-            return cls(path, "diffusers", _diffusers_folder_slots(path))
+            return cls(path, "diffusers", _diffusers_folder_slots(path, vectors))
         if is_pickle(path):
             raise UnsafeFileError(f"{path.name} is a pickle checkpoint; reading it would run code stored in it",
                                   "Convert it to .safetensors first")
@@ -238,7 +278,7 @@ class ModelWeights:
                                     "Give a checkpoint or a diffusers folder as the base model")
             raise NotALoraError(f"{path.name} is not a model checkpoint: it has no '{UNET_PREFIX}' weights and no "
                                 "Flux.1 or SD3 transformer blocks", "Give a single-file checkpoint or a diffusers folder")
-        return cls(path, "checkpoint", checkpoint_slots(header))
+        return cls(path, "checkpoint", checkpoint_slots(header, vectors))
 
     @property
     def family(self) -> str | None:
@@ -316,7 +356,7 @@ def is_transformer_folder(path: Path) -> bool:
         return False
 
 
-def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
+def _diffusers_folder_slots(path: Path, vectors: bool = False) -> dict[str, Slot]:
     folders = list(component_folders(path))
     if not folders:
         raise InputNotFoundError(f"{path} is not a diffusers model folder: it has no unet/, transformer/ or "
@@ -333,7 +373,7 @@ def _diffusers_folder_slots(path: Path) -> dict[str, Slot]:
         for file in files:
             header = read_header(file)
             header.require_complete()
-            slots.update(diffusers_slots(component, header))
+            slots.update(diffusers_slots(component, header, vectors))
     return slots
 
 

@@ -9,11 +9,13 @@ picks exactly the rank the spectrum dictates. ``max_rank`` caps any of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgumentError
 from ..vocabulary import DYNAMIC_RULES
+
+if TYPE_CHECKING:  # the rules are checked without torch (the command line does it first)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class RankRule:
 
 def _first_reaching(fractions: torch.Tensor, target: float) -> int:
     """The smallest k with ``fractions[k-1] ≥ target`` (all of them when round-off keeps it short)."""
+    import torch
+
     reached = torch.nonzero(fractions >= target)
     return int(reached[0]) + 1 if reached.numel() else int(fractions.numel())
 

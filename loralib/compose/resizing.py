@@ -1,34 +1,38 @@
 """Reduce an adapter's rank: ``resize(adapter, rank=16)`` or ``resize(adapter, dynamic="sv_fro:0.95")``.
 
 Each module is replaced by the best approximation of its ``ΔW`` at the chosen rank, computed
-exactly from the factors (:func:`loralib.compose.lowrank.product_svd`; no dense ``m × n`` matrix). A module already at or below a fixed
-target rank is kept as it is, bit for bit.
+exactly from the factors (:func:`loralib.compose.lowrank.product_svd`; no dense ``m × n`` matrix).
+A LoRA module already at or below a fixed target rank is kept as it is, bit for bit. LyCORIS and
+DoRA modules become plain LoRA modules the same way :func:`loralib.compose.plain.to_lora` makes
+them (DoRA needs ``base``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
+from ..adapter import LoraAdapter
 from ..errors import InvalidArgumentError
 from ..metadata import input_record
 from ..records import OperationRecord
-from .inputs import AdapterLike, Progress, load, module_from_factors, output_shape
-from .lowrank import work_dtype
-from .parallel import map_modules
+from .base_layers import BaseLayers, needing_base
+from .inputs import AdapterLike, Progress, load
+from .plain import plain_modules
 from .rank_rules import rank_rule
-from .reduce import keeps_everything, reduce_factors
-from .report import CompositionReport, ModuleReport
+from .report import CompositionReport
 from .result import Composition, storage_bytes
 
 
 def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None = None,
-           max_rank: int | None = None, dtype: torch.dtype | None = None,
+           max_rank: int | None = None, dtype: torch.dtype | None = None, base: str | Path | None = None,
            progress: Progress | None = None) -> Composition:
     """Resize every module to ``rank``, or to the rank a dynamic rule picks (capped by ``max_rank``).
 
     ``dtype`` is the output's storage dtype (default: the input's). CP-decomposed conv modules
     that are reduced lose their ``mid`` (it is folded into ``down``; ``ΔW`` is what counts).
+    ``base`` is the base model, needed only for DoRA modules.
     """
     rule = rank_rule(rank, dynamic, max_rank)
     if rule is None:
@@ -37,18 +41,11 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
     source = load(adapter)
     dtype = dtype or source.dtype or torch.float32
     report = CompositionReport("resize")
-
-    def resize_one(module: LoraModule) -> tuple[LoraModule, ModuleReport]:
-        if keeps_everything(rule, module.rank):
-            return module.to(dtype), ModuleReport(module.rank, module.rank)
-        up, down = module.factors(work_dtype(module.up, module.down))
-        up, down, entry = reduce_factors(up, down, rule, torch.full((module.rank,), module.scale))
-        return module_from_factors(up, down, output_shape([module]), dtype), entry
-
-    modules: dict[str, LoraModule] = {}
-    for key, (module, entry) in zip(source.modules, map_modules(resize_one, list(source.modules.values()), progress)):
-        modules[key], report.modules[key] = module, entry
-    unchanged = sum(1 for k, e in report.modules.items() if e.rank == source.modules[k].rank)
+    name = source.source_path.name if source.source_path else "the adapter"
+    with BaseLayers.open(base, needing_base([(name, source.modules)])) as layers:
+        modules = plain_modules(source, rule, layers, report, dtype=dtype, progress=progress)
+    unchanged = sum(1 for k, e in report.modules.items()
+                    if source.modules[k].kind == "lora" and e.rank == source.modules[k].rank)
     if unchanged:
         report.notes.append(f"{unchanged} of {len(modules)} module(s) kept their rank")
     result = LoraAdapter(modules, source.architecture, source.source_format, dict(source.metadata),

@@ -43,5 +43,4 @@ class Composition:
 
 def storage_bytes(adapter: LoraAdapter) -> int:
     """Bytes the adapter's factors occupy in their dtype (the tensor data of the written file)."""
-    return sum(t.numel() * t.element_size() for m in adapter.modules.values()
-               for t in (m.down, m.up, m.mid) if t is not None)
+    return sum(m.nbytes for m in adapter.modules.values())

@@ -22,15 +22,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapter import LoraModule
+from ..adapter import AdapterModule
 
 
-def task_vectors(parts: Sequence[tuple[LoraModule, float]]) -> list[torch.Tensor]:
-    """``w_i · scale_i · up_i @ down_i`` for each input, as float32 matrices ``[out, in·kh·kw]``."""
+def task_vectors(parts: Sequence[tuple[AdapterModule, float]],
+                 bases: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """``w_i · ΔW_i`` for each input, as float32 matrices ``[out, in·kh·kw]`` (any module kind; a DoRA
+    module needs its layer's base weight in ``bases``)."""
     vectors = []
-    for module, weight in parts:
-        up, down = module.factors(torch.float32)
-        vectors.append((weight * module.scale) * (up @ down))
+    for i, (module, weight) in enumerate(parts):
+        if module.kind == "lora":
+            up, down = module.factors(torch.float32)
+            vectors.append((weight * module.scale) * (up @ down))
+        else:
+            base = bases[i] if bases is not None else None
+            vectors.append(weight * module.delta(torch.float32, base).reshape(module.out_features, -1))
     return vectors
 
 

@@ -6,19 +6,28 @@
   (``a1111``); Civitai calls it AutoV3. It does not change when only metadata changes.
 - ``legacy``: first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (kohya's
   ``sshs_legacy_hash``, A1111's old model hash, Civitai's AutoV1).
+- ``identity``: lorareg's own identity of the content as stored: the SHA-256 of the tensor index
+  (every tensor's name, dtype, shape and byte range, sorted by name) and of the tensor data,
+  metadata left out. Editing metadata keeps it; renaming keys (a conversion) or changing dtypes
+  changes it. For an adapter made of several files (a PEFT folder),
+  :func:`folder_identity` combines the files' identities.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .header import read_header
+
+if TYPE_CHECKING:
+    from .header import SafetensorsHeader
 
 _CHUNK = 8 * 1024 * 1024
 LEGACY_OFFSET = 0x100000
@@ -32,6 +41,7 @@ class FileHashes:
     sha256: str
     tensor_sha256: str
     legacy: str
+    identity: str | None = None  # of the content as stored (see the module docstring); None without a header
 
     @property
     def autov2(self) -> str:
@@ -49,15 +59,53 @@ class FileHashes:
         return self.tensor_sha256[:12]
 
     def to_dict(self) -> dict[str, str]:
-        """All hashes by name, for JSON output and the catalog."""
-        return {**asdict(self), "autov2": self.autov2, "autov3": self.autov3, "a1111": self.a1111}
+        """All hashes by name, for JSON output and the catalog (``identity`` only when known)."""
+        data = {**asdict(self), "autov2": self.autov2, "autov3": self.autov3, "a1111": self.a1111}
+        if data["identity"] is None:
+            del data["identity"]
+        return data
+
+
+IDENTITY_VERSION = b"lorareg-identity/1"
+
+
+def tensor_index(header: SafetensorsHeader) -> bytes:
+    """The canonical bytes of a file's tensor index: name, dtype, shape and byte range of every
+    tensor, sorted by name (metadata and the header's own spelling left out)."""
+    rows = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in sorted(header.tensors.values(), key=lambda t: t.name)]
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def content_identity(header: SafetensorsHeader, tensor_sha256: str) -> str:
+    """The identity of a file's content as stored: SHA-256 over its tensor index and the SHA-256 of
+    its tensor data. The byte ranges in the index tie every name to its bytes, so two files have the
+    same identity exactly when they hold the same tensors under the same names, dtypes and shapes."""
+    digest = hashlib.sha256(IDENTITY_VERSION + b"\n")
+    digest.update(tensor_index(header))
+    digest.update(b"\n" + tensor_sha256.encode("ascii"))
+    return digest.hexdigest()
+
+
+def folder_identity(parts: Iterable[tuple[str, str]]) -> str:
+    """The identity of an adapter stored as several files: ``parts`` are (path relative to the
+    adapter's folder, the file's identity). One file is its own identity."""
+    items = sorted(parts)
+    if len(items) == 1:
+        return items[0][1]
+    payload = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(IDENTITY_VERSION + b" folder\n" + payload).hexdigest()
 
 
 class StreamHasher:
-    """Computes :class:`FileHashes` from a file's bytes fed in order, in one pass."""
+    """Computes :class:`FileHashes` from a file's bytes fed in order, in one pass.
 
-    def __init__(self, data_start: int) -> None:
+    With the file's parsed ``header`` the result includes its identity (the index comes from the
+    header, so no byte is read twice).
+    """
+
+    def __init__(self, data_start: int, header: SafetensorsHeader | None = None) -> None:
         self.data_start = data_start
+        self.header = header
         self.position = 0
         self._whole, self._data, self._legacy = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
 
@@ -75,7 +123,9 @@ class StreamHasher:
 
     def result(self) -> FileHashes:
         """The hashes of everything fed so far."""
-        return FileHashes(self._whole.hexdigest(), self._data.hexdigest(), self._legacy.hexdigest()[:8])
+        tensor_sha256 = self._data.hexdigest()
+        identity = content_identity(self.header, tensor_sha256) if self.header is not None else None
+        return FileHashes(self._whole.hexdigest(), tensor_sha256, self._legacy.hexdigest()[:8], identity)
 
 
 def tensor_data_sha256(path: str | os.PathLike, data_start: int) -> str:
@@ -118,6 +168,10 @@ class Deferred:
         deferred._value = value
         return deferred
 
+    def then(self, fn: Callable[[Any], Any]) -> Deferred:
+        """A deferred value computed from this one by ``fn`` (no thread of its own; same ``done``)."""
+        return _Derived(self, fn)
+
     def _run(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
             self._value = fn(*args)
@@ -138,13 +192,64 @@ class Deferred:
         return self._value
 
 
-def hash_file(path: str | os.PathLike, data_start: int | None = None) -> FileHashes:
-    """Compute every hash of a safetensors file in one pass over its bytes."""
+class _Derived(Deferred):
+    """A :class:`Deferred` whose value is a function of another one's."""
+
+    def __init__(self, parent: Deferred, fn: Callable[[Any], Any]) -> None:
+        super().__init__(None)
+        self._parent, self._fn = parent, fn
+
+    @property
+    def done(self) -> bool:
+        return self._parent.done
+
+    def result(self) -> Any:
+        return self._fn(self._parent.result())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of any file's bytes (no header needed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_file(path: str | os.PathLike, data_start: int | None = None, *,
+              header: SafetensorsHeader | None = None) -> FileHashes:
+    """Compute every hash of a safetensors file, identity included, in one pass over its bytes.
+
+    ``header`` (the file's parsed header) saves reading it again; ``data_start`` alone gives the
+    hashes without the identity.
+    """
     path = Path(path)
-    if data_start is None:
-        data_start = read_header(path).data_start
-    hasher = StreamHasher(data_start)
+    if header is None and data_start is None:
+        header = read_header(path)
+    if header is not None:
+        data_start = header.data_start
+    hasher = StreamHasher(data_start, header)
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_CHUNK):
             hasher.update(chunk)
+    return hasher.result()
+
+
+def hash_adapter_files(headers: list[SafetensorsHeader]) -> FileHashes:
+    """The hashes of an adapter's files: the first (main) file's, with the whole adapter's identity
+    (:func:`folder_identity` over every file, relative to their common folder)."""
+    hashes = [hash_file(h.path, header=h) for h in headers]
+    if len(hashes) == 1:
+        return hashes[0]
+    root = os.path.commonpath([str(h.path) for h in headers])
+    identity = folder_identity((Path(h.path).relative_to(root).as_posix(), x.identity) for h, x in zip(headers, hashes))
+    main = hashes[0]
+    return FileHashes(main.sha256, main.tensor_sha256, main.legacy, identity)
+
+
+def hash_mapped(view: memoryview, header: SafetensorsHeader) -> FileHashes:
+    """Every hash of a file whose bytes are ``view`` (a memory map), in one pass."""
+    hasher = StreamHasher(header.data_start, header)
+    for start in range(0, len(view), _CHUNK):
+        hasher.update(view[start:start + _CHUNK])
     return hasher.result()

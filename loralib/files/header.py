@@ -146,6 +146,12 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             what = "empty" if file_size == 0 else f"only {file_size} bytes long"
             raise CorruptFileError(f"{name} is {what}, not a safetensors file")
         (header_size,) = struct.unpack("<Q", prefix)
+        kind = _pickle_kind(prefix)
+        if kind is not None:
+            raise CorruptFileError(
+                f"{name} is a PyTorch pickle file ({kind}), not a safetensors file, whatever its name says",
+                "Rename it to .ckpt; reading it would run code stored in it, so only convert it "
+                "(with --allow-pickle) if you trust its source")
         if header_size > MAX_HEADER_BYTES:
             raise CorruptFileError(
                 f"{name} is not a valid safetensors file: it declares a {_size(header_size)} header "
@@ -172,6 +178,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     tensors = {key: _parse_tensor(key, entry, name) for key, entry in parsed.items()}
     _check_layout(tensors, name)
     return SafetensorsHeader(path, header_size, file_size, tensors, metadata)
+
+
+def _pickle_kind(prefix: bytes) -> str | None:
+    """What a file starting with ``prefix`` is when it is a PyTorch file: torch.save's zip archive, or a bare pickle."""
+    if prefix.startswith(b"PK\x03\x04"):
+        return "a zip archive, as torch.save writes"
+    if prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return f"a pickle, protocol {prefix[1]}"
+    return None
 
 
 def _parse_json(raw: bytes):

@@ -1,8 +1,8 @@
 """Reading any supported adapter file into a :class:`~loralib.adapter.LoraAdapter`, and writing one.
 
-The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, PEFT, diffusers
-in every generation, cloneofsimo, ComfyUI/BFL, OneTrainer's INTERNAL and ORIGINAL spellings,
-OMI, XLabs); :mod:`~loralib.formats.layout` knows which files make up an adapter,
+The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, LyCORIS, PEFT,
+diffusers in every generation, cloneofsimo, ComfyUI/BFL, OneTrainer's INTERNAL and ORIGINAL
+spellings, OMI, XLabs); :mod:`~loralib.formats.layout` knows which files make up an adapter,
 :mod:`~loralib.formats.detect` which format a file is in, and :mod:`~loralib.formats.fusing`
 splits and fuses the layers some spellings fuse (Flux's and SD3's ``qkv``). Everything else that
 looks like a model file is named precisely in the error.
@@ -51,23 +51,24 @@ def identify_inputs(inputs: Inputs) -> Kind:
 
 
 def refuse(kind: Kind, name: str) -> None:
-    """Raise the error for a recognised file that is not a plain LoRA."""
+    """Raise the error for a recognised file that lorareg does not read as an adapter."""
     if not kind.is_adapter:
         raise NotALoraError(f"{name} is not a LoRA adapter: it is a {kind.title}")
-    raise UnsupportedFormatError(f"{name} is a {kind.title}, not a plain LoRA",
-                                 "This operation needs plain low-rank factors (down/up); inspect still works")
+    raise UnsupportedFormatError(
+        f"{name} is a {kind.title}, which lorareg recognises but cannot apply or convert",
+        "lorareg reads LoRA, LoCon, LoHa, LoKr, full-rank and norm differences and DoRA; inspect still works")
 
 
 def index_inputs(inputs: Inputs, kind: Kind) -> AdapterIndex:
-    """Index plain-LoRA inputs of a known kind (headers only)."""
-    fmt = for_kind(kind) if kind.plain_lora else None
+    """Index the inputs of a known kind (headers only)."""
+    fmt = for_kind(kind)
     if fmt is None:
         refuse(kind, inputs.path.name)
     return fmt.read(inputs)
 
 
 def index_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterIndex:
-    """Index the plain LoRA adapter at ``path`` from its headers, without loading tensors."""
+    """Index the adapter at ``path`` from its headers, without loading tensors."""
     inputs = open_inputs(path, allow_pickle=allow_pickle)
     return index_inputs(inputs, identify_inputs(inputs))
 
@@ -75,31 +76,29 @@ def index_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterInd
 def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format.
 
-    The SHA-256 of the main file's tensor data (the adapter's identity in operation records) is
-    computed in a background thread while the tensors load.
+    The hashes of its files (its identity and tensor hash, which operation records name it by)
+    are computed in a background thread while the tensors load.
     """
-    from ..adapter import LoraAdapter, LoraModule
+    from ..adapter import LoraAdapter
     from ..compose.parallel import single_threaded_torch
-    from ..files.hashes import Deferred, tensor_data_sha256
-    from .fusing import split, swap_halves
+    from ..files.hashes import Deferred, hash_adapter_files
+    from .fusing import split
 
     index = index_adapter(path, allow_pickle=allow_pickle)
-    main = index.sources[0]
-    identity = Deferred(tensor_data_sha256, main.path, main.header.data_start) if main.header else None
+    headers = [s.header for s in index.sources]
+    identity = Deferred(hash_adapter_files, headers) if all(h is not None for h in headers) else None
     tensors = {}
     for source in index.sources:
-        wanted = [n for e in index.modules.values() if e.source is source for n in (e.down, e.up, e.mid) if n]
+        wanted = [n for e in index.modules.values() if e.source is source for n in e.tensor_names()]
         wanted += [n for s, n in index.embeddings.values() if s is source]
         tensors[id(source)] = source.load(list(dict.fromkeys(wanted)))
     modules = {}
     fused: dict[tuple[int, str], list] = {}
     for key, e in index.modules.items():
-        loaded = tensors[id(e.source)]
         if e.rows is not None:
             fused.setdefault((id(e.source), e.up), []).append(e)
-            continue
-        up = swap_halves(loaded[e.up]) if e.swap else loaded[e.up]
-        modules[key] = LoraModule(loaded[e.down], up, e.effective_alpha, loaded[e.mid] if e.mid else None)
+        else:
+            modules[key] = e.build(tensors[id(e.source)])
     with single_threaded_torch():  # small memory-bound work; torch's threads only wait on each other
         for entries in fused.values():
             first = entries[0]
@@ -145,11 +144,31 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
                 f"{fmt.name} format cannot hold",
                 "Write kohya format (A1111 reads them as bundled embeddings), or pass --drop-embeddings to leave them out")
         notes.append(f"left out textual-inversion tokens: {', '.join(adapter.embeddings)}")
-    if not fmt.holds_cp_mid and any(m.mid is not None for m in adapter.modules.values()):
+    refuse_kinds(adapter, fmt)
+    if not fmt.holds_cp_mid and any(getattr(m, "mid", None) is not None for m in adapter.modules.values()):
         notes.append("folded CP-decomposed conv factors (lora_mid) into lora_down; ΔW is unchanged")
     if fused_rank is not None and fused_rank < 1:
         raise InvalidArgumentError(f"the rank of fused layers must be at least 1, not {fused_rank}")
     return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, fused_rank))
+
+
+def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
+    """Raise when ``adapter`` has module kinds that ``fmt`` cannot store (LoHa in PEFT, …)."""
+    kinds = dict(adapter.kinds)
+    biased = sum(1 for m in adapter.modules.values() if m.kind != "full" and m.bias_delta() is not None)
+    if biased:
+        kinds["bias"] = biased
+    foreign = {kind: count for kind, count in kinds.items() if kind not in fmt.holds_kinds}
+    if not foreign:
+        return
+    from ..lycoris import KIND_TITLES
+
+    titles = {**KIND_TITLES, "bias": "bias difference (diff_b)"}
+    named = ", ".join(f"{count} {titles[kind]}" for kind, count in foreign.items())
+    raise UnsupportedFormatError(
+        f"the {fmt.name} format cannot hold the adapter's {named} module(s)",
+        "Write kohya format (LyCORIS keys, which ComfyUI, A1111 and Forge load), or make a plain LoRA with "
+        "convert --plain or --rank N")
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +27,7 @@ from .source import TensorSource
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import LoraAdapter
+    from ..adapter import AdapterModule, LoraAdapter
     from ..records import OperationRecord
 
 
@@ -128,6 +128,7 @@ class Format:
     writes_folder: bool = False  # the output path names a folder
     holds_embeddings: bool = False  # can carry textual-inversion tokens
     holds_cp_mid: bool = False  # can store CP-decomposed conv factors (lora_mid) as they are
+    holds_kinds: frozenset[str] = frozenset({"lora"})  # module kinds it can store (see loralib.lycoris)
 
     @property
     def kinds(self) -> tuple[Kind, ...]:
@@ -137,7 +138,13 @@ class Format:
 
 @dataclass
 class ModuleEntry:
-    """Where one module's factors are stored, and its alpha (kohya convention: scale = alpha / rank)."""
+    """Where one module's factors are stored, and its alpha (kohya convention: scale = alpha / rank).
+
+    A DoRA module is a LoRA entry with a ``magnitude`` tensor, whose ``magnitude_style`` (``peft``
+    or ``lycoris``) says how it is laid out. Other kinds (LyCORIS LoHa, LoKr, …) are subclasses
+    (:mod:`loralib.formats.lycoris`) that override the shape properties, :meth:`tensor_names` and
+    :meth:`build`.
+    """
 
     key: str
     source: TensorSource
@@ -145,8 +152,39 @@ class ModuleEntry:
     up: str
     alpha: float | None = None  # None: alpha equals the rank
     mid: str | None = None
+    magnitude: str | None = None  # DoRA: peft's lora_magnitude_vector or LyCORIS' dora_scale
+    magnitude_style: str = "peft"
+    bias: str | None = None  # a bias difference stored beside the factors (diff_b)
     rows: tuple[int, int] | None = None  # this module's rows of a fused layer's ``up`` (split on loading)
     swap: bool = False  # the file stores the two halves of the rows exchanged (shift/scale order)
+
+    @property
+    def kind(self) -> str:
+        """The module kind: ``lora``, or ``dora`` with a magnitude."""
+        return "lora" if self.magnitude is None else "dora"
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor the module is built from."""
+        return [n for n in (self.down, self.up, self.mid, self.magnitude, self.bias) if n]
+
+    def build(self, tensors: Mapping[str, torch.Tensor]) -> AdapterModule:
+        """The module, from its loaded tensors (by name)."""
+        from ..adapter import LoraModule
+
+        up = tensors[self.up]
+        if self.rows is not None:  # the whole fused down with this module's rows of up: the same ΔW
+            up = up[self.rows[0]: self.rows[1]]
+        if self.swap:
+            from .fusing import swap_halves
+
+            up = swap_halves(up)
+        module = LoraModule(tensors[self.down], up, self.effective_alpha,
+                            tensors[self.mid] if self.mid else None, tensors[self.bias] if self.bias else None)
+        if self.magnitude is None:
+            return module
+        from ..lycoris.kinds import dora
+
+        return dora(module, tensors[self.magnitude], self.magnitude_style)
 
     @property
     def rank(self) -> int:
@@ -193,6 +231,23 @@ class ModuleEntry:
             raise CorruptFileError(
                 f"{self.source.path.name}: module {self.key} has factors of shapes {list(down)} and {list(up)} "
                 "that do not multiply", "The file is damaged or was written by a broken converter")
+        if self.magnitude is not None:
+            from ..lycoris.shapes import magnitude_axis
+
+            try:
+                magnitude_axis(self.source.shapes[self.magnitude], self.weight_shape, self.magnitude_style)
+            except CorruptFileError as exc:
+                raise CorruptFileError(f"{self.source.path.name}: module {self.key}: {exc.message}",
+                                       "The file is damaged or was written by a broken converter") from exc
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the adapted layer's weight."""
+        down = self.source.shapes[self.down]
+        if len(down) != 4:
+            return (self.out_features, int(down[1]))
+        kernel = self.source.shapes[self.mid][2:] if self.mid else down[2:]
+        return (self.out_features, int(down[1]), *(int(k) for k in kernel))
 
 
 @dataclass
@@ -218,12 +273,16 @@ class AdapterIndex:
         return self.sources[0].path
 
     def rank_counts(self) -> Counter:
-        """How many modules have each rank."""
-        return Counter(e.rank for e in self.modules.values())
+        """How many modules have each rank (kinds without one are left out)."""
+        return Counter(e.rank for e in self.modules.values() if e.rank is not None)
 
     def alpha_counts(self) -> Counter:
         """How many modules have each alpha."""
-        return Counter(e.effective_alpha for e in self.modules.values())
+        return Counter(e.effective_alpha for e in self.modules.values() if e.effective_alpha is not None)
+
+    def kind_counts(self) -> Counter:
+        """How many modules of each kind (``lora``, ``loha``, ``lokr``, ``full``, ``norm``, ``dora``)."""
+        return Counter(e.kind for e in self.modules.values())
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Tell what a tensor file holds from its key names and shapes alone (no tensors are read).
 
-Plain LoRA formats (those in :mod:`loralib.formats.table`) are read by lorareg, for every model
-family (SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): each key counts for the first format spelling it
-matches, and a format that reads every key wins. Other adapter kinds (LyCORIS LoHa/LoKr/DoRA/…,
-Flux Control LoRAs), textual inversions and full model weights are recognised and named, so
-that an operation which needs plain LoRA factors can say exactly what it was given.
+The formats of :mod:`loralib.formats.table` are read by lorareg, for every model family
+(SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): plain LoRA in every spelling, and LyCORIS/DoRA in kohya
+names (SD1.x/SD2.x/SDXL only). Each key counts for the first format spelling it matches, and a
+format that reads every key wins. Adapter kinds lorareg does not apply (LyCORIS OFT/BOFT, GLoRA,
+(IA)³, LyCORIS for Flux/SD3, Flux Control LoRAs), textual inversions and full model weights are
+recognised and named, so that an operation can say exactly what it was given.
 """
 
 from __future__ import annotations
@@ -14,23 +15,36 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..architectures import FLUX_FAMILY, SD3_FAMILY
+from ..naming.kohya import family_of_names
+from . import lycoris
 from .base import Format, Kind
 from .table import FORMATS
 
-_LYCORIS = [  # (tensor-name pattern, kind); the first that matches any key wins
-    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), Kind("lycoris-loha", "LyCORIS LoHa", False)),
-    (re.compile(r"\.lokr_w[12](_[ab])?$"), Kind("lycoris-lokr", "LyCORIS LoKr", False)),
-    (re.compile(r"\.(oft_blocks|oft_diag|oft_R)$"), Kind("lycoris-oft", "LyCORIS OFT/BOFT", False)),
-    (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA", False)),
-    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.\w+)?(\.weight)?)$"), Kind("lycoris-dora", "DoRA (weight-decomposed LoRA)", False)),
-    (re.compile(r"\.(diff|diff_b)$"), Kind("lycoris-full", "LyCORIS full-rank difference", False)),
-    (re.compile(r"\.(w_norm|b_norm)$"), Kind("lycoris-norm", "LyCORIS norm-layer adapter", False)),
+# Adapter kinds recognised but not applied: (tensor-name pattern, kind); the first that matches any key wins.
+_UNSUPPORTED = [
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_R)$"), Kind("lycoris-oft", "LyCORIS OFT/BOFT adapter", False)),
+    (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA adapter", False)),
     (re.compile(r"\.on_input$"), Kind("lycoris-ia3", "(IA)³ adapter", False)),
+]
+# What names an adapter kind in any spelling: LyCORIS suffixes, then the above.
+_SUFFIX_KINDS = [
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), lycoris.LOHA),
+    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), lycoris.LOKR),
+    (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.\w+)?(\.weight)?)$"), lycoris.DORA),
+    (re.compile(r"\.(diff|diff_b)$"), lycoris.FULL),
+    (re.compile(r"\.(w_norm|b_norm)$"), lycoris.NORM),
+    *_UNSUPPORTED,
 ]
 # Adapters that are not LoRA factors alone: a Flux Control LoRA (BFL) also trains biases and norm scales.
 _OTHER_KINDS = [
     (re.compile(r"(\.lora_B\.bias|_norm\.scale)$"), Kind("flux-control", "Flux Control LoRA (BFL: with biases and norm scales)", False)),
 ]
+_FAMILY_TITLES = {FLUX_FAMILY: "Flux.1", SD3_FAMILY: "Stable Diffusion 3"}
+_FLUX_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks")
+# Every kind detection names besides the formats lorareg reads (what the catalog may record as a format).
+FOREIGN_KINDS: tuple[str, ...] = (*(kind.format for _, kind in _UNSUPPORTED), *(kind.format for _, kind in _OTHER_KINDS),
+                                  *(f"{family}-lycoris" for family in _FAMILY_TITLES))
 _CHECKPOINT = re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner\.embedders|"
                          r"model_ema|text_encoders?\.\w+\.transformer)\.")
 _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_blocks|decoder\.up_blocks|"
@@ -39,7 +53,16 @@ _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_bl
 _TI_NAMES = {"emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "*"}
 _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
 
-_LYCORIS_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _LYCORIS))
+_KIND_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _SUFFIX_KINDS))
+
+
+def name_family(names: list[str]) -> str | None:
+    """``flux`` or ``sd3`` when the names are those of a Flux.1 or SD3 model's modules, else None."""
+    family = family_of_names(names)
+    if family is None:
+        text = "\n".join(names)
+        family = FLUX_FAMILY if any(w in text for w in _FLUX_WORDS) else SD3_FAMILY if "joint_blocks" in text else None
+    return family
 
 
 def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> Kind | None:
@@ -51,17 +74,20 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     """
     if not names:
         return None
-    lycoris = None
-    if any(_LYCORIS_ANY.search(n) for n in names):
-        lycoris = next(kind for pattern, kind in _LYCORIS for n in names if pattern.search(n))
+    special = None
+    if any(_KIND_ANY.search(n) for n in names):
+        special = next(kind for pattern, kind in _SUFFIX_KINDS for n in names if pattern.search(n))
     match = best_format(names)
-    if match is not None and match.complete:
-        return match.kind
-    if lycoris is not None:
-        return lycoris
-    other = next((kind for pattern, kind in _OTHER_KINDS for n in names if pattern.search(n)), None)
-    if other is not None:
-        return other
+    if special is not None and (match is None or not match.complete or match.format is lycoris.FORMAT):
+        family = name_family(names)
+        if family is not None:  # LyCORIS module names resolve for SD UNets and text encoders only
+            return Kind(f"{family}-lycoris", f"{_FAMILY_TITLES[family]} {special.title}", False)
+    if match is not None and match.complete:  # a key of a named kind (LoKr, DoRA, …) names the file
+        return special if special in match.format.kinds else match.kind
+    unsupported = next((kind for pattern, kind in [*_UNSUPPORTED, *_OTHER_KINDS] for n in names if pattern.search(n)),
+                       None)
+    if unsupported is not None:
+        return unsupported
     if any(_CHECKPOINT.match(n) for n in names):
         return Kind("checkpoint", "full model checkpoint (not an adapter)", False)
     if match is not None:

@@ -11,6 +11,10 @@ Legacy (read only, scale 1): the 0.21-era ``<path>.lora.down.weight`` with text 
 ``<path>.lora_linear_layer.down.weight``, and the attention-processor format
 ``<attention>.processor.to_q_lora.down.weight`` (with or without ``unet.``).
 
+Full-rank differences some trainers add (read only): ``unet.<path>.diff`` (a weight, or a norm
+layer's 1-D weight) and ``unet.<path>.diff_b`` (a bias, alone or beside the layer's LoRA factors);
+likewise under ``transformer.`` and the text encoders.
+
 Every path must be a diffusers module path (its first segment one of the model's own); files
 that spell other names with these suffixes — OneTrainer's ORIGINAL spelling puts SGM paths
 there, ``input_blocks.4.1.proj_in.lora_A.weight`` — belong to another reader.
@@ -28,6 +32,7 @@ from ..architectures import UNET
 from ..errors import CorruptFileError
 from ..naming import internal_key
 from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
+from .lycoris import full_entry
 from .peft import component_of
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
@@ -59,6 +64,7 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LAYOUT = FolderLayout((WEIGHTS_NAME,))
 METADATA_KEY = "lora_adapter_metadata"
 _ALPHA_KEY = re.compile(rf"^{_COMPONENT}{_PATH}\.alpha$")
+DIFF_KEY = re.compile(rf"^(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.{_PATH}\.(diff|diff_b)$")
 _KIND_ROOTS = {"unet": UNET_ROOTS, "transformer": TRANSFORMER_ROOTS}
 # Attention-processor LoRA names the projection; text encoders call them q_proj…out_proj.
 _UNET_PROJECTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
@@ -116,9 +122,13 @@ def parse(source: TensorSource) -> AdapterIndex:
     alphas: dict[tuple[str | None, str], str] = {}
     spelling = Counter()
     unrecognised = []
+    differences: dict[tuple[str, str], dict[str, str]] = {}
     for name in source.names:
         if match := _ALPHA_KEY.match(name):
             alphas[match.group(1), match.group(2)] = name
+            continue
+        if (match := DIFF_KEY.match(name)) and fits(match.group(1), match.group(2)):
+            differences.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = name
             continue
         parsed = _classify(name)
         if parsed is None:
@@ -141,14 +151,23 @@ def parse(source: TensorSource) -> AdapterIndex:
         key = internal_key(component, path)
         if key in entries:
             raise CorruptFileError(f"{source.path.name} adapts {key} twice")
-        entry = ModuleEntry(key, source, parts["down"], parts["up"])
+        bias = differences.get((component, path), {})
+        if "diff" in bias:
+            raise CorruptFileError(f"{source.path.name}: module {path} has both LoRA factors and a full weight difference")
+        entry = ModuleEntry(key, source, parts["down"], parts["up"], bias=bias.pop("diff_b", None))
         entry.check_shapes()
         if (component, path) in alphas or (None, path) in alphas:
             entry.alpha = alpha_values[alphas.get((component, path)) or alphas[None, path]]
         elif component in scales:
             entry.alpha = scales[component].alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
+    for (component, path), parts in differences.items():
+        if parts:  # differences of layers without LoRA factors
+            key = internal_key(component, path)
+            entries[key] = full_entry(key, path, parts, source)
     kind = spelling.most_common(1)[0][0] if spelling else DIFFUSERS
+    if differences and any(e.kind != "lora" or e.bias for e in entries.values()):
+        kind = Kind(kind.format, f"{kind.title} with full-rank differences (diff/diff_b)", False)
     metadata = {k: v for k, v in source.metadata.items() if k != METADATA_KEY}
     return AdapterIndex(kind, [source], entries, metadata)
 
@@ -184,5 +203,5 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tup
 # A PEFT key also reads as a current diffusers key: the PEFT format comes first in the table.
 FORMAT = Format("diffusers", "diffusers LoRA (load_lora_weights)",
                 ((ATTN_PROCS, ATTN_PROC_KEY), (DIFFUSERS_OLD, DIFFUSERS_OLD_KEY), (DIFFUSERS, DIFFUSERS_KEY),
-                 (DIFFUSERS, _ALPHA_KEY)),
+                 (DIFFUSERS, _ALPHA_KEY), (DIFFUSERS, DIFF_KEY)),
                 read, write, folder=LAYOUT)

@@ -252,6 +252,12 @@ def native_modules(modules: dict[str, LoraModule], family: str, *, rank: int | N
 def _native_modules(modules: dict[str, LoraModule], native_map, family: str, rank: int | None) -> dict[str, LoraModule]:
     from ..errors import UnsupportedFormatError
 
+    special = [key for key, module in modules.items() if module.kind != "lora" or module.bias_delta() is not None]
+    if special:
+        raise UnsupportedFormatError(
+            f"{len(special)} {family} transformer module(s), e.g. {special[0]}, are not plain LoRA factors "
+            "(LyCORIS, DoRA or a bias difference), which the original model's names cannot hold",
+            "Make a plain LoRA of them with convert --plain or --rank N (DoRA also fits the peft format)")
     groups: dict[str, dict[int, LoraModule]] = {}
     rules = {}
     for key, module in modules.items():

@@ -8,7 +8,10 @@ and SD3 transformers in their original BFL/MMDiT names — fused ``qkv``/``linea
 split on reading and fused on writing (:mod:`loralib.formats.fusing`) — or in diffusers names
 under ``lora_transformer_`` (OneTrainer's spelling, read only). OneTrainer's LEGACY spelling
 (diffusers names under ``lora_unet_`` for SDXL too) is read as well. Textual-inversion tokens
-travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``.
+travel as A1111's bundled embeddings, ``bundle_emb.<name>.string_to_param.*``. LyCORIS and DoRA
+modules of SD1.x/SD2.x/SDXL adapters are written with LyCORIS' suffixes
+(:func:`loralib.formats.lycoris.module_tensors`); a file with any of them is read back by the
+LyCORIS format.
 """
 
 from __future__ import annotations
@@ -209,10 +212,17 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
     for name, module in named.items():
         if dtype is not None:
             module = module.to(dtype)
+        if module.kind != "lora":
+            from .lycoris import module_tensors
+
+            tensors.update(module_tensors(name, module))
+            continue
         tensors[f"{name}.lora_down.weight"] = module.down
         tensors[f"{name}.lora_up.weight"] = module.up
         if module.mid is not None:
             tensors[f"{name}.lora_mid.weight"] = module.mid
+        if module.bias is not None:  # a bias difference beside the factors, as LyCORIS and ComfyUI spell it
+            tensors[f"{name}.diff_b"] = module.bias
         tensors[f"{name}.alpha"] = alpha_tensor(module.alpha)
     for token, vectors in adapter.embeddings.items():
         name, _, part = token.replace(".", "_").partition("/")
@@ -230,4 +240,5 @@ def alpha_tensor(alpha: float):
 
 FORMAT = Format("kohya", "kohya-ss LoRA (sd-scripts, A1111, ComfyUI, Forge)", ((KOHYA, KOHYA_KEY), (KOHYA, BUNDLE_KEY)),
                 read, write,
-                holds_embeddings=True, holds_cp_mid=True)
+                holds_embeddings=True, holds_cp_mid=True,
+                holds_kinds=frozenset({"lora", "loha", "lokr", "full", "norm", "dora", "bias"}))

@@ -7,7 +7,10 @@ denoiser's adapter (UNet, or the Flux/SD3 transformer) at the top (what
 ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight``; the config's ``r``,
 ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` give each module's scale. A
 lone ``base_model.model.…`` file without its config (as some Flux trainers publish) is read
-with scale 1, as diffusers reads it.
+with scale 1, as diffusers reads it. A DoRA adapter (``use_dora``) adds
+``<module path>.lora_magnitude_vector``: one magnitude per output feature
+(:class:`~loralib.lycoris.kinds.DoraModule`); a component is written as DoRA when all of its
+modules are LoRA-based DoRA with per-output magnitudes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ if TYPE_CHECKING:
     from ..adapter import LoraAdapter
 
 PEFT = Kind("peft", "PEFT LoRA", True)
+PEFT_DORA = Kind("peft", "PEFT DoRA (weight-decomposed LoRA)", False)
 PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
+MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
@@ -60,9 +65,6 @@ def read_config(folder: Path) -> dict:
     if peft_type != "LORA":
         raise UnsupportedFormatError(f"{folder} is a PEFT {peft_type} adapter, not a LoRA",
                                      "Only plain LoRA adapters can be converted")
-    if config.get("use_dora"):
-        raise UnsupportedFormatError(f"{folder} is a PEFT DoRA adapter",
-                                     "DoRA rescales the base weights and is not a plain low-rank update")
     return config
 
 
@@ -94,27 +96,31 @@ def parse(source: TensorSource, config: dict | None) -> AdapterIndex:
     pairs: dict[str, dict[str, str]] = {}
     unrecognised = []
     for name in source.names:
-        match = PEFT_KEY.match(name)
+        match = PEFT_KEY.match(name) or MAGNITUDE_KEY.match(name)
         if match is None:
             unrecognised.append(name)
             continue
-        pairs.setdefault(match.group(1), {})[match.group(2)] = name
+        pairs.setdefault(match.group(1), {})[match.group(2) if match.re is PEFT_KEY else "M"] = name
     if unrecognised:
         raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
     folder_name = source.path.parent.name
     scales = PeftScales(config) if config is not None else None
     entries: dict[str, ModuleEntry] = {}
     for path, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise CorruptFileError(f"{source.path}: module {path} lacks lora_{'B' if 'A' in ab else 'A'}")
+        if config is not None and config.get("use_dora") and "M" not in ab:
+            raise CorruptFileError(f"{source.path}: the config says use_dora but module {path} has no "
+                                   "lora_magnitude_vector", "The adapter folder is incomplete")
         component = component_of(path, folder_name, source.shapes[ab["A"]][1])
         key = internal_key(component, path)
-        entry = ModuleEntry(key, source, ab["A"], ab["B"])
+        entry = ModuleEntry(key, source, ab["A"], ab["B"], magnitude=ab.get("M"), magnitude_style="peft")
         entry.check_shapes()
         if scales is not None:
             entry.alpha = scales.alpha(key.split(".", 1)[1], entry.rank)
         entries[key] = entry
-    return AdapterIndex(PEFT, [source], entries, dict(source.metadata))
+    kind = PEFT_DORA if any(e.magnitude for e in entries.values()) else PEFT
+    return AdapterIndex(kind, [source], entries, dict(source.metadata))
 
 
 def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -128,19 +134,42 @@ def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | N
     arch = ARCHITECTURES.get(adapter.architecture)
     cls_name = arch.text_encoder_class(component) if arch is not None and component in arch.text_encoders else None
     tensors, ranks_alphas = {}, {}
-    for key, module in adapter.modules.items():
-        if key.split(".", 1)[0] != component:
-            continue
-        module = module.without_mid()
+    modules = {key: module for key, module in adapter.modules.items() if key.split(".", 1)[0] == component}
+    use_dora = _uses_dora(component, modules)
+    for key, module in modules.items():
         if dtype is not None:
             module = module.to(dtype)
+        magnitude = None
+        if use_dora:
+            from ..lycoris.kinds import stored_magnitude
+
+            magnitude, module = stored_magnitude(module, "peft"), module.inner
+        module = module.without_mid()
         path = key.split(".", 1)[1]
         if component not in DENOISERS and path.startswith(TE_ROOT + "."):
             path = text_model_prefix(component, cls_name) + path.removeprefix(TE_ROOT + ".")
         tensors[f"base_model.model.{path}.lora_A.weight"] = module.down
         tensors[f"base_model.model.{path}.lora_B.weight"] = module.up
+        if magnitude is not None:
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = magnitude.contiguous()
         ranks_alphas[config_path(key)] = (module.rank, module.alpha)
-    return tensors, build_config(ranks_alphas)
+    config = build_config(ranks_alphas)
+    config["use_dora"] = use_dora
+    return tensors, config
+
+
+def _uses_dora(component: str, modules: dict) -> bool:
+    """Whether a component is written as a DoRA adapter; PEFT's ``use_dora`` is all or nothing per config."""
+    dora = [m for m in modules.values() if m.kind == "dora"]
+    if not dora:
+        return False
+    fits = [m for m in dora if m.inner.kind == "lora" and m.axis == "out"]
+    if len(dora) != len(modules) or len(fits) != len(dora):
+        raise UnsupportedFormatError(
+            f"PEFT cannot hold the {component} modules: use_dora is all or nothing per component, and PEFT DoRA "
+            "decomposes plain LoRA factors with one magnitude per output feature",
+            "Write kohya format (it holds every DoRA variant), or make a plain LoRA with convert --plain --base MODEL")
+    return True
 
 
 def relative_folder(component: str) -> str:
@@ -169,5 +198,5 @@ def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResu
     return SaveResult(files[0], PEFT.format, files, main_hash, list(request.notes), header.completed_operation())
 
 
-FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY),), read, write, folder=LAYOUT,
-                read_config=read_config, writes_folder=True)
+FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY), (PEFT, MAGNITUDE_KEY)), read, write,
+                folder=LAYOUT, read_config=read_config, writes_folder=True, holds_kinds=frozenset({"lora", "dora"}))

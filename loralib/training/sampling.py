@@ -11,11 +11,13 @@ from .config import TrainConfig
 
 
 def render_samples(base: BaseModel, unet, text_encoders: list[Any], config: TrainConfig, step: int, folder: Path,
-                   progress: Callable[[int, int], None] | None = None) -> list[tuple[Path, Any]]:
+                   progress: Callable[[int, int], None] | None = None, *,
+                   model_hash: str | None = None) -> list[tuple[Path, Any]]:
     """Render every ``sample_prompts`` entry with the live (LoRA-carrying) UNet and text encoders.
 
-    Each PNG, ``<model_name>-step<step>-<index>.png`` in ``folder``, carries A1111 parameters plus the
-    training step. Returns ``[(path, PIL image)]``. The caller puts the models in eval mode.
+    Each PNG, ``<model_name>-step<step>-<index>.png`` in ``folder``, carries A1111 parameters (with the
+    base model's ``model_hash``) plus the training step. Returns ``[(path, PIL image)]``. The caller puts
+    the models in eval mode.
     """
     from ..generation import GenerationSettings, infotext, render, sampler_name, save_png
 
@@ -28,7 +30,7 @@ def render_samples(base: BaseModel, unet, text_encoders: list[Any], config: Trai
                                       sampling.sample_seed, sampler_name(pipe.scheduler))
         image = render(pipe, settings, [sampling.sample_seed])[0]
         text = infotext(settings, model=Path(str(config.model.base_model)).name,
-                        extra={"Lora": name, "Training step": step})
+                        extra={"Lora": name, "Training step": step}, model_hash=model_hash)
         path = save_png(image, folder / f"{name}-step{step:08d}-{index:02d}.png", text,
                         {"prompt": prompt, "seed": sampling.sample_seed, "step": step, "adapter": name})
         written.append((path, image))

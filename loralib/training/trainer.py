@@ -568,6 +568,14 @@ class Trainer:
 
     # --- samples ----------------------------------------------------------------------------------------------
 
+    def _base_hash(self) -> str | None:
+        """The base model's A1111 ``Model hash`` (computed once, for the samples)."""
+        if not hasattr(self, "_model_hash"):
+            from ..generation import model_hash
+
+            self._model_hash = model_hash(self.config.model.base_model)
+        return self._model_hash
+
     def _render_samples(self) -> None:
         from .sampling import render_samples
 
@@ -581,7 +589,8 @@ class Trainer:
                     written = render_samples(
                         self.base, acc.unwrap_model(self.objective.unet),
                         [acc.unwrap_model(e) for e in self.objective.text_encoders], self.config, self.step,
-                        self.output_dir / "samples", lambda d, t: self.on_phase("rendering samples", d, t))
+                        self.output_dir / "samples", lambda d, t: self.on_phase("rendering samples", d, t),
+                        model_hash=self._base_hash())
             finally:
                 torch.set_rng_state(rng_state)
                 for model in self.models.values():

@@ -9,7 +9,9 @@ never writes files anywhere, whatever names a commit contains.
 
 What it models
 --------------
-* Model repos only (``/api/models/...``); dataset/space/kernel routes answer
+* Model repos (``/api/models/...``) and Space repos (``/api/spaces/...``, kept
+  under the id ``spaces/<owner>/<name>`` in the test hooks, e.g.
+  ``hub.list_files("spaces/alice/gallery")``); dataset/kernel routes answer
   404 ``RepoNotFound``.
 * Git-like history: every commit has a 40-hex id and a parent; branches (at
   least ``main``) and tags point to commits; a revision is a branch name, a
@@ -235,6 +237,7 @@ class _Repo:
     commits: dict[str, CommitRecord] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    sdk: str | None = None  #: Spaces only: gradio, docker or static
 
 
 class _RepoStore:
@@ -250,13 +253,13 @@ class _RepoStore:
         with self.lock:
             return self._repos.get(repo_id)
 
-    def create(self, repo_id: str, owner: str, private: bool) -> _Repo:
+    def create(self, repo_id: str, owner: str, private: bool, sdk: str | None = None) -> _Repo:
         with self.lock:
             if repo_id in self._repos:
                 raise HubError(409, "You already created this model repo")
             now = datetime.now(UTC)
             object_id = hashlib.sha1(f"{repo_id}:{next(self._sequence)}".encode()).hexdigest()[:24]
-            repo = _Repo(repo_id=repo_id, owner=owner, private=private, created_at=now, object_id=object_id)
+            repo = _Repo(repo_id=repo_id, owner=owner, private=private, created_at=now, object_id=object_id, sdk=sdk)
             self._repos[repo_id] = repo
             gitattributes = {".gitattributes": Blob.of(DEFAULT_GITATTRIBUTES)}
             initial = self._new_commit(repo, None, owner, "initial commit", "", gitattributes)
@@ -423,6 +426,8 @@ class _HubApi:
                 return self._delete_repo(request)
             if rest == ["validate-yaml"] and method == "POST":
                 return self._validate_yaml(request)
+            if rest[:1] == ["spaces"] and len(rest) >= 3:
+                return self._model_route(request, f"spaces/{rest[1]}/{rest[2]}", rest[3:])
             if rest[:1] in (["datasets"], ["spaces"], ["kernels"]):
                 raise _repo_not_found()
             if rest[:1] == ["models"] and len(rest) >= 3:
@@ -512,8 +517,10 @@ class _HubApi:
         user = self._require_user(request)
         payload = request.json() or {}
         repo_type = payload.get("type") or "model"
-        if repo_type != "model":
-            raise HubError(400, f"This test hub only hosts model repos, not '{repo_type}' repos")
+        if repo_type not in ("model", "space"):
+            raise HubError(400, f"This test hub only hosts model and space repos, not '{repo_type}' repos")
+        if repo_type == "space" and payload.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, f"Invalid Space SDK: {payload.get('sdk')!r}")
         name, namespace = payload.get("name"), payload.get("organization") or user
         if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS or ".." in name:
             raise HubError(400, f"Invalid repo name: {name!r}")
@@ -521,10 +528,10 @@ class _HubApi:
             raise HubError(403, f"You don't have the rights to create a model under the namespace '{namespace}'")
         visibility = payload.get("visibility")
         private = visibility == "private" if visibility is not None else bool(payload.get("private"))
-        repo_id = f"{namespace}/{name}"
+        repo_id = f"{namespace}/{name}" if repo_type == "model" else f"spaces/{namespace}/{name}"
         url = f"{self.hub.url}/{repo_id}"
         try:
-            repo = self.store.create(repo_id, user, private)
+            repo = self.store.create(repo_id, user, private, payload.get("sdk") if repo_type == "space" else None)
         except HubError as error:
             error.extra_body["url"] = url
             raise
@@ -583,6 +590,8 @@ class _HubApi:
             "siblings": siblings,
             "usedStorage": sum(blob.size for blob in commit.files.values()),
         }
+        if repo.sdk:
+            info["sdk"] = repo.sdk
         wanted = request.query.get("expand") or request.query.get("expand[]")
         if wanted:
             info = {key: value for key, value in info.items() if key in {"_id", "id", *wanted}}
@@ -1149,6 +1158,10 @@ class HubServer:
     def file_bytes(self, repo_id: str, path: str, revision: str = _DEFAULT_BRANCH) -> bytes:
         """Stored (uncorrupted) content of ``path`` at ``revision``; ``KeyError`` if absent."""
         return self.commits(repo_id, revision)[0].files[path].data
+
+    def space_sdk(self, repo_id: str) -> str | None:
+        """The SDK a Space was created with (``repo_id`` written ``spaces/<owner>/<name>``)."""
+        return self._repo(repo_id).sdk
 
     def repo_is_private(self, repo_id: str) -> bool:
         """Visibility of an existing repo."""

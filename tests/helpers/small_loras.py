@@ -37,14 +37,18 @@ def sd1_attention_layers(count: int = 6) -> dict:
     return layers
 
 
+# Clearing bit 6 of every byte keeps each F16's exponent below 16: finite values under 2 in magnitude.
+_FINITE_F16 = bytes(b & 0xBF for b in range(256))
+
+
 def small_lora_bytes(seed: int, *, modules: int = 4, rank: int = 1, metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes of a kohya safetensors file with ``modules`` rank-``rank`` modules and random F16 factors."""
+    """The bytes of a kohya safetensors file with ``modules`` rank-``rank`` modules and random, finite F16 factors."""
     rnd = random.Random(seed)
     header: dict = {}
     blobs, offset = [], 0
     for name, n_in, n_out in SD1_MODULES[:modules]:
         for suffix, shape in ((".lora_down.weight", [rank, n_in]), (".lora_up.weight", [n_out, rank]), (".alpha", [])):
-            data = rnd.randbytes(2 * shape[0] * shape[1]) if shape else struct.pack("<e", float(rank))
+            data = rnd.randbytes(2 * shape[0] * shape[1]).translate(_FINITE_F16) if shape else struct.pack("<e", float(rank))
             header[name + suffix] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + len(data)]}
             blobs.append(data)
             offset += len(data)
