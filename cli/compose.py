@@ -114,10 +114,13 @@ def _output_options(function):
 
 
 def save_composition(ctx: click.Context, composition, output: Path, fmt: str, force: bool, as_json: bool,
-                     allow_nonfinite: bool = False) -> None:
-    """Save a composition, record it in the catalog and print its summary."""
+                     allow_nonfinite: bool = False, rank: int | None = None) -> None:
+    """Save a composition, record it in the catalog and print its summary.
+
+    With a fixed ``rank``, layers the output format fuses (Flux/SD3 ``qkv``) are kept at that rank too.
+    """
     make_parents(output)
-    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite)
+    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite, fused_rank=rank)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
@@ -206,7 +209,7 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
                             progress=update, allow_nonfinite=allow_nonfinite)
-    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite)
+    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)
 
 
 @click.command("resize")
@@ -220,7 +223,8 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
     Modules already at or below --rank are kept bit for bit. LyCORIS and DoRA modules (with --base)
-    become plain LoRA modules of that rank.
+    become plain LoRA modules of that rank. For Flux.1/SD3 written in kohya or ComfyUI names, fused
+    layers (qkv, linear1) are also stored at --rank.
 
     \b
     Examples:
@@ -238,7 +242,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
                              base=Path(base) if base else None, progress=update)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)
 
 
 @click.command("bake")
@@ -323,4 +327,4 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
         composition = extract(Path(base).expanduser(), tuned_path, rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
                               min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)

@@ -11,7 +11,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from .architectures import ARCHITECTURES, COMPONENTS, T5, TEXT_ENCODER_2
 from .layers import LayerShape
 from .naming import TE_ROOT, internal_key
 
@@ -32,9 +32,10 @@ def adaptable_layers(component: str, model: nn.Module, *, norms: bool = False) -
 
 
 def pipeline_layers(pipe, *, norms: bool = False) -> dict[str, nn.Module]:
-    """Every adaptable layer of a diffusers pipeline's UNet and text encoders (norm layers too with ``norms``)."""
+    """Every adaptable layer of a diffusers pipeline's denoiser (UNet or transformer) and text encoders
+    (norm layers too with ``norms``)."""
     layers = {}
-    for component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
+    for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if model is not None:
             layers.update(adaptable_layers(component, model, norms=norms))
@@ -49,35 +50,41 @@ def layer_shape(module: nn.Module) -> LayerShape:
 
 
 @cache
-def text_model_prefix(component: str) -> str:
+def text_model_prefix(component: str, class_name: str | None = None) -> str:
     """``"text_model."`` if the installed transformers nests this text encoder's layers under
     ``.text_model`` (CLIPTextModelWithProjection always; CLIPTextModel before transformers 5), else ``""``.
 
+    ``class_name`` is the CLIP class of the component (default: ``CLIPTextModelWithProjection`` for
+    ``text_encoder_2``, ``CLIPTextModel`` otherwise; SD3's ``text_encoder`` has a projection too).
     PEFT files must spell module paths the way the live model does, so the PEFT writer asks here.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cls = CLIPTextModelWithProjection if component == TEXT_ENCODER_2 else CLIPTextModel
+    if class_name is None:
+        class_name = "CLIPTextModelWithProjection" if component == TEXT_ENCODER_2 else "CLIPTextModel"
+    cls = CLIPTextModelWithProjection if class_name == "CLIPTextModelWithProjection" else CLIPTextModel
     config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
     with torch.device("meta"):
         model = cls(config)
     return TE_ROOT + "." if hasattr(model, TE_ROOT) else ""
 
 
-def full_size_layers(architecture: str, components: tuple[str, ...] = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)) -> dict[str, LayerShape]:
-    """The adaptable layers of a full-size SD1.5, SD2.1 or SDXL model, built on the meta device (no weights)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def full_size_layers(architecture: str, components: tuple[str, ...] = COMPONENTS) -> dict[str, LayerShape]:
+    """The adaptable layers of a full-size model of ``architecture`` (its denoiser and text encoders),
+    built on the meta device from the published configs (no weights, no download)."""
+    import diffusers
+    import transformers
 
     arch = ARCHITECTURES[architecture]
     shapes: dict[str, LayerShape] = {}
     with torch.device("meta"):
-        if UNET in components:
-            unet = UNet2DConditionModel(**arch.unet_config)
-            shapes.update({k: layer_shape(m) for k, m in adaptable_layers(UNET, unet).items()})
+        if arch.denoiser in components:
+            denoiser = getattr(diffusers, arch.denoiser_class)(**arch.denoiser_config)
+            shapes.update({k: layer_shape(m) for k, m in adaptable_layers(arch.denoiser, denoiser).items()})
         for component, config in arch.text_encoders.items():
             if component in components:
-                cls = CLIPTextModelWithProjection if component == TEXT_ENCODER_2 else CLIPTextModel
-                model = cls(CLIPTextConfig(**config))
+                cls_name = arch.text_encoder_class(component)
+                config_cls = transformers.T5Config if cls_name == T5 else transformers.CLIPTextConfig
+                model = getattr(transformers, cls_name)(config_cls(**config))
                 shapes.update({k: layer_shape(m) for k, m in adaptable_layers(component, model).items()})
     return shapes

@@ -554,10 +554,11 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
          token: str | None = None, progress: Steps | None = None) -> PushResult:
     """Upload ``entry`` to ``repo_id`` (created if needed) in kohya format, with a model card.
 
-    ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``) and
-    ``peft`` (a ``peft/`` folder). Sample images recorded in the catalog become the card's widget.
-    Converting (an adapter not stored as kohya, or ``also``) needs torch. ``progress(description,
-    done, total)`` is told each step (conversions, the model card, the upload).
+    ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``),
+    ``peft`` (a ``peft/`` folder) and ``comfyui`` (``comfyui/<name>.safetensors``, ComfyUI/BFL
+    names). Sample images recorded in the catalog become the card's widget. Converting (an adapter
+    not stored as kohya, or ``also``) needs torch. ``progress(description, done, total)`` is told
+    each step (conversions, the model card, the upload).
     """
     progress = progress or _no_steps
     from huggingface_hub import CommitOperationAdd
@@ -593,6 +594,9 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
             progress("converting to peft", 0, 1)
             out = _convert(source, work / "peft", "peft")
             uploads += [(f"peft/{p.relative_to(work / 'peft').as_posix()}", p) for p in out]
+        if "comfyui" in layouts:
+            out = _convert(source, work / "comfyui" / weight_name, "comfyui")
+            uploads += [(f"comfyui/{weight_name}", out[0])]
         widget = []
         for sample in entry.samples:
             image = Path(str(sample.get("path", "")))
