@@ -127,15 +127,8 @@ def parse(source: TensorSource) -> AdapterIndex:
             unrecognised.extend(parts.values())
             continue
         alpha = alphas[parts["alpha"]] if "alpha" in parts else None
-        for key, entry in fused_entries(target, source, down, up, alpha, parts.get("lora_mid.weight"), name).items():
-            if key in entries:
-                raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
-            entries[key] = entry
-    if unrecognised:
-        raise CorruptFileError(
-            f"{source.path.name} has {len(unrecognised)} key(s) that name no module of an {FAMILY_TITLES[family]} "
-            f"model, e.g. {', '.join(sorted(unrecognised)[:3])}",
-            "The file was probably written by a broken converter; lorareg will not guess what they mean")
+        add_entries(entries, source, fused_entries(target, source, down, up, alpha, parts.get("lora_mid.weight"), name))
+    refuse_unplaced(source, unrecognised, family)
     metadata = {k: v for k, v in source.metadata.items()}
     hint = family if certain and family != SD else None
     return AdapterIndex(KOHYA, [source], entries, metadata, embeddings, family=hint)
@@ -145,6 +138,23 @@ def stored_shape(source: TensorSource, down: str, up: str) -> tuple[int, int] | 
     """``(out, in)`` of a stored module's layer from its factor shapes, None if they are malformed."""
     down_shape, up_shape = source.shapes[down], source.shapes[up]
     return (up_shape[0], down_shape[1]) if len(down_shape) >= 2 and len(up_shape) >= 1 else None
+
+
+def add_entries(entries: dict[str, ModuleEntry], source: TensorSource, new: dict[str, ModuleEntry]) -> None:
+    """Add the entries one stored module became, refusing a module the file adapts twice."""
+    for key, entry in new.items():
+        if key in entries:
+            raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
+        entries[key] = entry
+
+
+def refuse_unplaced(source: TensorSource, unrecognised: list[str], family: str) -> None:
+    """Raise when keys name no module of the family's model: never guess what they mean."""
+    if unrecognised:
+        raise CorruptFileError(
+            f"{source.path.name} has {len(unrecognised)} key(s) that name no module of an {FAMILY_TITLES[family]} "
+            f"model, e.g. {', '.join(sorted(unrecognised)[:3])}",
+            "The file was probably written by a broken converter; lorareg will not guess what they mean")
 
 
 def fused_entries(target, source: TensorSource, down: str, up: str, alpha: float | None, mid: str | None,

@@ -24,7 +24,7 @@ from ..naming.sd3 import ROOTS as MMDIT_ROOTS
 from ..naming.sd3 import SD3_MAP
 from ..naming.sgm import SGM_ROOTS, UNetLayout, sgm_to_diffusers
 from .base import AdapterIndex, Kind, ModuleEntry
-from .kohya import FAMILY_TITLES, fused_entries, stored_shape
+from .kohya import add_entries, fused_entries, refuse_unplaced, stored_shape
 from .source import TensorSource
 
 NATIVE_MAPS: dict[str, NativeMap] = {FLUX_FAMILY: FLUX_MAP, SD3_FAMILY: SD3_MAP}
@@ -113,15 +113,8 @@ def index_groups(source: TensorSource, groups: dict[str, dict[str, str]], kind: 
             unrecognised.extend(parts.values())
             continue
         alpha = alphas[parts["alpha"]] if "alpha" in parts else None
-        for key, entry in fused_entries(target, source, parts["down"], parts["up"], alpha, parts.get("mid"), name).items():
-            if key in entries:
-                raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
-            entries[key] = entry
-    if unrecognised:
-        raise CorruptFileError(
-            f"{source.path.name} has {len(unrecognised)} key(s) that name no module of an {FAMILY_TITLES[family]} "
-            f"model, e.g. {', '.join(sorted(unrecognised)[:3])}",
-            "The file was probably written by a broken converter; lorareg will not guess what they mean")
+        add_entries(entries, source, fused_entries(target, source, parts["down"], parts["up"], alpha, parts.get("mid"), name))
+    refuse_unplaced(source, unrecognised, family)
     hint = family if certain and family != SD else None
     return AdapterIndex(kind, [source], entries, dict(source.metadata), family=hint)
 
