@@ -8,9 +8,10 @@ import click
 
 from loralib.dtypes import storage_dtype
 from loralib.formats import input_files
+from loralib.units import human_size
 from loralib.vocabulary import STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, plain, print_error, print_json, shown
+from .output import note, plain, print_error, print_json, shown
 from .paths import adapter_output, make_parents, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 

@@ -18,9 +18,10 @@ from loralib.dtypes import storage_dtype
 from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
 from loralib.formats import input_files
+from loralib.units import human_size
 from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, plain, print_json, progress, shown
+from .output import note, plain, print_json, progress, shown
 from .paths import adapter_output, make_parents, output_file, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 from .threads import folder_bytes, use_threads

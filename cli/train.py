@@ -15,10 +15,11 @@ from typing import Any
 import click
 
 from loralib.training import config as config_module
+from loralib.units import human_size
 from loralib.vocabulary import ARCHITECTURE_NAMES
 
 from .libraries import quiet_libraries
-from .output import human_size, note, print_json
+from .output import note, print_json
 from .paths import make_parents
 from .refs import register_output
 from .threads import folder_bytes, use_threads
