@@ -343,6 +343,17 @@ class TrainingSection(_Section):
     noise_offset: float = Field(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts; auto reads it from the base model's scheduler config.")
+    weighting_scheme: Literal["auto", "none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = Field(
+        "auto", description="Flux.1/SD3 (flow matching): how noise levels are drawn and the loss weighted, as "
+                            "diffusers' scripts do; auto is none (uniform) for Flux.1 and logit_normal for SD3.")
+    logit_mean: float = Field(0.0, ge=-10, le=10, allow_inf_nan=False,
+                              description="Mean of the logit-normal noise-level distribution (weighting_scheme).")
+    logit_std: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+                             description="Standard deviation of the logit-normal noise-level distribution.")
+    mode_scale: float = Field(1.29, ge=-1, le=10, allow_inf_nan=False,
+                              description="Scale of the mode weighting scheme.")
+    guidance_scale: float = Field(3.5, ge=0, le=100, allow_inf_nan=False,
+                                  description="Flux.1 dev: the guidance input of the transformer while training.")
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
         "l2", description="Loss between prediction and target: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber, "
                           "sd-scripts' definitions).")
