@@ -14,6 +14,8 @@ Oracles:
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -171,4 +173,34 @@ def test_noise_prediction_options_are_refused_for_flow_models(tiny_sd3, tmp_path
     data = small_dataset(tmp_path / "data", 1)
     trainer = Trainer(load_config(None, quick_settings(tiny_sd3, data, tmp_path / "out", snr_gamma=5.0)))
     with pytest.raises(InvalidArgumentError, match="snr_gamma applies to noise-prediction models"):
+        trainer.setup()
+
+
+def test_flux_block_presets_choose_double_and_single_blocks(tiny_flux, tmp_path):
+    data = small_dataset(tmp_path / "data", 1)
+    result = train(load_config(None, quick_settings(tiny_flux, data, tmp_path / "out", max_train_steps=1,
+                                                    train_double_block_indices="1", train_single_block_indices="0")))
+    adapter = loralib.load(result.save.path)
+    blocks = {k.split(".")[1] + "." + k.split(".")[2] for k in adapter.modules}
+    assert blocks == {"transformer_blocks.1", "single_transformer_blocks.0"}
+    assert json.loads(adapter.metadata["ss_network_args"]) == {"train_double_block_indices": "1",
+                                                               "train_single_block_indices": "0"}
+    doubles = train(load_config(None, quick_settings(tiny_flux, data, tmp_path / "double", max_train_steps=1,
+                                                     train_blocks="double")))
+    keys = loralib.load(doubles.save.path).modules
+    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
+
+
+@pytest.mark.parametrize("arch, settings, message", [
+    ("sd3", {"train_blocks": "single"}, "has no single blocks"),
+    ("flux", {"block_dims": ",".join(["4"] * 25)}, "kohya's UNet block layout"),
+    ("sd1", {"train_double_block_indices": "0-3"}, "choose Flux.1/SD3 transformer blocks"),
+])
+def test_block_settings_of_another_family_are_refused(arch, settings, message, request, tmp_path):
+    from loralib.errors import InvalidArgumentError
+
+    base = request.getfixturevalue(f"tiny_{arch}")
+    data = small_dataset(tmp_path / "data", 1)
+    trainer = Trainer(load_config(None, quick_settings(base, data, tmp_path / "out", **settings)))
+    with pytest.raises(InvalidArgumentError, match=message):
         trainer.setup()
