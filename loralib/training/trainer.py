@@ -296,7 +296,7 @@ class Trainer:
         from .blocks import plan_blocks
 
         cfg = self.config
-        torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # peft draws the initial down factors
+        torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # the initial factors are drawn
         self.blocks = plan_blocks(cfg, self.base.architecture)
         self.targets: dict[str, tuple[Any, dict[str, str]]] = {}
         trained = {"unet": self.base.unet}
@@ -310,8 +310,8 @@ class Trainer:
             if not settings:
                 raise InvalidArgumentError(f"the base model's {component} has no layer that target_modules = "
                                            f"{cfg.network.target_modules!r} (and the block settings) select")
-            network.add_lora(model, settings, dropout=cfg.network.dropout,
-                             use_dora=cfg.network.network_type == "dora")
+            network.add_network(model, settings, cfg.network.network_type, dropout=cfg.network.dropout,
+                                factor=cfg.network.factor, decompose_both=cfg.network.decompose_both)
             self.targets[component] = (model, {name: targets[name] for name in settings})
             for parameter in model.parameters():
                 if parameter.requires_grad:
@@ -353,7 +353,7 @@ class Trainer:
         """The block learning-rate factor of a trainable parameter (``….to_q.lora_A.default.weight``)."""
         if component != "unet":
             return 1.0
-        key = self.targets[component][1].get(path.split(".lora_", 1)[0])
+        key = self.targets[component][1].get(network.layer_path(path))
         return self.blocks.lr_weight(key) if key is not None else 1.0
 
     def _current_lr(self) -> float:
@@ -640,7 +640,7 @@ class Trainer:
         with self._saved_weights():
             modules = {}
             for model, targets in self.targets.values():
-                modules.update(network.export_modules(network.lora_layers(model, targets)))
+                modules.update(network.export_modules(network.trained_layers(model, targets)))
         epoch = epoch if epoch is not None else self._epoch_of(max(self.step - 1, 0)) + 1
         processes = self.accelerator.num_processes
         run = RunInfo(self.base.architecture, str(self.config.model.base_model), self.objective.prediction_type,
