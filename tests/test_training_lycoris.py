@@ -178,6 +178,12 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, kind):
     assert expected.keys() == got.keys() and any(".lokr_" in n or ".hada_" in n for n in got)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+    if kind == "lokr":  # another factor shapes other parameters: refused before anything loads
+        from loralib.errors import MismatchError
+
+        changed = load_config(None, quick_settings(tiny_sd1, data, tmp_path / "resumed", **{**settings, "factor": 2}))
+        with pytest.raises(MismatchError, match=r"different factor \(-1 -> 2\)"):
+            Trainer(changed, resume="latest").setup()
 
 
 def test_formats_and_settings_that_cannot_hold_lycoris_are_refused(tmp_path, lorareg):

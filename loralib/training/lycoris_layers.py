@@ -169,6 +169,8 @@ def add_lycoris(model: nn.Module, settings: dict[str, tuple[int, float]], kind: 
         base = modules[name]
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{name} is a {type(base).__name__}, not a Linear or Conv2d layer")
+        if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":  # the hook pads with zeros
+            raise TypeError(f"{name} pads with {base.padding_mode!r}; LoHa/LoKr layers support zero padding only")
         layer = (TrainedLoha(base, rank, alpha) if kind == "loha"
                  else TrainedLokr(base, rank, alpha, factor=factor, decompose_both=decompose_both))
         layer.to(base.weight.device)
