@@ -153,10 +153,9 @@ def test_feature_combinations_are_checked_together():
                      "data.mask_dir is set but masked_loss is off", "set validation_split or validation_dir, not both",
                      'conv_block_dims and conv_block_alphas need target_modules = "locon"'):
         assert any(expected in p for p in problems), (expected, problems)
-    with pytest.raises(ConfigError, match="loha training is not available yet"):
-        load_config(None, {"network_type": "loha"})
-    with pytest.raises(ConfigError, match="lokr training is not available yet"):
-        load_config(None, {"network_type": "lokr"})
+    assert load_config(None, {"network_type": "loha"}).network.network_type == "loha"  # LyCORIS kinds train
+    with pytest.raises(ConfigError, match='"peft" cannot hold LoKr modules'):
+        load_config(None, {"network_type": "lokr", "output_format": "peft"})
     with pytest.raises(ConfigError, match="validate_every_n_steps/epochs need validation_split or validation_dir"):
         load_config(None, {"validate_every_n_steps": 5})
     # lists in TOML and comma-separated text on the command line mean the same

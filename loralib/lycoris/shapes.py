@@ -34,6 +34,18 @@ def product(shape: Sequence[int]) -> int:
     return n
 
 
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' split of a LoKr side: ``(m, n)`` with ``m · n = dimension``, ``m ≤ n`` and ``m`` the largest divisor not above
+    ``√dimension`` (and not above ``factor`` when it is positive)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = int(dimension ** 0.5)
+    if factor > 0:
+        limit = min(limit, factor)
+    m = max(d for d in range(1, limit + 1) if dimension % d == 0)
+    return m, dimension // m
+
+
 def weight_shape(out: int, flat_in: int, kernel: Sequence[int] | None, what: str) -> Shape:
     """The weight shape of a layer with ``out`` outputs and ``in·kh·kw`` inputs (``kernel`` None: Linear)."""
     if not kernel:

@@ -15,18 +15,7 @@ import torch
 from ..adapter import LoraAdapter
 from ..layers import LayerShape
 from .kinds import FullModule, LohaModule, LokrModule, NormModule
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """``(m, n)`` with ``m · n = dimension``, ``m ≤ n`` and ``m`` the largest divisor not above
-    ``√dimension`` (and not above ``factor`` when it is positive)."""
-    if factor > 0 and dimension % factor == 0:
-        return min(factor, dimension // factor), max(factor, dimension // factor)
-    limit = int(dimension ** 0.5)
-    if factor > 0:
-        limit = min(limit, factor)
-    m = max(d for d in range(1, limit + 1) if dimension % d == 0)
-    return m, dimension // m
+from .shapes import factorization
 
 
 def _randn(*shape: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:

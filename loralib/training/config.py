@@ -122,9 +122,10 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     if data.enable_bucket and data.resolution % step:
         problems.append(f"data.resolution ({data.resolution}) must be a multiple of data.bucket_step ({step}) "
                         "when bucketing")
-    if net.network_type == "dora" and not _format_holds_dora(config.output.output_format):
+    if net.network_type == "dora" and not _format_holds(config.output.output_format, "dora"):
         problems.append(f"output.output_format = \"{config.output.output_format}\" cannot hold DoRA: set "
                         "output_format = \"kohya\" (LyCORIS' dora_scale) or \"peft\" (use_dora)")
+    problems += _lycoris_problems(config)
     if net.network_type == "dora" and train.base_weights_dtype != "default":
         problems.append("training.base_weights_dtype: 8-bit base weights do not work with DoRA (its magnitudes are "
                         "computed from the base weights); use base_weights_dtype = \"default\"")
@@ -156,11 +157,32 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _format_holds_dora(name: str) -> bool:
-    """Whether the writer of format ``name`` stores DoRA modules (asked of the format table only for DoRA runs)."""
+def _lycoris_problems(config: TrainConfig) -> list[str]:
+    """Settings that LoHa/LoKr training cannot honour (and LoKr's settings without LoKr)."""
+    net, kind = config.network, config.network.network_type
+    problems = []
+    if kind != "lokr" and (net.factor != -1 or net.decompose_both):
+        problems.append("network.factor and decompose_both are LoKr settings: set network_type = \"lokr\"")
+    if kind not in ("loha", "lokr"):
+        return problems
+    title = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    if config.output.output_format != "kohya" and not _format_holds(config.output.output_format, kind):
+        problems.append(f"output.output_format = \"{config.output.output_format}\" cannot hold {title} modules: set "
+                        "output_format = \"kohya\" (LyCORIS keys, which ComfyUI, A1111, Forge and LyCORIS load)")
+    if net.dropout:
+        problems.append(f"network.dropout: {title} has no input dropout (LyCORIS has none either); set dropout = 0")
+    if config.training.loraplus_lr_ratio is not None:
+        problems.append(f"training.loraplus_lr_ratio: LoRA+ speeds up LoRA's up factors, which {title} does not have; "
+                        "leave it unset")
+    return problems
+
+
+def _format_holds(name: str, kind: str) -> bool:
+    """Whether the writer of format ``name`` stores modules of ``kind`` (asked of the format table only for
+    DoRA, LoHa and LoKr runs)."""
     from ..formats.table import FORMATS
 
-    return any(fmt.name == name and "dora" in fmt.holds_kinds for fmt in FORMATS)
+    return any(fmt.name == name and kind in fmt.holds_kinds for fmt in FORMATS)
 
 
 class ConfigError(InvalidArgumentError):
@@ -266,8 +288,13 @@ class NetworkSection(_Section):
     train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder(s).")
     network_type: Literal["lora", "dora", "loha", "lokr"] = Field(
         "lora", description="lora; dora (weight-decomposed LoRA, peft's use_dora; saved in kohya format with "
-                            "LyCORIS' dora_scale, or as a PEFT folder); "
-                            "loha and lokr are not available yet.")
+                            "LyCORIS' dora_scale, or as a PEFT folder); loha or lokr (LyCORIS' LoHa and LoKr, "
+                            "kohya's algo=loha/lokr; saved in kohya format with LyCORIS keys). LoCon is lora "
+                            "with target_modules = \"locon\".")
+    factor: int = Field(-1, ge=-1, description="LoKr: split each side of a weight into two factors with the smaller at "
+                                               "most this (LyCORIS' factor; -1: as close to square as possible).")
+    decompose_both: bool = Field(False, description="LoKr: make the smaller Kronecker factor low-rank too (LyCORIS' "
+                                                    "decompose_both).")
     block_dims: str | None = Field(None, description="Rank per UNet block, kohya's block_dims: 25 comma-separated "
                                                      "values for SD1/SD2, 23 for SDXL; 0 leaves a block out.")
     block_alphas: str | None = Field(None, description="Alpha per UNet block (kohya's block_alphas; default: alpha).")
@@ -301,12 +328,11 @@ class NetworkSection(_Section):
         parse_indices(str(value))
         return str(value).replace(" ", "")
 
-    @field_validator("network_type")
+    @field_validator("factor")
     @classmethod
-    def _available(cls, value: str) -> str:
-        if value in ("loha", "lokr"):
-            raise ValueError(f"{value} training is not available yet (LyCORIS LoHa/LoKr training is planned); use "
-                             "lora or dora (kohya's LoCon is target_modules = \"locon\")")
+    def _factor(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (automatic) or a positive whole number, not 0")
         return value
 
     @field_validator("block_dims", "conv_block_dims", mode="before")

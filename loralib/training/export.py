@@ -6,7 +6,8 @@ is written from) whose metadata carries what sd-scripts records — ``ss_learnin
 ``modelspec.*`` keys; :mod:`loralib.metadata` adds rank, alpha, architecture and the hashes when
 the file is written, atomically.
 
-A DoRA run's modules are DoRA modules (:class:`~loralib.lycoris.kinds.DoraModule`, what every
+A LoHa or LoKr run's modules are LyCORIS modules (:mod:`loralib.lycoris.kinds`), written by the kohya
+writer with LyCORIS' keys and ``ss_network_module = lycoris.kohya``. A DoRA run's modules are DoRA modules (:class:`~loralib.lycoris.kinds.DoraModule`, what every
 reader makes of a DoRA file), written by the kohya writer with LyCORIS' ``dora_scale`` or by the PEFT
 writer with ``use_dora`` and ``lora_magnitude_vector``.
 """
@@ -163,6 +164,10 @@ def _network_args(config: TrainConfig) -> dict[str, str]:
         args["loraplus_lr_ratio"] = _text(train.loraplus_lr_ratio)
     if net.network_type == "dora":
         args["dora_wd"] = "True"  # LyCORIS's name for DoRA
+    if net.network_type in ("loha", "lokr"):  # kohya's network_args for lycoris.kohya
+        args["algo"] = net.network_type
+        if net.network_type == "lokr":
+            args.update(factor=str(net.factor), decompose_both=str(net.decompose_both))
     return args
 
 

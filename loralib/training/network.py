@@ -8,6 +8,10 @@ trained adapter's modules are exactly the chosen layers:
   (the layers kohya's LoRA trains);
 - ``locon``: transformer plus the ResNet blocks' convolutions, time-embedding projections and the
   down/up-samplers (kohya's LoCon); 3×3 convs get ``conv_rank``/``conv_alpha``.
+
+``network_type`` chooses the layers added: peft LoRA (or DoRA, peft's ``use_dora``) through
+:func:`add_lora`, or LyCORIS' LoHa / LoKr through :mod:`.lycoris_layers`; :func:`add_network`
+picks, :func:`trained_layers` finds them again and :func:`export_modules` reads either back.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..base_model import adaptable_layers
 from ..layers import ATTENTION, FEED_FORWARD, PROJECTION
 
 if TYPE_CHECKING:
-    from ..lycoris.kinds import DoraModule
+    from ..adapter import AdapterModule
 
 ADAPTER_NAME = "default"
 # A transformer's final output layer is a projection outside its blocks, which LoRA trainers leave alone.
@@ -94,6 +98,33 @@ def add_lora(model: nn.Module, settings: dict[str, tuple[int, float]], *, dropou
     model.add_adapter(config)
 
 
+def add_network(model: nn.Module, settings: dict[str, tuple[int, float]], network_type: str, *, dropout: float,
+                factor: int = -1, decompose_both: bool = False) -> None:
+    """Add the trainable layers of ``network_type`` (``lora``, ``dora``, ``loha``, ``lokr``) with the given
+    ``(rank, alpha)`` to the named modules of ``model``."""
+    from .lycoris_layers import KINDS, add_lycoris
+
+    if network_type in KINDS:
+        add_lycoris(model, settings, network_type, factor=factor, decompose_both=decompose_both)
+    else:
+        add_lora(model, settings, dropout=dropout, use_dora=network_type == "dora")
+
+
+def trained_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Module]:
+    """``{internal key: trained layer}``: peft LoRA layers, or LyCORIS layers after :func:`add_network`."""
+    from .lycoris_layers import lycoris_layers
+
+    return lora_layers(model, targets) or lycoris_layers(model, targets)
+
+
+def layer_path(parameter_path: str) -> str:
+    """The adapted layer's module path in a trainable parameter's path (``….to_q.lora_A.default.weight``,
+    ``….to_q.lycoris.hada_w1_a`` -> ``….to_q``)."""
+    from .lycoris_layers import CHILD
+
+    return parameter_path.split(".lora_", 1)[0].split(f".{CHILD}.", 1)[0]
+
+
 def lora_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Module]:
     """``{internal key: peft LoRA layer}`` after :func:`add_lora`."""
     from peft.tuners.lora import LoraLayer
@@ -105,14 +136,18 @@ def lora_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Modul
     return found
 
 
-def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule | DoraModule]:
+def export_modules(layers: dict[str, nn.Module]) -> dict[str, AdapterModule]:
     """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down); a layer
     trained with ``use_dora`` becomes a :class:`~loralib.lycoris.kinds.DoraModule` around them, with
-    peft's magnitude (one per output feature, no epsilon)."""
+    peft's magnitude (one per output feature, no epsilon); a LoHa/LoKr layer its LyCORIS module."""
     from ..lycoris.kinds import dora
+    from .lycoris_layers import TrainedLycoris
 
     modules = {}
     for key, layer in layers.items():
+        if isinstance(layer, TrainedLycoris):
+            modules[key] = layer.export()
+            continue
         down = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
         up = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone()
         rank = layer.r[ADAPTER_NAME]

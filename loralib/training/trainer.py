@@ -292,11 +292,26 @@ class Trainer:
             _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
         self.objective = make_objective(base, self.config, self.device, self.weight_dtype)
 
+    def _refuse_unsaveable_kind(self) -> None:
+        """Refuse, before any step, a network the output could not hold: kohya and ComfyUI names fuse
+        Flux.1/SD3 layers, which only plain LoRA factors can be stored in, and LoHa/LoKr are trained
+        for the SD UNets and text encoders only."""
+        kind, fmt = self.config.network.network_type, self.config.output.output_format
+        if self.base.family == "sd" or kind == "lora":
+            return
+        if kind in ("loha", "lokr") or fmt in ("kohya", "comfyui"):
+            raise InvalidArgumentError(
+                f"network_type = \"{kind}\" cannot be trained for {self.base.architecture} into {fmt} format: its "
+                "fused layers hold plain LoRA factors only" if kind == "dora" else
+                f"network_type = \"{kind}\" is trained for SD1.x, SD2.x and SDXL only, not {self.base.architecture}",
+                "Use network_type = \"lora\"" + (" (or DoRA with output_format = \"peft\")" if kind == "dora" else ""))
+
     def _add_lora(self) -> None:
         from .blocks import plan_blocks
 
         cfg = self.config
-        torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # peft draws the initial down factors
+        self._refuse_unsaveable_kind()
+        torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # the initial factors are drawn
         self.blocks = plan_blocks(cfg, self.base.architecture)
         self.targets: dict[str, tuple[Any, dict[str, str]]] = {}
         self.denoiser_name = denoiser = self.base.denoiser_name  # unet, or Flux.1/SD3's transformer
@@ -311,8 +326,8 @@ class Trainer:
             if not settings:
                 raise InvalidArgumentError(f"the base model's {component} has no layer that target_modules = "
                                            f"{cfg.network.target_modules!r} (and the block settings) select")
-            network.add_lora(model, settings, dropout=cfg.network.dropout,
-                             use_dora=cfg.network.network_type == "dora")
+            network.add_network(model, settings, cfg.network.network_type, dropout=cfg.network.dropout,
+                                factor=cfg.network.factor, decompose_both=cfg.network.decompose_both)
             self.targets[component] = (model, {name: targets[name] for name in settings})
             for parameter in model.parameters():
                 if parameter.requires_grad:
@@ -354,7 +369,7 @@ class Trainer:
         """The block learning-rate factor of a trainable parameter (``….to_q.lora_A.default.weight``)."""
         if component != self.denoiser_name:
             return 1.0
-        key = self.targets[component][1].get(path.split(".lora_", 1)[0])
+        key = self.targets[component][1].get(network.layer_path(path))
         return self.blocks.lr_weight(key) if key is not None else 1.0
 
     def _current_lr(self) -> float:
@@ -642,7 +657,7 @@ class Trainer:
         with self._saved_weights():
             modules = {}
             for model, targets in self.targets.values():
-                modules.update(network.export_modules(network.lora_layers(model, targets)))
+                modules.update(network.export_modules(network.trained_layers(model, targets)))
         epoch = epoch if epoch is not None else self._epoch_of(max(self.step - 1, 0)) + 1
         processes = self.accelerator.num_processes
         run = RunInfo(self.base.architecture, str(self.config.model.base_model), self.objective.prediction_type,
