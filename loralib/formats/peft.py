@@ -21,6 +21,7 @@ from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
 from ..files.atomic import atomic_dir, check_output
 from ..naming import TE_ROOT, internal_key
+from ..naming.clip import text_model_prefix
 from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
@@ -118,8 +119,6 @@ def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | N
     Text-encoder paths are spelled as the installed transformers builds the model (with or
     without ``text_model.``), because PEFT loads by exact module path.
     """
-    from ..base_model import text_model_prefix
-
     tensors, ranks_alphas = {}, {}
     modules = {key: module for key, module in adapter.modules.items() if key.split(".", 1)[0] == component}
     use_dora = _uses_dora(component, modules)
