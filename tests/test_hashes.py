@@ -60,7 +60,8 @@ def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
     path = tmp_path / "w.safetensors"
     returned = write_safetensors(path, _big_tensors(), {"ss_network_dim": "8"}, SELF_HASHES)
     recomputed = hash_file(path)
-    assert returned == recomputed.tensor_sha256
+    assert returned == recomputed  # every hash, identity included, as reading the file back gives
+    assert returned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     metadata = read_header(path).metadata
     assert metadata["sshs_model_hash"] == recomputed.tensor_sha256
     assert metadata["modelspec.hash_sha256"] == "0x" + recomputed.tensor_sha256
@@ -72,11 +73,12 @@ def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
 def test_writer_leaves_out_the_legacy_hash_when_the_header_covers_it(tmp_path):
     path = tmp_path / "h.safetensors"
     tensors = {f"t{i:05d}.lora_down.weight": torch.zeros(1) for i in range(30000)}  # a header over 1 MiB
-    write_safetensors(path, tensors, {}, SELF_HASHES)
+    returned = write_safetensors(path, tensors, {}, SELF_HASHES)
     header = read_header(path)
     assert header.data_start > 0x100000
     assert "sshs_legacy_hash" not in header.metadata
     assert header.metadata["sshs_model_hash"] == hash_file(path).tensor_sha256
+    assert returned == hash_file(path)  # the legacy hash of the bytes, header included
 
 
 def test_writer_round_trips_every_dtype(tmp_path):
