@@ -6,7 +6,9 @@ projection layer of the UNet and both text encoders: 986 modules, fp16, random f
 decaying spectra). Its baseline, run alternately with it in the same run, is the I/O floor: a new
 process that does a plain ``safetensors.torch.load_file`` + ``save_file`` of each of the same input
 files, one after the other. Timings are wall-clock, page cache warm (every input is read once
-first); peak RSS is each child's ``ru_maxrss`` (``os.wait4``). This script itself stays small (it
+first); CPU time is each child's user + system time and peak RSS its ``ru_maxrss`` (``os.wait4``).
+On a machine shared with other work the CPU-time ratio is the steadier one: wall time stretches
+with everyone else's load. This script itself stays small (it
 imports neither torch nor lorareg; the inputs are built by a child process), because Linux carries
 the parent's peak RSS over into a child's ``ru_maxrss`` across fork and exec.
 
@@ -57,7 +59,7 @@ class Task:
     floor_inputs: list[Path]
     time_goal: float
     memory_goal: float | None = None
-    runs: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {"lorareg": [], "floor": []})
+    runs: dict[str, list[tuple[float, float, int]]] = field(default_factory=lambda: {"lorareg": [], "floor": []})
 
 
 def build_inputs(cache: Path, small: bool) -> dict[str, Path]:
@@ -114,8 +116,8 @@ def tasks_for(paths: dict[str, Path]) -> list[Task]:
     ]
 
 
-def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process; exits if it fails."""
+def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak RSS (bytes) of one child process; exits if it fails."""
     start = time.perf_counter()
     child = subprocess.Popen(arguments, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -125,7 +127,7 @@ def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, int]:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(arguments)} failed ({child.returncode}): {error.strip()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def clear(path: Path) -> None:
@@ -166,20 +168,19 @@ def report(tasks: list[Task], repeats: int) -> None:
     """Print the medians and the ratios to the floor."""
     print(f"\nmedian of {repeats} alternating runs each (floor = plain safetensors load_file + save_file of the "
           "same inputs, a new process)")
-    print(f"{'task':<24}{'lorareg':>9}{'floor':>8}{'ratio':>7}{'goal':>6}   {'peak RSS lorareg / floor':<26}"
-          f"{'ratio':>6}{'goal':>6}")
+    print(f"{'task':<24}{'wall: lorareg':>14}{'floor':>8}{'ratio':>7}{'goal':>6}   {'CPU: lorareg':>12}{'floor':>8}"
+          f"{'ratio':>7}   {'peak RSS: lorareg':>17}{'floor':>10}{'ratio':>7}{'goal':>6}")
     for task in tasks:
-        ours = statistics.median(t for t, _ in task.runs["lorareg"])
-        base = statistics.median(t for t, _ in task.runs["floor"])
-        ours_rss = statistics.median(m for _, m in task.runs["lorareg"])
-        base_rss = statistics.median(m for _, m in task.runs["floor"])
+        ours, base = ([statistics.median(run[i] for run in task.runs[label]) for i in range(3)]
+                      for label in ("lorareg", "floor"))
         memory_goal = f"{task.memory_goal:.1f}x" if task.memory_goal else "-"
-        print(f"{task.name:<24}{ours:>8.2f}s{base:>7.2f}s{ours / base:>6.2f}x{task.time_goal:>5.1f}x   "
-              f"{ours_rss / 2**20:>7.0f} / {base_rss / 2**20:.0f} MiB{'':<9}{ours_rss / base_rss:>5.2f}x{memory_goal:>6}")
-    print("\nevery run (seconds, peak RSS MiB):")
+        print(f"{task.name:<24}{ours[0]:>13.2f}s{base[0]:>7.2f}s{ours[0] / base[0]:>6.2f}x{task.time_goal:>5.1f}x   "
+              f"{ours[1]:>11.2f}s{base[1]:>7.2f}s{ours[1] / base[1]:>6.2f}x   "
+              f"{ours[2] / 2**20:>13.0f} MiB{base[2] / 2**20:>6.0f} MiB{ours[2] / base[2]:>6.2f}x{memory_goal:>6}")
+    print("\nevery run (wall s / CPU s / peak RSS MiB):")
     for task in tasks:
         for label in ("lorareg", "floor"):
-            runs = ", ".join(f"{t:.2f} s/{m / 2**20:.0f}" for t, m in task.runs[label])
+            runs = ", ".join(f"{t:.2f}/{c:.2f}/{m / 2**20:.0f}" for t, c, m in task.runs[label])
             print(f"  {task.name:<24}{label:<8} {runs}")
 
 

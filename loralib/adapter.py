@@ -15,6 +15,7 @@ diffusers' scale of 1) into this one exactly, so conversion never changes ``ΔW`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -228,6 +229,7 @@ class LoraAdapter:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
     source_hash: Deferred | None = field(default=None, repr=False)  # FileHashes of the source's files
+    releaser: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def components(self) -> list[str]:
@@ -275,6 +277,14 @@ class LoraAdapter:
     def source_identity(self) -> str | None:
         """The identity of the source's content as stored (see :mod:`loralib.files.hashes`), or None."""
         return self.source_hash.result().identity if self.source_hash is not None else None
+
+    def release(self, key: str) -> None:
+        """Say that module ``key`` will not be read again soon: for an adapter loaded from files
+        (whose tensors view the memory-mapped files) its pages leave this process's memory. The
+        module stays valid (its bytes are read from the file again if touched). Streaming
+        operations call this after each module, so their memory does not grow with the inputs."""
+        if self.releaser is not None:
+            self.releaser(key)
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

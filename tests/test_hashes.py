@@ -122,3 +122,24 @@ def test_an_input_hash_is_written_even_after_its_adapter_is_gone(tmp_path, finis
     assert written == {"file": "a.safetensors", "identity": "ef" * 32, "tensor_sha256": "ab" * 32, "sha256": "cd" * 32,
                        "weight": 0.5}
     assert result.operation.inputs[0].tensor_sha256 == "ab" * 32 and result.operation.inputs[0].identity == "ef" * 32
+
+
+def test_loaded_tensors_view_the_mapped_file_and_stay_valid_once_released(tmp_path):
+    """Adapters load as views of the memory-mapped file; releasing a module drops its pages from
+    this process only: its values are read again from the file when touched."""
+    import loralib
+    from loralib.synthetic import random_adapter
+    from tests.helpers.small_loras import sd1_attention_layers
+
+    path = tmp_path / "a.safetensors"
+    original = random_adapter(sd1_attention_layers(), 64, seed=3, dtype=torch.float16)
+    loralib.save(original, path)
+    loaded = loralib.load(path)
+    key = next(iter(loaded.modules))
+    before = loaded.modules[key].up.clone()
+    for name in loaded.modules:
+        loaded.release(name)
+    assert torch.equal(loaded.modules[key].up, before)
+    assert all(torch.equal(loaded.modules[k].down, m.down) and torch.equal(loaded.modules[k].up, m.up)
+               for k, m in original.modules.items())
+    assert path.read_bytes()  # the file is untouched and readable

@@ -98,7 +98,10 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
             return None
         bases = {position: layers.weight(key, module) for module, _, position in parts}
         up, down, entry = _merge_module(key, parts, method, rule, density, seed, svd, bases)
-        return module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
+        merged = module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
+        for item in items:  # streaming: the inputs' memory does not grow with the modules done
+            item.adapter.release(key)
+        return merged
 
     modules: dict[str, LoraModule] = {}
     with layers:

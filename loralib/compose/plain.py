@@ -61,7 +61,9 @@ def plain_modules(source: LoraAdapter, rule: RankRule | None, layers: BaseLayers
             up, down, entry = reduce_factors(up, down, rule, torch.full((module.rank,), module.scale))
         else:
             up, down, entry = lora_factors(module, rule, base=layers.weight(key, module), svd=svd, seed=seed)
-        return module_from_factors(up, down, layer_of(module), dtype), entry
+        result = module_from_factors(up, down, layer_of(module), dtype), entry
+        source.release(key)  # streaming: the input's memory does not grow with the modules done
+        return result
 
     modules: dict[str, LoraModule] = {}
     items = list(source.modules.items())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .header import read_header
+from .pages import drop_pages
 
 if TYPE_CHECKING:
     from .header import SafetensorsHeader
@@ -267,4 +268,6 @@ def hash_mapped(view: memoryview, header: SafetensorsHeader) -> FileHashes:
     hasher = StreamHasher(header.data_start, header)
     for start in range(0, len(view), _CHUNK):
         hasher.update(view[start:start + _CHUNK])
+        if isinstance(view.obj, mmap.mmap):  # keep only the chunk in use in memory
+            drop_pages(view.obj, start, _CHUNK)
     return hasher.result()

@@ -78,7 +78,8 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format.
 
     The hashes of its files (its identity and tensor hash, which operation records name it by)
-    are computed in a background thread while the tensors load.
+    are computed in a background thread while the tensors load. Tensors are views of the
+    memory-mapped files; :meth:`LoraAdapter.release` lets go of a module's memory once used.
     """
     from ..adapter import LoraAdapter
     from ..files.hashes import Deferred, hash_adapter_files
@@ -93,8 +94,15 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
         tensors[id(source)] = source.load(wanted)
     modules = {key: e.build(tensors[id(e.source)]) for key, e in index.modules.items()}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
+    entries = index.modules
+
+    def release(key: str) -> None:
+        entry = entries.get(key)
+        if entry is not None:
+            entry.source.release(entry.tensor_names())
+
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),
-                       embeddings, Path(path), source_hash=identity)
+                       embeddings, Path(path), source_hash=identity, releaser=release)
 
 
 def writer(format: str) -> Format:
