@@ -9,10 +9,15 @@ its own process) twice: with its defaults (latents and caption embeddings cached
 training, the VAE and text encoder then released) and with both caches off, which is the
 baseline's work step for step.
 
-Every run is a fresh process; runs alternate between variants and the median of ``--repeats``
-is reported. Steps/s counts optimizer steps after the first (which carries one-off work) to
-the last; peak memory is the process's peak resident set on CPU, and
-``torch.cuda.max_memory_allocated`` on CUDA. Wall time is the whole command, start-up included.
+Every run is a fresh process; runs alternate between variants (the order rotates from one
+repeat to the next) and the median of ``--repeats`` is reported. Steps/s counts optimizer steps after the first (which carries one-off work) to
+the last; the median step is the median time between consecutive step ends (the first left
+out), which pauses disturb less than the mean; CPU per step is the process's CPU time (all its
+threads) per median step, which other processes on a busy machine disturb far less than wall
+time; "vs baseline" columns are speed ratios (> 1: faster than the baseline). Peak memory
+is the process's peak resident set on CPU, and ``torch.cuda.max_memory_allocated`` on CUDA.
+Wall time is the whole command, start-up included. The machine's load average is printed before
+and after (other processes slow every variant alike only if they stay steady).
 
 On CPU the base is the tiny SD1 pipeline (``lorareg tiny-model``); on CUDA it is an SD1.5-sized
 pipeline with random weights (860M-parameter UNet, full VAE, CLIP-L-sized text encoder) at
@@ -25,7 +30,9 @@ pipeline with random weights (860M-parameter UNet, full VAE, CLIP-L-sized text e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -43,8 +50,8 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # --- the baseline: a minimal diffusers + peft loop ---------------------------------------------------------------
 
 
-def baseline(args: argparse.Namespace) -> dict:
-    """Train like diffusers' LoRA example; return steps/s and peak memory."""
+def baseline(args: argparse.Namespace, on_step=None) -> dict:
+    """Train like diffusers' LoRA example; return steps/s and peak memory (``on_step()`` after each step)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -95,7 +102,7 @@ def baseline(args: argparse.Namespace) -> dict:
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=args.steps)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     accelerator.init_trackers("baseline")
-    stamps = []
+    stamps, cpu_stamps = [], []
     step = 0
     while step < args.steps:
         for batch in loader:
@@ -120,13 +127,75 @@ def baseline(args: argparse.Namespace) -> dict:
                 step += 1
                 accelerator.log({"train_loss": average}, step=step)
                 stamps.append(time.perf_counter())
+                cpu_stamps.append(time.process_time())
+                if on_step is not None:
+                    on_step()
                 if step >= args.steps:
                     break
     accelerator.end_training()
     device = accelerator.device
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "peak_memory_bytes": peak}
+    def median_gap(values: list[float]) -> float:  # as lorareg reports median_step_seconds
+        gaps = sorted(b - a for a, b in itertools.pairwise(values[1:]))
+        return gaps[len(gaps) // 2]
+
+    return {"steps": step, "steps_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "median_step_seconds": median_gap(stamps), "median_step_cpu_seconds": median_gap(cpu_stamps),
+            "peak_memory_bytes": peak}
+
+
+# --- exact work per step -------------------------------------------------------------------------------------------
+
+
+class StepCounter:
+    """Counts Python function calls (cProfile) and torch operations (torch.profiler) over steps 3 to 5."""
+
+    FIRST, LAST = 2, 5  # after the 2nd step (warm), until the 5th: three steps
+
+    def __init__(self) -> None:
+        self.step, self.calls, self.ops, self.profilers = 0, 0, 0, None
+
+    def __call__(self, *_) -> None:
+        import cProfile
+        import pstats
+
+        from torch.profiler import ProfilerActivity, profile
+
+        self.step += 1
+        if self.step == self.FIRST:
+            self.profilers = (cProfile.Profile(), profile(activities=[ProfilerActivity.CPU]))
+            self.profilers[1].__enter__()
+            self.profilers[0].enable()
+        elif self.step == self.LAST:
+            self.profilers[0].disable()
+            self.profilers[1].__exit__(None, None, None)
+            self.calls = pstats.Stats(self.profilers[0]).total_calls
+            self.ops = sum(event.count for event in self.profilers[1].key_averages() if event.key.startswith("aten::"))
+
+    def result(self) -> dict:
+        steps = self.LAST - self.FIRST
+        return {"python_calls_per_step": self.calls / steps, "torch_ops_per_step": self.ops / steps}
+
+
+def count_step_work(args: argparse.Namespace) -> dict:
+    """Run one loop without caches and count its work per step (``--count``)."""
+    counter = StepCounter()
+    args.steps = StepCounter.LAST + 1
+    if args.worker == "count-baseline":
+        baseline(args, on_step=counter)
+        return counter.result()
+    if args.checkout:
+        sys.path.insert(0, args.checkout)
+    from loralib.training import Trainer, load_config
+
+    settings = {"base_model": str(args.base), "data_dir": str(DATA), "output_dir": args.output, "model_name": "bench",
+                "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
+                "target_modules": "attention", "max_train_steps": args.steps, "learning_rate": 1e-4,
+                "mixed_precision": args.precision, "seed": args.seed, "cache_latents": False,
+                "cache_text_embeddings": False}
+    Trainer(load_config(None, settings), force=True, on_step=counter).run()
+    return counter.result()
 
 
 # --- base models ---------------------------------------------------------------------------------------------------
@@ -161,18 +230,37 @@ def build_sd15_sized(path: Path) -> Path:
 # --- running and reporting -----------------------------------------------------------------------------------------
 
 
-def _run(command: list[str], env: dict) -> tuple[dict, float]:
+def _run(command: list[str], env: dict, root: Path = ROOT) -> tuple[dict, float]:
     began = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:6])} … failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout[done.stdout.index("{"):]), wall
 
 
-def lorareg_command(args, output: Path, cached: bool) -> list[str]:
-    """The ``lorareg train`` command of one run."""
-    command = [sys.executable, "-m", "lorareg", "train", "--json", "--force", "--base", str(args.base),
+# Runs ``lorareg`` from another source tree (argv[1]) with its own packages, as pyproject.toml maps them
+# (lorareg.cli -> cli/, lorareg.registry -> registry/), whatever the virtual environment has installed.
+CHECKOUT_LAUNCHER = """
+import importlib.util, sys
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+import lorareg
+for sub in ("cli", "registry"):
+    spec = importlib.util.spec_from_file_location(f"lorareg.{sub}", f"{root}/{sub}/__init__.py",
+                                                  submodule_search_locations=[f"{root}/{sub}"])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+from lorareg.cli.main import main
+main()
+"""
+
+
+def lorareg_command(args, output: Path, cached: bool, checkout: Path | None = None) -> list[str]:
+    """The ``lorareg train`` command of one run (of the source tree ``checkout``, default this one)."""
+    start = [sys.executable, "-c", CHECKOUT_LAUNCHER, str(checkout)] if checkout else [sys.executable, "-m", "lorareg"]
+    command = [*start, "train", "--json", "--force", "--base", str(args.base),
                "--data", str(DATA), "-o", str(output), "--name", "bench", "--resolution", str(args.resolution),
                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--target-modules", "attention",
                "--max-train-steps", str(args.steps), "--learning-rate", "1e-4", "--mixed-precision", args.precision,
@@ -191,13 +279,23 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=["baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run another lorareg source tree without caches (e.g. `git archive main | tar -x -C "
+                             "/tmp/main`), alternating with the others: a before/after comparison on the same machine")
+    parser.add_argument("--count", action="store_true",
+                        help="instead of timing, count the Python calls and torch operations of three steps of each "
+                             "loop without caches: exact figures that other processes cannot disturb")
+    parser.add_argument("--worker", choices=["baseline", "count-baseline", "count-lorareg"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkout", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.worker == "baseline":
         print(json.dumps(baseline(args)))
+        return
+    if args.worker:
+        print(json.dumps(count_step_work(args)))
         return
 
     import torch
@@ -208,6 +306,7 @@ def main() -> None:
     args.precision = "bf16" if cuda else "no"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # alike for all
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="lorareg-bench-") as tmp:
         work = Path(tmp)
         env["LORAREG_HOME"] = str(work / "home")
@@ -233,23 +332,69 @@ def main() -> None:
             "lorareg train (defaults: cached)": lambda out: lorareg_command(args, out, cached=True),
             "lorareg train (no caches)": lambda out: lorareg_command(args, out, cached=False),
         }
+        roots = {name: ROOT for name in variants}
+        if args.compare:
+            name = f"lorareg train at {args.compare} (no caches)"
+            variants[name] = lambda out: lorareg_command(args, out, cached=False, checkout=args.compare.resolve())
+            roots[name] = args.compare.resolve()
+        if args.count:
+            _count(args, work, env)
+            return
         results: dict[str, list[tuple[dict, float]]] = {name: [] for name in variants}
+        order = list(variants.items())
         for repeat in range(args.repeats):
-            for index, (name, command) in enumerate(variants.items()):
-                results[name].append(_run(command(work / f"run{repeat}-{index}"), env))
+            # rotate the order, so that no variant always runs first (or right after another)
+            for index, (name, command) in enumerate(order[repeat % len(order):] + order[:repeat % len(order)]):
+                root = roots[name]
+                run_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", ""))
+                                                                   if p)}
+                results[name].append(_run(command(work / f"run{repeat}-{index}"), run_env, root))
                 report, wall = results[name][-1]
-                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s, "
+                step, cpu = report.get("median_step_seconds"), report.get("median_step_cpu_seconds")
+                shown = f", median step {step * 1000:.1f} ms, CPU {cpu * 1000:.1f} ms" if step and cpu else ""
+                print(f"  run {repeat + 1}: {name}: {report['steps_per_second']:.2f} steps/s{shown}, "
                       f"{report['peak_memory_bytes'] / 2**20:.0f} MiB, {wall:.1f} s", flush=True)
     summary = {name: (statistics.median(r["steps_per_second"] for r, _ in runs),
+                      statistics.median(r.get("median_step_seconds") or math.nan for r, _ in runs),
+                      statistics.median(r.get("median_step_cpu_seconds") or math.nan for r, _ in runs),
                       statistics.median(r["peak_memory_bytes"] for r, _ in runs),
                       statistics.median(w for _, w in runs)) for name, runs in results.items()}
-    speed0, memory0, _ = summary["baseline (diffusers example loop)"]
+    speed0, step0, cpu0, memory0, _ = summary["baseline (diffusers example loop)"]
     what = "peak GPU memory allocated" if cuda else "peak RSS"
-    print(f"\n| variant | steps/s | speed vs baseline | {what} | memory vs baseline | wall time |")
-    print("|---|---|---|---|---|---|")
-    for name, (speed, memory, wall) in summary.items():
-        print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {memory / 2**20:.0f} MiB | {memory / memory0:.2f}x "
-              f"| {wall:.1f} s |")
+    print(f"\nload average: {_load()} (before: {load_before})")
+    print(f"\n| variant | steps/s | vs baseline | median step | vs baseline | CPU per step | vs baseline | {what} | "
+          "memory vs baseline | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, (speed, step, cpu, memory, wall) in summary.items():
+        print(f"| {name} | {speed:.2f} | {speed / speed0:.2f}x | {step * 1000:.1f} ms | {step0 / step:.2f}x | "
+              f"{cpu * 1000:.1f} ms | {cpu0 / cpu:.2f}x | {memory / 2**20:.0f} MiB | {memory / memory0:.2f}x | "
+              f"{wall:.1f} s |")
+
+
+def _count(args: argparse.Namespace, work: Path, env: dict) -> None:
+    common = ["--base", str(args.base), "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
+              "--rank", str(args.rank), "--precision", args.precision, "--seed", str(args.seed)]
+    loops = {"baseline (diffusers example loop)": ["count-baseline"], "lorareg (no caches)": ["count-lorareg"]}
+    if args.compare:
+        loops[f"lorareg at {args.compare} (no caches)"] = ["count-lorareg", "--checkout", str(args.compare.resolve())]
+    counted = {}
+    for index, (name, worker) in enumerate(loops.items()):
+        command = [sys.executable, __file__, "--worker", *worker, "--output", str(work / f"count{index}"), *common]
+        counted[name], _ = _run(command, env)
+    calls0, ops0 = (counted["baseline (diffusers example loop)"][k] for k in ("python_calls_per_step",
+                                                                            "torch_ops_per_step"))
+    print("\n| loop | Python calls per step | vs baseline | torch operations per step | vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, c in counted.items():
+        print(f"| {name} | {c['python_calls_per_step']:.0f} | {c['python_calls_per_step'] / calls0:.2f}x | "
+              f"{c['torch_ops_per_step']:.0f} | {c['torch_ops_per_step'] / ops0:.2f}x |")
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

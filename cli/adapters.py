@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from loralib.dtypes import storage_dtype
+from loralib.formats import input_files
 from loralib.vocabulary import STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, print_json
+from .output import human_size, note, plain, print_error, print_json, shown
 from .paths import adapter_output, make_parents, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 
@@ -42,6 +43,7 @@ def inspect_command(ctx: click.Context, adapter: str, as_json: bool, no_hash: bo
     else:
         _print_report(report, show_metadata, show_modules)
     if report.damaged:
+        print_error(f"{report.path} is damaged: {'; '.join(report.problems)}")
         ctx.exit(1)
 
 
@@ -65,11 +67,11 @@ def _print_report(report, show_metadata: bool, show_modules: bool = False) -> No
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("file", report.path)
+    table.add_row("file", shown(report.path))
     table.add_row("format", f"{report.format_title} [dim]({report.format})[/]")
-    table.add_row("architecture", f"{architecture_title(report.architecture)} [dim]({report.architecture_evidence})[/]")
+    table.add_row("architecture", f"{architecture_title(report.architecture)} [dim]({shown(report.architecture_evidence)})[/]")
     if report.metadata_claims:
-        table.add_row("metadata says", report.metadata_claims)
+        table.add_row("metadata says", shown(report.metadata_claims))
     components = ", ".join(f"{c} {n}" for c, n in report.components.items())
     table.add_row("modules", f"{report.modules}" + (f" ({components})" if components else ""))
     if report.kinds:
@@ -83,16 +85,17 @@ def _print_report(report, show_metadata: bool, show_modules: bool = False) -> No
     table.add_row("dtype", _counts(report.dtypes))
     table.add_row("size", f"{human_size(report.file_size)}, {report.tensors} tensors, {report.parameters:,} values")
     if report.embeddings:
-        table.add_row("embeddings", ", ".join(report.embeddings))
+        table.add_row("embeddings", shown(", ".join(report.embeddings)))
     for name in ("sha256", "autov2", "tensor_sha256", "a1111", "legacy"):
         if name in report.hashes:
             label = {"tensor_sha256": "tensor sha256", "a1111": "A1111 hash", "autov2": "AutoV2",
                      "legacy": "legacy hash"}.get(name, name)
             table.add_row(label, report.hashes[name])
-    shown = report.metadata if show_metadata else metadata_summary(report.metadata)
-    for key, value in shown.items():
-        table.add_row(f"[dim]{key}[/]", value if len(value) < 300 or show_metadata else value[:297] + "…")
-    if not show_metadata and len(report.metadata) > len(shown):
+    entries = report.metadata if show_metadata else metadata_summary(report.metadata)
+    for key, value in entries.items():
+        value = value if len(value) < 300 or show_metadata else value[:297] + "…"
+        table.add_row(f"[dim]{shown(key)}[/]", shown(value))
+    if not show_metadata and len(report.metadata) > len(entries):
         table.add_row("[dim]metadata[/]", f"[dim]{len(report.metadata)} entries (show all with --metadata)[/]")
     out.print(table)
     if show_modules and report.module_kinds:
@@ -105,9 +108,9 @@ def _print_report(report, show_metadata: bool, show_modules: bool = False) -> No
             modules.add_row(key, KIND_TITLES.get(kind, kind))
         out.print(modules)
     for line in report.notes:
-        out.print(f"[yellow]note:[/] {line}")
+        out.print(f"[yellow]note:[/] {shown(line)}")
     for line in report.problems:
-        out.print(f"[bold red]damaged:[/] {line}")
+        out.print(f"[bold red]damaged:[/] {shown(line)}")
 
 
 def default_output(source: Path, fmt: str) -> Path:
@@ -124,7 +127,7 @@ def default_output(source: Path, fmt: str) -> Path:
               help="Output format.")
 @click.option("-o", "--output", type=click.Path(),
               help="Output file (kohya, diffusers) or folder (peft); a path ending in / is a folder to write into.")
-@click.option("--plain", is_flag=True,
+@click.option("--plain", "as_plain", is_flag=True,
               help="Make a plain LoRA of a LyCORIS/DoRA adapter, exactly (LoHa and LoKr by their exact low-rank forms).")
 @click.option("--rank", "-r", type=int,
               help="Make a plain LoRA of at most this rank per module: the best approximation of each ΔW.")
@@ -139,11 +142,14 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--drop-embeddings", is_flag=True, help="Leave out textual-inversion tokens the output format cannot hold.")
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write factors holding NaN or infinite values (refused by default: they break every image).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (and the per-module report) as JSON.")
 @click.pass_context
-def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, plain: bool, rank: int | None,
+def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, as_plain: bool, rank: int | None,
                     dynamic: str | None, max_rank: int | None, base: str | None, svd: str, dtype: str | None,
-                    force: bool, drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
+                    force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool,
+                    as_json: bool) -> None:
     """Convert ADAPTER to kohya (default), PEFT or diffusers format; every module's ΔW is unchanged.
 
     LyCORIS adapters (LoHa, LoKr, full-rank differences) and DoRA stay what they are in kohya
@@ -163,8 +169,8 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     source = resolve_adapter(ctx, adapter)
     default = default_output(source, fmt)
     target = adapter_output(output, fmt, default.name) if output else default
-    refuse_existing(target, fmt, force)
-    to_plain = plain or rank is not None or dynamic is not None or max_rank is not None or base is not None
+    refuse_existing(target, fmt, force, input_files([source]))
+    to_plain = as_plain or rank is not None or dynamic is not None or max_rank is not None or base is not None
     if to_plain:
         from loralib.compose.rank_rules import rank_rule
 
@@ -178,13 +184,13 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     if to_plain:
         use_threads(folder_bytes([source]))
         _convert_to_lora(ctx, source, target, fmt, rank, dynamic, max_rank, base, svd, storage, force, drop_embeddings,
-                         allow_pickle, as_json)
+                         allow_pickle, allow_nonfinite, as_json)
         return
     from loralib.formats import convert
 
     use_threads(0)  # copying factors: one thread is enough
     result = convert(source, target, fmt, force=force, dtype=storage, drop_embeddings=drop_embeddings,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],
@@ -192,13 +198,14 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
         return
     for line in result.notes:
         note(line)
-    click.echo(f"wrote {result.format} adapter to {result.path}" + (
+    click.echo(f"wrote {result.format} adapter to {plain(result.path)}" + (
         f" (+{len(result.files) - 1} more files)" if len(result.files) > 1 else ""))
     click.echo(f"  A1111 hash {result.hashes.a1111}  AutoV2 {result.hashes.autov2}")
 
 
 def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, rank, dynamic, max_rank, base, svd,
-                     dtype, force: bool, drop_embeddings: bool, allow_pickle: bool, as_json: bool) -> None:
+                     dtype, force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool,
+                     as_json: bool) -> None:
     """``convert --plain/--rank/--dynamic``: a plain LoRA of any adapter, with its per-module report."""
     from loralib.compose import to_lora
     from loralib.formats import load_adapter
@@ -212,4 +219,4 @@ def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, r
     with progress("converting", enabled=not as_json) as update:
         composition = to_lora(adapter, rank, dynamic=dynamic, max_rank=max_rank, base=Path(base) if base else None,
                               svd=svd, dtype=dtype, progress=update)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite)

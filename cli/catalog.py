@@ -15,7 +15,7 @@ import click
 
 from loralib.vocabulary import CATALOG_SORTS
 
-from .output import console, human_size, note, print_json, progress
+from .output import console, human_size, note, plain, print_json, progress, shown
 from .refs import catalog_home, complete_names
 
 
@@ -27,7 +27,7 @@ def _open(ctx: click.Context):
 
 def _one_line(entry) -> str:
     parts = [entry.architecture or "?", entry.format or "?", f"rank {entry.rank_text}", f"{entry.modules} modules"]
-    return f"{entry.name} ({', '.join(parts)}), A1111 hash {entry.tensor_sha256[:12]}"
+    return plain(f"{entry.name} ({', '.join(parts)}), A1111 hash {entry.tensor_sha256[:12]}")
 
 
 # -- add ----------------------------------------------------------------------------------------- #
@@ -105,14 +105,18 @@ def _terminate_as_interrupt():
 @click.command("scan")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--no-recursive", is_flag=True, help="Only the folder itself, not its subfolders.")
+@click.option("--follow-links", is_flag=True,
+              help="Also follow links to folders outside the scanned one (never to / or to a folder containing it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: bool, as_json: bool) -> None:
+def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: bool, follow_links: bool,
+                 as_json: bool) -> None:
     """Index every adapter in FOLDERS in place (headers and hashes only), incrementally.
 
     Files unchanged since the last scan (same size and mtime) are skipped without being read.
     Interrupt it any time (Ctrl-C, kill): what was read is saved, and the next scan goes on from
-    there. Files that are not LoRAs are counted and skipped; damaged ones are flagged.
+    there. Files that are not LoRAs are counted and skipped; damaged ones are flagged. Links to
+    folders are followed once (loops are reported), and outside FOLDERS only with --follow-links.
 
     \b
     Examples:
@@ -126,7 +130,8 @@ def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: boo
         for folder in folders:
             try:
                 with progress(f"scanning {folder}", enabled=not as_json and sys.stderr.isatty()) as update:
-                    reports.append(scan(catalog, folder, recursive=not no_recursive, progress=update))
+                    reports.append(scan(catalog, folder, recursive=not no_recursive, progress=update,
+                                        follow_links=follow_links))
             except ScanInterrupted as stop:
                 _print_scan(stop.report)
                 click.echo(f"interrupted: {stop.report.indexed} files were read and saved; "
@@ -141,14 +146,18 @@ def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: boo
 
 def _print_scan(report) -> None:
     rate = f", {report.found / report.seconds:,.0f} files/s" if report.seconds > 0 and report.found else ""
-    click.echo(f"{report.folder}: {report.found} files in {report.seconds:.1f} s{rate}")
+    click.echo(f"{plain(report.folder)}: {report.found} files in {report.seconds:.1f} s{rate}")
     click.echo(f"  {report.added} added, {report.updated} updated, {report.extra_paths} copies of known adapters, "
                f"{report.unchanged} unchanged")
     for label, paths in (("not a LoRA (skipped)", report.not_lora), ("damaged (flagged)", report.damaged),
                          ("pickle files (not opened)", report.pickles), ("gone since the last scan", report.missing)):
         if paths:
-            click.echo(f"  {len(paths)} {label}: " + ", ".join(p.rsplit("/", 1)[-1] for p in paths[:5])
+            click.echo(f"  {len(paths)} {label}: " + ", ".join(plain(p.rsplit("/", 1)[-1]) for p in paths[:5])
                        + (", …" if len(paths) > 5 else ""))
+    for item in report.skipped[:5]:
+        click.echo(f"  skipped {plain(item['path'])}: {plain(item['reason'])}")
+    if len(report.skipped) > 5:
+        click.echo(f"  … and {len(report.skipped) - 5} more skipped (see --json)")
 
 
 # -- list and search ----------------------------------------------------------------------------- #
@@ -207,8 +216,9 @@ def _table(entries) -> None:
 
     from rich.cells import cell_len
 
-    rows = [[e.name + (" (damaged)" if e.damaged else ""), e.architecture or "?", e.format or "?", e.rank_text,
-             str(e.modules or 0), human_size(e.size or 0), ", ".join(e.tags), e.tensor_sha256[:12]] for e in entries]
+    rows = [[plain(e.name) + (" (damaged)" if e.damaged else ""), plain(e.architecture or "?"), plain(e.format or "?"),
+             e.rank_text, str(e.modules or 0), human_size(e.size or 0), plain(", ".join(e.tags)), e.tensor_sha256[:12]]
+            for e in entries]
     headers = [name for name, _ in TABLE_COLUMNS]
     widths = [max(cell_len(str(v)) for v in column) for column in zip(headers, *rows)]
     room = shutil.get_terminal_size((120, 24)).columns - 2 * (len(widths) - 1)
@@ -244,9 +254,7 @@ def _hint(message: str) -> None:
 
 
 def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    return shown(text)
 
 
 @click.command("list")
@@ -298,7 +306,7 @@ def search_command(ctx: click.Context, query: str, architecture, fmt, tag, limit
     elif entries:
         _table(entries)
     else:
-        _hint(f"nothing matches {query!r}")
+        _hint(f"nothing matches {plain(repr(query))}")
     if total > len(entries):
         _hint(f"showing the best {len(entries)} of {total:,} matches; use --limit 0 for all")
 
@@ -436,7 +444,7 @@ def lineage_command(ctx: click.Context, reference: str, depth: int, as_json: boo
         print_json(tree.to_dict())
         return
     for line in render(tree):
-        click.echo(line)
+        click.echo(plain(line))
     if not tree.parents:
         note("no recorded parents: it was not made by a lorareg operation, or its inputs were not recorded")
 
@@ -466,7 +474,7 @@ def tag_command(ctx: click.Context, reference: str, changes: tuple[str, ...], as
     if as_json:
         print_json({"name": entry.name, "tags": entry.tags})
     else:
-        click.echo(f"{entry.name}: " + (", ".join(entry.tags) or "(no tags)"))
+        click.echo(plain(f"{entry.name}: " + (", ".join(entry.tags) or "(no tags)")))
 
 
 @click.command("rm")
@@ -489,14 +497,16 @@ def rm_command(ctx: click.Context, references: tuple[str, ...], delete_file: boo
             entry = catalog.get(reference)
             if delete_file and not yes:
                 paths = ", ".join(f.path for f in catalog.files(entry)) or "no files"
-                click.confirm(f"remove {entry.name} and delete {paths}?", abort=True, err=True)
+                click.confirm(plain(f"remove {entry.name} and delete {paths}?"), abort=True, err=True)
             removed.append(catalog.remove(reference, delete_files=delete_file))
     if as_json:
-        print_json([{"name": r.entry.name, "deleted": r.deleted} for r in removed])
+        print_json([{"name": r.entry.name, "deleted": r.deleted, "kept": r.kept} for r in removed])
         return
     for r in removed:
-        click.echo(f"removed {r.entry.name} from the catalog" + (f"; deleted {', '.join(r.deleted)}" if r.deleted else
-                                                                 "; its files were kept"))
+        click.echo(plain(f"removed {r.entry.name} from the catalog" + (f"; deleted {', '.join(r.deleted)}" if r.deleted
+                                                                       else "; its files were kept")))
+        for path in r.kept:
+            note(f"kept {path}: its content changed since it was catalogued, so it is not the adapter that was removed")
 
 
 @click.command("verify")
@@ -530,7 +540,9 @@ def verify_command(ctx: click.Context, references: tuple[str, ...], folders: tup
         for item in report.items:
             if item.status != "ok":
                 where = f" → {item.new_path}" if item.new_path else ""
-                click.echo(f"  {item.status:<16} {item.name}: {item.path}{where} ({item.detail})")
+                click.echo(plain(f"  {item.status:<16} {item.name}: {item.path}{where} ({item.detail})"))
+        for path in report.leftovers:
+            click.echo(f"  leftover         {plain(path)} (a temporary of an interrupted write; safe to delete)")
     if report.problems:
         ctx.exit(1)
 

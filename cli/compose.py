@@ -8,6 +8,7 @@ mistake is reported at once.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import click
 from loralib.dtypes import storage_dtype
 from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
+from loralib.formats import input_files
 from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, print_json, progress
+from .output import human_size, note, plain, print_json, progress, shown
 from .paths import adapter_output, make_parents, output_file, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 from .threads import folder_bytes, use_threads
@@ -28,7 +30,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 def parse_weighted(argument: str) -> tuple[str, float]:
     """Split ``REF:WEIGHT`` at the last colon; a whole argument that exists as a path has weight 1."""
-    if Path(argument).expanduser().exists() or ":" not in argument:
+    if os.path.exists(os.path.expanduser(argument)) or ":" not in argument:  # never raises, even for a too-long name
         return argument, 1.0
     reference, _, tail = argument.rpartition(":")
     if _NUMBER.match(tail.strip()) and reference:
@@ -69,10 +71,11 @@ def _existing_model(text: str) -> Path:
     return path
 
 
-def _prepare_output(output: str, fmt: str, default_name: str, force: bool) -> Path:
-    """The output path for ``-o`` (see :mod:`lorareg.cli.paths`), refused when it exists (unless ``force``)."""
+def _prepare_output(output: str, fmt: str, default_name: str, force: bool, inputs=()) -> Path:
+    """The output path for ``-o`` (see :mod:`lorareg.cli.paths`), refused when it is an input or
+    exists (unless ``force``)."""
     target = adapter_output(output, fmt, default_name)
-    refuse_existing(target, fmt, force)
+    refuse_existing(target, fmt, force, inputs)
     return target
 
 
@@ -110,10 +113,11 @@ def _output_options(function):
     return function
 
 
-def save_composition(ctx: click.Context, composition, output: Path, fmt: str, force: bool, as_json: bool) -> None:
+def save_composition(ctx: click.Context, composition, output: Path, fmt: str, force: bool, as_json: bool,
+                     allow_nonfinite: bool = False) -> None:
     """Save a composition, record it in the catalog and print its summary."""
     make_parents(output)
-    result = composition.save(output, fmt, force=force)
+    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
@@ -137,7 +141,7 @@ def _print_summary(composition, result, size: int) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("wrote", f"{result.path} [dim]({result.format})[/]")
+    table.add_row("wrote", f"{shown(result.path)} [dim]({result.format})[/]")
     components = ", ".join(f"{c} {sum(1 for k in adapter.modules if k.startswith(c + '.'))}"
                            for c in adapter.components)
     table.add_row("modules", f"{len(adapter.modules)} ({components})")
@@ -148,7 +152,7 @@ def _print_summary(composition, result, size: int) -> None:
     elif retained:
         table.add_row("retained energy", f"min {retained['min']:.4f}  median {retained['median']:.4f}  "
                                          f"max {retained['max']:.4f}  [dim](‖ΔW_k‖/‖ΔW‖ per module)[/]")
-        table.add_row("largest error", f"{report.max_error:.4f} relative, in {report.worst_module}")
+        table.add_row("largest error", f"{report.max_error:.4f} relative, in {shown(report.worst_module)}")
     table.add_row("size", f"{human_size(size)}, {report.parameters:,} values")
     table.add_row("A1111 hash", f"{result.hashes.a1111}  [dim]AutoV2 {result.hashes.autov2}[/]")
     console().print(table)
@@ -170,12 +174,15 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop masks.")
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="ties/dare (and full-rank/DoRA inputs): how a dense merged ΔW is factorised.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge inputs holding NaN or infinite values into the output (exact merge only; refused by default).")
 @_base_option
 @_output_options
 @click.pass_context
 def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
-                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str, base: str | None,
-                  output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                  max_rank: int | None, method: str, density: float | None, seed: int, svd: str,
+                  allow_nonfinite: bool, base: str | None, output: str, fmt: str, dtype: str | None, force: bool,
+                  as_json: bool) -> None:
     """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
 
     Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
@@ -191,15 +198,15 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     """
     inputs = _resolve_weighted(ctx, adapters)
     _checked_rule("merge", rank, dynamic, max_rank, required=False)
-    target = _prepare_output(output, fmt, "merged.safetensors", force)
+    target = _prepare_output(output, fmt, "merged.safetensors", force, input_files(path for path, _ in inputs))
     from loralib.compose import merge
 
     use_threads(folder_bytes(path for path, _ in inputs))
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
-                            progress=update)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+                            progress=update, allow_nonfinite=allow_nonfinite)
+    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite)
 
 
 @click.command("resize")
@@ -224,7 +231,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     rule = _checked_rule("resize", rank, dynamic, max_rank, required=True)
     stem = source.stem if source.is_file() else source.name
     suffix = f"r{int(rule.value)}" if rule.kind == "fixed" else "resized"
-    target = _prepare_output(output, fmt, f"{stem}_{suffix}.safetensors", force)
+    target = _prepare_output(output, fmt, f"{stem}_{suffix}.safetensors", force, input_files([source]))
     from loralib.compose import resize
 
     use_threads(folder_bytes([source]))
@@ -257,7 +264,7 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
     base_path = _existing_model(base)
     inputs = _resolve_weighted(ctx, adapters)
     target = Path(output.rstrip("/")) if base_path.is_dir() else output_file(output, f"{base_path.stem}_baked.safetensors")
-    refuse_overwrite(target, force)
+    refuse_overwrite(target, force, input_files([base_path, *(path for path, _ in inputs)]))
     from loralib.compose import bake
 
     use_threads(folder_bytes([base_path]))
@@ -272,7 +279,7 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
         note(line)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     kind = "diffusers folder" if result.kind == "diffusers" else "single-file checkpoint"
-    click.echo(f"wrote {kind} {result.path} ({human_size(size)})")
+    click.echo(f"wrote {kind} {plain(result.path)} ({human_size(size)})")
     click.echo(f"  fused {result.modules} adapter modules into {result.layers} weights")
 
 
@@ -308,7 +315,7 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
     tuned_path = _existing_model(tuned)
     _checked_rule("extract", rank, dynamic, max_rank, required=True)
     stem = tuned_path.stem if tuned_path.is_file() else tuned_path.name
-    target = _prepare_output(output, fmt, f"{stem}_extracted.safetensors", force)
+    target = _prepare_output(output, fmt, f"{stem}_extracted.safetensors", force, [Path(base).expanduser(), tuned_path])
     from loralib.compose import extract
 
     use_threads(folder_bytes([base, tuned]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .output import note, print_json, steps
+from .output import note, plain, print_json, steps
 from .refs import catalog_home, complete_names
 
 
@@ -52,7 +52,7 @@ def push_command(ctx: click.Context, reference: str, repo_id: str, private: bool
     if as_json:
         print_json(result.to_dict())
         return
-    click.echo(f"pushed {entry.name} to {result.repo_id} at commit {result.commit[:12]}: {', '.join(result.files)}")
+    click.echo(plain(f"pushed {entry.name} to {result.repo_id} at commit {result.commit[:12]}: {', '.join(result.files)}"))
     note(result.url)
 
 
@@ -63,15 +63,19 @@ def push_command(ctx: click.Context, reference: str, repo_id: str, private: bool
 @click.option("--tag", "tags", multiple=True, help="A tag to add (repeatable).")
 @click.option("--dir", "local_dir", type=click.Path(file_okay=False),
               help="Download into this folder instead of the Hugging Face cache.")
+@click.option("--force", is_flag=True,
+              help="With --dir: replace a file of the same name that holds other content (only once the "
+                   "download is complete and verified).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def pull_command(ctx: click.Context, repo: str, filename: str | None, name: str | None, tags: tuple[str, ...],
-                 local_dir: str | None, as_json: bool) -> None:
+                 local_dir: str | None, force: bool, as_json: bool) -> None:
     """Download an adapter from the Hub (REPO is user/name[@revision]), verify it, and add it to the catalog.
 
     The revision (branch, tag or commit) is pinned to the commit it resolves to; the file's
     SHA-256 is checked against what the Hub lists, and a mismatch deletes the download and
-    registers nothing. File names that would land outside the download folder are refused.
+    registers nothing. File names that would land outside the download folder are refused. In a
+    --dir folder a file of the same name is reused when identical, and never replaced without --force.
 
     \b
     Examples:
@@ -88,12 +92,13 @@ def pull_command(ctx: click.Context, repo: str, filename: str | None, name: str 
     if local_dir is not None:
         make_parents(Path(local_dir.rstrip("/") or local_dir))
     with Catalog(catalog_home(ctx)) as catalog, steps(enabled=not as_json) as step:
-        result = pull(catalog, repo, filename=filename, name=name, tags=tags, local_dir=local_dir, progress=step)
+        result = pull(catalog, repo, filename=filename, name=name, tags=tags, local_dir=local_dir, force=force,
+                      progress=step)
     if as_json:
         print_json(result.to_dict())
         return
     entry = result.added.entry
     verb = "added" if result.added.created else "already in the catalog:"
-    click.echo(f"{verb} {entry.name} from {result.repo_id}@{result.revision} (commit {result.commit[:12]}), "
-               f"SHA-256 verified")
-    click.echo(f"  {result.path}")
+    click.echo(plain(f"{verb} {entry.name} from {result.repo_id}@{result.revision} (commit {result.commit[:12]}), "
+                     f"SHA-256 verified"))
+    click.echo(f"  {plain(result.path)}")

@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 EXTRA_MODULES: dict[str, str] = {
     "torch": "compose", "safetensors": "compose", "diffusers": "compose", "transformers": "compose",
     "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+    "prodigyopt": "train",
     "starlette": "web", "uvicorn": "web", "jinja2": "web", "multipart": "web",
 }
 SECTIONS: list[tuple[str, list[str]]] = [
@@ -115,6 +116,18 @@ def _error(message: str, code: int, as_json: bool = False) -> int:
 def _wants_json(args: list[str]) -> bool:
     """True when the command line asks for --json (before any ``--``)."""
     return "--json" in (args[:args.index("--")] if "--" in args else args)
+def quiet_warnings() -> None:
+    """Keep library warnings (Python's ``warnings``: UserWarning, Pillow's DecompressionBombWarning…;
+    huggingface_hub's log lines such as "Repo card metadata block was not found") off the
+    terminal: the user sees lorareg's own lines, and errors as one line. ``--debug`` keeps them."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    if "huggingface_hub" in sys.modules:  # imported already (in-process use): its level is set
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
     as_json = _wants_json(args)
+    if not debug:
+        quiet_warnings()
     try:
         # The command line as given, for messages that repeat it (train's "continue with").
         code = cli.main(args=args, prog_name="lorareg", standalone_mode=False, obj={"argv": args})

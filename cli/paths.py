@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -36,9 +37,13 @@ def adapter_output(text: str | os.PathLike, fmt: str, default_name: str) -> Path
     return output_file(text, DIFFUSERS_FILE if fmt == "diffusers" else default_name)
 
 
-def refuse_existing(target: Path, fmt: str | None, force: bool) -> None:
-    """Refuse an adapter output that exists, unless ``force`` (a PEFT folder exists when it holds an adapter)."""
+def refuse_existing(target: Path, fmt: str | None, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an adapter output that is one of ``inputs`` (whatever ``force`` says) or exists, unless
+    ``force`` (a PEFT folder exists when it holds an adapter)."""
     from loralib.errors import OutputExistsError
+    from loralib.files.atomic import refuse_input_as_output
+
+    refuse_input_as_output(target, inputs)
 
     probe = target / "adapter_model.safetensors" if fmt == "peft" else target
     if force or not probe.exists():

@@ -85,6 +85,7 @@ class TrainingDisplay:
         self.bar = None
         self.tasks: dict[str, Any] = {}
         self.waiting: str | None = None
+        self.validation = ""  # the latest validation loss, shown beside the loss
 
     def __enter__(self) -> TrainingDisplay:
         if self.live:
@@ -152,7 +153,9 @@ class TrainingDisplay:
         """One optimizer step done."""
         self.waited()
         speed = f"{report.steps_per_second:.2f} steps/s" if report.steps_per_second else "—"
-        info = (f"epoch {report.epoch}/{report.num_epochs}  loss {report.loss:.4f}  "
+        if report.validation_loss is not None:
+            self.validation = f"  val {report.validation_loss:.4f}"
+        info = (f"epoch {report.epoch}/{report.num_epochs}  loss {report.loss:.4f}{self.validation}  "
                 f"lr {report.learning_rate:.2e}  {speed}")
         if self.live:
             if "train" not in self.tasks:
@@ -160,7 +163,8 @@ class TrainingDisplay:
             self.bar.update(self.tasks["train"], completed=report.step, total=report.total_steps, info=info)
         elif self.enabled:
             every = max(1, report.total_steps // 20)
-            if report.step % every == 0 or report.step == report.total_steps or report.step == 1:
+            if report.step % every == 0 or report.step == report.total_steps or report.step == 1 \
+                    or report.validation_loss is not None:
                 print(f"step {report.step}/{report.total_steps}  {info}", file=sys.stderr, flush=True)
 
 
@@ -203,12 +207,11 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
     if dry_run:
         _dry_run(settings, as_json)
         return
-    from loralib.training.dataset import scan_dataset
+    from loralib.training.dataset import scan_configured
 
     with TrainingDisplay(enabled=not as_json) as display:
         # The data and the base model are checked before torch and diffusers load, so their problems show at once.
-        dataset = scan_dataset(settings.data.data_dir, settings.data.caption_extension,
-                               progress=lambda done, total: display.phase("checking images", done, total))
+        dataset = scan_configured(settings, lambda done, total: display.phase("checking images", done, total))
         check_base_model(settings.model.base_model)
         display.wait("loading torch, diffusers and peft")
         quiet_libraries()
@@ -277,18 +280,21 @@ def continue_command(ctx: click.Context) -> str | None:
 
 
 def _dry_run(settings, as_json: bool) -> None:
-    from loralib.training.dataset import BatchPlan, scan_dataset
+    from loralib.training.dataset import BatchPlan, scan_configured, training_and_validation
 
-    dataset = scan_dataset(settings.data.data_dir, settings.data.caption_extension)
+    dataset, validation = training_and_validation(settings, scan_configured(settings))
     plan = BatchPlan.for_config(dataset, settings)
     steps_per_epoch, total, _ = plan.length(settings)
     summary = {**dataset.summary(plan.bucket_counts()), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+               "validation_images": len(validation.records) if validation else 0,
                "output_dir": str(settings.output_dir)}
     if as_json:
         print_json(summary)
         return
     click.echo(f"dataset {dataset.root} ({dataset.layout} layout): {len(dataset.records)} images, "
                f"{dataset.images_per_epoch} per epoch with repeats")
+    if validation is not None:
+        click.echo(f"validation: {len(validation.records)} images")
     click.echo("sizes: " + ", ".join(f"{k} ×{v}" for k, v in summary.get("buckets", {}).items()))
     click.echo(f"plan: {steps_per_epoch} steps per epoch, {total} steps; output in {settings.output_dir}")
 
@@ -304,6 +310,8 @@ def _print_result(result, again: str | None) -> None:
     speed = f", {result.steps_per_second:.2f} steps/s" if result.steps_per_second else ""
     click.echo(f"wrote {save.format} adapter to {save.path} ({size})")
     click.echo(f"  {result.steps} steps, final loss {result.losses[-1]:.4f}, {result.seconds:.1f} s{speed}")
+    if result.validation_losses:
+        click.echo(f"  validation loss {result.validation_losses[-1][1]:.4f}")
     click.echo(f"  A1111 hash {save.hashes.a1111}  AutoV2 {save.hashes.autov2}")
     click.echo(f"  checkpoint {result.checkpoint}")
     if result.samples:

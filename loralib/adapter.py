@@ -70,6 +70,14 @@ class AdapterModule(Protocol):
     def bias_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None: ...
     def apply(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor: ...
     def low_rank(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float] | None: ...
+    def tensors(self) -> dict[str, torch.Tensor | None]: ...
+
+
+def is_finite(module: AdapterModule, dtype: torch.dtype | None = None) -> bool:
+    """True when every stored value of ``module`` is finite (once stored in ``dtype``, when given:
+    a float32 value above 65504 becomes infinite in float16)."""
+    return all(bool(torch.isfinite(t if dtype is None else t.to(dtype)).all())
+               for t in module.tensors().values() if t is not None)
 
 
 @dataclass
@@ -217,6 +225,10 @@ class LoraModule:
         up, down = self.factors(dtype)
         return self.scale * ((x.to(dtype) @ down.T) @ up.T)
 
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The stored factors by field name."""
+        return {"down": self.down, "up": self.up, "mid": self.mid, "bias": self.bias}
+
 
 @dataclass
 class LoraAdapter:
@@ -285,6 +297,10 @@ class LoraAdapter:
         operations call this after each module, so their memory does not grow with the inputs."""
         if self.releaser is not None:
             self.releaser(key)
+
+    def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
+        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given)."""
+        return [key for key, module in self.modules.items() if not is_finite(module, dtype)]
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

@@ -93,6 +93,9 @@ class Detection:
     evidence: str
 
 
+_DEEP_STACK = re.compile(r"^unet\.(down_blocks\.[12]\.attentions\.\d+|mid_block\.attentions\.0)\.transformer_blocks\.[2-9]\.")
+
+
 def detect_architecture(in_features: Mapping[str, int]) -> Detection:
     """Decide the base architecture from module keys and their input widths.
 
@@ -106,8 +109,7 @@ def detect_architecture(in_features: Mapping[str, int]) -> Detection:
         width = cross.most_common(1)[0][0]
         if width in _CROSS_ATTENTION_WIDTH:
             return Detection(_CROSS_ATTENTION_WIDTH[width], f"cross-attention input width is {width}")
-    if any(re.match(r"^unet\.(down_blocks\.[12]\.attentions\.\d+|mid_block\.attentions\.0)\.transformer_blocks\.[2-9]\.", k)
-           for k in in_features):
+    if any(map(_DEEP_STACK.match, in_features)):
         return Detection("sdxl", "its UNet has transformer stacks deeper than two blocks (only SDXL has them)")
     te = Counter(w for key, w in in_features.items() if _TE_KEY.match(key) and not key.endswith("fc2"))
     if te:

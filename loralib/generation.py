@@ -18,13 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgumentError, MismatchError
+from .files.atomic import atomic_file
 from .version import TOOL
 from .vocabulary import SCHEDULERS
 
@@ -292,14 +292,8 @@ def save_png(image: Image.Image, path: Path, parameters: str, details: dict[str,
     if details is not None:
         info.add_text("lorareg", json.dumps(details, ensure_ascii=False, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

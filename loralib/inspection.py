@@ -7,8 +7,11 @@ fingerprint (:mod:`loralib.fingerprint`) read each file's bytes once, through on
 
 from __future__ import annotations
 
-import json
+import functools
+import heapq
+import math
 import mmap
+import operator
 import os
 import re
 from collections import Counter
@@ -25,6 +28,7 @@ from .formats import AdapterIndex, Inputs, identify_inputs, index_inputs, open_i
 from .formats.detect import Kind
 from .formats.source import TensorSource
 from .formats.table import for_kind
+from .jsontext import loads_metadata
 from .lycoris import KIND_TITLES
 from .naming.kohya import parse_module_name
 from .naming.sgm import UNetLayout
@@ -149,8 +153,7 @@ def inspect(path: str | Path, *, hashes: bool = True, fingerprint: bool = False)
     if not kind.is_adapter:
         refuse(kind, inputs.path.name)
     sources = inputs.sources
-    problems = [f"{s.path.name} is truncated: {s.header.missing_bytes} bytes of tensor data are missing"
-                for s in sources if s.is_truncated]
+    problems = [s.header.problem for s in sources if s.header is not None and s.header.problem]
     metadata: dict[str, str] = {}
     for s in sources:
         metadata.update(s.metadata)
@@ -341,17 +344,26 @@ def top_tags(metadata: dict[str, str], limit: int | None = 10) -> list[str]:
 
 def tag_frequency(metadata: dict[str, str], limit: int | None = None) -> list[tuple[str, int]]:
     """Caption tags and how often they occur in the training captions (kohya's ``ss_tag_frequency``,
-    summed over the dataset folders), most frequent first."""
-    try:
-        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        return []
-    counts: Counter = Counter()
+    summed over the dataset folders), most frequent first. Counts that are not finite numbers are
+    ignored; an entry that is not JSON, or too large, gives no tags."""
+    return list(_ranked_tags(metadata.get("ss_tag_frequency") or "", limit))
+
+
+@functools.lru_cache(maxsize=8)
+def _ranked_tags(text: str, limit: int | None) -> tuple[tuple[str, int], ...]:
+    """The ``limit`` most frequent tags of one ``ss_tag_frequency`` value (cached: the catalog asks
+    several times per file)."""
+    frequency = loads_metadata(text, {})
+    counts: dict[str, int] = {}
     for folder in frequency.values() if isinstance(frequency, dict) else ():
         if isinstance(folder, dict):
-            counts.update({str(k).strip(): int(v) for k, v in folder.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return counts.most_common(limit)
+            for tag, count in folder.items():
+                if type(count) is int or (type(count) is float and math.isfinite(count)):
+                    tag = str(tag).strip()
+                    counts[tag] = counts.get(tag, 0) + int(count)
+    if limit is None:
+        return tuple(sorted(counts.items(), key=operator.itemgetter(1), reverse=True))
+    return tuple(heapq.nlargest(limit, counts.items(), key=operator.itemgetter(1)))
 
 
 # Training metadata that is bulky JSON or a hash rather than a setting.

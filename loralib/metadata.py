@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .architectures import ARCHITECTURES
+from .jsontext import loads_metadata
 from .records import InputRecord, OperationRecord
 from .version import TOOL
 
@@ -46,10 +47,7 @@ def _number(value: float) -> str:
 
 def history(metadata: dict[str, str]) -> list[dict]:
     """The operation records stored in a file's metadata (oldest first)."""
-    try:
-        records = json.loads(metadata.get(HISTORY_KEY, "[]"))
-    except json.JSONDecodeError:
-        return []
+    records = loads_metadata(metadata.get(HISTORY_KEY), [])
     return records if isinstance(records, list) else []
 
 
@@ -88,7 +86,8 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     main = linear or conv
     uniform_rank = len({m.rank for m in main}) == 1
     uniform_alpha = len({m.alpha for m in main}) == 1
-    args = json.loads(meta.get("ss_network_args") or "{}") if meta.get("ss_network_args", "").startswith("{") else {}
+    args = loads_metadata(meta.get("ss_network_args"), {})
+    args = args if isinstance(args, dict) else {}
     algorithm = _lycoris_algorithm(adapter)
     meta["ss_network_module"] = "lycoris.kohya" if algorithm else "networks.lora"
     meta["ss_network_dim"] = str(main[0].rank) if main and uniform_rank else "Dynamic"

@@ -97,9 +97,9 @@ def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int =
     """
     import os
     import shutil
-    import tempfile
 
     from .errors import InvalidArgumentError, OutputExistsError
+    from .files.atomic import sweep_stale, temp_name
 
     path = Path(path)
     if architecture not in TINY_ARCHITECTURES:
@@ -109,7 +109,9 @@ def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int =
     if path.is_dir() and any(path.iterdir()) and not force:
         raise OutputExistsError(f"{path} already exists and is not empty", "Pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    sweep_stale(path.parent)
+    tmp = path.parent / temp_name(path.name)
+    tmp.mkdir()
     try:
         build_tiny_pipeline(architecture, seed).save_pretrained(tmp)
         if path.exists():

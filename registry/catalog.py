@@ -81,6 +81,7 @@ class RemoveResult:
 
     entry: Entry
     deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # files whose content changed since they were recorded
 
 
 def check_name(name: str) -> str:
@@ -136,6 +137,12 @@ def _sqlite_errors_translated(cls: type) -> type:
                 return method(self, *args, **kwargs)
             except sqlite3.Error as exc:
                 raise catalog_error(self.path, exc) from exc
+            except UnicodeEncodeError as exc:  # a name or path with bytes that are not UTF-8 (SQLite stores text)
+                text = exc.object if isinstance(exc.object, str) else ""
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+                    if text else "a name or path"
+                raise InvalidArgumentError(f"{shown[:200]!r} is not valid UTF-8 text, which the catalog cannot store "
+                                           "or look up", "Rename the file or folder") from exc
         return wrapper
 
     for name, value in list(vars(cls).items()):
@@ -751,17 +758,25 @@ class Catalog:
             self._update(entry.id, {"hub": dumps(current.hub + [record]), "updated_at": now()})
 
     def remove(self, reference: str, *, delete_files: bool = False) -> RemoveResult:
-        """Remove an entry from the catalog. Its files are deleted only when ``delete_files`` is true."""
+        """Remove an entry from the catalog. Its files are deleted only when ``delete_files`` is true,
+        and only those that still hold what the catalog recorded (the same SHA-256): a file whose
+        content changed since (another adapter now lives at that path) is kept and listed in ``kept``."""
         from loralib.formats.layout import adapter_files, adapter_root
 
         with write(self.conn):
             entry = self.get(reference)
-            paths = [Path(r.path) for r in self.files(entry)]
+            records = self.files(entry)
             self.conn.execute("DELETE FROM adapters WHERE id = ?", (entry.id,))
-        deleted = []
+        result = RemoveResult(entry)
         if delete_files:
-            for path in paths:
-                for file in adapter_files(adapter_root(path) if path.exists() else path):
+            for record in records:
+                path = Path(record.path)
+                if not path.exists():
+                    continue
+                if not _still_recorded(path, record.sha256):
+                    result.kept.append(str(path))
+                    continue
+                for file in adapter_files(adapter_root(path)):
                     try:
                         file.unlink()
                     except FileNotFoundError:
@@ -769,8 +784,8 @@ class Catalog:
                     except OSError as exc:
                         raise LoraError(f"{entry.name} was removed from the catalog, but {file} could not be deleted: "
                                         f"{exc.strerror or exc}") from exc
-                    deleted.append(str(file))
-        return RemoveResult(entry, deleted)
+                    result.deleted.append(str(file))
+        return result
 
     # -- files: what scan and verify record ---------------------------------------------------- #
 
@@ -898,6 +913,17 @@ def _is_itself(parent: InputRecord, facts: FileFacts) -> bool:
     if parent.identity:
         return parent.identity == facts.identity
     return parent.tensor_sha256 == facts.tensor_sha256 and parent.format in (None, facts.report.format)
+def _still_recorded(path: Path, sha256: str | None) -> bool:
+    """True when the file at ``path`` is a regular file whose SHA-256 is ``sha256``."""
+    from loralib.files import special_kind
+    from loralib.files.hashes import file_sha256
+
+    if not sha256 or special_kind(path) is not None:
+        return False
+    try:
+        return file_sha256(path) == sha256
+    except OSError:
+        return False
 
 
 def _source_columns(source: dict | None) -> dict | None:

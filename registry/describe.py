@@ -7,17 +7,18 @@ imported.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from loralib.errors import InvalidArgumentError
 from loralib.files.hashes import FileHashes, hash_adapter_files
 from loralib.fingerprint import BANDS
 from loralib.formats.layout import adapter_root, main_file, open_inputs
 from loralib.inspection import InspectReport, caption_tags, format_number, inspect, top_tags
+from loralib.jsontext import loads_metadata
 from loralib.metadata import HISTORY_KEY, history
 
 from .records import dumps
@@ -30,6 +31,15 @@ _UNSEARCHED = {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "
                "ss_datasets", "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", HISTORY_KEY}
 _NOT_WORDS = re.compile(r"^([-+]?[\d.eE+-]+|true|false|none|null|[0-9a-fA-Fx]{16,}|[\[{].*)$", re.DOTALL | re.IGNORECASE)
 GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "diffusion_pytorch_model", "model", "lora"}
+
+
+def storable(path: str | os.PathLike) -> bool:
+    """True for a path the catalog can record: SQLite stores text, so the name must be valid UTF-8."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -110,6 +120,9 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
     or are unreadable.
     """
     given = absolute(path)
+    if not storable(given):
+        raise InvalidArgumentError(f"the path {os.fsencode(given)!r} is not valid UTF-8, which the catalog cannot store",
+                                   "Rename the file (or its folder)")
     root = adapter_root(given) if given.is_file() else given
     report = None
     if hashes is not None and hashes.identity is not None:
@@ -143,11 +156,8 @@ def metadata_keywords(metadata: dict[str, str]) -> str:
     words = [v.strip() for k, v in metadata.items()
              if k not in _UNSEARCHED and len(v) < 500 and not _NOT_WORDS.match(v.strip())]
     words += top_tags(metadata, KEYWORD_TAGS)
-    try:
-        folders = json.loads(metadata.get("ss_dataset_dirs") or "{}")
-        words += list(folders) if isinstance(folders, dict) else []
-    except json.JSONDecodeError:
-        pass
+    folders = loads_metadata(metadata.get("ss_dataset_dirs"), {})
+    words += list(folders) if isinstance(folders, dict) else []
     for record in history(metadata):
         if isinstance(record, dict):
             words.append(str(record.get("operation", "")))

@@ -7,7 +7,15 @@ passed to the library and never stored, logged or printed by lorareg.
 
 ``pull`` pins the download to the commit the revision resolves to, checks the file's SHA-256
 against the one the Hub lists (huggingface_hub does not), deletes a download that does not match
-and registers nothing, and refuses file names that would land outside its destination.
+and registers nothing, and refuses file names that would land outside its destination. A
+download that stalls (less than :data:`STALL_BYTES` in :data:`STALL_SECONDS`) is abandoned and
+its partial file removed. With a destination folder (``--dir``) a pull never replaces or
+deletes a file it did not create: a file of the same name with the same content is reused, one
+with other content is refused unless ``force``, and even then it is replaced only by a complete,
+verified download (an atomic rename).
+
+``push`` uploads the adapter, its card, and the sample images that really are images (PNG,
+JPEG, WebP, GIF, checked by their first bytes); any other file recorded as a sample is left out.
 """
 
 from __future__ import annotations
@@ -16,15 +24,19 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError
-from loralib.files.hashes import hash_file
+from loralib.errors import CorruptFileError, InputNotFoundError, InvalidArgumentError, LoraError, OutputExistsError
+from loralib.files import special_kind
+from loralib.files.atomic import sweep_stale, temp_name
+from loralib.files.hashes import file_sha256, hash_file
 from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
 from loralib.version import __version__
@@ -48,6 +60,10 @@ Steps = Callable[[str, int, int], None]
 
 def _no_steps(description: str, done: int, total: int) -> None:
     return None
+
+
+STALL_SECONDS = 30.0  # a download receiving less than STALL_BYTES in this long is abandoned
+STALL_BYTES = 64 * 1024
 
 
 class HubError(LoraError):
@@ -205,13 +221,118 @@ def _digest(path: Path, digest) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    return _digest(path, hashlib.sha256())
+    return file_sha256(path)
 
 
 def _git_blob_id(path: Path) -> str:
     digest = hashlib.sha1()
     digest.update(b"blob %d\0" % path.stat().st_size)
     return _digest(path, digest)
+
+
+def stall_seconds() -> float:
+    """The stall window: ``LORAREG_STALL_SECONDS`` if set (for slow links, and tests), else :data:`STALL_SECONDS`."""
+    try:
+        value = float(os.environ.get("LORAREG_STALL_SECONDS", ""))
+    except ValueError:
+        return STALL_SECONDS
+    return value if 0 < value < 1e6 else STALL_SECONDS
+
+
+class DownloadStalledError(HubError):
+    """A download that stopped making progress."""
+
+
+class _StallCheckedStream:
+    """A response body that raises :class:`DownloadStalledError` when fewer than :data:`STALL_BYTES`
+    arrive in a stall window, or nothing at all within it (checked at every network read, which
+    huggingface_hub's buffered chunks would hide)."""
+
+    def __init__(self, stream: Any, label: str, window: float) -> None:
+        self.stream, self.label, self.window = stream, label, window
+
+    def __iter__(self) -> Iterator[bytes]:
+        import httpx2
+
+        since, before, received = time.monotonic(), 0, 0
+        try:
+            for chunk in self.stream:
+                received += len(chunk)
+                now = time.monotonic()
+                if now - since >= self.window:
+                    if received - before < STALL_BYTES:
+                        raise self._stalled(received - before, now - since)
+                    since, before = now, received
+                yield chunk
+        except httpx2.TimeoutException as exc:  # not a transient error to retry: the connection went silent
+            raise self._stalled(received - before, time.monotonic() - since) from exc
+
+    def _stalled(self, count: int, seconds: float) -> DownloadStalledError:
+        return DownloadStalledError(
+            f"the download of {self.label} stalled: {count} bytes arrived in the last {seconds:.0f} s",
+            "Check the network connection and try again; the partial download was removed "
+            "(LORAREG_STALL_SECONDS sets how long to wait)")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@contextmanager
+def _stall_checks(label: str) -> Iterator[None]:
+    """Check every file body huggingface_hub downloads inside the block for stalls."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    window = stall_seconds()
+
+    class Checked(_StallCheckedStream, httpx2.SyncByteStream):
+        pass
+
+    def hook(response: Any) -> None:
+        if response.request.method == "GET" and "/resolve/" in response.request.url.path:
+            response.stream = Checked(response.stream, label, window)
+
+    hooks = get_session().event_hooks["response"]
+    hooks.append(hook)
+    try:
+        yield
+    finally:
+        hooks.remove(hook)
+
+
+@contextmanager
+def _read_timeout() -> Iterator[None]:
+    """Give up on a silent connection after the stall window, unless HF_HUB_DOWNLOAD_TIMEOUT says otherwise."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    if not os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT"):
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = min(previous, stall_seconds())
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = previous
+
+
+def _expected_hash(sibling: Any, filename: str, repo_id: str) -> tuple[str, str]:
+    """``(kind, value)`` of the hash the Hub lists for a file: its SHA-256 (LFS) or git blob id."""
+    lfs = getattr(sibling, "lfs", None)
+    if lfs is not None and getattr(lfs, "sha256", None):
+        return "SHA-256", lfs.sha256
+    if getattr(sibling, "blob_id", None):
+        return "git blob id", sibling.blob_id
+    raise HubError(f"the Hub lists no hash for {filename} in {repo_id}", "lorareg only registers downloads it can verify")
+
+
+def _same_content(path: Path, sibling: Any, filename: str, repo_id: str) -> bool:
+    """True when the local file at ``path`` is byte for byte the one the Hub lists."""
+    kind, expected = _expected_hash(sibling, filename, repo_id)
+    if special_kind(path) is not None:
+        return False
+    size = getattr(sibling, "size", None)
+    if size is not None and path.stat().st_size != size:
+        return False
+    return (file_sha256(path) if kind == "SHA-256" else _git_blob_id(path)) == expected
 
 
 def _discard(path: Path, destination: Path, local_dir: Path | None, filename: str) -> None:
@@ -233,27 +354,23 @@ def _verify(path: Path, sibling: Any, filename: str, repo_id: str, commit: str) 
 
     Returns the file's hashes when it is a readable safetensors file (so it is read once).
     """
-    lfs = getattr(sibling, "lfs", None)
+    kind, expected = _expected_hash(sibling, filename, repo_id)
     expected_size = getattr(sibling, "size", None)
     hashes = None
-    if lfs is not None and getattr(lfs, "sha256", None):
+    if kind == "SHA-256":
         try:
             hashes = hash_file(path)
             actual = hashes.sha256
         except LoraError:  # not a readable safetensors file: hash its bytes alone
             actual = _file_sha256(path)
-        expected, kind = lfs.sha256, "SHA-256"
-    elif getattr(sibling, "blob_id", None):
-        actual, expected, kind = _git_blob_id(path), sibling.blob_id, "git blob id"
     else:
-        raise HubError(f"the Hub lists no hash for {filename} in {repo_id}",
-                       "lorareg only registers downloads it can verify")
+        actual = _git_blob_id(path)
     size = path.stat().st_size
     if actual != expected or (expected_size is not None and size != expected_size):
         raise CorruptFileError(
             f"the download of {filename} from {repo_id}@{commit[:12]} is corrupt: its {kind} is {actual[:16]}… "
             f"({size} bytes) but the Hub lists {expected[:16]}… ({expected_size} bytes)",
-            "It was deleted and nothing was registered; try again")
+            "It was deleted and nothing was registered (no file of yours was touched); try again")
     return hashes
 
 
@@ -277,16 +394,17 @@ def _card_fields(repo_id: str, commit: str, token: str | None) -> tuple[list[str
 
 def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name: str | None = None,
          tags: Iterable[str] = (), local_dir: str | os.PathLike | None = None, token: str | None = None,
-         progress: Steps | None = None) -> PullResult:
+         force: bool = False, progress: Steps | None = None) -> PullResult:
     """Download an adapter from ``user/repo[@revision]``, verify it, and register it in ``catalog``.
 
     The file goes into the huggingface_hub cache (or ``local_dir``), pinned to the commit the
-    revision resolves to. Tags and the trigger word of the repo's model card are kept.
-    ``progress(description, done, total)`` is told each step (resolving, each download, registering).
+    revision resolves to. Tags and the trigger word of the repo's model card are kept. In
+    ``local_dir`` an existing file of the same name is reused when its content is the same, and
+    otherwise refused unless ``force``; a replaced file stays until its successor is complete and
+    verified. ``progress(description, done, total)`` is told each step (resolving, each download,
+    registering).
     """
     progress = progress or _no_steps
-    from huggingface_hub import hf_hub_download
-
     repo_id, revision = parse_repo_ref(reference)
     revision = revision or DEFAULT_REVISION
     if offline():
@@ -301,28 +419,12 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
     siblings = {s.rfilename: s for s in info.siblings or []}
     chosen = _choose_file(repo_id, revision, list(siblings), filename)
     wanted = [chosen, *(n for n in companions(chosen, list(siblings)) if safe_repo_path(n))]
-    downloaded: list[Path] = []
-    hashes: list[FileHashes | None] = []
-    for done, item in enumerate(wanted):
-        size = getattr(siblings[item], "size", None)
-        description = f"downloading {item} ({done + 1}/{len(wanted)})"
-        progress(description, 0, size or 0)
-        with hub_errors(repo_id, revision, item):
-            local = Path(hf_hub_download(repo_id, item, revision=commit, endpoint=endpoint(), token=token,
-                                         cache_dir=None if local_dir else destination,
-                                         local_dir=destination if local_dir else None,
-                                         tqdm_class=_byte_counter(progress, description, size or 0)))
-        local = absolute(local)
-        if not local.is_relative_to(destination):
-            _discard(local, destination, None, item)
-            raise HubError(f"the download of {item!r} landed outside {destination}; it was deleted")
-        try:
-            hashes.append(_verify(local, siblings[item], item, repo_id, commit))
-        except LoraError:
-            for path in [*downloaded, local]:
-                _discard(path, destination, destination if local_dir else None, item)
-            raise
-        downloaded.append(local)
+    if local_dir is not None:
+        downloaded, hashes = _pull_into_folder(repo_id, revision, commit, wanted, siblings, destination, token, force,
+                                               progress)
+    else:
+        downloaded, hashes = _pull_into_cache(repo_id, revision, commit, wanted, siblings, destination, token,
+                                              progress)
     progress("registering", len(wanted), len(wanted))
     card_tags, triggers = _card_fields(repo_id, commit, token) if "README.md" in siblings else ([], [])
     root = adapter_root(downloaded[0])
@@ -333,6 +435,93 @@ def pull(catalog: Catalog, reference: str, *, filename: str | None = None, name:
     added = catalog.add(root, name=name, fallback_name=clean_name(default), tags=[*card_tags, *tags],
                         triggers=triggers, source=source, hashes=hashes[0] if root == downloaded[0] else None)
     return PullResult(repo_id, revision, commit, chosen, root, added, [str(p) for p in downloaded])
+
+
+def _download(repo_id: str, revision: str, commit: str, item: str, token: str | None, progress: Steps,
+              step: tuple[int, int], size: int | None, **where: Any) -> Path:
+    """One file through huggingface_hub, abandoned (and its partial file removed) if it stalls.
+
+    ``progress`` hears of the bytes received; ``step`` is ``(this file's number, files to download)``.
+    """
+    from huggingface_hub import hf_hub_download
+
+    description = f"downloading {item} ({step[0]}/{step[1]})"
+    progress(description, 0, size or 0)
+    with hub_errors(repo_id, revision, item), _read_timeout(), _stall_checks(f"{item} from {repo_id}"):
+        return Path(hf_hub_download(repo_id, item, revision=commit, endpoint=endpoint(), token=token,
+                                    tqdm_class=_byte_counter(progress, description, size or 0), **where))
+
+
+def _pull_into_cache(repo_id: str, revision: str, commit: str, wanted: list[str], siblings: dict[str, Any],
+                     destination: Path, token: str | None,
+                     progress: Steps = _no_steps) -> tuple[list[Path], list[FileHashes | None]]:
+    """Download into the Hugging Face cache and verify; a bad download is deleted from the cache."""
+    downloaded: list[Path] = []
+    hashes: list[FileHashes | None] = []
+    for number, item in enumerate(wanted, 1):
+        local = absolute(_download(repo_id, revision, commit, item, token, progress, (number, len(wanted)),
+                                   getattr(siblings[item], "size", None), cache_dir=destination))
+        if not local.is_relative_to(destination):
+            _discard(local, destination, None, item)
+            raise HubError(f"the download of {item!r} landed outside {destination}; it was deleted")
+        try:
+            hashes.append(_verify(local, siblings[item], item, repo_id, commit))
+        except LoraError:
+            for path in [*downloaded, local]:
+                _discard(path, destination, None, item)
+            raise
+        downloaded.append(local)
+    return downloaded, hashes
+
+
+def _pull_into_folder(repo_id: str, revision: str, commit: str, wanted: list[str], siblings: dict[str, Any],
+                      destination: Path, token: str | None, force: bool,
+                      progress: Steps = _no_steps) -> tuple[list[Path], list[FileHashes | None]]:
+    """Download into a folder of the user's without ever losing a file of theirs.
+
+    Every file is downloaded into a temporary folder inside ``destination`` and verified there;
+    only when all are complete and verified are they renamed into place. A file already at a
+    target path is reused when it has the listed content; other content is refused without
+    ``force`` (checked before anything is downloaded).
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    targets = {item: destination / item for item in wanted}
+    reuse: dict[str, bool] = {}
+    for item, target in targets.items():
+        if not os.path.lexists(target):
+            continue
+        if target.is_dir() and not target.is_symlink():
+            raise HubError(f"{target} is a folder; it cannot receive {item} from {repo_id}", "Choose another --dir")
+        reuse[item] = target.is_file() and _same_content(target, siblings[item], item, repo_id)
+        if not reuse[item] and not force:
+            raise OutputExistsError(f"{target} already exists with other content than {item} of {repo_id}@{commit[:12]}",
+                                    "Pass --force to replace it (it stays until the new file is downloaded and "
+                                    "verified), or choose another --dir")
+    staging = destination / temp_name(".pull")
+    sweep_stale(destination)
+    staging.mkdir(mode=0o700)
+    try:
+        staged: dict[str, Path] = {}
+        hashes: dict[str, FileHashes | None] = {}
+        to_download = [item for item in wanted if not reuse.get(item)]
+        for item in wanted:
+            if reuse.get(item):
+                hashes[item] = _verify(targets[item], siblings[item], item, repo_id, commit)
+                continue
+            local = absolute(_download(repo_id, revision, commit, item, token, progress,
+                                       (to_download.index(item) + 1, len(to_download)),
+                                       getattr(siblings[item], "size", None), local_dir=staging))
+            if not local.is_relative_to(absolute(staging)):
+                raise HubError(f"the download of {item!r} landed outside {destination}; it was deleted")
+            hashes[item] = _verify(local, siblings[item], item, repo_id, commit)
+            staged[item] = local
+        for item, local in staged.items():
+            targets[item].parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(local, 0o644)
+            os.replace(local, targets[item])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [targets[item] for item in wanted], [hashes[item] for item in wanted]
 
 
 # -- push ------------------------------------------------------------------------------------ #
@@ -407,10 +596,11 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
         widget = []
         for sample in entry.samples:
             image = Path(str(sample.get("path", "")))
-            if image.is_file():
-                name = _unique_name(f"images/{image.name}", {n for n, _ in uploads})
-                uploads.append((name, image))
-                widget.append(_widget_item(sample, name))
+            if image_kind(image) is None:  # only real images go up: never a text file recorded as a sample
+                continue
+            name = _unique_name(f"images/{_repo_file_name(image.name)}", {n for n, _ in uploads})
+            uploads.append((name, image))
+            widget.append(_widget_item(sample, name))
         card = model_card(entry, CardInputs(
             repo_id=repo_id, weight_name=weight_name, hashes=hash_file(kohya_file).to_dict(),
             lineage=render(lineage(catalog, entry)), widget=widget, extra_layouts=layouts,
@@ -475,6 +665,29 @@ def _widget_item(sample: dict, url: str) -> dict:
         item["parameters"] = {"negative_prompt": str(sample["negative_prompt"])}
     item["output"] = {"url": url}
     return item
+
+
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
+
+
+def image_kind(path: str | os.PathLike) -> str | None:
+    """``png``, ``jpeg``, ``webp`` or ``gif`` for a regular file that starts like one; None otherwise."""
+    if special_kind(path) is not None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((kind for signature, kind in _IMAGE_SIGNATURES if head.startswith(signature)), None)
+
+
+def _repo_file_name(name: str) -> str:
+    """A file name that is safe in a repo: no hidden name, no characters outside letters, digits, ``._-``."""
+    cleaned = re.sub(r"[^\w.-]+", "_", name, flags=re.ASCII).lstrip(".")
+    return cleaned or "image"
 
 
 def _convert(source: Path, output: Path, fmt: str) -> list[Path]:

@@ -2,10 +2,11 @@
 
 Only headers are parsed (and the bytes hashed once); a file whose size and mtime match what the
 catalog recorded is skipped without being opened, so a rescan costs one ``stat`` per file.
-Results are committed in small batches: a scan that is interrupted (Ctrl-C, a kill, a crash)
+Links to folders are followed once (loops are detected), and those leading outside the folder
+only when asked. Results are committed in small batches: a scan that is interrupted (Ctrl-C, a kill, a crash)
 leaves a consistent catalog holding every batch committed so far, and the next scan skips those
 files and completes the rest. Files that are not adapters are counted and remembered (so a
-rescan skips them too); damaged ones are flagged; neither stops the scan.
+rescan skips them too); damaged ones are flagged; no file, however broken, stops the scan.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loralib.errors import CorruptFileError, InputNotFoundError, LoraError, NotALoraError, UnsafeFileError
+from loralib.errors import (
+    CorruptFileError,
+    InputNotFoundError,
+    InvalidArgumentError,
+    LoraError,
+    NotALoraError,
+    UnsafeFileError,
+)
 from loralib.files import PICKLE_SUFFIXES, is_pickle
 from loralib.formats.layout import adapter_root, main_file
 
 from .catalog import Catalog
-from .describe import FileFacts, absolute, describe
+from .describe import FileFacts, absolute, describe, storable
 
 Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
@@ -43,6 +51,7 @@ class ScanReport:
     damaged: list[str] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # links not followed, names not storable
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -64,28 +73,89 @@ class ScanInterrupted(KeyboardInterrupt):
         self.report = report
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
-    """Adapter and pickle files under ``folder``, skipping hidden entries and our own partial writes."""
+def _entries(folder: str) -> list[os.DirEntry]:
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as found:
+            return sorted(found, key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _walk(folder: Path, recursive: bool, follow_links: bool, skipped: list[dict[str, str]]) -> Iterator[Path]:
+    """Adapter and pickle files under ``folder``, skipping hidden entries and our own partial writes.
+
+    Each folder is visited once (a link that loops back is reported, not followed); links to
+    folders outside ``folder`` are followed only with ``follow_links``, and never to the root of
+    the file system or to a folder that contains ``folder``.
+    """
+    real_root = os.path.realpath(folder)
+    try:
+        visited = {_identity(folder)}
     except OSError:
         return
-    for entry in entries:
+    stack = [iter(_entries(str(folder)))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
-            if recursive:
-                yield from _walk(Path(entry.path), recursive)
-        elif entry.name.lower().endswith(ADAPTER_SUFFIXES + PICKLE_SUFFIXES) and entry.is_file():
-            yield Path(entry.path)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            continue
+        if not is_dir:
+            if entry.name.lower().endswith(ADAPTER_SUFFIXES + PICKLE_SUFFIXES) and entry.is_file():
+                yield Path(entry.path)
+            continue
+        if not recursive:
+            continue
+        if entry.is_symlink():
+            reason = _link_problem(entry.path, real_root, follow_links)
+            if reason is not None:
+                skipped.append({"path": entry.path, "reason": reason})
+                continue
+        try:
+            identity = _identity(entry.path)
+        except OSError:
+            continue
+        if identity in visited:
+            if entry.is_symlink():
+                skipped.append({"path": entry.path, "reason": "a link to a folder scanned already (a loop)"})
+            continue
+        visited.add(identity)
+        stack.append(iter(_entries(entry.path)))
 
 
-def _candidates(folder: Path, recursive: bool, pickles: list[str]) -> list[Path]:
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _link_problem(path: str, real_root: str, follow_links: bool) -> str | None:
+    """Why the folder link at ``path`` is not followed, or None to follow it."""
+    target = os.path.realpath(path)
+    inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+    if inside:
+        return None
+    if target == os.path.realpath(os.sep) or real_root.startswith(target.rstrip(os.sep) + os.sep):
+        return f"a link to {target}, which contains the scanned folder (never followed)"
+    if not follow_links:
+        return f"a link to {target}, outside the scanned folder (--follow-links follows it)"
+    return None
+
+
+def _candidates(folder: Path, recursive: bool, report: ScanReport, follow_links: bool) -> list[Path]:
     """One main file per adapter: components of a PEFT folder are read with its main file."""
     files: dict[Path, None] = {}
-    for path in _walk(folder, recursive):
+    for path in _walk(folder, recursive, follow_links, report.skipped):
+        if not storable(path):
+            report.skipped.append({"path": str(path), "reason": "its name is not valid UTF-8, which the catalog "
+                                                                "cannot store: rename the file"})
+            continue
         if is_pickle(path):
-            pickles.append(str(path))
+            report.pickles.append(str(path))
             continue
         root = adapter_root(path)
         files.setdefault(main_file(root) if root != path else path, None)
@@ -93,19 +163,24 @@ def _candidates(folder: Path, recursive: bool, pickles: list[str]) -> list[Path]
 
 
 def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True, progress: Progress | None = None,
-         batch_files: int = BATCH_FILES, batch_seconds: float = BATCH_SECONDS) -> ScanReport:
+         batch_files: int = BATCH_FILES, batch_seconds: float = BATCH_SECONDS, follow_links: bool = False) -> ScanReport:
     """Index every adapter under ``folder`` into ``catalog``; see the module docstring.
 
     ``progress(done, total)`` is called as files are checked. On KeyboardInterrupt the files
     already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
-    with the report.
+    with the report. Links to folders outside ``folder`` are followed only with ``follow_links``;
+    what was not followed, and files whose names the catalog cannot store, are listed in
+    ``report.skipped``.
     """
     start = time.perf_counter()
     root = absolute(folder)
     if not root.is_dir():
         raise InputNotFoundError(f"{folder} is not a folder", "Give the folder that holds your adapters")
+    if not storable(root):
+        raise InvalidArgumentError(f"the folder name {os.fsencode(root)!r} is not valid UTF-8, which the catalog "
+                                   "cannot store", "Rename the folder")
     report = ScanReport(str(root))
-    files = _candidates(root, recursive, report.pickles)
+    files = _candidates(root, recursive, report, follow_links)
     report.found = len(files)
     known = catalog.files_under(root)
     to_read = [(path, stat) for path, stat in _stats(files)
@@ -162,6 +237,8 @@ def _describe_outcome(path: Path) -> Outcome:
         return "not-lora", str(exc)
     except (CorruptFileError, LoraError, OSError) as exc:
         return "damaged", str(exc)
+    except Exception as exc:  # a file no reader foresaw: flag it and go on; one file never stops a scan
+        return "damaged", f"{path.name} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 class _Batch:

@@ -6,6 +6,8 @@ the record is updated), ``changed`` (the content differs: it is no longer this a
 or ``moved`` (missing here,
 but a file with the same bytes was found at another path, which is recorded instead). Moves
 are found among paths the catalog already knows and in the folders given with ``search``.
+Temporaries that interrupted writes left beside the files (see :func:`loralib.files.atomic.leftovers`)
+are listed too; the next write into their folder removes them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loralib.errors import LoraError
+from loralib.files.atomic import leftovers
+from loralib.formats.layout import adapter_root
 
 from .catalog import Catalog
 from .describe import absolute, adapter_hashes
@@ -44,6 +48,7 @@ class VerifyReport:
     """Every verdict, and counts by status."""
 
     items: list[VerifyItem] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # temporaries of interrupted writes beside the files
 
     def count(self, status: str) -> int:
         """How many files have ``status``."""
@@ -58,7 +63,7 @@ class VerifyReport:
         """A JSON-ready dictionary."""
         statuses = ("ok", "metadata-changed", "moved", *PROBLEMS)
         return {"checked": len(self.items), **{s: self.count(s) for s in statuses},
-                "files": [item.to_dict() for item in self.items]}
+                "files": [item.to_dict() for item in self.items], "leftovers": self.leftovers}
 
 
 def _candidates(folders: Iterable[str | os.PathLike]) -> dict[int, list[Path]]:
@@ -67,6 +72,8 @@ def _candidates(folders: Iterable[str | os.PathLike]) -> dict[int, list[Path]]:
     for folder in folders:
         for path in Path(folder).expanduser().rglob("*.safetensors"):
             try:
+                if not path.is_file():  # a FIFO or device would block the hashing
+                    continue
                 by_size.setdefault(path.stat().st_size, []).append(absolute(path))
             except OSError:
                 continue
@@ -84,7 +91,16 @@ def verify(catalog: Catalog, references: Iterable[str] = (), *, search: Iterable
         report.items.append(_check(catalog, record, entry, known_paths, by_size))
         if progress is not None:
             progress(done, len(rows))
+    folders = dict.fromkeys(folder for record, _ in rows for folder in _folders(Path(record.path)))
+    report.leftovers = [str(path) for folder in folders for path in leftovers(folder)]
     return report
+
+
+def _folders(path: Path) -> list[Path]:
+    """Where an interrupted write of this file would have left its temporary: its folder, and for
+    a component of an adapter folder (PEFT), the folders above it."""
+    root = adapter_root(path) if path.is_file() else path
+    return list(dict.fromkeys([path.parent, root.parent, *([root] if root.is_dir() else [])]))
 
 
 def _check(catalog: Catalog, record: FileRecord, entry: Entry, known_paths: set[str],

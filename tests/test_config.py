@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once_with_its_path(tmp_path):
     problems = caught.value.problems
     text = str(caught.value)
     assert len(problems) == 10, problems
-    for expected in ("networ_rank: unknown key (did you mean 'conv_rank' or 'rank'?)", "network.rank: input should be greater than "
+    for expected in ("networ_rank: unknown key (did you mean 'rank' or 'network_type'?)", "network.rank: input should be greater than "
                      "or equal to 1 (got 0)", "network.target_modules:", "training.learning_rate: input should be "
                      "greater than 0 (got -1)", "training.lerning_rate: unknown key (did you mean 'learning_rate'?)",
                      "training.mixed_precision:", "data.resolution: must be a multiple of 8", "data.crop:",
@@ -122,3 +122,58 @@ def test_every_key_is_an_option_and_help_needs_no_torch():
     assert "HEAVY: []" in done.stdout
     for key in KEY_SECTIONS:
         assert f"--{key.replace('_', '-')}" in done.stdout, key
+
+
+def test_new_keys_reject_non_finite_and_absurd_values():
+    bad = {"ema_decay": "inf", "huber_c": "nan", "loraplus_lr_ratio": "1e9", "multires_noise_discount": "-0.3",
+           "multires_noise_iterations": "1000", "ip_noise_gamma": "inf", "caption_tag_dropout": "1.0",
+           "validation_split": "1", "keep_tokens": "-1", "huber_scale": "inf", "optimizer_args": ["d_coef=nan"],
+           "block_dims": "4,4", "down_lr_weight": "1,inf", "block_alphas": ",".join(["0"] * 25)}
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, bad)
+    problems = caught.value.problems
+    assert len(problems) == len(bad), problems
+    for key in bad:
+        assert any(p.split(":")[0].endswith("." + key) for p in problems), key
+    text = str(caught.value)
+    assert "network.block_dims: needs 25 values for SD1/SD2 or 23 for SDXL" in text
+    assert "training.optimizer_args: d_coef must be a finite number, not nan" in text
+    assert "training.ema_decay: input should be a finite number" in text
+
+
+def test_feature_combinations_are_checked_together():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"network_type": "dora", "output_format": "diffusers", "fused_backward_pass": True,
+                           "optimizer": "prodigy", "gradient_accumulation_steps": 2, "mask_dir": "masks", "validation_split": 0.2,
+                           "validation_dir": "val", "conv_block_dims": ",".join(["2"] * 25)})
+    problems = caught.value.problems
+    for expected in ('output.output_format = "diffusers" cannot hold DoRA: set output_format = "kohya"',
+                     "training.fused_backward_pass works with adafactor, adamw, adam, sgd, not prodigy",
+                     "training.fused_backward_pass needs gradient_accumulation_steps = 1",
+                     "data.mask_dir is set but masked_loss is off", "set validation_split or validation_dir, not both",
+                     'conv_block_dims and conv_block_alphas need target_modules = "locon"'):
+        assert any(expected in p for p in problems), (expected, problems)
+    with pytest.raises(ConfigError, match="loha training is not available yet"):
+        load_config(None, {"network_type": "loha"})
+    with pytest.raises(ConfigError, match="lokr training is not available yet"):
+        load_config(None, {"network_type": "lokr"})
+    with pytest.raises(ConfigError, match="validate_every_n_steps/epochs need validation_split or validation_dir"):
+        load_config(None, {"validate_every_n_steps": 5})
+    # lists in TOML and comma-separated text on the command line mean the same
+    listed = load_config(None, {"block_dims": [4] * 23, "down_lr_weight": "sine+0.5", "optimizer_args": ["betas=0.9,0.99"]})
+    assert listed.network.block_dims == ",".join(["4"] * 23) and listed.network.down_lr_weight == "sine+0.5"
+    from loralib.training.config import parse_optimizer_args
+
+    assert parse_optimizer_args(["betas=0.9,0.99", "decouple=true", "d_coef=2", "name=x"]) == {
+        "betas": (0.9, 0.99), "decouple": True, "d_coef": 2, "name": "x"}
+
+
+def test_a_missing_optional_optimizer_package_is_one_line_saying_how_to_install_it(lorareg):
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None  # not installed on the test machines
+    res = lorareg("train", "--optimizer", "adamw8bit", "--dry-run")
+    assert res.code == 1 and "Traceback" not in res.err
+    assert ("training.optimizer: adamw8bit needs the bitsandbytes package, which is not installed: pip install "
+            "bitsandbytes (it needs a CUDA GPU)") in res.err
+    assert len(res.err.strip().splitlines()) == 1

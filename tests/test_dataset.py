@@ -185,3 +185,86 @@ def test_batches_cover_every_repeat_once_per_epoch_and_are_reproducible(tmp_path
     assert plan.epoch(0) == first
     assert plan.epoch(1) != first
     assert BatchPlan.create(dataset, resolution=64, batch_size=2, seed=6, bucketing=True, bucket_step=16).epoch(0) != first
+
+
+def test_folder_class_tokens_caption_images_without_a_caption_file(tmp_path):
+    _image(tmp_path / "10_sks dog" / "a.png")
+    _image(tmp_path / "10_sks dog" / "b.png")
+    _caption(tmp_path / "10_sks dog" / "b.txt", "sks dog, running")
+    _image(tmp_path / "loose.png")  # outside a repeat folder: no class tokens to fall back on
+    with pytest.raises(DatasetError) as caught:
+        scan_dataset(tmp_path)
+    assert len(caught.value.problems) == 2  # without folder_class_tokens both missing captions are problems
+    (tmp_path / "loose.txt").write_text("loose")
+    records = {r.path.name: r for r in scan_dataset(tmp_path, class_tokens=True).records}
+    assert records["a.png"].caption == "sks dog" and records["a.png"].repeats == 10
+    assert records["b.png"].caption == "sks dog, running"  # a caption file still wins
+
+
+def test_masks_are_found_beside_or_flat_and_cropped_with_their_image(tmp_path):
+    from loralib.training.dataset import load_mask
+
+    _image(tmp_path / "data" / "10_x" / "a.png", size=(64, 32))
+    _caption(tmp_path / "data" / "10_x" / "a.txt", "a")
+    _image(tmp_path / "data" / "10_x" / "b.png")
+    _caption(tmp_path / "data" / "10_x" / "b.txt", "b")
+    masks = tmp_path / "masks"
+    half = Image.new("L", (64, 32), 0)
+    half.paste(255, (32, 0, 64, 32))  # right half trains
+    _image(masks / "10_x" / "a.png").unlink()
+    half.save(masks / "10_x" / "a.png")  # mirrors the dataset's folders
+    with pytest.raises(DatasetError, match=r"missing mask for .*b\.png"):
+        scan_dataset(tmp_path / "data", mask_dir=masks)
+    _image(masks / "b.webp", format="WEBP")  # or flat, any image extension (kohya's convention)
+    records = {r.path.name: r for r in scan_dataset(tmp_path / "data", mask_dir=masks).records}
+    assert records["a.png"].mask == masks / "10_x" / "a.png" and records["b.png"].mask == masks / "b.webp"
+    record = records["a.png"]
+    crop = plan_crop(record.size, (16, 16), random_crop=False, flip=False, rng=random.Random(0))
+    mask = load_mask(record, crop, (16, 16))
+    assert mask.shape == (1, 16, 16) and mask[:, :, :7].max() == 0 and mask[:, :, 9:].min() == 1
+    flipped = plan_crop(record.size, (16, 16), random_crop=False, flip=True, rng=random.Random(1))
+    assert flipped.flip and torch.equal(load_mask(record, flipped, (16, 16)), mask.flip(-1))
+    # without mask files, the alpha channel is the mask; an opaque image trains everywhere
+    clear = Image.new("RGBA", (16, 16), (9, 9, 9, 0))
+    clear.paste((9, 9, 9, 255), (0, 0, 8, 16))
+    clear.save(tmp_path / "alpha.png")
+    square = plan_crop((16, 16), (16, 16), random_crop=False, flip=False, rng=random.Random(0))
+    from loralib.training.dataset import ImageRecord
+
+    alpha = load_mask(ImageRecord(tmp_path / "alpha.png", "", 1, "", (16, 16)), square, (16, 16))
+    assert alpha[:, :, :8].min() == 1 and alpha[:, :, 8:].max() == 0
+    opaque = load_mask(ImageRecord(masks / "b.webp", "", 1, "", (40, 24)), square, (16, 16))
+    assert opaque.min() == 1
+
+
+def test_validation_split_is_disjoint_and_fixed_by_its_seed():
+    from loralib.training.dataset import split_validation
+
+    dataset = scan_dataset(EXAMPLES)
+    train, held = split_validation(dataset, 0.25, seed=3)
+    assert len(held.records) == 2 and len(train.records) == 6
+    assert not {r.path for r in held.records} & {r.path for r in train.records}
+    reordered = type(dataset)(dataset.root, dataset.layout, list(reversed(dataset.records)))
+    assert [r.path for r in split_validation(reordered, 0.25, seed=3)[1].records] == [r.path for r in held.records]
+    others = {tuple(r.path for r in split_validation(dataset, 0.25, seed=s)[1].records) for s in range(8)}
+    assert len(others) > 1
+    assert len(split_validation(dataset, 0.01, seed=3)[1].records) == 1  # at least one image is held out
+    with pytest.raises(Exception, match="leaves nothing to train on"):
+        split_validation(type(dataset)(dataset.root, dataset.layout, dataset.records[:1]), 0.5, seed=0)
+
+
+def test_caption_shuffle_keep_tokens_and_tag_dropout():
+    from loralib.training.captions import process_caption
+
+    caption = "pxl style, a, b, c, d, e"
+    seen = set()
+    for seed in range(30):
+        text = process_caption(caption, random.Random(seed), shuffle=True, keep_tokens=1, tag_dropout=0.0)
+        tags = text.split(", ")
+        assert tags[0] == "pxl style" and sorted(tags[1:]) == ["a", "b", "c", "d", "e"]
+        seen.add(text)
+    assert len(seen) > 10
+    kept = [len(process_caption(caption, random.Random(s), shuffle=False, keep_tokens=2, tag_dropout=0.5).split(", "))
+            for s in range(400)]
+    assert min(kept) >= 2 and abs(sum(k - 2 for k in kept) / len(kept) - 2.0) < 0.25  # 4 free tags, half dropped
+    assert process_caption(caption, random.Random(0), shuffle=False, keep_tokens=0, tag_dropout=0.0) == caption

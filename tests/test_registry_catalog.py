@@ -172,7 +172,7 @@ def test_rm_keeps_files_unless_delete_file_is_given(lorareg, tmp_path):
     assert res.code == 0 and "kept" in res.out and keep.exists()
     assert lorareg("show", "keep").code == 1
     res = lorareg("rm", "drop", "--delete-file", "--yes", "--json")
-    assert res.code == 0 and json.loads(res.out) == [{"name": "drop", "deleted": [str(drop)]}] and not drop.exists()
+    assert res.code == 0 and json.loads(res.out) == [{"name": "drop", "deleted": [str(drop)], "kept": []}] and not drop.exists()
     assert "no adapter named" in _one_line_error(lorareg("rm", "keep"))
 
 

@@ -137,3 +137,62 @@ def test_fuzzed_headers_never_escape_as_other_errors(tmp_path, data):
         return
     # whatever was accepted is self-consistent: the tensors tile the data section exactly
     assert sum(t.nbytes for t in header.tensors.values()) == header.data_size
+
+
+_JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.floats(allow_nan=True),
+    st.text(max_size=8), st.just(10 ** 400), st.just(2 ** 64), st.just(-1))
+_JSON_VALUES = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=6), inner, max_size=4), max_leaves=12)
+_NUMBER_TOKENS = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "9" * 5000, "-0", "1.5", "[" * 3000 + "]" * 3000])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_header_values_are_valid_or_one_clear_error(tmp_path, data):
+    """Structured damage: any JSON value (huge integers, NaN, nesting, wrong types, repeated keys) in
+    any place of a real header. The reader returns a self-consistent header or one CorruptFileError,
+    and the adapter readers above it (inspect) never raise anything but LoraError."""
+    import loralib
+    from loralib.errors import LoraError
+
+    header = {"__metadata__": {"ss_network_module": "networks.lora"},
+              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
+                  {"dtype": "F32", "shape": [1, 320], "data_offsets": [0, 1280]},
+              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight":
+                  {"dtype": "F32", "shape": [320, 1], "data_offsets": [1280, 2560]},
+              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha":
+                  {"dtype": "F32", "shape": [], "data_offsets": [2560, 2564]}}
+    text = json.dumps(header)
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(["value", "token", "duplicate"]))
+        if where == "value":  # replace one entry, one field of an entry, or the metadata
+            key = data.draw(st.sampled_from(sorted(header)))
+            field = data.draw(st.sampled_from([None, "dtype", "shape", "data_offsets"]))
+            value = data.draw(_JSON_VALUES)
+            if field is None or not isinstance(header[key], dict) or key == "__metadata__":
+                header[key] = value
+            else:
+                header[key] = {**header[key], field: value}
+            try:
+                text = json.dumps(header)
+            except ValueError:
+                continue
+        elif where == "token":  # a raw token json.dumps would never write
+            text = text.replace("1280", data.draw(_NUMBER_TOKENS), 1)
+        else:
+            text = text.replace('{"__metadata__"', '{"__metadata__": {}, "__metadata__"', 1)
+    raw = text.encode("utf-8", "surrogatepass")
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 2564)
+    try:
+        parsed = read_header(path)
+    except CorruptFileError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 2000
+        return
+    assert sum(t.nbytes for t in parsed.tensors.values()) == parsed.data_size
+    assert all(isinstance(v, str) for v in parsed.metadata.values())
+    try:
+        loralib.inspect(path)
+    except LoraError as exc:
+        assert "\n" not in str(exc)

@@ -25,10 +25,15 @@ from tests.helpers.training import ROOT, quick_settings, small_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
-# Every source of randomness is on: noise offset, caption dropout, LoRA dropout, random crop and flip.
+# Every source of randomness is on: noise offset, multires and input-perturbation noise, caption dropout, tag
+# shuffling and dropout, LoRA dropout, random crop and flip; and every state that must survive a resume: the EMA of
+# the weights, the validation losses, the optimizer's moments (with LoRA+ groups).
 RANDOM_EVERYTHING = dict(max_train_steps=5, batch_size=1, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=2,
                          noise_offset=0.05, caption_dropout=0.3, dropout=0.1, snr_gamma=5.0, crop="random",
-                         random_flip=True, gradient_accumulation_steps=2)
+                         random_flip=True, gradient_accumulation_steps=2, multires_noise_iterations=3,
+                         ip_noise_gamma=0.1, shuffle_caption=True, keep_tokens=1, caption_tag_dropout=0.2,
+                         loss_type="huber", debiased_estimation=True, masked_loss=True, ema_decay=0.8,
+                         loraplus_lr_ratio=4, validate_every_n_steps=2)
 
 
 def _tensors(path):
@@ -38,11 +43,12 @@ def _tensors(path):
 def test_resume_latest_continues_bit_for_bit(tiny_sd1, tmp_path, lorareg):
     # 3 images, batch 1, 2 batches per step: steps of 2 and 1 batches, 2 steps per epoch; step 3 is mid-epoch 2
     data = small_dataset(tmp_path / "data", 3)
-    straight = train(load_config(None, quick_settings(tiny_sd1, data, tmp_path / "straight", **RANDOM_EVERYTHING)))
-    assert straight.steps == 5
+    settings = {**RANDOM_EVERYTHING, "validation_dir": small_dataset(tmp_path / "validation", 1)}
+    straight = train(load_config(None, quick_settings(tiny_sd1, data, tmp_path / "straight", **settings)))
+    assert straight.steps == 5 and [step for step, _ in straight.validation_losses] == [2, 4, 5]
 
     config_file = tmp_path / "resumed.toml"
-    config = load_config(None, quick_settings(tiny_sd1, data, tmp_path / "resumed", **RANDOM_EVERYTHING))
+    config = load_config(None, quick_settings(tiny_sd1, data, tmp_path / "resumed", **settings))
     config_file.write_text(config.to_toml())
     holder = {}
     trainer = Trainer(config, on_step=lambda report: report.step == 3 and holder["t"].request_stop())
@@ -56,17 +62,25 @@ def test_resume_latest_continues_bit_for_bit(tiny_sd1, tmp_path, lorareg):
     assert res.code == 0, res.err
     report = json.loads(res.out)
     assert report["steps"] == 5 and not report["interrupted"]
+    assert report["validation_losses"] == [list(entry) for entry in straight.validation_losses]
 
     expected, got = _tensors(straight.save.path), _tensors(report["adapter"])
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     # the optimizer and scheduler states continued too: the last checkpoints agree exactly
+    final = tmp_path / "resumed" / "checkpoints" / "step-00000005"
     a = torch.load(straight.checkpoint / "training_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "step-00000005" / "training_state.pt", weights_only=True)
+    b = torch.load(final / "training_state.pt", weights_only=True)
     assert a["lr_scheduler"] == b["lr_scheduler"] and a["losses"] == b["losses"]
+    assert a["validation_losses"] == b["validation_losses"]
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"])
+    # the saved adapter is the EMA (save_ema): it matched above; the raw weights and the average agree too
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        expected, got = _tensors(straight.checkpoint / name), _tensors(final / name)
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
 
 
 def test_resume_refuses_a_changed_network_and_extends_a_finished_run(tiny_sd1, tmp_path, lorareg):

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
-from ..files.atomic import atomic_dir, check_output, refuse_overwrite
+from ..files.atomic import atomic_dir, check_output, refuse_overwrite, same_file
 from ..files.header import read_header
 from ..files.writer import write_safetensors
+from ..formats import input_files
 from ..metadata import HISTORY_KEY, history, input_record
 from ..records import OperationRecord
 from ..version import TOOL
@@ -66,7 +67,8 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
     check_compatible(items)
     base, output = Path(base), Path(output)
     with ModelWeights.open(base, vectors=True) as model:
-        _check_output(model, output, force)
+        sources = (model.path, *input_files(i.adapter.source_path for i in items if i.adapter.source_path))
+        _check_output(model, output, force, sources)
         deltas = _fused_modules(items)
         _check_fits(model, deltas, items)
     operation = OperationRecord("bake", [input_record(i.adapter, i.weight) for i in items], {"base": base.name})
@@ -100,21 +102,21 @@ class _Counter:
             self.progress(self.done, self.total)
 
 
-def _check_output(model: ModelWeights, output: Path, force: bool) -> None:
+def _check_output(model: ModelWeights, output: Path, force: bool, inputs: tuple[Path, ...]) -> None:
     if model.kind == "checkpoint":
         if output.suffix.lower() != ".safetensors":
             raise InvalidArgumentError(f"the base {model.path.name} is a single-file checkpoint, so the output must be "
                                        f"a .safetensors file, not {output}", "Give -o NAME.safetensors")
-        check_output(output, force, inputs=(model.path,))
+        check_output(output, force, inputs=inputs)
         return
     if output.suffix.lower() == ".safetensors":
         raise InvalidArgumentError(f"the base {model.path.name} is a diffusers folder, so the output is a folder too",
                                    "Give a folder path with -o (writing a single-file checkpoint needs a single-file base)")
-    if output.resolve() == model.path.resolve():
+    if same_file(output, model.path):
         raise OutputExistsError(f"{output} is the base model", "Write the baked model to another folder")
     if not output.parent.exists():
         check_output(output, force)
-    refuse_overwrite(output, force)
+    refuse_overwrite(output, force, inputs)
 
 
 def _fused_modules(items: list[WeightedAdapter]) -> dict[str, list[tuple[object, float]]]:

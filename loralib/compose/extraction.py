@@ -19,7 +19,7 @@ import torch
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import COMPONENTS, detect_architecture
 from ..dtypes import from_safetensors
-from ..errors import InvalidArgumentError, MismatchError
+from ..errors import CorruptFileError, InvalidArgumentError, MismatchError
 from ..layers import PROJECTION, LayerShape, select_layers
 from ..records import InputRecord, OperationRecord
 from .inputs import Progress, module_from_factors
@@ -60,6 +60,9 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
         for done, (key, shape) in enumerate(targets.items(), 1):
             difference = tuned_model.read(key).to(torch.float32) - base_model.read(key).to(torch.float32)
             difference = difference.reshape(shape.out_features, -1)
+            if not bool(torch.isfinite(difference).all()):
+                raise CorruptFileError(f"{key} holds NaN or infinite values in {Path(tuned).name} or {Path(base).name}",
+                                       "A model with such weights cannot be compared; check both files")
             if difference.numel() == 0 or float(difference.abs().max()) <= min_diff:
                 unchanged += 1
             else:

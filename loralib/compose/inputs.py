@@ -16,11 +16,12 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import ARCHITECTURES, UNKNOWN
-from ..errors import InvalidArgumentError, MismatchError
+from ..errors import CorruptFileError, InvalidArgumentError, MismatchError
 from ..layers import LayerShape
 
 AdapterLike = LoraAdapter | str | Path
 Progress = Callable[[int, int], None]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -46,8 +47,31 @@ def load(adapter: AdapterLike) -> LoraAdapter:
     return load_adapter(adapter)
 
 
-def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]]) -> list[WeightedAdapter]:
-    """Load ``[(adapter_or_path, weight), …]`` (a bare adapter has weight 1) and check the weights."""
+def require_computable(adapter: LoraAdapter, name: str, weight: float = 1.0) -> None:
+    """Raise :class:`CorruptFileError` when ``adapter`` holds NaN or infinite factor values, or a
+    scale (alpha / rank, times ``weight``) beyond float32's range: no decomposition can use them."""
+    bad = adapter.nonfinite_modules()
+    if bad:
+        raise CorruptFileError(f"{name} holds NaN or infinite values in {len(bad)} module(s): {_listed(bad)}",
+                               "The adapter is damaged; it cannot be merged or resized")
+    huge = [key for key, m in adapter.modules.items() if abs(getattr(m, "scale", 1.0) * weight) > FLOAT32_MAX]
+    if huge:
+        module = adapter.modules[huge[0]]
+        raise CorruptFileError(f"{name} has a scale too large to compute with in {len(huge)} module(s): {_listed(huge)} "
+                               f"(alpha {module.alpha:g} at rank {module.rank})",
+                               "The file is damaged, or its alphas were written by a broken converter")
+
+
+def _listed(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], *,
+                  allow_nonfinite: bool = False) -> list[WeightedAdapter]:
+    """Load ``[(adapter_or_path, weight), …]`` (a bare adapter has weight 1) and check the weights.
+
+    Inputs with NaN or infinite values are refused (:func:`require_computable`) unless ``allow_nonfinite``.
+    """
     loaded = []
     for position, item in enumerate(inputs):
         source, weight = item if isinstance(item, tuple) else (item, 1.0)
@@ -58,7 +82,10 @@ def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]]) -> 
         if not math.isfinite(weight):
             raise InvalidArgumentError(f"the weight of input {position + 1} is {weight}", "Use a finite number")
         adapter = load(source)
-        loaded.append(WeightedAdapter(adapter, weight, adapter_name(adapter, position)))
+        name = adapter_name(adapter, position)
+        if not allow_nonfinite:
+            require_computable(adapter, name, weight)
+        loaded.append(WeightedAdapter(adapter, weight, name))
     if not loaded:
         raise InvalidArgumentError("nothing to combine: no input adapters were given")
     return loaded

@@ -67,7 +67,8 @@ Bases = dict[int, torch.Tensor | None]  # input position -> the base weight its 
 def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int | None = None, *,
           method: str = "concat", dynamic: str | None = None, max_rank: int | None = None,
           density: float | None = None, seed: int = 0, svd: str = "auto", dtype: torch.dtype | None = None,
-          base: str | Path | None = None, progress: Progress | None = None) -> Composition:
+          base: str | Path | None = None, progress: Progress | None = None,
+          allow_nonfinite: bool = False) -> Composition:
     """Merge weighted adapters (objects or paths) into one; see the module docstring for methods.
 
     ``rank`` truncates every module to at most that rank (best approximation); ``dynamic``
@@ -75,13 +76,18 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     ``density`` and ``seed`` are TIES/DARE parameters; ``svd`` (``auto``, ``exact``,
     ``randomized``) how their dense deltas are factorised. ``dtype`` is the output's storage dtype
     (default: the inputs' common dtype, else float32). ``base`` is the base model (a diffusers
-    folder or single-file checkpoint), needed only for DoRA inputs.
+    folder or single-file checkpoint), needed only for DoRA inputs. Inputs with NaN or infinite
+    values are refused unless ``allow_nonfinite``, which only an exact merge (concat, no rank rule)
+    can honour; the result must then be saved with ``allow_nonfinite`` too.
     """
     method = _check_method(method, density)
     if svd not in SVD_METHODS:
         raise InvalidArgumentError(f"unknown SVD method {svd!r}", f"Choose one of {', '.join(SVD_METHODS)}")
     rule = rank_rule(rank, dynamic, max_rank)
-    items = load_weighted(inputs)
+    if allow_nonfinite and (method != "concat" or rule is not None):
+        raise InvalidArgumentError("allowing NaN or infinite values only works for an exact merge",
+                                   "Use the default method (concat) without --rank or --dynamic")
+    items = load_weighted(inputs, allow_nonfinite=allow_nonfinite)
     architecture = check_compatible(items)
     if method == "linear":
         _check_equal_ranks(items)
@@ -105,7 +111,7 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
 
     modules: dict[str, LoraModule] = {}
     with layers:
-        for key, merged in zip(keys, map_modules(merge_one, keys, progress)):
+        for key, merged in zip(keys, map_modules(merge_one, keys, progress, names=keys)):
             if merged is not None:
                 modules[key], report.modules[key] = merged
     for item in weighted:

@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import torch
 
+from ..errors import CorruptFileError
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -31,12 +33,16 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def map_modules(function: Callable[[Item], Result], items: Sequence[Item],
-                progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> list[Result]:
+                progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                names: Sequence[str] | None = None) -> list[Result]:
     """``[function(item) for item in items]``, computed ``workers`` at a time (default: torch's thread count).
 
     Results come back in order; ``progress(done, total)`` is called as they do. At most
-    ``workers`` items are in flight, so memory stays bounded by what that many calls hold.
+    ``workers`` items are in flight, so memory stays bounded by what that many calls hold. A
+    factorisation that fails (values too large for the working precision) is a
+    :class:`~loralib.errors.CorruptFileError` naming the module (``names``, else the item).
     """
+    function = _named_errors(function, items, names)
     workers = workers or torch.get_num_threads()
     total = len(items)
     results: list[Result] = []
@@ -59,3 +65,18 @@ def map_modules(function: Callable[[Item], Result], items: Sequence[Item],
             if progress:
                 progress(len(results), total)
     return results
+
+
+def _named_errors(function: Callable[[Item], Result], items: Sequence[Item],
+                  names: Sequence[str] | None) -> Callable[[Item], Result]:
+    labels = {id(item): name for item, name in zip(items, names)} if names is not None else {}
+
+    def call(item: Item) -> Result:
+        try:
+            return function(item)
+        except torch.linalg.LinAlgError as exc:
+            what = labels.get(id(item), str(item)[:200])
+            reason = str(exc).split(":", 1)[-1].strip().split(".")[0]
+            raise CorruptFileError(f"module {what} cannot be factorised ({reason})",
+                                   "Its values are not finite, or too large to compute with in float32/float64") from exc
+    return call

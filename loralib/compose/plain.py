@@ -67,7 +67,7 @@ def plain_modules(source: LoraAdapter, rule: RankRule | None, layers: BaseLayers
 
     modules: dict[str, LoraModule] = {}
     items = list(source.modules.items())
-    for (key, _), result in zip(items, map_modules(convert_one, items, progress)):
+    for (key, _), result in zip(items, map_modules(convert_one, items, progress, names=[key for key, _ in items])):
         if result is not None:
             modules[key], report.modules[key] = result
     report.notes += left_out_notes(source)

@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError
 from ..metadata import input_record
 from ..records import OperationRecord
 from .base_layers import BaseLayers, needing_base
-from .inputs import AdapterLike, Progress, load
+from .inputs import AdapterLike, Progress, adapter_name, load, require_computable
 from .plain import plain_modules
 from .rank_rules import rank_rule
 from .report import CompositionReport
@@ -39,6 +39,7 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
         raise InvalidArgumentError("resize needs a target rank or a dynamic rule",
                                    "Pass --rank N, or --dynamic sv_fro:0.95 (optionally with --max-rank N)")
     source = load(adapter)
+    require_computable(source, adapter_name(source, 0))
     dtype = dtype or source.dtype or torch.float32
     report = CompositionReport("resize")
     name = source.source_path.name if source.source_path else "the adapter"

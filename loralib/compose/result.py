@@ -29,11 +29,13 @@ class Composition:
     operation: OperationRecord
 
     def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
-             dtype: torch.dtype | None = None) -> SaveResult:
-        """Write the adapter (atomically; refuses to overwrite unless ``force``) with its operation record."""
+             dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> SaveResult:
+        """Write the adapter (atomically; refuses to overwrite unless ``force``, and any input as the
+        output) with its operation record. NaN or infinite values are refused unless ``allow_nonfinite``."""
         from ..formats import save_adapter
 
-        return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation)
+        return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation,
+                            allow_nonfinite=allow_nonfinite)
 
 
 def storage_bytes(adapter: LoraAdapter) -> int:

@@ -60,3 +60,4 @@ def read_tensors(header: SafetensorsHeader, names: Iterable[str], mapped: Mapped
         return {name: mapped.tensor(name) for name in names}
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CorruptFileError(f"{header.path.name} could not be read: {exc}", "The file may be damaged") from exc
+

@@ -148,7 +148,11 @@ def _sha256_of(views: list[memoryview]) -> str:
 
 def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:
     header = {"__metadata__": metadata, **entries} if metadata else entries
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 (a file name's raw bytes): readers need valid UTF-8
+        raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
     return raw + b" " * (-len(raw) % 8)
 
 

@@ -8,6 +8,7 @@ looks like a model file is named precisely in the error.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from ..records import OperationRecord
 
 __all__ = ["FORMATS", "WRITE_FORMATS", "AdapterIndex", "Format", "Inputs", "Kind", "SaveResult", "convert",
-           "identify_inputs", "index_adapter", "index_inputs", "load_adapter", "open_inputs", "refuse", "save_adapter",
-           "writer"]
+           "identify_inputs", "index_adapter", "index_inputs", "input_files", "load_adapter", "open_inputs", "refuse",
+           "refuse_nonfinite", "save_adapter", "writer"]
 
 
 def identify_inputs(inputs: Inputs) -> Kind:
@@ -115,17 +116,22 @@ def writer(format: str) -> Format:
 
 def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", *, force: bool = False,
                  dtype: torch.dtype | None = None, drop_embeddings: bool = False,
-                 operation: OperationRecord | None = None, title: str | None = None) -> SaveResult:
+                 operation: OperationRecord | None = None, title: str | None = None,
+                 allow_nonfinite: bool = False, inputs: Iterable[str | Path] = ()) -> SaveResult:
     """Write ``adapter`` to ``path`` in ``format`` (``kohya``, ``peft`` or ``diffusers``), atomically.
 
-    An existing output is replaced only with ``force``. ``operation`` describes how the adapter
-    was made; it is appended to the file's ``lorareg.history`` and returned, input hashes
-    resolved, as the result's ``operation``. ``title`` is the ModelSpec title of a new adapter
-    (default: the file's name).
+    An existing output is replaced only with ``force``; an output that is one of the adapter's
+    inputs (its source file, the inputs of ``operation``, or ``inputs``) never. Factors with NaN
+    or infinite values (in the stored dtype) are refused unless ``allow_nonfinite``: no consumer
+    can use them. ``operation`` describes how the adapter was made; it is appended to the file's
+    ``lorareg.history`` and returned, input hashes resolved, as the result's ``operation``.
+    ``title`` is the ModelSpec title of a new adapter (default: the file's name).
     """
     fmt = writer(format)
     if not adapter.modules:
         raise InvalidArgumentError("the adapter has no modules; there is nothing to write")
+    if not allow_nonfinite:
+        refuse_nonfinite(adapter, dtype)
     notes = []
     if adapter.embeddings and not fmt.holds_embeddings:
         if not drop_embeddings:
@@ -137,7 +143,34 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
     refuse_kinds(adapter, fmt)
     if not fmt.holds_cp_mid and any(getattr(m, "mid", None) is not None for m in adapter.modules.values()):
         notes.append("folded CP-decomposed conv factors (lora_mid) into lora_down; ΔW is unchanged")
-    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes))
+    sources = input_files([*inputs, *([adapter.source_path] if adapter.source_path else []),
+                           *(i.path for i in (operation.inputs if operation else []) if i.path)])
+    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, sources))
+
+
+def refuse_nonfinite(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`CorruptFileError` naming the modules whose factors hold NaN or infinite values
+    once stored in ``dtype`` (the adapter's own dtype when None)."""
+    bad = adapter.nonfinite_modules(dtype)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        stored = f" once stored as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+        raise CorruptFileError(
+            f"{len(bad)} module(s) would hold NaN or infinite values{stored}: {shown}",
+            "Such an adapter breaks every image it is used for; pass --allow-nonfinite "
+            "(Python: allow_nonfinite=True) to write it anyway")
+
+
+def input_files(paths: Iterable[str | Path]) -> tuple[Path, ...]:
+    """Every file behind the given adapter paths (a PEFT folder: the folder, its weights and configs)."""
+    from .layout import adapter_files, adapter_root
+
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        root = adapter_root(path) if path.is_file() else path
+        found += [path, root, *adapter_files(root)] if root.exists() else [path]
+    return tuple(dict.fromkeys(found))
 
 
 def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
@@ -160,14 +193,20 @@ def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
 
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,
-            dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False) -> SaveResult:
-    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged."""
+            dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False,
+            allow_nonfinite: bool = False) -> SaveResult:
+    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged.
+
+    Refused before anything is read: an output that is the source itself (any spelling of it).
+    """
+    from ..files.atomic import refuse_input_as_output
     from ..metadata import input_record
     from ..records import OperationRecord
 
     fmt = writer(format)
+    refuse_input_as_output(output, input_files([source]))
     adapter = load_adapter(source, allow_pickle=allow_pickle)
     operation = OperationRecord("convert", [input_record(adapter)],
                                 {"from_format": adapter.source_format, "to_format": fmt.name})
     return save_adapter(adapter, output, fmt.name, force=force, dtype=dtype, drop_embeddings=drop_embeddings,
-                        operation=operation)
+                        operation=operation, allow_nonfinite=allow_nonfinite)

@@ -12,6 +12,7 @@ adapter into files and returns a :class:`SaveResult`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -105,6 +106,7 @@ class WriteRequest:
     title: str | None = None
     operation: OperationRecord | None = None
     notes: list[str] = field(default_factory=list)
+    inputs: tuple[Path, ...] = ()  # files the adapter was read from: never an output, even with force
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ class ModuleEntry:
         return self.source.dtypes[self.down]
 
     def check_shapes(self) -> None:
-        """Raise if the stored factor shapes cannot form a LoRA module."""
+        """Raise if the stored factor shapes cannot form a LoRA module (or its alpha is not finite)."""
         down, up = self.source.shapes[self.down], self.source.shapes[self.up]
         ok = len(down) in (2, 4) and len(up) == len(down) and up[1] == down[0] and down[0] > 0
         if ok and self.mid is not None:
@@ -211,16 +213,27 @@ class ModuleEntry:
             ok = len(mid) == 4 and tuple(mid[:2]) == (down[0], down[0])
         if not ok:
             raise CorruptFileError(
-                f"{self.source.path.name}: module {self.key} has factors of shapes {list(down)} and {list(up)} "
-                "that do not multiply", "The file is damaged or was written by a broken converter")
+                f"{self.source.path.name}: module {self.key[:200]} has factors of shapes {list(down)[:6]} and "
+                f"{list(up)[:6]} that do not multiply", "The file is damaged or was written by a broken converter")
+        if 0 in down or 0 in up:
+            raise CorruptFileError(
+                f"{self.source.path.name}: module {self.key[:200]} has an empty factor (shapes {list(down)} and "
+                f"{list(up)}): it adapts a layer of width 0", "The file is damaged or was written by a broken converter")
         if self.magnitude is not None:
             from ..lycoris.shapes import magnitude_axis
 
             try:
                 magnitude_axis(self.source.shapes[self.magnitude], self.weight_shape, self.magnitude_style)
             except CorruptFileError as exc:
-                raise CorruptFileError(f"{self.source.path.name}: module {self.key}: {exc.message}",
+                raise CorruptFileError(f"{self.source.path.name}: module {self.key[:200]}: {exc.message}",
                                        "The file is damaged or was written by a broken converter") from exc
+        self.check_alpha()
+
+    def check_alpha(self) -> None:
+        """Raise if the module's alpha is NaN or infinite (no operation could use it)."""
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise CorruptFileError(f"{self.source.path.name}: module {self.key[:200]} has alpha {self.alpha}",
+                                   "A scale that is not a finite number makes the adapter unusable")
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

@@ -12,16 +12,16 @@ embeddings.
 
 from __future__ import annotations
 
-import json
 import re
 
 from ..architectures import ARCHITECTURES, SD1, TEXT_ENCODER, UNET
-from ..errors import UnsupportedFormatError
+from ..errors import CorruptFileError, UnsupportedFormatError
+from ..jsontext import loads_metadata
 from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry
 from .source import TensorSource
 
 CLONEOFSIMO = Kind("cloneofsimo", "cloneofsimo lora_diffusion LoRA", True)
-CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
+CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d{1,6}):(up|down)$")
 
 EMBED_FLAG = "<embed>"
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -63,12 +63,18 @@ def parse(source: TensorSource) -> AdapterIndex:
     for name in source.names:
         if match := CLONEOFSIMO_KEY.match(name):
             counts[match.group(1)] = max(counts[match.group(1)], int(match.group(2)) + 1)
+    missing = next((f"{part}:{i}:{f}" for part, n in counts.items() for i in range(n) for f in ("up", "down")
+                    if f"{part}:{i}:{f}" not in source.shapes), None)
+    if missing:
+        raise CorruptFileError(f"{source.path.name} is a cloneofsimo lora_diffusion file without {missing}",
+                               "The file is incomplete")
     embeddings = {n: (source, n) for n in source.names if source.metadata.get(n) == EMBED_FLAG}
-    cross = next((source.shapes[f"unet:{i}:down"][1] for i in range(counts[UNET])
-                  if source.shapes.get(f"unet:{i}:down", (0, 0))[1] in (768, 1024)), 768)
+    widths = [source.shapes[f"unet:{i}:down"] for i in range(counts[UNET])]
+    cross = next((shape[1] for shape in widths if len(shape) == 2 and shape[1] in (768, 1024)), 768)
     arch = ARCHITECTURES["sd2" if cross == 1024 else "sd1"]
-    targets = json.loads(source.metadata.get(UNET, "[]") or "[]")
-    unet = _unet_order(arch.unet_config, with_ff="GEGLU" in targets) if counts[UNET] else []
+    targets = loads_metadata(source.metadata.get(UNET), [])
+    with_ff = isinstance(targets, list) and "GEGLU" in targets
+    unet = _unet_order(arch.unet_config, with_ff=with_ff) if counts[UNET] else []
     text = _text_order(arch.text_encoders[TEXT_ENCODER]["num_hidden_layers"]) if counts[TEXT_ENCODER] else []
     if counts[UNET] not in (0, len(unet)) or counts[TEXT_ENCODER] not in (0, len(text)):
         raise UnsupportedFormatError(
@@ -78,12 +84,12 @@ def parse(source: TensorSource) -> AdapterIndex:
     entries: dict[str, ModuleEntry] = {}
     for i, (path, width_in, width_out) in enumerate(unet):
         entry = ModuleEntry(f"{UNET}.{path}", source, f"unet:{i}:down", f"unet:{i}:up")
+        entry.check_shapes()
         down, up = source.shapes[entry.down], source.shapes[entry.up]
         if down[1] != width_in or up[0] != width_out:
             raise UnsupportedFormatError(
                 f"{source.path.name}: cloneofsimo module unet:{i} has shape {list(up)}x{list(down)}, "
                 f"but position {i} is {path} ({width_out}x{width_in}); the file does not follow lora_diffusion's order")
-        entry.check_shapes()
         entries[entry.key] = entry
     for i, path in enumerate(text):
         entry = ModuleEntry(f"{TEXT_ENCODER}.{path}", source, f"text_encoder:{i}:down", f"text_encoder:{i}:up")

@@ -55,33 +55,37 @@ _TE_PROJECTION = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out"
 
 
 def _component_configs(metadata: dict[str, str], path_name: str) -> dict[str, dict]:
+    from ..jsontext import JSONTextError, loads
+
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not valid JSON") from exc
+        flat = loads(raw)
+    except JSONTextError as exc:
+        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that cannot be read: {exc}") from exc
+    if not isinstance(flat, dict):
+        raise CorruptFileError(f"{path_name} has a {METADATA_KEY} entry that is not a JSON object")
     configs: dict[str, dict] = {}
-    for key, value in flat.items() if isinstance(flat, dict) else ():
+    for key, value in flat.items():
         component, _, field = key.partition(".")
         configs.setdefault(component, {})[field] = value
     return configs
 
 
-def _classify(name: str) -> tuple[str | None, str, str] | None:
-    """(component prefix, module path, factor 'down'/'up') of any diffusers spelling."""
+def _classify(name: str) -> tuple[str, str | None, str, str] | None:
+    """(spelling, component prefix, module path, factor 'down'/'up') of any diffusers spelling."""
     if match := DIFFUSERS_KEY.match(name):
         component, path, ab = match.groups()
-        return component, path, "down" if ab == "A" else "up"
+        return DIFFUSERS.format, component, path, "down" if ab == "A" else "up"
     if match := ATTN_PROC_KEY.match(name):
         component, parent, projection, factor = match.groups()
         parent = parent.removesuffix(".processor")
         is_text = component not in (None, UNET) or ".self_attn" in f".{parent}"
         table = _TE_PROJECTION if is_text else _UNET_PROJECTION
-        return component, f"{parent}.{table[projection]}", factor
+        return ATTN_PROCS.format, component, f"{parent}.{table[projection]}", factor
     if match := DIFFUSERS_OLD_KEY.match(name):
-        return match.groups()
+        return (DIFFUSERS_OLD.format, *match.groups())
     return None
 
 
@@ -98,7 +102,7 @@ def parse(source: TensorSource) -> AdapterIndex:
     unrecognised = []
     differences: dict[tuple[str, str], dict[str, str]] = {}
     for name in source.names:
-        if match := _ALPHA_KEY.match(name):
+        if name.endswith(".alpha") and (match := _ALPHA_KEY.match(name)):
             alphas[match.group(1), match.group(2)] = name
             continue
         if match := DIFF_KEY.match(name):
@@ -108,38 +112,42 @@ def parse(source: TensorSource) -> AdapterIndex:
         if parsed is None:
             unrecognised.append(name)
             continue
-        component, path, factor = parsed
+        spelled, component, path, factor = parsed
         factors.setdefault((component, path), {})[factor] = name
-        spelling[DIFFUSERS if DIFFUSERS_KEY.match(name) else ATTN_PROCS if ATTN_PROC_KEY.match(name) else DIFFUSERS_OLD] += 1
+        spelling[spelled] += 1
     if unrecognised:
         raise CorruptFileError(
             f"{source.path.name} has {len(unrecognised)} key(s) that are not diffusers LoRA weights, "
             f"e.g. {', '.join(sorted(unrecognised)[:3])}")
-    scales = {component: PeftScales(config) for component, config in _component_configs(source.metadata, source.path.name).items()}
+    scales = {component: PeftScales(config, f"{source.path.name} ({METADATA_KEY}, {component})")
+              for component, config in _component_configs(source.metadata, source.path.name).items()}
     alpha_values = source.scalars(list(alphas.values()))
     entries: dict[str, ModuleEntry] = {}
     for (component, path), parts in factors.items():
         if set(parts) != {"down", "up"}:
             raise CorruptFileError(f"{source.path.name}: module {path} lacks its {'up' if 'down' in parts else 'down'} factor")
-        component = component or component_of(path, "", source.shapes[parts["down"]][1])
-        key = internal_key(component, path)
+        entry = ModuleEntry(path, source, parts["down"], parts["up"])
+        entry.check_shapes()
+        component = component or component_of(path, "", entry.in_features)
+        key = entry.key = internal_key(component, path)
         if key in entries:
             raise CorruptFileError(f"{source.path.name} adapts {key} twice")
         bias = differences.get((component, path), {})
         if "diff" in bias:
             raise CorruptFileError(f"{source.path.name}: module {path} has both LoRA factors and a full weight difference")
-        entry = ModuleEntry(key, source, parts["down"], parts["up"], bias=bias.pop("diff_b", None))
-        entry.check_shapes()
+        entry.bias = bias.pop("diff_b", None)
         if (component, path) in alphas or (None, path) in alphas:
             entry.alpha = alpha_values[alphas.get((component, path)) or alphas[None, path]]
         elif component in scales:
             entry.alpha = scales[component].alpha(key.split(".", 1)[1], entry.rank)
+        entry.check_alpha()
         entries[key] = entry
     for (component, path), parts in differences.items():
         if parts:  # differences of layers without LoRA factors
             key = internal_key(component, path)
             entries[key] = full_entry(key, path, parts, source)
-    kind = spelling.most_common(1)[0][0] if spelling else DIFFUSERS
+    kinds = {kind.format: kind for kind in (DIFFUSERS, ATTN_PROCS, DIFFUSERS_OLD)}
+    kind = kinds[spelling.most_common(1)[0][0]] if spelling else DIFFUSERS
     if differences and any(e.kind != "lora" or e.bias for e in entries.values()):
         kind = Kind(kind.format, f"{kind.title} with full-rank differences (diff/diff_b)", False)
     metadata = {k: v for k, v in source.metadata.items() if k != METADATA_KEY}

@@ -40,7 +40,7 @@ _SGM_CROSS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_.
 def _sgm_layout(source: TensorSource, modules: dict[str, dict[str, str]]) -> UNetLayout:
     """SGM numbering differs between SD1/SD2 and SDXL; decide which one a file uses."""
     widths = {source.shapes[parts["lora_down.weight"]][1] for name, parts in modules.items()
-              if _SGM_CROSS.match(name) and "lora_down.weight" in parts}
+              if _SGM_CROSS.match(name) and "lora_down.weight" in parts and len(source.shapes[parts["lora_down.weight"]]) > 1}
     if widths & {768, 1024} and 2048 not in widths:
         return UNetLayout.from_config(SD1.unet_config)
     return UNetLayout.from_config(SDXL.unet_config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from ..errors import CorruptFileError, InputNotFoundError, NotALoraError, UnsafeFileError
-from ..files import is_pickle
+from ..files import is_pickle, require_regular_file
 from .base import Inputs
 from .source import TensorSource
 from .table import folder_formats
@@ -45,7 +45,11 @@ def open_inputs(path: str | Path, *, allow_pickle: bool = False) -> Inputs:
 
 
 def open_file(path: Path, allow_pickle: bool) -> TensorSource:
-    """The header of one tensor file; a pickle file only with consent (it is then loaded whole)."""
+    """The header of one tensor file; a pickle file only with consent (it is then loaded whole).
+
+    A FIFO, socket or device is refused before it is opened (reading one would block or never end).
+    """
+    require_regular_file(path, "tensor file")
     if is_pickle(path):
         if not allow_pickle:
             raise UnsafeFileError(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
-from ..files.atomic import atomic_dir, check_output
+from ..files.atomic import atomic_dir, check_output, refuse_input_as_output
 from ..files.hashes import adapter_hashes
 from ..naming import TE_ROOT, internal_key
 from ..naming.clip import text_model_prefix
@@ -47,19 +47,24 @@ _TE_ROOTS = (TE_ROOT + ".", "encoder.layers.", "embeddings.", "final_layer_norm"
 
 def read_config(folder: Path) -> dict:
     """Read and check a folder's ``adapter_config.json``."""
+    from ..files import require_regular_file
+    from ..jsontext import JSONTextError, loads
+
     path = folder / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+    if not path.exists():
         raise CorruptFileError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}",
-                               "PEFT needs both files; without the config the scale of each module is unknown") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON") from exc
+                               "PEFT needs both files; without the config the scale of each module is unknown")
+    require_regular_file(path, "JSON file")
+    try:
+        config = loads(path.read_bytes())
+    except JSONTextError as exc:
+        raise CorruptFileError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(config, dict):
         raise CorruptFileError(f"{path} does not hold a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise UnsupportedFormatError(f"{folder} is a PEFT {peft_type} adapter, not a LoRA",
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        shown = peft_type.upper() if isinstance(peft_type, str) else repr(peft_type)[:40]
+        raise UnsupportedFormatError(f"{folder} is a PEFT {shown[:40]} adapter, not a LoRA",
                                      "Only plain LoRA adapters can be converted")
     return config
 
@@ -75,7 +80,8 @@ def component_of(path: str, folder_name: str, in_features: int) -> str:
 
 def read(inputs: Inputs) -> AdapterIndex:
     """Index a PEFT folder: the adapter of each component, with its config."""
-    parts = [parse(source, inputs.configs[source.path]) for source in inputs.sources]
+    parts = [parse(source, inputs.configs.get(source.path) or read_config(source.path.parent))
+             for source in inputs.sources]
     index = parts[0]
     for part in parts[1:]:
         index.sources += part.sources
@@ -96,7 +102,7 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
     if unrecognised:
         raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
     folder_name = source.path.parent.name
-    scales = PeftScales(config)
+    scales = PeftScales(config, str(source.path.parent / CONFIG_NAME))
     entries: dict[str, ModuleEntry] = {}
     for path, ab in pairs.items():
         if not {"A", "B"} <= set(ab):
@@ -104,12 +110,11 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
         if config.get("use_dora") and "M" not in ab:
             raise CorruptFileError(f"{source.path}: the config says use_dora but module {path} has no "
                                    "lora_magnitude_vector", "The adapter folder is incomplete")
-        component = component_of(path, folder_name, source.shapes[ab["A"]][1])
-        key = internal_key(component, path)
-        entry = ModuleEntry(key, source, ab["A"], ab["B"], magnitude=ab.get("M"), magnitude_style="peft")
+        entry = ModuleEntry(path, source, ab["A"], ab["B"], magnitude=ab.get("M"), magnitude_style="peft")
         entry.check_shapes()
-        entry.alpha = scales.alpha(key.split(".", 1)[1], entry.rank)
-        entries[key] = entry
+        entry.key = internal_key(component_of(path, folder_name, entry.in_features), path)
+        entry.alpha = scales.alpha(entry.key.split(".", 1)[1], entry.rank)
+        entries[entry.key] = entry
     kind = PEFT_DORA if any(e.magnitude for e in entries.values()) else PEFT
     return AdapterIndex(kind, [source], entries, dict(source.metadata))
 
@@ -168,6 +173,10 @@ def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResu
     """Write ``adapter`` as a PEFT folder: the UNet at the top, text encoders in subfolders."""
     if folder.exists() and not folder.is_dir():
         raise InvalidArgumentError(f"{folder} is a file; PEFT output is a folder", "Give a folder path with -o")
+    refuse_input_as_output(folder, request.inputs)
+    for component in adapter.components:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            refuse_input_as_output(folder / relative_folder(component) / name, request.inputs)
     existing = LAYOUT.component_files(folder) if folder.is_dir() else []
     if existing and not request.force:
         check_output(existing[0], force=False)

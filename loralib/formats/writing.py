@@ -36,7 +36,7 @@ def write_single_file(adapter: LoraAdapter, path: Path, request: WriteRequest, f
                       tensors: Mapping[str, torch.Tensor], *, before: Mapping[str, str] | None = None,
                       after: Mapping[str, str] | None = None) -> SaveResult:
     """The whole write of a one-file format: check the path, build the metadata, write, report."""
-    check_output(path, force=request.force)
+    check_output(path, force=request.force, inputs=request.inputs)
     header = file_metadata(adapter, request, path.stem)
     hashes = write_tensor_file(path, tensors, header, before=before, after=after)
     return SaveResult(path, format_name, [path], hashes.tensor_sha256, list(request.notes), header.completed_operation(),

@@ -536,6 +536,10 @@ class DoraModule(_Shaped):
         """No low-rank form: ``ΔW`` depends on the base weight."""
         return None
 
+    def tensors(self) -> dict[str, Tensor | None]:
+        """The inner module's factors and the magnitude."""
+        return {**self.inner.tensors(), "magnitude": self.magnitude}
+
     def require(self, base: Tensor | None) -> Tensor:
         """The base weight as a float matrix ``[out, in·kh·kw]``, or the error that says one is needed."""
         if base is None:

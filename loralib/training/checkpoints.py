@@ -1,8 +1,9 @@
 """Resumable training checkpoints: ``<output_dir>/checkpoints/step-00000010/``.
 
-A checkpoint holds the trainable LoRA tensors (``trainable.safetensors``), the optimizer, learning-
-rate scheduler and gradient-scaler states and the step counter (``training_state.pt``, read back
-with ``weights_only=True``), and the configuration it was made with (``config.json``). Every random
+A checkpoint holds the trainable LoRA tensors (``trainable.safetensors``), their moving average
+with ``ema_decay`` (``ema.safetensors``), the optimizer, learning-rate scheduler and gradient-scaler
+states, the step counter and the losses so far (``training_state.pt``, read back with
+``weights_only=True``), and the configuration it was made with (``config.json``). Every random
 draw of step N is derived from the seed and N, so restoring these states continues a run exactly:
 a resumed run ends with the same adapter as an uninterrupted one.
 
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,18 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, InputNotFoundError, MismatchError
+from ..files.atomic import sweep_stale, temp_name
 
 FOLDER = "checkpoints"
 STATE_FILE = "training_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 _NAME = re.compile(r"^step-(\d+)$")
 # Keys whose change makes a checkpoint unusable: they decide which parameters exist and what they mean.
 STRUCTURAL_KEYS = ("base_model", "rank", "alpha", "target_modules", "conv_rank", "conv_alpha",
-                   "train_text_encoder", "optimizer")
+                   "train_text_encoder", "optimizer", "network_type", "block_dims", "block_alphas", "conv_block_dims",
+                   "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     state: dict[str, Any]
     config: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -80,16 +84,21 @@ def find_checkpoint(output_dir: Path, resume: str | Path) -> Path:
 
 
 def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any],
-                    config: dict[str, Any], keep: int | None = None) -> Path:
+                    config: dict[str, Any], keep: int | None = None,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint for ``step`` atomically; keep only the newest ``keep`` checkpoints."""
     from safetensors.torch import save_file
 
     parent = checkpoints_dir(output_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    sweep_stale(parent)  # folders of a run killed while writing its checkpoint
+    tmp = parent / temp_name(final.name)
+    tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / TRAINABLE_FILE)
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA_FILE)
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if final.exists():
@@ -110,11 +119,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         trainable = load_file(path / TRAINABLE_FILE)
+        ema = load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
         config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
     except Exception as exc:
         raise CorruptFileError(f"the checkpoint {path} cannot be read ({type(exc).__name__})",
                                "Resume from an older checkpoint (pass its folder to --resume)") from exc
-    return Checkpoint(path, int(state["step"]), trainable, state, config)
+    return Checkpoint(path, int(state["step"]), trainable, state, config, ema)
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:

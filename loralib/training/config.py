@@ -1,7 +1,7 @@
 """The training configuration: a TOML file validated by a pydantic model.
 
-The file has six sections (``[model]``, ``[data]``, ``[network]``, ``[training]``, ``[output]``,
-``[sampling]``). Every key name is unique across sections, so the tutorial's flat files
+The file has seven sections (``[model]``, ``[data]``, ``[network]``, ``[training]``,
+``[validation]``, ``[output]``, ``[sampling]``). Every key name is unique across sections, so the tutorial's flat files
 (``rank = 8`` at the top level) are accepted too, and every key can be overridden on the command
 line as ``--key-name value``. Unknown keys and bad values are all reported at once, each with its
 path (``training.learning_rate``). :func:`default_toml` writes a fully commented default file
@@ -14,7 +14,10 @@ are relative to the working directory.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import math
+import re
 import textwrap
 import tomllib
 import types
@@ -25,6 +28,128 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InvalidArgumentError
+
+#: Values in kohya's block_dims / block_alphas: 25 for SD1 and SD2 (12 down, 1 middle, 12 up), 23 for SDXL.
+BLOCK_LENGTHS = (23, 25)
+#: kohya's learning-rate weight presets, optionally with a base added (``sine+0.5``).
+LR_WEIGHT_PRESET = re.compile(r"(cosine|sine|linear|reverse_linear|zeros)(\+\d+(\.\d+)?)?")
+#: Optimizers whose step works tensor by tensor (usable with fused_backward_pass).
+PER_TENSOR_OPTIMIZERS = ("adafactor", "adamw", "adam", "sgd")
+#: Optional packages some optimizers need: (module, what to install).
+OPTIMIZER_PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes (it needs a CUDA GPU)"),
+                      "prodigy": ("prodigyopt", "pip install prodigyopt (or pip install 'lorareg[train]')")}
+
+
+def _number_list(value: Any, *, integer: bool, low: float, high: float, lengths, positive: bool = False) -> str | None:
+    """Check a kohya-style list of numbers (a comma-separated string or a TOML list); returns it as ``"a,b,c"``."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        parts = [str(v) for v in value]
+    elif isinstance(value, str):
+        parts = value.split(",")
+    else:
+        raise ValueError("must be comma-separated numbers or a list of numbers")
+    numbers = []
+    for part in (p.strip() for p in parts):
+        try:
+            number = int(part) if integer else float(part)
+        except ValueError as exc:
+            kind = "whole numbers" if integer else "numbers"
+            raise ValueError(f"must be comma-separated {kind}; {part!r} is not one") from exc
+        if not math.isfinite(number) or not low <= number <= high or (positive and number <= 0):
+            bound = f"greater than {low}" if positive else f"at least {low}"
+            raise ValueError(f"values must be {bound} and at most {high:g}; {part} is not")
+        numbers.append(part)
+    if len(numbers) not in lengths:
+        if lengths == BLOCK_LENGTHS:
+            expected = "25 values for SD1/SD2 or 23 for SDXL (kohya's block layout)"
+        else:
+            expected = f"1 to {max(lengths)} values"
+        raise ValueError(f"needs {expected}, not {len(numbers)}")
+    return ",".join(numbers)
+
+
+def parse_optimizer_args(items: list[str]) -> dict[str, Any]:
+    """``["d_coef=2", "decouple=true", "betas=0.9,0.99"]`` -> ``{"d_coef": 2, "decouple": True, "betas": (0.9, 0.99)}``.
+
+    Values are numbers, true/false/none, comma-separated numbers (a tuple) or text; numbers must be finite.
+    """
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"each entry must be key=value, not {item!r}")
+        values = [_scalar(v.strip()) for v in text.split(",")] if "," in text else [_scalar(text.strip())]
+        for value in values:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, not {text.strip()}")
+        parsed[key] = tuple(values) if len(values) > 1 else values[0]
+    return parsed
+
+
+def _scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _combination_problems(config: TrainConfig) -> list[str]:
+    """Settings that are fine alone and wrong together."""
+    data, net, train, val = config.data, config.network, config.training, config.validation
+    problems = []
+    step = data.bucket_step
+    if data.enable_bucket and data.resolution % step:
+        problems.append(f"data.resolution ({data.resolution}) must be a multiple of data.bucket_step ({step}) "
+                        "when bucketing")
+    if net.network_type == "dora" and not _format_holds_dora(config.output.output_format):
+        problems.append(f"output.output_format = \"{config.output.output_format}\" cannot hold DoRA: set "
+                        "output_format = \"kohya\" (LyCORIS' dora_scale) or \"peft\" (use_dora)")
+    if net.network_type == "dora" and train.base_weights_dtype != "default":
+        problems.append("training.base_weights_dtype: 8-bit base weights do not work with DoRA (its magnitudes are "
+                        "computed from the base weights); use base_weights_dtype = \"default\"")
+    if (net.conv_block_dims or net.conv_block_alphas) and net.target_modules != "locon":
+        problems.append("network.conv_block_dims and conv_block_alphas need target_modules = \"locon\"")
+    if net.block_alphas and not net.block_dims:
+        problems.append("network.block_alphas needs block_dims")
+    if net.conv_block_alphas and not net.conv_block_dims:
+        problems.append("network.conv_block_alphas needs conv_block_dims")
+    if train.optimizer in OPTIMIZER_PACKAGES:
+        module, install = OPTIMIZER_PACKAGES[train.optimizer]
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"training.optimizer: {train.optimizer} needs the {module} package, which is not "
+                            f"installed: {install}")
+    if train.fused_backward_pass:
+        if train.optimizer not in PER_TENSOR_OPTIMIZERS:
+            problems.append(f"training.fused_backward_pass works with {', '.join(PER_TENSOR_OPTIMIZERS)}, not "
+                            f"{train.optimizer}")
+        if train.gradient_accumulation_steps != 1:
+            problems.append("training.fused_backward_pass needs gradient_accumulation_steps = 1")
+        if train.mixed_precision == "fp16":
+            problems.append("training.fused_backward_pass does not work with fp16 loss scaling; use bf16")
+    if data.mask_dir is not None and not data.masked_loss:
+        problems.append("data.mask_dir is set but masked_loss is off: set masked_loss = true")
+    if val.validation_split > 0 and val.validation_dir is not None:
+        problems.append("validation: set validation_split or validation_dir, not both")
+    if (val.validate_every_n_steps or val.validate_every_n_epochs) and not config.has_validation:
+        problems.append("validation.validate_every_n_steps/epochs need validation_split or validation_dir")
+    return problems
+
+
+def _format_holds_dora(name: str) -> bool:
+    """Whether the writer of format ``name`` stores DoRA modules (asked of the format table only for DoRA runs)."""
+    from ..formats.table import FORMATS
+
+    return any(fmt.name == name and "dora" in fmt.holds_kinds for fmt in FORMATS)
 
 
 class ConfigError(InvalidArgumentError):
@@ -37,8 +162,14 @@ class ConfigError(InvalidArgumentError):
                          "Fix them and run again (lorareg train --print-config shows every key with its meaning)")
 
 
+# Upper bounds on values that would otherwise run out of memory or never finish (a 1,048,576-pixel
+# side, a bucket table up to an infinite aspect ratio); NaN and infinities are refused everywhere.
+MAX_RESOLUTION = 8192
+MAX_ASPECT_RATIO = 16.0
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, defer_build=True)
 
 
 class ModelSection(_Section):
@@ -58,14 +189,16 @@ class DataSection(_Section):
                                                      "with captions beside them (kohya layout, N_name repeat "
                                                      "folders), or a metadata.jsonl.")
     caption_extension: str = Field(".txt", pattern=r"^\.\w+$", description="Extension of caption files.")
-    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square side; with bucketing "
-                                                  "the area of every bucket).")
+    resolution: int = Field(512, ge=8, le=MAX_RESOLUTION,
+                            description="Training resolution in pixels (square side; with bucketing "
+                                        "the area of every bucket).")
     crop: Literal["center", "random"] = Field("center", description="How images are cropped to the training size.")
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     enable_bucket: bool = Field(False, description="Aspect-ratio bucketing: group images of similar shape and "
                                                    "train each group at its own size instead of cropping to a square.")
-    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this many pixels.")
-    max_aspect_ratio: float = Field(2.0, ge=1.0, description="Widest bucket shape (long side / short side).")
+    bucket_step: int = Field(64, ge=8, le=MAX_RESOLUTION, description="Bucket sides are multiples of this many pixels.")
+    max_aspect_ratio: float = Field(2.0, ge=1.0, le=MAX_ASPECT_RATIO,
+                                    description="Widest bucket shape (long side / short side).")
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0,
                                    description="Probability of training an image with an empty caption.")
     trigger_word: str | None = Field(None, description="The phrase that invokes the adapter (recorded in the "
@@ -77,6 +210,26 @@ class DataSection(_Section):
     num_workers: int | None = Field(None, ge=0, description="Data-loading worker processes when images are loaded "
                                                          "at every step (0: in the training process; default: up to "
                                                          "4 on machines with 4 or more cores).")
+    cache_to_disk: bool = Field(False, description="Keep cached latents and caption embeddings in files under "
+                                                   "cache_dir instead of memory (datasets larger than memory; later "
+                                                   "runs reuse them).")
+    cache_dir: Path | None = Field(None, description="Folder of the disk cache (default: <output_dir>/cache). Entries "
+                                                     "are keyed by image file, size, date, crop, resolution, caption "
+                                                     "and model, so a change never reuses a stale one.")
+    folder_class_tokens: bool = Field(False, description="In kohya N_name folders, caption an image that has no "
+                                                          "caption file with the folder's name after N_ (kohya's class "
+                                                          "tokens) instead of reporting it.")
+    shuffle_caption: bool = Field(False, description="Shuffle the comma-separated tags of each caption at every step "
+                                                     "(the first keep_tokens tags stay in place).")
+    keep_tokens: int = Field(0, ge=0, le=1000, description="Leading comma-separated tags that shuffle_caption and "
+                                                           "caption_tag_dropout leave alone (a trigger word).")
+    caption_tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Probability of leaving out each tag "
+                                                                       "(after the first keep_tokens) at every step.")
+    masked_loss: bool = Field(False, description="Weight the loss by a mask per image: white trains, black is ignored. "
+                                                 "Masks come from mask_dir, or from each image's alpha channel.")
+    mask_dir: Path | None = Field(None, description="Folder of mask images named like the training images (kohya's "
+                                                    "conditioning_data_dir convention; the red channel is used). "
+                                                    "Default: the images' alpha channels.")
 
     @field_validator("resolution", "bucket_step")
     @classmethod
@@ -100,6 +253,55 @@ class NetworkSection(_Section):
     conv_alpha: float | None = Field(None, gt=0, description="Alpha of conv layers (default: conv_rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder(s).")
+    network_type: Literal["lora", "dora", "loha", "lokr"] = Field(
+        "lora", description="lora; dora (weight-decomposed LoRA, peft's use_dora; saved in kohya format with "
+                            "LyCORIS' dora_scale, or as a PEFT folder); "
+                            "loha and lokr are not available yet.")
+    block_dims: str | None = Field(None, description="Rank per UNet block, kohya's block_dims: 25 comma-separated "
+                                                     "values for SD1/SD2, 23 for SDXL; 0 leaves a block out.")
+    block_alphas: str | None = Field(None, description="Alpha per UNet block (kohya's block_alphas; default: alpha).")
+    conv_block_dims: str | None = Field(None, description="Rank of the 3x3 convs per UNet block with target_modules = "
+                                                          "locon (kohya's conv_block_dims; default: conv_rank).")
+    conv_block_alphas: str | None = Field(None, description="Alpha of the 3x3 convs per UNet block (default: "
+                                                            "conv_alpha).")
+    down_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's down (input) blocks, "
+                                                         "shallow to deep: 12 values for SD1/SD2, 9 for SDXL, or "
+                                                         "cosine, sine, linear, reverse_linear, zeros (+base, e.g. "
+                                                         "sine+0.5); missing values are 1, a 0 leaves a block out.")
+    mid_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's middle block (1 value "
+                                                        "for SD1/SD2, 3 for SDXL).")
+    up_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's up (output) blocks, deep "
+                                                       "to shallow, as down_lr_weight.")
+
+    @field_validator("network_type")
+    @classmethod
+    def _available(cls, value: str) -> str:
+        if value in ("loha", "lokr"):
+            raise ValueError(f"{value} training is not available yet (LyCORIS LoHa/LoKr training is planned); use "
+                             "lora or dora (kohya's LoCon is target_modules = \"locon\")")
+        return value
+
+    @field_validator("block_dims", "conv_block_dims", mode="before")
+    @classmethod
+    def _ranks(cls, value: Any) -> str | None:
+        return _number_list(value, integer=True, low=0, high=4096, lengths=BLOCK_LENGTHS)
+
+    @field_validator("block_alphas", "conv_block_alphas", mode="before")
+    @classmethod
+    def _alphas(cls, value: Any) -> str | None:
+        return _number_list(value, integer=False, low=0, high=1e6, lengths=BLOCK_LENGTHS, positive=True)
+
+    @field_validator("down_lr_weight", "up_lr_weight", mode="before")
+    @classmethod
+    def _outer_weights(cls, value: Any) -> str | None:
+        if isinstance(value, str) and LR_WEIGHT_PRESET.fullmatch(value.strip()):
+            return value.strip()
+        return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 13))
+
+    @field_validator("mid_lr_weight", mode="before")
+    @classmethod
+    def _mid_weights(cls, value: Any) -> str | None:
+        return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 4))
 
 
 class TrainingSection(_Section):
@@ -113,20 +315,77 @@ class TrainingSection(_Section):
     learning_rate: float = Field(1e-4, gt=0, description="Learning rate of the UNet's LoRA layers.")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoders' LoRA layers "
                                                                   "(default: learning_rate).")
-    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = Field(
-        "adamw", description="Optimizer (adamw8bit needs the bitsandbytes package and a GPU).")
+    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw", description="Optimizer. prodigy sets its own step size (use learning_rate = 1.0); adafactor is "
+                             "transformers' Adafactor with a fixed learning rate; adamw8bit needs the bitsandbytes "
+                             "package and a GPU.")
+    optimizer_args: list[str] = Field(default_factory=list, description="Extra optimizer arguments as key=value "
+                                                                        "(kohya's optimizer_args), e.g. d_coef=2 or "
+                                                                        "betas=0.9,0.99.")
     weight_decay: float = Field(1e-2, ge=0, description="Weight decay of AdamW.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4, allow_inf_nan=False,
+                                            description="LoRA+: the up (B) factors learn this many times faster than "
+                                                        "the down (A) factors (16 is the paper's value).")
+    fused_backward_pass: bool = Field(False, description="Step the optimizer on each tensor as soon as its gradient "
+                                                         "is ready and free the gradient (saves memory; adafactor, "
+                                                         "adamw, adam or sgd; no accumulation; clipping per tensor).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (none: no clipping).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial"] = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up at the start of the schedule.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (fp16 needs a GPU).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoders.")
+    base_weights_dtype: Literal["default", "fp8_e4m3fn", "fp8_e5m2"] = Field(
+        "default", description="Storage of the frozen base weights: default (the mixed_precision dtype) or 8-bit "
+                               "floats, computed in the mixed_precision dtype (needs a CUDA GPU).")
     seed: int = Field(42, ge=0, description="Seed of everything random; the same seed gives the same adapter.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is the usual value).")
-    noise_offset: float = Field(0.0, ge=0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
+    noise_offset: float = Field(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts; auto reads it from the base model's scheduler config.")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2", description="Loss between prediction and target: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber, "
+                          "sd-scripts' definitions).")
+    huber_c: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="Huber threshold c (between 0 and 1).")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr", description="How c varies with the timestep: constant (c · huber_scale), exponential (from "
+                           "huber_scale at t = 0 down to c · huber_scale) or snr (sd-scripts' default).")
+    huber_scale: float = Field(1.0, gt=0, le=1e3, allow_inf_nan=False,
+                               description="Scale of the constant and exponential Huber schedules.")
+    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (1/(SNR+1) for "
+                                                         "v-prediction): debiased estimation loss.")
+    multires_noise_iterations: int = Field(0, ge=0, le=64, description="Multi-resolution (pyramid) noise levels; "
+                                                                       "0: off, 6-10 typical.")
+    multires_noise_discount: float = Field(0.3, gt=0, le=1, allow_inf_nan=False,
+                                           description="Weight of each coarser level of multires noise.")
+    ip_noise_gamma: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                  description="Input-perturbation noise strength (0.1 typical; 0: off).")
+    ema_decay: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                                    description="Keep an exponential moving average of the LoRA weights with this "
+                                                "decay (e.g. 0.999; warmed up as min(decay, (1+t)/(10+t))).")
+    ema_on_cpu: bool = Field(False, description="Keep the EMA copy in CPU memory instead of on the GPU.")
+    save_ema: bool = Field(True, description="With ema_decay: save the EMA weights as the adapter (false: the raw "
+                                             "trained weights; the EMA stays in the checkpoints).")
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _key_values(cls, value: list[str]) -> list[str]:
+        parse_optimizer_args(value)
+        return value
+
+
+class ValidationSection(_Section):
+    """A held-out loss at fixed timesteps and noise, comparable from one evaluation to the next."""
+
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the dataset's images held out for "
+                                                                     "the validation loss (not trained on).")
+    validation_dir: Path | None = Field(None, description="A separate dataset folder (any layout) for the "
+                                                          "validation loss.")
+    validation_seed: int | None = Field(None, ge=0, description="Seed of the split and the validation noise "
+                                                                "(default: seed).")
+    validate_every_n_steps: int | None = Field(None, ge=1, description="Measure the validation loss every N steps.")
+    validate_every_n_epochs: int | None = Field(None, ge=1, description="Measure the validation loss every N epochs "
+                                                                        "(default, without either: every epoch).")
 
 
 class OutputSection(_Section):
@@ -159,30 +418,51 @@ class SamplingSection(_Section):
 
 
 SECTIONS: dict[str, type[_Section]] = {
-    "model": ModelSection, "data": DataSection, "network": NetworkSection,
-    "training": TrainingSection, "output": OutputSection, "sampling": SamplingSection,
+    "model": ModelSection, "data": DataSection, "network": NetworkSection, "training": TrainingSection,
+    "validation": ValidationSection, "output": OutputSection, "sampling": SamplingSection,
 }
 
 
 class TrainConfig(BaseModel):
     """A complete, validated training configuration."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     network: NetworkSection = Field(default_factory=NetworkSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     output: OutputSection = Field(default_factory=OutputSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        step = self.data.bucket_step
-        if self.data.enable_bucket and self.data.resolution % step:
-            raise ValueError(f"data.resolution ({self.data.resolution}) must be a multiple of data.bucket_step "
-                             f"({step}) when bucketing")
+        problems = _combination_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))  # load_config reports each line as one problem
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        """True when a validation set is configured."""
+        return self.validation.validation_split > 0 or self.validation.validation_dir is not None
+
+    @property
+    def validation_seed(self) -> int:
+        """Seed of the validation split and noise with its default (= seed) applied."""
+        seed = self.validation.validation_seed
+        return self.training.seed if seed is None else seed
+
+    @property
+    def cache_dir(self) -> Path:
+        """The disk cache folder with its default (``<output_dir>/cache``) applied."""
+        return self.data.cache_dir or self.output_dir / "cache"
+
+    @property
+    def randomizes_captions(self) -> bool:
+        """True when a caption changes from step to step (its embedding cannot be cached)."""
+        return self.data.shuffle_caption or self.data.caption_tag_dropout > 0
 
     @property
     def alpha(self) -> float:
@@ -269,13 +549,18 @@ def _base_type(annotation):
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
-    close += [k for k in known if name.endswith("_" + k) and k not in close]  # networ_rank -> rank
-    close = close[:2]
+    suffix = [k for k in known if name.endswith("_" + k)]  # networ_rank -> rank
+    close = (suffix + [k for k in difflib.get_close_matches(name, known, n=2, cutoff=0.6) if k not in suffix])[:2]
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict) -> list[str]:
+    if not error["loc"] and error["type"] == "value_error":  # combinations: each line names its keys
+        return str(error["ctx"]["error"]).split("\n")
+    return [_describe_one(error)]
+
+
+def _describe_one(error: dict) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "config"
     if error["type"] == "extra_forbidden":
         loc = error["loc"]
@@ -311,7 +596,8 @@ def _nest(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str, Any]
 
 def _resolve_paths(nested: dict[str, dict[str, Any]], base: Path) -> None:
     """Make the paths written in a config file relative to the file's folder."""
-    for section, key in (("data", "data_dir"), ("output", "output_dir")):
+    for section, key in (("data", "data_dir"), ("output", "output_dir"), ("data", "cache_dir"), ("data", "mask_dir"),
+                         ("validation", "validation_dir")):
         value = nested.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             nested[section][key] = str(base / value)
@@ -361,7 +647,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         config = TrainConfig.model_validate(nested)
     except ValidationError as exc:
-        problems += [_describe(e) for e in exc.errors()]
+        problems += [line for e in exc.errors() for line in _describe(e)]
         config = None
     if problems:
         raise ConfigError(source, problems)

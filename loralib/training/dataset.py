@@ -4,20 +4,21 @@ Three layouts are read (see docs/training.md):
 
 - tutorial: ``data/images/cat.png`` with its caption in ``data/texts/cat.txt``;
 - kohya: ``cat.png`` beside ``cat.txt``, in the folder itself or in ``N_name`` subfolders whose
-  images are repeated ``N`` times per epoch;
+  images are repeated ``N`` times per epoch (with ``folder_class_tokens``, an image there without a
+  caption file is captioned ``name``, kohya's class tokens);
 - ``metadata.jsonl``: one JSON object per line with ``file_name`` and ``text`` (or ``caption``),
   as Hugging Face's image-folder datasets write it.
 
 :func:`scan_dataset` decodes every image once and reports every problem — missing captions,
 unreadable images, empty folders — in one :class:`DatasetError` before training starts.
 Images of any size are scaled to cover their training size and cropped (center or random);
-with aspect-ratio bucketing each image trains at the bucket shape closest to its own.
+with aspect-ratio bucketing each image trains at the bucket shape closest to its own. Loss masks
+(``masked_loss``) are cropped and flipped with their image.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputNotFoundError, InvalidArgumentError
+from ..jsontext import JSONTextError, loads
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILE = "metadata.jsonl"
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MAX_REPEATS = 10_000  # repeats of one folder's images per epoch (kohya datasets use up to a few hundred)
 _MAX_LISTED = 12
 
 
@@ -59,6 +62,7 @@ class ImageRecord:
     repeats: int
     folder: str
     size: tuple[int, int]  # (width, height) after EXIF rotation
+    mask: Path | None = None  # the loss mask image (masked_loss with mask_dir)
 
 
 @dataclass
@@ -160,9 +164,10 @@ def _kohya_pairs(root: Path, extension: str, problems: list[str]) -> list[tuple[
             if match:  # a repeat folder must hold images; other folders may be anything
                 problems.append(f"empty folder {folder} (no PNG, JPEG or WebP images)")
             continue
-        repeats = int(match.group(1)) if match else 1
-        if repeats < 1:
-            problems.append(f"folder {folder} asks for {repeats} repeats; use 1 or more")
+        repeats = _repeats(match.group(1)) if match else 1
+        if not 1 <= repeats <= MAX_REPEATS:
+            shown = match.group(1) if len(match.group(1)) <= 12 else match.group(1)[:12] + "…"
+            problems.append(f"folder {folder.name} asks for {shown} repeats; use 1 to {MAX_REPEATS}")
         pairs += [(image, image.with_suffix(extension), max(repeats, 1), folder.name) for image in images]
     if not pairs and not problems:
         problems.append(f"empty folder {root} (no PNG, JPEG or WebP images, no images/ + texts/ folders, "
@@ -170,17 +175,26 @@ def _kohya_pairs(root: Path, extension: str, problems: list[str]) -> list[tuple[
     return pairs
 
 
+def _repeats(digits: str) -> int:
+    """The repeat count of an ``N_name`` folder; a number too long to be sensible counts as too many."""
+    return int(digits) if len(digits) <= 9 else MAX_REPEATS + 1
+
+
 def _metadata_records(root: Path, problems: list[str]) -> list[tuple[Path, str | None, int, str]]:
     entries = []
-    lines = (root / METADATA_FILE).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = (root / METADATA_FILE).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        problems.append(f"{METADATA_FILE} is not UTF-8 text (byte {exc.start})")
+        return entries
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{METADATA_FILE} line {number}"
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where} is not JSON ({exc.msg})")
+            item = loads(line)
+        except JSONTextError as exc:
+            problems.append(f"{where} cannot be read: {exc}")
             continue
         name = item.get("file_name") if isinstance(item, dict) else None
         if not isinstance(name, str):
@@ -203,6 +217,53 @@ def _metadata_records(root: Path, problems: list[str]) -> list[tuple[Path, str |
     return entries
 
 
+def _class_tokens(root: Path, image: Path) -> str | None:
+    """The class tokens of a kohya ``N_name`` folder (``name``), for an image directly inside one."""
+    if image.parent == root:
+        return None
+    match = _REPEAT_FOLDER.match(image.parent.name)
+    return " ".join(match.group(2).split()) if match else None
+
+
+def find_mask(mask_dir: Path, root: Path, image: Path) -> Path | None:
+    """The mask of ``image``: ``mask_dir`` mirrors the dataset's folders, or holds every mask flat, named
+    like the image (any image extension; kohya's conditioning_data_dir convention)."""
+    relative = image.relative_to(root).parent
+    for folder in (mask_dir / relative, mask_dir):
+        for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+            candidate = folder / (image.stem + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _readable(path: Path, problems: list[str], what: str) -> bool:
+    try:
+        image_size(path)
+        return True
+    except Exception as exc:  # Pillow raises many kinds; any of them means "unreadable"
+        reason = str(exc).split("\n")[0] or type(exc).__name__
+        problems.append(f"unreadable {what} {path} ({reason})")
+        return False
+
+
+def split_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(training, validation)``: ``fraction`` of the images (at least one) held out, chosen by ``seed``.
+
+    The choice depends only on the images' relative paths and the seed, not on the order of the scan.
+    """
+    records = sorted(dataset.records, key=lambda r: r.path.relative_to(dataset.root).as_posix())
+    held = max(1, round(len(records) * fraction))
+    if held >= len(records):
+        raise InvalidArgumentError(f"validation_split = {fraction} of {len(records)} image(s) leaves nothing to "
+                                   "train on", "Lower validation_split, add images, or use validation_dir")
+    chosen = set(random.Random(f"lorareg-validation:{seed}").sample(range(len(records)), held))
+    validation = [r for i, r in enumerate(records) if i in chosen]
+    held_paths = {r.path for r in validation}
+    training = [r for r in dataset.records if r.path not in held_paths]
+    return Dataset(dataset.root, dataset.layout, training), Dataset(dataset.root, dataset.layout, validation)
+
+
 def detect_layout(root: Path) -> str:
     """``metadata``, ``tutorial`` or ``kohya``."""
     if (root / METADATA_FILE).is_file():
@@ -213,8 +274,13 @@ def detect_layout(root: Path) -> str:
 
 
 def scan_dataset(root: str | Path, caption_extension: str = ".txt",
-                 progress: Callable[[int, int], None] | None = None) -> Dataset:
-    """Find every image and caption under ``root``, decode every image, and report all problems at once."""
+                 progress: Callable[[int, int], None] | None = None, *, class_tokens: bool = False,
+                 mask_dir: str | Path | None = None) -> Dataset:
+    """Find every image and caption under ``root``, decode every image, and report all problems at once.
+
+    ``class_tokens``: an image without a caption file in a kohya ``N_name`` folder is captioned
+    ``name``. ``mask_dir``: every image must have a loss mask there (see :func:`find_mask`).
+    """
     root = Path(root).expanduser()
     if not root.exists():
         raise InputNotFoundError(f"dataset folder {root} does not exist", "Check data_dir (--data)")
@@ -230,7 +296,11 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt",
         candidates = []
         for image, caption_file, repeats, folder in pairs:
             if not caption_file.is_file():
-                problems.append(f"missing caption for {image} (expected {caption_file})")
+                tokens = _class_tokens(root, image) if class_tokens and layout == "kohya" else None
+                if tokens is None:
+                    problems.append(f"missing caption for {image} (expected {caption_file})")
+                    continue
+                candidates.append((image, tokens, repeats, folder))
                 continue
             candidates.append((image, _read_caption(caption_file, problems), repeats, folder))
     records = []
@@ -241,13 +311,41 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt",
             reason = str(exc).split("\n")[0] or type(exc).__name__
             problems.append(f"unreadable image {image} ({reason})")
             size = None
-        if size is not None and caption is not None:
-            records.append(ImageRecord(image, caption, repeats, folder, size))
+        mask = None
+        if mask_dir is not None:
+            mask = find_mask(Path(mask_dir), root, image)
+            if mask is None:
+                problems.append(f"missing mask for {image} (expected {Path(mask_dir) / image.stem}.png or another "
+                                "image with that name in mask_dir)")
+            elif not _readable(mask, problems, "mask"):
+                mask = None
+        if size is not None and caption is not None and (mask_dir is None or mask is not None):
+            records.append(ImageRecord(image, caption, repeats, folder, size, mask))
         if progress:
             progress(done, len(candidates))
     if problems:
         raise DatasetError(root, problems)
     return Dataset(root, layout, records)
+
+
+def scan_configured(config: TrainConfig, progress: Callable[[int, int], None] | None = None,
+                    folder: str | Path | None = None) -> Dataset:
+    """Scan ``data_dir`` (or another ``folder``, e.g. ``validation_dir``) with the configuration's options."""
+    data = config.data
+    return scan_dataset(folder if folder is not None else data.data_dir, data.caption_extension, progress,
+                        class_tokens=data.folder_class_tokens, mask_dir=data.mask_dir if data.masked_loss else None)
+
+
+def training_and_validation(config: TrainConfig, dataset: Dataset,
+                            progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, Dataset | None]:
+    """The images trained on and the validation images: ``dataset`` split by ``validation_split``, or
+    ``dataset`` and the scanned ``validation_dir``."""
+    validation = config.validation
+    if validation.validation_split > 0:
+        return split_validation(dataset, validation.validation_split, config.validation_seed)
+    if validation.validation_dir is not None:
+        return dataset, scan_configured(config, progress, validation.validation_dir)
+    return dataset, None
 
 
 # --- sizes, buckets and crops -------------------------------------------------------------------------
@@ -321,6 +419,34 @@ def load_image(path: Path, crop: Crop, target: tuple[int, int]):
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def load_mask(record: ImageRecord, crop: Crop, target: tuple[int, int]):
+    """The loss mask of ``record`` as a ``[1, H, W]`` float tensor in ``[0, 1]``, cropped like its image.
+
+    From the mask file's red channel (scaled to the image's size first when it differs), or from the
+    image's alpha channel (all ones without one).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(record.mask or record.path) as source:
+        image = ImageOps.exif_transpose(source)
+        if record.mask is not None:
+            channel = image.convert("RGB").getchannel("R")
+        elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            channel = image.convert("RGBA").getchannel("A")
+        else:
+            channel = Image.new("L", image.size, 255)
+    if channel.size != record.size:
+        channel = channel.resize(record.size, Image.Resampling.BILINEAR)
+    if channel.size != crop.resized:
+        channel = channel.resize(crop.resized, Image.Resampling.BILINEAR)
+    channel = channel.crop((crop.left, crop.top, crop.left + target[0], crop.top + target[1]))
+    if crop.flip:
+        channel = ImageOps.mirror(channel)
+    return torch.from_numpy(np.asarray(channel, dtype=np.uint8).copy()).float().div(255.0)[None]
 
 
 # --- epochs and batches ----------------------------------------------------------------------------------
@@ -409,9 +535,9 @@ class BatchLoader:
     """
 
     def __init__(self, records: list[ImageRecord], batches: list[BatchSpec], *, pixels: bool,
-                 random_crop: bool, flip: bool) -> None:
+                 random_crop: bool, flip: bool, masks: bool = False) -> None:
         self.records, self.batches, self.pixels = records, batches, pixels
-        self.random_crop, self.flip = random_crop, flip
+        self.random_crop, self.flip, self.masks = random_crop, flip, masks
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -421,10 +547,11 @@ class BatchLoader:
 
         spec = self.batches[index]
         batch: dict[str, Any] = {"items": list(spec.items), "bucket": spec.bucket,
-                                 "captions": [self.records[i].caption for i in spec.items]}
+                                 "captions": [self.records[i].caption for i in spec.items],
+                                 "paths": [self.records[i].path for i in spec.items]}
         if not self.pixels:
             return batch
-        images, originals, corners = [], [], []
+        images, originals, corners, masks = [], [], [], []
         for item, seed in zip(spec.items, spec.seeds):
             record = self.records[item]
             crop = plan_crop(record.size, spec.bucket, random_crop=self.random_crop, flip=self.flip,
@@ -432,5 +559,9 @@ class BatchLoader:
             images.append(load_image(record.path, crop, spec.bucket))
             originals.append(crop.original_size)
             corners.append((crop.top, crop.left))
+            if self.masks:
+                masks.append(load_mask(record, crop, spec.bucket))
         batch.update(pixels=torch.stack(images), original_sizes=originals, crop_corners=corners)
+        if masks:
+            batch["masks"] = torch.stack(masks)
         return batch

@@ -5,6 +5,10 @@ is written from) whose metadata carries what sd-scripts records — ``ss_learnin
 ``ss_num_epochs``, ``ss_steps``, ``ss_tag_frequency``, ``ss_resolution``, … — and Stability's
 ``modelspec.*`` keys; :mod:`loralib.metadata` adds rank, alpha, architecture and the hashes when
 the file is written, atomically.
+
+A DoRA run's modules are DoRA modules (:class:`~loralib.lycoris.kinds.DoraModule`, what every
+reader makes of a DoRA file), written by the kohya writer with LyCORIS' ``dora_scale`` or by the PEFT
+writer with ``use_dora`` and ``lora_magnitude_vector``.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from .dataset import BatchPlan, Dataset
 
 if TYPE_CHECKING:
     from ..formats.base import SaveResult
+    from ..lycoris.kinds import DoraModule
     from ..records import OperationRecord
-
+    from .blocks import BlockPlan
 
 
 @dataclass
@@ -42,6 +47,8 @@ class RunInfo:
     started_at: float
     finished_at: float
     optimizer: str
+    validation_images: int = 0
+    blocks: BlockPlan | None = None
 
 
 def adapter_path(config: TrainConfig, suffix: str = "") -> Path:
@@ -90,11 +97,27 @@ def training_metadata(config: TrainConfig, dataset: Dataset, plan: BatchPlan, ru
         "ss_full_fp16": False,
         "ss_seed": train.seed,
         "ss_noise_offset": train.noise_offset if train.noise_offset else None,
+        "ss_multires_noise_iterations": train.multires_noise_iterations or None,
+        "ss_multires_noise_discount": train.multires_noise_discount,
+        "ss_ip_noise_gamma": train.ip_noise_gamma or None,
         "ss_min_snr_gamma": train.snr_gamma,
+        "ss_debiased_estimation": train.debiased_estimation,
+        "ss_loss_type": train.loss_type,
+        "ss_huber_schedule": train.huber_schedule,
+        "ss_huber_c": train.huber_c,
+        "ss_huber_scale": train.huber_scale,
+        "ss_fp8_base": train.base_weights_dtype != "default",
+        "ss_fp8_base_unet": train.base_weights_dtype != "default",
         "ss_v_parameterization": run.prediction_type == "v_prediction",
         "ss_caption_dropout_rate": data.caption_dropout,
-        "ss_shuffle_caption": False,
-        "ss_keep_tokens": 0,
+        "ss_caption_tag_dropout_rate": data.caption_tag_dropout,
+        "ss_shuffle_caption": data.shuffle_caption,
+        "ss_keep_tokens": data.keep_tokens,
+        "ss_num_validation_images": run.validation_images,
+        "ss_validation_split": config.validation.validation_split,
+        "ss_validation_seed": config.validation_seed if config.has_validation else None,
+        "ss_validate_every_n_steps": config.validation.validate_every_n_steps,
+        "ss_validate_every_n_epochs": config.validation.validate_every_n_epochs,
         "ss_clip_skip": None,
         "ss_cache_latents": data.cache_latents and data.crop == "center" and not data.random_flip,
         "ss_flip_aug": data.random_flip,
@@ -115,12 +138,30 @@ def training_metadata(config: TrainConfig, dataset: Dataset, plan: BatchPlan, ru
     }
     if data.trigger_word:
         meta["modelspec.trigger_phrase"] = data.trigger_word
-    if net.target_modules == "locon":
-        meta["ss_network_args"] = {"conv_dim": str(config.conv_rank), "conv_alpha": _text(config.conv_alpha)}
+    network_args = _network_args(config)
+    if network_args:
+        meta["ss_network_args"] = network_args
     return {key: _text(value) for key, value in meta.items()}
 
 
-def build_adapter(modules: dict[str, LoraModule], architecture: str, metadata: dict[str, str]) -> LoraAdapter:
+def _network_args(config: TrainConfig) -> dict[str, str]:
+    """kohya's ``network_args`` (all strings) for the settings a plain LoRA lacks."""
+    net, train = config.network, config.training
+    args = {}
+    if net.target_modules == "locon":
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=_text(config.conv_alpha))
+    for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                "mid_lr_weight", "up_lr_weight"):
+        if getattr(net, key) is not None:
+            args[key] = getattr(net, key)
+    if train.loraplus_lr_ratio is not None:
+        args["loraplus_lr_ratio"] = _text(train.loraplus_lr_ratio)
+    if net.network_type == "dora":
+        args["dora_wd"] = "True"  # LyCORIS's name for DoRA
+    return args
+
+
+def build_adapter(modules: dict[str, LoraModule | DoraModule], architecture: str, metadata: dict[str, str]) -> LoraAdapter:
     """The trained modules as an adapter of ``architecture`` carrying ``metadata``."""
     return LoraAdapter(dict(sorted(modules.items())), architecture, "lorareg", dict(metadata))
 
@@ -131,4 +172,5 @@ def save_trained(adapter: LoraAdapter, path: Path, config: TrainConfig, *, opera
     from ..formats import save_adapter
 
     dtype = storage_dtype(config.output.save_dtype)
-    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation)
+    return save_adapter(adapter, path, config.output.output_format, force=force, dtype=dtype, operation=operation,
+                        inputs=[config.model.base_model])

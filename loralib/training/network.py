@@ -13,6 +13,7 @@ trained adapter's modules are exactly the chosen layers:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from ..adapter import LoraModule
 from ..base_model import adaptable_layers
 from ..layers import ATTENTION, FEED_FORWARD, PROJECTION
+
+if TYPE_CHECKING:
+    from ..lycoris.kinds import DoraModule
 
 ADAPTER_NAME = "default"
 _RESNET = re.compile(r"\.(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")
@@ -44,19 +48,44 @@ def target_layers(component: str, model: nn.Module, preset: str) -> dict[str, st
     return targets
 
 
-def add_lora(model: nn.Module, targets: dict[str, str], *, rank: int, alpha: float, conv_rank: int,
-             conv_alpha: float, dropout: float) -> None:
-    """Add peft LoRA layers to ``targets`` of ``model`` (only they will require gradients).
+def is_wide_conv(module: nn.Module) -> bool:
+    """True for a convolution with a kernel larger than 1×1 (it gets ``conv_rank``/``conv_alpha``)."""
+    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def layer_settings(model: nn.Module, targets: dict[str, str], *, rank: int, alpha: float, conv_rank: int,
+                   conv_alpha: float, blocks=None) -> dict[str, tuple[int, float]]:
+    """``{module path: (rank, alpha)}`` of every target; a :class:`~.blocks.BlockPlan` overrides them per
+    UNet block (a rank of 0 there leaves the layer out)."""
+    modules = dict(model.named_modules())
+    settings = {}
+    for name, key in targets.items():
+        wide = is_wide_conv(modules[name])
+        chosen = blocks.settings(key, wide) if blocks is not None else None
+        settings[name] = chosen if chosen is not None else ((conv_rank, conv_alpha) if wide else (rank, alpha))
+    return {name: value for name, value in settings.items() if value[0] > 0}
+
+
+def add_lora(model: nn.Module, settings: dict[str, tuple[int, float]], *, dropout: float,
+             use_dora: bool = False) -> None:
+    """Add peft LoRA (or DoRA) layers with the given ``(rank, alpha)`` to the named modules of ``model``
+    (only they will require gradients).
 
     Uses diffusers' / transformers' own ``add_adapter`` so the model stays loadable by their code.
+    Layers that share a (rank, alpha) share one peft pattern, so peft's pattern matching stays fast.
     """
     from peft import LoraConfig
 
-    modules = dict(model.named_modules())
-    wide = [name for name in targets if isinstance(modules[name], nn.Conv2d) and modules[name].kernel_size != (1, 1)]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets),
-                        rank_pattern={re.escape(n): conv_rank for n in wide},
-                        alpha_pattern={re.escape(n): conv_alpha for n in wide}, init_lora_weights=True)
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name, value in settings.items():
+        groups.setdefault(value, []).append(name)
+    default = max(groups, key=lambda value: len(groups[value]))
+    patterns = {"|".join(re.escape(n) for n in sorted(names)): value for value, names in groups.items()
+                if value != default}
+    config = LoraConfig(r=default[0], lora_alpha=default[1], lora_dropout=dropout, target_modules=sorted(settings),
+                        rank_pattern={p: r for p, (r, _) in patterns.items()},
+                        alpha_pattern={p: a for p, (_, a) in patterns.items()}, init_lora_weights=True,
+                        use_dora=use_dora)
     model.requires_grad_(False)
     model.add_adapter(config)
 
@@ -72,8 +101,12 @@ def lora_layers(model: nn.Module, targets: dict[str, str]) -> dict[str, nn.Modul
     return found
 
 
-def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule]:
-    """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down)."""
+def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule | DoraModule]:
+    """The trained factors as lorareg modules (kohya convention: ΔW = alpha / rank · up @ down); a layer
+    trained with ``use_dora`` becomes a :class:`~loralib.lycoris.kinds.DoraModule` around them, with
+    peft's magnitude (one per output feature, no epsilon)."""
+    from ..lycoris.kinds import dora
+
     modules = {}
     for key, layer in layers.items():
         down = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
@@ -82,7 +115,11 @@ def export_modules(layers: dict[str, nn.Module]) -> dict[str, LoraModule]:
         alpha = float(layer.lora_alpha[ADAPTER_NAME])
         if layer.use_rslora.get(ADAPTER_NAME, False):  # rsLoRA scales by alpha / sqrt(r); restate as alpha' / r
             alpha *= rank ** 0.5
-        modules[key] = LoraModule(down, up, alpha)
+        module = LoraModule(down, up, alpha)
+        magnitude = getattr(layer, "lora_magnitude_vector", None)
+        if magnitude is not None and ADAPTER_NAME in magnitude:
+            module = dora(module, magnitude[ADAPTER_NAME].weight.detach().float().cpu().clone(), "peft")
+        modules[key] = module
     return modules
 
 

@@ -8,14 +8,17 @@ GPUs or machines (batches are sharded over processes; files are written by the m
 
 Every random draw of optimizer step N comes from generators seeded with ``(seed, N)``, so a run
 resumed from a checkpoint makes exactly the draws the uninterrupted run made: on CPU the final
-adapter is bit-for-bit the same. Ctrl-C (SIGINT) finishes the current step, writes a checkpoint
-and returns; a second Ctrl-C stops at once. A non-finite loss stops with a :class:`TrainingError`.
+adapter is bit-for-bit the same (the EMA weights, the optimizer state and the validation losses
+are checkpointed too). The validation loss (:mod:`.validation`) uses fixed timesteps and noise
+from its own generators, so it neither draws from nor disturbs the training streams. Ctrl-C
+(SIGINT) or ``kill`` (SIGTERM) finishes the current step, writes a checkpoint and returns; a second
+one stops at once. A non-finite loss stops with a :class:`TrainingError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import itertools
 import math
 import os
 import random
@@ -31,11 +34,13 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, LoraError, OutputExistsError
+from ..files.atomic import refuse_input_as_output
 from ..records import OperationRecord
 from . import checkpoints, network
 from .config import TrainConfig
-from .dataset import BatchLoader, BatchPlan, BatchSpec, Dataset, scan_dataset
+from .dataset import BatchLoader, BatchPlan, BatchSpec, Dataset, scan_configured, training_and_validation
 from .export import RunInfo, adapter_path, build_adapter, save_trained, training_metadata
+from .validation import derive_seed as _derive_seed
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,6 +61,7 @@ class StepReport:
     learning_rate: float
     elapsed: float
     steps_per_second: float | None
+    validation_loss: float | None = None  # measured after this step (None: not measured at this step)
 
 
 @dataclass
@@ -76,8 +82,11 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)
     steps_per_second: float | None = None
+    median_step_seconds: float | None = None  # the typical step, unaffected by pauses (validation, saving)
+    median_step_cpu_seconds: float | None = None  # CPU time of this process per typical step (all its threads)
     peak_memory_bytes: int = 0
     seconds: float = 0.0
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for ``lorareg train --json``."""
@@ -87,14 +96,31 @@ class TrainResult:
                 "steps": self.steps, "total_steps": self.total_steps, "epoch": self.epoch,
                 "interrupted": self.interrupted, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "final_loss": self.losses[-1] if self.losses else None, "samples": [str(p) for p in self.samples],
-                "steps_per_second": self.steps_per_second, "peak_memory_bytes": self.peak_memory_bytes,
-                "seconds": round(self.seconds, 3)}
+                "steps_per_second": self.steps_per_second, "median_step_seconds": self.median_step_seconds,
+                "median_step_cpu_seconds": self.median_step_cpu_seconds,
+                "peak_memory_bytes": self.peak_memory_bytes,
+                "seconds": round(self.seconds, 3),
+                "validation_loss": self.validation_losses[-1][1] if self.validation_losses else None,
+                "validation_losses": [list(entry) for entry in self.validation_losses]}
 
 
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed for one random stream, fixed by the run seed and the position in the run."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def _seed_dropout(seed: int, device: torch.device) -> None:
+    """Seed the global generator of ``device`` (what dropout draws from).
+
+    Cheaper than ``torch.manual_seed``, which also queues seeds for every accelerator type torch
+    knows, capturing a stack trace for each: milliseconds per step on a small model.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
+def _median_gap(stamps: list[float]) -> float | None:
+    """The median time between consecutive step ends, the first step (one-off work) left out."""
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))
+    return gaps[len(gaps) // 2] if gaps else None
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -132,7 +158,8 @@ class Trainer:
     ``on_step(StepReport)`` is called after every optimizer step; ``on_phase(description, done,
     total)`` reports the preparation (checking images, caching latents and captions, samples).
     ``resume`` is ``"latest"`` or a checkpoint folder; ``force`` starts over where an earlier run left
-    files. ``dataset`` is the already scanned ``data_dir`` (scanned in :meth:`setup` when not given).
+    files. ``dataset`` is the already scanned ``data_dir`` (scanned in :meth:`setup` when not given); the
+    validation images are split from it or scanned from ``validation_dir`` in :meth:`setup`.
     """
 
     def __init__(self, config: TrainConfig, *, resume: str | Path | None = None, force: bool = False,
@@ -146,7 +173,12 @@ class Trainer:
         self.on_phase = on_phase or (lambda description, done, total: None)
         self.step = 0
         self.losses: list[float] = []
+        self.validation_losses: list[tuple[int, float]] = []
         self.samples: list[Path] = []
+        self.validation: Dataset | None = None
+        self.validation_plan: BatchPlan | None = None
+        self.ema = None
+        self._fused_hooks: list[Any] = []
         self._ready = False
         self._replaces_own_adapter = False
         self._stop_requested = False
@@ -171,18 +203,25 @@ class Trainer:
         self.final_path = adapter_path(cfg)
         checkpoint = self._check_output()
         self._check_precision()
+        progress = lambda d, t: self.on_phase("checking images", d, t)  # noqa: E731
         if self.dataset is None:
-            self.dataset = scan_dataset(cfg.data.data_dir, cfg.data.caption_extension,
-                                        progress=lambda d, t: self.on_phase("checking images", d, t))
+            self.dataset = scan_configured(cfg, progress)
+        self.dataset, self.validation = training_and_validation(cfg, self.dataset, progress)
         self.plan = BatchPlan.for_config(self.dataset, cfg)
+        if self.validation is not None:
+            self.validation_plan = BatchPlan.for_config(self.validation, cfg)
         self._make_accelerator()
+        self._check_device()
         self._load_models()
         self._add_lora()
         self._make_optimizer()
         if checkpoint is not None:
             self._restore(checkpoint)
         self._prepare()
-        self.objective.fill_caches(self.dataset, self.plan, self.on_phase)
+        sources = [(self.dataset, self.plan)]
+        if self.validation is not None:
+            sources.append((self.validation, self.validation_plan))
+        self.objective.fill_caches(sources, self.on_phase)
         self._ready = True
 
     def _check_output(self) -> checkpoints.Checkpoint | None:
@@ -191,6 +230,7 @@ class Trainer:
         if self.resume is not None:
             checkpoint = checkpoints.load_checkpoint(checkpoints.find_checkpoint(self.output_dir, self.resume))
             checkpoints.check_compatible(checkpoint, cfg.flat())
+        refuse_input_as_output(self.final_path, [cfg.model.base_model, cfg.data.data_dir])
         if self.final_path.exists() and not self.force:
             # A run extended with --resume may replace the adapter it wrote itself, and nothing else.
             self._replaces_own_adapter = checkpoint is not None and _written_by(self.final_path, checkpoint)
@@ -209,13 +249,16 @@ class Trainer:
         if precision == "fp16" and not torch.cuda.is_available():
             raise InvalidArgumentError("fp16 mixed precision needs a CUDA GPU",
                                        "Use mixed_precision = \"bf16\" or \"no\" on this machine")
-        if self.config.training.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError as exc:
-                raise InvalidArgumentError(
-                    "optimizer adamw8bit needs the bitsandbytes package, which is not installed",
-                    "pip install bitsandbytes (needs a GPU), or use optimizer = \"adamw\"") from exc
+
+    def _check_device(self) -> None:
+        train = self.config.training
+        if train.base_weights_dtype != "default" and self.device.type != "cuda":
+            raise InvalidArgumentError(f"base_weights_dtype = {train.base_weights_dtype} needs a CUDA GPU; this run is "
+                                       f"on {self.device.type}", "Use base_weights_dtype = \"default\" here")
+        if train.fused_backward_pass and self.accelerator.num_processes > 1:
+            raise InvalidArgumentError("fused_backward_pass works in one process only (gradients are averaged "
+                                       "across processes after the backward pass)",
+                                       "Turn it off to train on several GPUs")
 
     def _make_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -240,6 +283,8 @@ class Trainer:
         self.on_phase("loading the base model", 0, 1)
         self.base = base = load_base_model(self.config.model.base_model)
         self.on_phase("loading the base model", 1, 1)
+        if not self.config.sampling.sample_prompts:  # training only encodes: the decoder is dead weight
+            base.vae.decoder = base.vae.post_quant_conv = None
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype  # fp16 VAEs overflow
         _place(base.vae.requires_grad_(False).eval(), self.device, vae_dtype)
         _place(base.unet.requires_grad_(False), self.device, self.weight_dtype)
@@ -248,21 +293,26 @@ class Trainer:
         self.objective = Objective(base, self.config, self.device, self.weight_dtype)
 
     def _add_lora(self) -> None:
+        from .blocks import plan_blocks
+
         cfg = self.config
         torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # peft draws the initial down factors
-        settings = dict(rank=cfg.network.rank, alpha=cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha,
-                        dropout=cfg.network.dropout)
+        self.blocks = plan_blocks(cfg, self.base.architecture)
         self.targets: dict[str, tuple[Any, dict[str, str]]] = {}
         trained = {"unet": self.base.unet}
         if cfg.network.train_text_encoder:
             trained.update({k: v for k, v in self.base.components().items() if k != "unet"})
         for component, model in trained.items():
             targets = network.target_layers(component, model, cfg.network.target_modules)
-            if not targets:
+            settings = network.layer_settings(model, targets, rank=cfg.network.rank, alpha=cfg.alpha,
+                                              conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha,
+                                              blocks=self.blocks if component == "unet" else None)
+            if not settings:
                 raise InvalidArgumentError(f"the base model's {component} has no layer that target_modules = "
-                                           f"{cfg.network.target_modules!r} selects")
-            network.add_lora(model, targets, **settings)
-            self.targets[component] = (model, targets)
+                                           f"{cfg.network.target_modules!r} (and the block settings) select")
+            network.add_lora(model, settings, dropout=cfg.network.dropout,
+                             use_dora=cfg.network.network_type == "dora")
+            self.targets[component] = (model, {name: targets[name] for name in settings})
             for parameter in model.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()  # LoRA factors train in float32
@@ -271,31 +321,46 @@ class Trainer:
             for component, (model, _) in self.targets.items():
                 if component != "unet":
                     model.gradient_checkpointing_enable()
+        if cfg.training.base_weights_dtype != "default":
+            from .fp8 import FP8_DTYPES, store_in_fp8
+
+            for model, _ in self.targets.values():
+                store_in_fp8(model, FP8_DTYPES[cfg.training.base_weights_dtype], self.weight_dtype)
         self.trainable = {name: p for component, (model, _) in self.targets.items()
                           for name, p in network.trainable_parameters(model, component).items()}
+        if cfg.training.ema_decay is not None:
+            from .ema import EMA
+
+            self.ema = EMA(self.trainable, cfg.training.ema_decay, on_cpu=cfg.training.ema_on_cpu)
 
     def _make_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
 
-        cfg, train = self.config, self.config.training
-        groups = []
-        for component, (model, _) in self.targets.items():
-            params = [p for p in model.parameters() if p.requires_grad]
-            lr = train.learning_rate if component == "unet" else cfg.text_encoder_lr
-            groups.append({"params": params, "lr": lr})
-        if train.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
-        elif train.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(groups)
-        elif train.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, weight_decay=train.weight_decay)
-        else:
-            import bitsandbytes
+        from .optimizers import build_optimizer, install_fused_backward, parameter_groups
 
-            self.optimizer = bitsandbytes.optim.AdamW8bit(groups, weight_decay=train.weight_decay)
+        cfg, train = self.config, self.config.training
+        trainable = {component: {name: p for name, p in model.named_parameters() if p.requires_grad}
+                     for component, (model, _) in self.targets.items()}
+        groups = parameter_groups(trainable, cfg, self._lr_weight if self.blocks is not None else None)
+        self.optimizer, self._optimizer_text = build_optimizer(groups, cfg, self.device)
+        if train.fused_backward_pass:
+            self._fused_hooks = install_fused_backward(self.optimizer, train.max_grad_norm)
         self.steps_per_epoch, self.total_steps, self.num_epochs = self.plan.length(cfg, self.accelerator.num_processes)
         self.lr_scheduler = get_scheduler(train.lr_scheduler, optimizer=self.optimizer,
                                           num_warmup_steps=train.lr_warmup_steps, num_training_steps=self.total_steps)
+
+    def _lr_weight(self, component: str, path: str) -> float:
+        """The block learning-rate factor of a trainable parameter (``….to_q.lora_A.default.weight``)."""
+        if component != "unet":
+            return 1.0
+        key = self.targets[component][1].get(path.split(".lora_", 1)[0])
+        return self.blocks.lr_weight(key) if key is not None else 1.0
+
+    def _current_lr(self) -> float:
+        """The UNet's learning rate now: ``learning_rate`` times the schedule's factor."""
+        scheduler = self.lr_scheduler
+        factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0] if scheduler.base_lrs[0] else 0.0
+        return self.config.training.learning_rate * factor
 
     def _restore(self, checkpoint: checkpoints.Checkpoint) -> None:
         network.load_trainable(self.trainable, checkpoint.trainable)
@@ -303,6 +368,14 @@ class Trainer:
         self.lr_scheduler.load_state_dict(checkpoint.state["lr_scheduler"])
         self.step = checkpoint.step
         self.losses = list(checkpoint.state.get("losses", []))
+        self.validation_losses = [tuple(entry) for entry in checkpoint.state.get("validation_losses", [])]
+        if self.ema is not None:
+            if checkpoint.ema is None:
+                from ..errors import MismatchError
+
+                raise MismatchError("the checkpoint was made without EMA (ema_decay), so the average cannot go on",
+                                    "Resume without ema_decay, or start over with --force")
+            self.ema.load_state_dict(checkpoint.ema)
         self._started_at = checkpoint.state.get("started_at", self._started_at)
         self._session_id = checkpoint.state.get("session_id", self._session_id)
         self._scaler_state = checkpoint.state.get("scaler")
@@ -326,23 +399,31 @@ class Trainer:
             acc.init_trackers(self.config.model.model_name, config=hparams)
 
     def evaluation_loss(self, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
-        """The loss on every image at fixed timesteps and noise, LoRA dropout off: comparable across steps."""
+        """The loss on every training image at fixed timesteps and noise, LoRA dropout off: comparable
+        across steps."""
         self.setup()
+        return self._fixed_loss(self.dataset, self.plan, timesteps, seed)
+
+    def validation_loss(self) -> float:
+        """The loss on the validation images at fixed timesteps and noise (see :mod:`.validation`)."""
+        from .validation import validation_timesteps
+
+        self.setup()
+        if self.validation is None:
+            raise InvalidArgumentError("there are no validation images", "Set validation_split or validation_dir")
+        steps = validation_timesteps(self.objective.noise_scheduler.config.num_train_timesteps)
+        return self._fixed_loss(self.validation, self.validation_plan, steps, self.config.validation_seed)
+
+    def _fixed_loss(self, dataset: Dataset, plan: BatchPlan, timesteps, seed: int) -> float:
+        from .validation import fixed_loss
+
         for model in self.models.values():
             model.eval()
-        total, count = 0.0, 0
         try:
-            with torch.no_grad():
-                for index in range(len(self.dataset.records)):
-                    batch = self.objective.evaluation_batch(self.dataset, self.plan, index)
-                    for t in timesteps:
-                        generator = torch.Generator().manual_seed(_derive_seed(seed, index, t))
-                        loss = self.objective.loss(batch, generator, torch.tensor([t]), dropout=False)
-                        total, count = total + float(loss), count + 1
+            return fixed_loss(self.objective, dataset, plan, timesteps, seed)
         finally:
             for model in self.models.values():
                 model.train()
-        return total / count
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -359,8 +440,8 @@ class Trainer:
         from torch.utils.data import DataLoader
 
         data = self.config.data
-        dataset = BatchLoader(self.dataset.records, batches, pixels=not self.objective.latent_cache,
-                              random_crop=data.crop == "random", flip=data.random_flip)
+        dataset = BatchLoader(self.dataset.records, batches, pixels=not self.objective.caches_latents,
+                              random_crop=data.crop == "random", flip=data.random_flip, masks=data.masked_loss)
         workers = 0
         if dataset.pixels:  # decoding and cropping at every step: overlap it with the training step
             cores = os.cpu_count() or 1
@@ -370,13 +451,16 @@ class Trainer:
     def _optimizer_step(self, batches: list[dict[str, Any]]) -> tuple[float, float]:
         """One optimizer step over ``batches`` (accumulated); returns its loss and learning rate."""
         acc, cfg = self.accelerator, self.config.training
-        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        learning_rate = self._current_lr()
+        fused = bool(self._fused_hooks)
         losses = []
         for micro, batch in enumerate(batches):
             seed = _derive_seed(cfg.seed, self.step, micro, acc.process_index)
-            torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+            _seed_dropout(seed, self.device)  # LoRA dropout draws from the global generator
             generator = torch.Generator().manual_seed(seed)
             loss = self.objective.loss(batch, generator)
+            if fused:  # the fused backward pass changes the weights: check the loss before it
+                self._check_finite(float(loss.detach()))
             last = micro == len(batches) - 1
             with contextlib.ExitStack() as stack:
                 if not last and acc.num_processes > 1:
@@ -387,25 +471,30 @@ class Trainer:
             value = float(loss.detach())
             if acc.num_processes > 1:
                 value = float(acc.gather(loss.detach().reshape(1)).mean())
-            if not math.isfinite(value):  # before the optimizer step: the weights stay as they were
-                raise TrainingError(
-                    f"the loss became {value} at step {self.step + 1} (epoch {self._epoch_of(self.step) + 1}); "
-                    "training stopped and nothing more was saved",
-                    "Lower learning_rate, use mixed_precision = \"bf16\" or \"no\" instead of fp16, or resume from "
-                    "the last good checkpoint with --resume latest")
+            self._check_finite(value)  # before the optimizer step: the weights stay as they were
             losses.append(value)
-        if cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
-        self.optimizer.step()
+        if not fused:
+            if cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+            self.optimizer.step()
         if not getattr(self.optimizer, "step_was_skipped", False):
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), learning_rate
 
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the loss became {value} at step {self.step + 1} (epoch {self._epoch_of(self.step) + 1}); "
+                "training stopped and nothing more was saved",
+                "Lower learning_rate, use mixed_precision = \"bf16\" or \"no\" instead of fp16, or resume from "
+                "the last good checkpoint with --resume latest")
+
     def _epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
     def _install_interrupt(self):
+        """Ctrl-C (SIGINT) and ``kill`` (SIGTERM) finish the step and save a checkpoint; a second one stops at once."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
@@ -415,7 +504,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
 
-        return signal.signal(signal.SIGINT, handler)
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _stop_agreed(self) -> bool:
         if self.accelerator.num_processes == 1:
@@ -436,8 +525,8 @@ class Trainer:
         try:
             return self._loop()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in (previous or {}).items():
+                signal.signal(signum, handler)
             self.accelerator.end_training()
 
     def _schedule(self) -> list[tuple[int, bool, list[BatchSpec]]]:
@@ -462,6 +551,8 @@ class Trainer:
         began = time.perf_counter()
         timed_from: tuple[int, float] | None = None
         speed = None
+        self._step_ends: list[float] = []
+        self._step_cpu_ends: list[float] = []
         for model in self.models.values():
             model.train()
         schedule = self._schedule()
@@ -472,18 +563,46 @@ class Trainer:
             loss, lr = self._optimizer_step([next(loader) for _ in chunk])
             self.step += 1
             self.losses.append(loss)
+            if self.ema is not None:
+                self.ema.update(self.step)
+            validation = self._validate_if_due(epoch, epoch_done)
             now = time.perf_counter()
+            self._step_ends.append(now)
+            self._step_cpu_ends.append(time.process_time())
             if timed_from is None:
                 timed_from = (self.step, now)  # the first step includes one-off work: time the rest
             speed = (self.step - timed_from[0]) / (now - timed_from[1]) if self.step > timed_from[0] else None
-            acc.log({"loss": loss, "lr": lr}, step=self.step)
+            acc.log(self._logs(loss, lr, validation), step=self.step)
             self.on_step(StepReport(self.step, self.total_steps, epoch, self.num_epochs, loss, lr, now - began,
-                                    speed))
+                                    speed, validation))
             self._at_step_end(epoch, epoch_done)
             if self._stop_agreed():
                 path = self._save_checkpoint()
                 return self._result(epoch, interrupted=True, checkpoint=path, speed=speed, began=began)
         return self._finish(began, speed)
+
+    def _logs(self, loss: float, lr: float, validation: float | None) -> dict[str, float]:
+        logs = {"loss": loss, "lr": lr}
+        if validation is not None:
+            logs["val_loss"] = validation
+        d = self.optimizer.param_groups[0].get("d")  # Prodigy's step-size estimate
+        if isinstance(d, (int, float)):
+            logs["d"] = float(d)
+        return logs
+
+    def _validate_if_due(self, epoch: int, epoch_done: bool) -> float | None:
+        """Measure the validation loss when the configuration asks for it after this step (and at the end)."""
+        if self.validation is None:
+            return None
+        val = self.config.validation
+        by_step = val.validate_every_n_steps and self.step % val.validate_every_n_steps == 0
+        every_epochs = val.validate_every_n_epochs or (None if val.validate_every_n_steps else 1)
+        by_epoch = epoch_done and every_epochs and epoch % every_epochs == 0
+        if not (by_step or by_epoch or self.step >= self.total_steps):
+            return None
+        loss = self.validation_loss()
+        self.validation_losses.append((self.step, loss))
+        return loss
 
     def _at_step_end(self, epoch: int, epoch_done: bool) -> None:
         out, sampling = self.config.output, self.config.sampling
@@ -507,31 +626,36 @@ class Trainer:
         if acc.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                     "losses": self.losses, "started_at": self._started_at, "session_id": self._session_id}
+                     "losses": self.losses, "started_at": self._started_at, "session_id": self._session_id,
+                     "validation_losses": [list(entry) for entry in self.validation_losses]}
             path = checkpoints.save_checkpoint(self.output_dir, self.step, self.trainable, state, self.config.flat(),
-                                               keep=self.config.output.checkpoints_total_limit)
+                                               keep=self.config.output.checkpoints_total_limit,
+                                               ema=self.ema.state_dict() if self.ema is not None else None)
         acc.wait_for_everyone()
         return path
 
     def adapter(self, epoch: int | None = None):
-        """The LoRA as trained so far, as a :class:`~loralib.adapter.LoraAdapter` with training metadata."""
-        modules = {}
-        for _component, (model, targets) in self.targets.items():
-            modules.update(network.export_modules(network.lora_layers(model, targets)))
+        """The LoRA as trained so far (the EMA weights with ``ema_decay`` and ``save_ema``), as a
+        :class:`~loralib.adapter.LoraAdapter` with training metadata."""
+        with self._saved_weights():
+            modules = {}
+            for model, targets in self.targets.values():
+                modules.update(network.export_modules(network.lora_layers(model, targets)))
         epoch = epoch if epoch is not None else self._epoch_of(max(self.step - 1, 0)) + 1
         processes = self.accelerator.num_processes
         run = RunInfo(self.base.architecture, str(self.config.model.base_model), self.objective.prediction_type,
                       self.step, self.total_steps, epoch, self.num_epochs,
                       math.ceil(self.plan.batches_per_epoch() / processes), processes, self._session_id,
-                      self._started_at, time.time(), self._optimizer_description())
+                      self._started_at, time.time(), self._optimizer_text,
+                      len(self.validation.records) if self.validation is not None else 0, self.blocks)
         metadata = training_metadata(self.config, self.dataset, self.plan, run)
         return build_adapter(modules, self.base.architecture, metadata)
 
-    def _optimizer_description(self) -> str:
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        cls = type(optimizer)
-        decay = self.config.training.weight_decay
-        return f"{cls.__module__}.{cls.__name__}(weight_decay={decay})"
+    def _saved_weights(self):
+        """A context in which the live layers hold the weights that are saved (EMA when asked)."""
+        if self.ema is not None and self.config.training.save_ema:
+            return self.ema.swapped_in()
+        return contextlib.nullcontext()
 
     def _export(self, path: Path, epoch: int, operation: OperationRecord | None, force: bool):
         adapter = result = None
@@ -547,7 +671,8 @@ class Trainer:
             "params": self.config.flat(), "dataset": self.dataset.summary(self.plan.bucket_counts()),
             "base_model": str(self.config.model.base_model), "architecture": self.base.architecture,
             "steps": self.step, "epochs": self._epoch_of(max(self.step - 1, 0)) + 1,
-            "final_loss": self.losses[-1] if self.losses else None})
+            "final_loss": self.losses[-1] if self.losses else None,
+            "final_validation_loss": self.validation_losses[-1][1] if self.validation_losses else None})
 
     def _finish(self, began: float, speed: float | None) -> TrainResult:
         epoch = self._epoch_of(max(self.step - 1, 0)) + 1
@@ -564,7 +689,10 @@ class Trainer:
         return TrainResult(self.config, self.output_dir, self.step, self.total_steps, epoch, interrupted,
                            list(self.losses), checkpoint, samples=list(self.samples),
                            dataset=self.dataset.summary(self.plan.bucket_counts()), steps_per_second=speed,
-                           peak_memory_bytes=_peak_memory(self.device), seconds=time.perf_counter() - began)
+                           peak_memory_bytes=_peak_memory(self.device), seconds=time.perf_counter() - began,
+                           validation_losses=list(self.validation_losses),
+                           median_step_seconds=_median_gap(getattr(self, "_step_ends", [])),
+                           median_step_cpu_seconds=_median_gap(getattr(self, "_step_cpu_ends", [])))
 
     # --- samples ----------------------------------------------------------------------------------------------
 

@@ -42,7 +42,9 @@ Test hooks
 ``hub.add_commit(...)`` (plant any file names, e.g. ``../evil.safetensors``,
 which the client itself refuses to send), ``hub.corrupt_downloads = True`` or
 ``hub.corrupt_file(repo_id, path)`` (file bodies are altered while the HEAD /
-listing metadata still advertise the original size and hashes), and
+listing metadata still advertise the original size and hashes),
+``hub.trickle_file(repo_id, path, interval)`` (the body is sent one byte per
+``interval`` seconds, a download that stalls), and
 ``hub.server_errors`` (tracebacks of unexpected server-side exceptions).
 
 Usage
@@ -392,6 +394,7 @@ class _Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    trickle: float | None = None  #: send the body one byte per this many seconds
 
     @classmethod
     def json(cls, payload: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> _Response:
@@ -714,7 +717,9 @@ class _HubApi:
             # Metadata always describes the real stored file, even when bodies are corrupted.
             return _Response(200, b"", [*headers, ("Content-Length", str(blob.size))])
         body = self.hub._served_bytes(repo.repo_id, path, blob.data)
-        return _ranged(body, request.headers.get("Range"), headers)
+        response = _ranged(body, request.headers.get("Range"), headers)
+        response.trickle = self.hub._trickled.get((repo.repo_id, path))
+        return response
 
     # -- writing ---------------------------------------------------------- #
     def _branch_for_write(self, repo: _Repo, revision: str, request: _Request) -> str:
@@ -1001,7 +1006,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if self.command != "HEAD" and response.body:
-            self.wfile.write(response.body)
+            if response.trickle is None:
+                self.wfile.write(response.body)
+                return
+            for position in range(len(response.body)):  # until the client gives up or the server stops
+                if self.server.stopping.wait(response.trickle):
+                    return
+                try:
+                    self.wfile.write(response.body[position:position + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -1010,6 +1025,7 @@ class _HttpServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], hub: HubServer) -> None:
         self.hub = hub
+        self.stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -1061,6 +1077,7 @@ class HubServer:
         self._store = _RepoStore()
         self._api = _HubApi(self)
         self._corrupted: dict[tuple[str, str], bytes | None] = {}
+        self._trickled: dict[tuple[str, str], float] = {}
         self._log_lock = threading.Lock()
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -1082,6 +1099,7 @@ class HubServer:
         server, thread = self._server, self._thread
         if server is None:
             return
+        server.stopping.set()
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -1176,6 +1194,10 @@ class HubServer:
         ``model_info`` keep advertising the original size, ETag and SHA-256.
         """
         self._corrupted[(repo_id, path)] = replacement
+
+    def trickle_file(self, repo_id: str, path: str, interval: float = 2.0) -> None:
+        """Serve the body of ``path`` one byte every ``interval`` seconds (a stalled download)."""
+        self._trickled[(repo_id, path)] = interval
 
     def clear_corruption(self) -> None:
         """Undo :meth:`corrupt_file` calls and reset :attr:`corrupt_downloads`."""

@@ -1,0 +1,160 @@
+"""Block-wise rank, alpha and learning rate of the UNet's LoRA layers, with kohya's semantics.
+
+sd-scripts numbers the UNet's blocks as the original (SGM) UNet does and takes one value per
+block in ``block_dims``/``block_alphas``/``conv_block_dims``/``conv_block_alphas``, and
+learning-rate factors per down, middle and up block in ``down_lr_weight``/``mid_lr_weight``/
+``up_lr_weight``:
+
+- SD1/SD2, 25 blocks: 0-11 the input blocks (0 is ``conv_in``, which has no LoRA), 12 the middle
+  block, 13-24 the output blocks; 12 + 1 + 12 learning-rate factors.
+- SDXL, 23 blocks: 0 the time embedding, 1-9 the input blocks, 10-12 the middle block's three
+  parts, 13-21 the output blocks, 22 the output layer; 9 + 3 + 9 learning-rate factors (the time
+  embedding and output layer keep factor 1).
+
+A rank of 0, or a learning-rate factor of 0, leaves a block without LoRA layers. Other model
+families get their layouts in :data:`LAYOUTS` (Flux's double/single blocks are not there yet).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..errors import InvalidArgumentError
+from .config import TrainConfig
+
+_OUTER = re.compile(r"^unet\.(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
+_MIDDLE = re.compile(r"^unet\.mid_block\.(resnets|attentions)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one architecture's UNet is divided into kohya's blocks."""
+
+    blocks: int          # values in block_dims
+    outer: int           # values in down_lr_weight and up_lr_weight
+    middle: int          # values in mid_lr_weight
+    input_offset: int    # block number of the SGM input block 0
+    split_middle: bool   # the middle block counts as three blocks (resnet, attention, resnet)
+
+    def block(self, key: str) -> int | None:
+        """The block number of an internal UNet key (None: a layer outside the numbered blocks)."""
+        match = _OUTER.match(key)
+        if match:
+            side, i, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+            part = 2 if kind.endswith("samplers") else j
+            if side == "down":  # SGM input block 1 + 3i + part
+                return self.input_offset + 1 + 3 * i + part
+            return self.input_offset + self.outer + self.middle + 3 * i + part  # SGM output block 3i + part
+        match = _MIDDLE.match(key)
+        if match:
+            start = self.input_offset + self.outer
+            if not self.split_middle:
+                return start
+            return start + (1 if match.group(1) == "attentions" else 2 * int(match.group(2)))  # resnet, attn, resnet
+        return None
+
+    def lr_weights(self, down: list[float], middle: list[float], up: list[float]) -> list[float]:
+        """One learning-rate factor per block from the three lists (kohya's order)."""
+        weights = down + middle + up
+        return [1.0] + weights + [1.0] if self.input_offset else weights
+
+
+#: kohya's block layouts by lorareg architecture.
+LAYOUTS = {
+    "sd1": BlockLayout(blocks=25, outer=12, middle=1, input_offset=0, split_middle=False),
+    "sd2": BlockLayout(blocks=25, outer=12, middle=1, input_offset=0, split_middle=False),
+    "sdxl": BlockLayout(blocks=23, outer=9, middle=3, input_offset=1, split_middle=True),
+}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
+def preset_weights(text: str, length: int) -> list[float]:
+    """kohya's named learning-rate curves (``cosine``, ``sine``, ``linear``, ``reverse_linear``, ``zeros``,
+    each optionally ``+base``) over ``length`` blocks, shallow to deep."""
+    name, _, base_text = text.partition("+")
+    base = float(base_text) if base_text else 0.0
+    steps = [i / (length - 1) for i in range(length)]
+    curves = {
+        "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
+        "sine": [math.sin(math.pi * s / 2) for s in steps],
+        "linear": steps,
+        "reverse_linear": list(reversed(steps)),
+        "zeros": [0.0] * length,
+    }
+    return [value + base for value in curves[name]]
+
+
+@dataclass
+class BlockPlan:
+    """Rank, alpha and learning-rate factor of every UNet block for one run."""
+
+    layout: BlockLayout
+    dims: list[int]
+    alphas: list[float]
+    conv_dims: list[int]
+    conv_alphas: list[float]
+    lr_weights: list[float]
+
+    def settings(self, key: str, wide_conv: bool) -> tuple[int, float] | None:
+        """``(rank, alpha)`` of the layer with internal ``key`` (rank 0: no LoRA layer; None: the defaults)."""
+        block = self.layout.block(key)
+        if block is None:
+            return None
+        if wide_conv:
+            return self.conv_dims[block], self.conv_alphas[block]
+        return self.dims[block], self.alphas[block]
+
+    def lr_weight(self, key: str) -> float:
+        """The learning-rate factor of the layer with internal ``key``."""
+        block = self.layout.block(key)
+        return 1.0 if block is None else self.lr_weights[block]
+
+
+def _outer_weights(text: str | None, length: int, name: str, architecture: str) -> list[float]:
+    if text is None:
+        return [1.0] * length
+    values = preset_weights(text, length) if text[0].isalpha() else _numbers(text)
+    if len(values) > length:
+        raise InvalidArgumentError(f"{name} has {len(values)} values; {architecture} has {length} such blocks",
+                                   f"Give at most {length} values")
+    return values + [1.0] * (length - len(values))  # kohya fills missing factors with 1
+
+
+def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | None:
+    """The block plan that the configuration asks for on ``architecture`` (None: no block-wise setting)."""
+    net = config.network
+    keys = (net.block_dims, net.block_alphas, net.conv_block_dims, net.conv_block_alphas, net.down_lr_weight,
+            net.mid_lr_weight, net.up_lr_weight)
+    if all(value is None for value in keys):
+        return None
+    layout = LAYOUTS.get(architecture)
+    if layout is None:
+        raise InvalidArgumentError(f"block-wise ranks and learning rates for {architecture} base models are not "
+                                   "available yet", "Remove the block_* and *_lr_weight settings")
+    for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        value = getattr(net, name)
+        if value is not None and len(value.split(",")) != layout.blocks:
+            raise InvalidArgumentError(f"{name} has {len(value.split(','))} values; a {architecture} UNet has "
+                                       f"{layout.blocks} blocks", "See the block table in docs/training.md")
+    if net.mid_lr_weight is not None and len(net.mid_lr_weight.split(",")) > layout.middle:
+        raise InvalidArgumentError(f"mid_lr_weight has {len(net.mid_lr_weight.split(','))} values; a "
+                                   f"{architecture} UNet has {layout.middle} middle block(s)",
+                                   f"Give at most {layout.middle} values")
+    dims = [int(v) for v in net.block_dims.split(",")] if net.block_dims else [net.rank] * layout.blocks
+    alphas = _numbers(net.block_alphas) if net.block_alphas else [config.alpha] * layout.blocks
+    conv_dims = [int(v) for v in net.conv_block_dims.split(",")] if net.conv_block_dims else \
+        [config.conv_rank] * layout.blocks
+    conv_alphas = _numbers(net.conv_block_alphas) if net.conv_block_alphas else [config.conv_alpha] * layout.blocks
+    middle = _numbers(net.mid_lr_weight) if net.mid_lr_weight else []
+    weights = layout.lr_weights(_outer_weights(net.down_lr_weight, layout.outer, "down_lr_weight", architecture),
+                                middle + [1.0] * (layout.middle - len(middle)),
+                                _outer_weights(net.up_lr_weight, layout.outer, "up_lr_weight", architecture))
+    for block, weight in enumerate(weights):
+        if weight == 0:  # kohya: a block that does not learn gets no layers
+            dims[block] = conv_dims[block] = 0
+    return BlockPlan(layout, dims, alphas, conv_dims, conv_alphas, weights)
