@@ -11,7 +11,6 @@ microseconds, where building a model to look took seconds (importing transformer
 from __future__ import annotations
 
 from functools import cache
-from importlib import metadata
 
 from ..architectures import TEXT_ENCODER_2
 from . import TE_ROOT
@@ -34,6 +33,8 @@ def release(version: str) -> tuple[int, int]:
 
 def installed_transformers() -> str | None:
     """The installed transformers' version, or None when it is not installed."""
+    from importlib import metadata  # not at the top: importing it costs more than a catalog command's start-up
+
     try:
         return metadata.version("transformers")
     except metadata.PackageNotFoundError:
