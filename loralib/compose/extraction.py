@@ -64,6 +64,8 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
             difference = (on_device(tuned_model.read(key), device).to(torch.float32)
                           - on_device(base_model.read(key), device).to(torch.float32))
             difference = difference.reshape(shape.out_features, -1)
+            tuned_model.release(key)  # one layer of each model in memory at a time, whatever their size
+            base_model.release(key)
             if not bool(torch.isfinite(difference).all()):
                 raise CorruptFileError(f"{key} holds NaN or infinite values in {Path(tuned).name} or {Path(base).name}",
                                        "A model with such weights cannot be compared; check both files")
