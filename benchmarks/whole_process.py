@@ -18,6 +18,12 @@ Tasks and the goals of issue 14 (ratio to the floor):
 - resize rank 128 → 32: time ≤ 2×, peak RSS ≤ 1.3×
 - merge 3 × rank 64 → rank 64 (weights 0.5, 0.3, -0.2): time ≤ 3×, peak RSS ≤ 1.3×
 
+The flop floor of resize and merge is printed too: the exact route needs the two Gram matrices
+of every module (``2 (m + n) R²`` flops, ``R`` the input rank, or the sum of the inputs' ranks for
+a merge) and the new factors (``2 (m + n) R k``), counted from the files' shapes, divided by the
+float32 matrix-product rate of this machine measured in the same run (a 2048² product on every
+core). The time lorareg spends on top of its I/O floor is compared with that.
+
 The input files are built once into ``--cache`` (default ``~/.cache/lorareg-bench``) and reused.
 ``--small`` uses every 8th module (124 modules), for a quick check of the script itself.
 
@@ -27,10 +33,12 @@ The input files are built once into ``--cache`` (default ``~/.cache/lorareg-benc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -116,6 +124,46 @@ def tasks_for(paths: dict[str, Path]) -> list[Task]:
     ]
 
 
+MATMUL_RATE = """\
+import time, torch
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+best = float("inf")
+for _ in range(7):
+    start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
+print(2 * 2048 ** 3 / best / 1e9)
+"""
+
+
+def matmul_gflops(env: dict[str, str]) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s, best of 7, every core), in a child process."""
+    done = subprocess.run([sys.executable, "-c", MATMUL_RATE], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def factor_widths(path: Path) -> tuple[int, int]:
+    """``(Σ (m + n), rank)`` over the modules of a kohya file: from its header alone."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    total, rank = 0, 0
+    for name, entry in header.items():
+        if name.endswith(".lora_down.weight"):
+            rank = entry["shape"][0]
+            total += entry["shape"][1] * (entry["shape"][2] * entry["shape"][3] if len(entry["shape"]) == 4 else 1)
+        elif name.endswith(".lora_up.weight"):
+            total += entry["shape"][0]
+    return total, rank
+
+
+def flops(task: Task) -> float | None:
+    """The flops of the exact low-rank route for a resize or merge (Gram matrices and new factors)."""
+    if not task.name.startswith(("resize", "merge")):
+        return None
+    widths, rank = factor_widths(task.floor_inputs[0])
+    inner = rank * len(task.floor_inputs)  # a merge concatenates the inputs' factors
+    kept = int(task.arguments[task.arguments.index("--rank") + 1])
+    return 2 * widths * inner * inner + 2 * widths * inner * kept
+
+
 def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds and peak RSS (bytes) of one child process; exits if it fails."""
     start = time.perf_counter()
@@ -164,7 +212,7 @@ def load() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def report(tasks: list[Task], repeats: int) -> None:
+def report(tasks: list[Task], repeats: int, gflops: float) -> None:
     """Print the medians and the ratios to the floor."""
     print(f"\nmedian of {repeats} alternating runs each (floor = plain safetensors load_file + save_file of the "
           "same inputs, a new process)")
@@ -177,6 +225,16 @@ def report(tasks: list[Task], repeats: int) -> None:
         print(f"{task.name:<24}{ours[0]:>13.2f}s{base[0]:>7.2f}s{ours[0] / base[0]:>6.2f}x{task.time_goal:>5.1f}x   "
               f"{ours[1]:>11.2f}s{base[1]:>7.2f}s{ours[1] / base[1]:>6.2f}x   "
               f"{ours[2] / 2**20:>13.0f} MiB{base[2] / 2**20:>6.0f} MiB{ours[2] / base[2]:>6.2f}x{memory_goal:>6}")
+    print(f"\nflop floor (float32 matrix products at {gflops:.0f} GFLOP/s, measured on every core in this run):")
+    for task in tasks:
+        count = flops(task)
+        if count is None:
+            continue
+        ours = statistics.median(run[0] for run in task.runs["lorareg"])
+        base = statistics.median(run[0] for run in task.runs["floor"])
+        floor = count / gflops / 1e9
+        print(f"  {task.name:<24}{count / 1e9:>7.0f} GFLOP = {floor:.2f} s; lorareg spends {ours - base:.2f} s beyond "
+              f"its I/O floor = {(ours - base) / floor:.1f}x the flop floor")
     print("\nevery run (wall s / CPU s / peak RSS MiB):")
     for task in tasks:
         for label in ("lorareg", "floor"):
@@ -214,7 +272,8 @@ def main() -> None:
         for task in tasks:
             measure(task, work, env, args.repeats)
             print(f"  done: {task.name} (load average {load()})", flush=True)
-        report(tasks, args.repeats)
+        rate = matmul_gflops(env)
+        report(tasks, args.repeats, rate)
         print(f"\nload average at the end: {load()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
