@@ -201,8 +201,8 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     files = _candidates(root, recursive, report, follow_links)
     report.found = len(files)
     known = catalog.files_under(root)
-    to_read = [(Path(path), stat) for path, stat in _stats(files)
-               if not _unchanged(path, known.pop(path, None), stat, report)]
+    # (path, (size, mtime)) only: a stat result or a Path per file would make memory grow with the folder
+    to_read = [(path, stat) for path, stat in _stats(files) if not _unchanged(path, known.pop(path, None), stat, report)]
     done = len(files) - len(to_read)
     if progress is not None:
         progress(done, len(files))
@@ -228,17 +228,21 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     return report
 
 
-def _stats(files: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+Stat = tuple[int, int]  # size, mtime in nanoseconds
+
+
+def _stats(files: list[str]) -> Iterator[tuple[str, Stat]]:
     for path in files:
         try:
-            yield path, os.stat(path)
+            found = os.stat(path)
         except OSError:  # vanished since the walk
             continue
+        yield path, (found.st_size, found.st_mtime_ns)
 
 
-def _unchanged(path: str, known: tuple | None, stat: os.stat_result, report: ScanReport) -> bool:
+def _unchanged(path: str, known: tuple | None, stat: Stat, report: ScanReport) -> bool:
     """True (and counted) when the catalog saw this file with the same size and mtime (and has its fingerprint)."""
-    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] in ("missing", "stale"):
+    if known is None or known[0] != stat[0] or known[1] != stat[1] or known[2] in ("missing", "stale"):
         return False
     report.unchanged += 1
     if known[2] in ("not-lora", "damaged"):
@@ -263,7 +267,7 @@ def _free_cores() -> int:
     return max(1, min(cores, int(cores - load + 0.5)))
 
 
-def _outcomes(paths: list[Path], workers: int) -> Iterator[Outcome]:
+def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
     """The outcome of describing each file, in order: here, or in ``workers`` processes.
 
     At most a few chunks per worker are in flight, so memory does not grow with the folder.
@@ -312,12 +316,13 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _describe_chunk(paths: list[Path]) -> list[Outcome]:
+def _describe_chunk(paths: list[str]) -> list[Outcome]:
     return [_describe_outcome(path) for path in paths]
 
 
-def _describe_outcome(path: Path) -> Outcome:
+def _describe_outcome(path: str | Path) -> Outcome:
     """Describe one file; what is wrong with it, if anything, as a state and a message."""
+    path = Path(path)
     try:
         return "ok", describe(path)
     except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
@@ -334,19 +339,19 @@ class _Batch:
     def __init__(self, catalog: Catalog, report: ScanReport, size: int, seconds: float) -> None:
         self.catalog, self.report, self.size, self.seconds = catalog, report, size, seconds
         self.facts: list[FileFacts] = []
-        self.problems: list[tuple[Path, os.stat_result, str, str]] = []
+        self.problems: list[tuple[str, Stat, str, str]] = []
         self.flushed_at = time.monotonic()
 
-    def add(self, path: Path, stat: os.stat_result, outcome: Outcome) -> None:
+    def add(self, path: str, stat: Stat, outcome: Outcome) -> None:
         """Queue one file's outcome; commit when the batch is full or old enough."""
         state, found = outcome
         if state == "ok":
             self.facts.append(found)
             if found.report.damaged:
-                self.report.damaged.append(str(path))
+                self.report.damaged.append(path)
         else:
             self.problems.append((path, stat, state, found))
-            (self.report.not_lora if state == "not-lora" else self.report.damaged).append(str(path))
+            (self.report.not_lora if state == "not-lora" else self.report.damaged).append(path)
         if len(self.facts) + len(self.problems) >= self.size or time.monotonic() - self.flushed_at >= self.seconds:
             self.flush()
 
@@ -355,8 +360,7 @@ class _Batch:
         if self.facts or self.problems:
             with self.catalog.transaction():
                 for path, stat, state, problem in self.problems:
-                    self.catalog.record_file(str(path), state=state, problem=problem, size=stat.st_size,
-                                             mtime_ns=stat.st_mtime_ns)
+                    self.catalog.record_file(path, state=state, problem=problem, size=stat[0], mtime_ns=stat[1])
                 stored = self.catalog.add_many(self.facts)
             for result in stored:
                 if result.created:
