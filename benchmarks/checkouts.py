@@ -87,7 +87,8 @@ def run(prefix: list[str], env: dict[str, str], args: list[str], inputs: Path, o
     out.mkdir()
     argv = [*prefix, "--home", str(home), *(a.format(**{"in": inputs, "out": out}) for a in args)]
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    # In a neutral folder: Python puts the working folder first on the path, ahead of the checkout.
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=home.parent)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")

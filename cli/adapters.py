@@ -8,9 +8,10 @@ import click
 
 from loralib.dtypes import storage_dtype
 from loralib.formats import input_files
+from loralib.units import human_size
 from loralib.vocabulary import DEVICES, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, plain, print_error, print_json, shown
+from .output import note, plain, print_error, print_json, shown
 from .paths import adapter_output, make_parents, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 
@@ -130,7 +131,8 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--plain", "as_plain", is_flag=True,
               help="Make a plain LoRA of a LyCORIS/DoRA adapter, exactly (LoHa and LoKr by their exact low-rank forms).")
 @click.option("--rank", "-r", type=int,
-              help="Make a plain LoRA of at most this rank per module: the best approximation of each ΔW.")
+              help="Make a plain LoRA of at most this rank per module: the best approximation of each ΔW (layers the "
+                   "output fuses, Flux/SD3 qkv and Flux linear1 in kohya/ComfyUI names, are kept at this rank too).")
 @click.option("--dynamic", metavar="RULE",
               help="Make a plain LoRA, choosing each module's rank: sv_fro:F, sv_ratio:N or sv_cumulative:F.")
 @click.option("--max-rank", type=int, help="Cap on the rank a --dynamic rule may choose.")
@@ -152,7 +154,10 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
                     dynamic: str | None, max_rank: int | None, base: str | None, svd: str, dtype: str | None,
                     force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool, device: str,
                     as_json: bool) -> None:
-    """Convert ADAPTER to kohya (default), PEFT or diffusers format; every module's ΔW is unchanged.
+    """Convert ADAPTER to kohya (default), PEFT, diffusers or ComfyUI format; every module's ΔW is unchanged.
+
+    Reads every spelling (kohya, LyCORIS, PEFT, diffusers, ComfyUI/BFL, OneTrainer, OMI, XLabs,
+    cloneofsimo) of SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 adapters.
 
     LyCORIS adapters (LoHa, LoKr, full-rank differences) and DoRA stay what they are in kohya
     format. --plain, --rank or --dynamic make a plain LoRA instead (what every loader and merge
@@ -164,6 +169,8 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     Examples:
       lorareg convert my_lora.safetensors --to peft -o out_dir/
       lorareg convert pytorch_lora_weights.safetensors --to kohya -o my_lora.safetensors
+      lorareg convert x.safetensors --to diffusers -o pytorch_lora_weights.safetensors
+      lorareg convert flux_diffusers.safetensors --to kohya --rank 32 -o flux_kohya.safetensors
       lorareg convert x_lokr.safetensors --to kohya --rank 32 -o x_lora.safetensors
       lorareg convert x_loha.safetensors --dynamic sv_fro:0.99 --max-rank 64 -o x_lora.safetensors
       lorareg convert x_dora.safetensors --plain --base sd15_model/ -o x_lora.safetensors
@@ -221,4 +228,4 @@ def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, r
     with progress("converting", enabled=not as_json) as update:
         composition = to_lora(adapter, rank, dynamic=dynamic, max_rank=max_rank, base=Path(base) if base else None,
                               svd=svd, dtype=dtype, progress=update, device=device)
-    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite)
+    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 
 import click
 
+from loralib.units import human_size
 from loralib.vocabulary import CATALOG_SORTS
 
-from .output import console, human_size, note, plain, print_json, progress, shown
+from .output import console, note, plain, print_json, progress, shown
 from .refs import catalog_home, complete_names
 
 

@@ -18,9 +18,10 @@ from loralib.dtypes import storage_dtype
 from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
 from loralib.formats import input_files
+from loralib.units import human_size
 from loralib.vocabulary import COMPONENTS, DEVICES, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
-from .output import human_size, note, plain, print_json, progress, shown
+from .output import note, plain, print_json, progress, shown
 from .paths import adapter_output, make_parents, output_file, refuse_existing
 from .refs import complete_adapters, register_output, resolve_adapter
 from .threads import folder_bytes, use_threads
@@ -120,10 +121,13 @@ def _output_options(function):
 
 
 def save_composition(ctx: click.Context, composition, output: Path, fmt: str, force: bool, as_json: bool,
-                     allow_nonfinite: bool = False) -> None:
-    """Save a composition, record it in the catalog and print its summary."""
+                     allow_nonfinite: bool = False, rank: int | None = None) -> None:
+    """Save a composition, record it in the catalog and print its summary.
+
+    With a fixed ``rank``, layers the output format fuses (Flux/SD3 ``qkv``) are kept at that rank too.
+    """
     make_parents(output)
-    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite)
+    result = composition.save(output, fmt, force=force, allow_nonfinite=allow_nonfinite, fused_rank=rank)
     register_output(ctx, result)
     size = sum(f.stat().st_size for f in result.files if f.exists())
     report = composition.report
@@ -213,7 +217,7 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
                             progress=update, allow_nonfinite=allow_nonfinite, device=device)
-    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite)
+    save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)
 
 
 @click.command("resize")
@@ -229,7 +233,8 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
     Modules already at or below --rank are kept bit for bit. LyCORIS and DoRA modules (with --base)
-    become plain LoRA modules of that rank.
+    become plain LoRA modules of that rank. For Flux.1/SD3 written in kohya or ComfyUI names, fused
+    layers (qkv, linear1) are also stored at --rank.
 
     \b
     Examples:
@@ -247,7 +252,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
                              base=Path(base) if base else None, progress=update, device=device)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)
 
 
 @click.command("bake")
@@ -335,4 +340,4 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
                               min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update,
                               device=device)
-    save_composition(ctx, composition, target, fmt, force, as_json)
+    save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)

@@ -17,7 +17,7 @@ from .refs import catalog_home, complete_names
 @click.option("--repo", "repo_id", required=True, help="The Hub repo to push to, user/name (created if needed).")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
 @click.option("--also", default="", metavar="LAYOUTS",
-              help="Also upload these layouts, comma-separated: diffusers, peft (needs torch to convert).")
+              help="Also upload these layouts, comma-separated: diffusers, peft, comfyui (needs torch to convert).")
 @click.option("--license", "license_", help="License id for the model card (default: the base model's).")
 @click.option("--base-model", help="Hub id of the base model for the card (default: from metadata or architecture).")
 @click.option("--message", "-m", help="Commit message.")

@@ -75,15 +75,6 @@ def note(message: str) -> None:
         print(plain(message), file=sys.stderr)
 
 
-def human_size(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 @contextmanager
 def progress(description: str, total: int | None = None, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr; yields ``update(done, total)`` for loralib's callbacks.

@@ -15,10 +15,11 @@ from typing import Any
 import click
 
 from loralib.training import config as config_module
+from loralib.units import human_size
 from loralib.vocabulary import ARCHITECTURE_NAMES
 
 from .libraries import quiet_libraries
-from .output import human_size, note, print_json
+from .output import note, print_json
 from .paths import make_parents
 from .refs import register_output
 from .threads import folder_bytes, use_threads
@@ -327,14 +328,17 @@ def _print_result(result, again: str | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of its random weights.")
 @click.option("--force", is_flag=True, help="Replace an existing folder.")
 def tiny_model_command(output: str, arch: str, seed: int, force: bool) -> None:
-    """Build a tiny random SD1-, SD2- or SDXL-shaped base model (a diffusers folder) for demos and tests.
+    """Build a tiny random base model of any architecture (a diffusers folder) for demos and tests.
 
-    It has the real model classes and module names, so adapters trained on it have real keys;
-    its images are noise-like. Built offline in seconds.
+    SD1-, SD2-, SDXL-, Flux.1- (FluxPipeline: CLIP + T5) and SD3/SD3.5-shaped
+    (StableDiffusion3Pipeline: CLIP-L, CLIP-G, T5) pipelines with the real model classes and
+    module names, so adapters made for them have real keys; their images are noise-like. Built
+    offline in seconds.
 
     \b
-    Example:
+    Examples:
       lorareg tiny-model demo/base --arch sd1
+      lorareg tiny-model demo/flux --arch flux
     """
     quiet_libraries()
     from loralib.tiny_models import write_tiny_model

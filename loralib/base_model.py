@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from .architectures import ARCHITECTURES, COMPONENTS, T5
 from .layers import LayerShape
 from .naming import internal_key
 
@@ -30,9 +30,10 @@ def adaptable_layers(component: str, model: nn.Module, *, norms: bool = False) -
 
 
 def pipeline_layers(pipe, *, norms: bool = False) -> dict[str, nn.Module]:
-    """Every adaptable layer of a diffusers pipeline's UNet and text encoders (norm layers too with ``norms``)."""
+    """Every adaptable layer of a diffusers pipeline's denoiser (UNet or transformer) and text encoders
+    (norm layers too with ``norms``)."""
     layers = {}
-    for component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
+    for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if model is not None:
             layers.update(adaptable_layers(component, model, norms=norms))
@@ -46,20 +47,22 @@ def layer_shape(module: nn.Module) -> LayerShape:
     return LayerShape(module.out_features, module.in_features, None)
 
 
-def full_size_layers(architecture: str, components: tuple[str, ...] = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)) -> dict[str, LayerShape]:
-    """The adaptable layers of a full-size SD1.5, SD2.1 or SDXL model, built on the meta device (no weights)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def full_size_layers(architecture: str, components: tuple[str, ...] = COMPONENTS) -> dict[str, LayerShape]:
+    """The adaptable layers of a full-size model of ``architecture`` (its denoiser and text encoders),
+    built on the meta device from the published configs (no weights, no download)."""
+    import diffusers
+    import transformers
 
     arch = ARCHITECTURES[architecture]
     shapes: dict[str, LayerShape] = {}
     with torch.device("meta"):
-        if UNET in components:
-            unet = UNet2DConditionModel(**arch.unet_config)
-            shapes.update({k: layer_shape(m) for k, m in adaptable_layers(UNET, unet).items()})
+        if arch.denoiser in components:
+            denoiser = getattr(diffusers, arch.denoiser_class)(**arch.denoiser_config)
+            shapes.update({k: layer_shape(m) for k, m in adaptable_layers(arch.denoiser, denoiser).items()})
         for component, config in arch.text_encoders.items():
             if component in components:
-                cls = CLIPTextModelWithProjection if component == TEXT_ENCODER_2 else CLIPTextModel
-                model = cls(CLIPTextConfig(**config))
+                cls_name = arch.text_encoder_class(component)
+                config_cls = transformers.T5Config if cls_name == T5 else transformers.CLIPTextConfig
+                model = getattr(transformers, cls_name)(config_cls(**config))
                 shapes.update({k: layer_shape(m) for k, m in adaptable_layers(component, model).items()})
     return shapes

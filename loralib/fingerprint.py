@@ -249,6 +249,10 @@ def module_sketch(entry: ModuleEntry, read: RawReader) -> np.ndarray:
     down, up = _tensor(entry, entry.down, read), _tensor(entry, entry.up, read)
     rank = down.shape[0]
     up = up.reshape(up.shape[0], rank)
+    if entry.rows is not None:  # one part of a fused layer: its rows of the shared factors' product
+        up = up[entry.rows[0]: entry.rows[1]]
+    if entry.swap:  # stored with the halves of its rows exchanged
+        up = np.concatenate(np.split(up, 2)[::-1])
     if entry.mid is None:
         flat = down.reshape(rank, -1)
         projected = flat @ _probes(flat.shape[1], 0)  # [rank, PROBES]
@@ -332,10 +336,11 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
             continue
         shapes = entry.source.shapes
         dtypes = entry.source.dtypes
-        group = ((shapes[entry.down], shapes[entry.up], dtypes[entry.down], dtypes[entry.up], entry.source.header is None)
-                 if entry.mid is None else ("mid", key))
+        alone = entry.mid is not None or entry.rows is not None or entry.swap  # CP mid, a fused layer's part
+        group = (("single", key) if alone else
+                 (shapes[entry.down], shapes[entry.up], dtypes[entry.down], dtypes[entry.up], entry.source.header is None))
         members = groups.setdefault(group, [])
-        if entry.mid is None and len(members) * _values(shapes[entry.down], shapes[entry.up]) * 4 >= GROUP_BYTES:
+        if not alone and len(members) * _values(shapes[entry.down], shapes[entry.up]) * 4 >= GROUP_BYTES:
             groups[(*group, key)] = groups.pop(group)  # full: a new group of these shapes starts here
             members = groups.setdefault(group, [])
         members.append(key)
@@ -352,7 +357,7 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
                 skipped[members[0]] = str(exc) or type(exc).__name__
             continue
         try:
-            found = _group_sketches(entries, read) if group[0] != "mid" else module_sketch(entries[0], read)[None]
+            found = _group_sketches(entries, read) if group[0] != "single" else module_sketch(entries[0], read)[None]
         except (ValueError, KeyError, OSError):
             found = None
         if found is None:  # one bad module must not hide the others: one at a time

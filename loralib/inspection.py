@@ -20,20 +20,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES, SDXL, UNKNOWN, detect_architecture
+from .architectures import ARCHITECTURES, COMPONENTS, SD, SDXL, UNKNOWN, claimed_architecture, detect_architecture
 from .errors import UnsafeFileError
 from .files.hashes import folder_identity, hash_mapped
 from .files.pages import drop_pages
 from .formats import AdapterIndex, Inputs, identify_inputs, index_inputs, open_inputs, refuse
-from .formats.detect import Kind
+from .formats.detect import Kind, name_family
 from .formats.source import TensorSource
 from .formats.table import for_kind
 from .jsontext import loads_metadata
 from .lycoris import KIND_TITLES
-from .naming.kohya import parse_module_name
+from .naming.kohya import resolve_module_name
 from .naming.sgm import UNetLayout
 
-_KOHYA_MODULE = re.compile(r"^(lora_(?:unet|te|te1|te2)_\w+)\.")
+_KOHYA_MODULE = re.compile(r"^(lora_(?:unet|te|te1|te2|te3|transformer)_\w+)\.")
 
 
 @dataclass
@@ -100,10 +100,10 @@ def _metadata_claim(metadata: dict[str, str]) -> str | None:
 def _claim_conflicts(claim: str | None, architecture: str) -> bool:
     if not claim or architecture == UNKNOWN:
         return False
-    text = claim.lower()
-    says = ("sdxl" if "xl" in text else "flux" if "flux" in text else "sd3" if "sd3" in text or "-3" in text
-            else "sd2" if re.search(r"v2|2\.\d|sd_?2", text) else "sd1" if re.search(r"v1|1\.\d|sd_?1", text) else None)
-    return says is not None and says != architecture
+    says = claimed_architecture({"modelspec.architecture": claim})
+    if says is None or says == architecture:
+        return False
+    return not (says == "sd3" and architecture.startswith("sd3"))  # "SD3" claims fit every SD3 variant
 
 
 def _foreign_modules(inputs: Inputs) -> tuple[dict[str, int], str, str]:
@@ -113,17 +113,19 @@ def _foreign_modules(inputs: Inputs) -> tuple[dict[str, int], str, str]:
     for name in source.names:
         if match := _KOHYA_MODULE.match(name):
             groups.setdefault(match.group(1), []).append(name)
-    layout = UNetLayout.from_config(SDXL.unet_config)
+    family = name_family(source.names) or SD
+    layout = UNetLayout.from_config(SDXL.unet_config) if family == SD else None
     widths, components = {}, Counter()
-    for module, _names in groups.items():
-        key = parse_module_name(module, layout)
-        if key is None:
+    for module in groups:
+        target = resolve_module_name(module, layout, family=family)
+        if target is None:
             continue
-        components[key.split(".", 1)[0]] += 1
         width = _lycoris_in_features(source.shapes, module)
-        if width:
-            widths[key] = width
-    detection = detect_architecture(widths)
+        for key in target.keys:
+            components[key.split(".", 1)[0]] += 1
+            if width:
+                widths[key] = width
+    detection = detect_architecture(widths, source.metadata, None if family == SD else family)
     return dict(components), detection.name, detection.evidence
 
 
@@ -184,13 +186,8 @@ def inspect(path: str | Path, *, hashes: bool = True, fingerprint: bool = False)
         notes += index.notes
         notes += _kind_notes(kinds)
     else:
-        if kind.family is not None:
-            architecture, evidence = kind.family, f"its keys name {FOREIGN_FAMILIES[kind.family]} blocks"
-            components = {}
-            modules = len({n.rsplit(".", 2)[0] for s in sources for n in s.names})
-        else:
-            components, architecture, evidence = _foreign_modules(inputs)
-            modules = sum(components.values())
+        components, architecture, evidence = _foreign_modules(inputs)
+        modules = sum(components.values())
         ranks, alphas, conv, cp = {}, {}, 0, 0
         notes.append(f"{kind.title} is recognised, but lorareg cannot apply or convert it")
     if _claim_conflicts(claim, architecture):
@@ -301,7 +298,7 @@ def architecture_title(name: str) -> str:
     """A readable name for an architecture id."""
     if name in ARCHITECTURES:
         return ARCHITECTURES[name].title
-    return FOREIGN_FAMILIES.get(name, "unknown")
+    return "unknown"
 
 
 def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:

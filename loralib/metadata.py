@@ -103,7 +103,9 @@ def build(adapter: LoraAdapter, *, title: str, operation: OperationRecord | None
     if arch is not None:
         meta["ss_base_model_version"] = arch.ss_base_model_version
         meta["ss_v2"] = str(arch.name == "sd2")
-        meta["modelspec.architecture"] = arch.modelspec_architecture
+        # Flux.1 dev and schnell adapters have the same modules: an input's own claim of one is kept
+        if meta.get("modelspec.architecture") not in arch.modelspec_variants:
+            meta["modelspec.architecture"] = arch.modelspec_architecture
         meta["modelspec.implementation"] = arch.modelspec_implementation
         meta.setdefault("modelspec.resolution", f"{arch.resolution}x{arch.resolution}")
     meta["modelspec.sai_model_spec"] = "1.0.0"

@@ -1,18 +1,23 @@
-"""Tiny random Stable Diffusion pipelines, built offline in about a second.
+"""Tiny random pipelines of every architecture lorareg knows, built offline in about a second.
 
 They have the real diffusers/transformers classes and the real module names, with small widths
 where that is harmless: SD1-shaped (one text encoder, cross-attention width 768), SD2-shaped
-(cross-attention and text-encoder width 1024, linear projections, v-prediction) and
+(cross-attention and text-encoder width 1024, linear projections, v-prediction),
 SDXL-shaped (two text encoders of widths 768 and 1280, cross-attention width 2048, SDXL's block
-layout, so SGM names match the full-size model). Used by the demo, the tests and the
-benchmarks wherever a real base model cannot be downloaded.
+layout, so SGM names match the full-size model), Flux.1-shaped (``FluxPipeline``: CLIP and T5
+encoders, double and single blocks, guidance embedder) and SD3-shaped (``StableDiffusion3Pipeline``:
+CLIP-L, CLIP-G and T5, joint blocks whose last one is pre-only; ``sd35-medium`` adds ``attn2``
+and ``qk_norm``, ``sd35-large`` ``qk_norm``). The transformers are 32 wide, so an adapter's
+architecture among the transformer families is told by its structure and metadata, not by the
+full-size widths. Tokenizers are built in code (transformers ships no vocabulary files). Used
+by the demo, the tests and the benchmarks wherever a real base model cannot be downloaded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-TINY_ARCHITECTURES = ("sd1", "sd2", "sdxl")
+TINY_ARCHITECTURES = ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
 _VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -26,6 +31,24 @@ def tiny_tokenizer():
         vocab[ch + "</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>",
                          bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def tiny_t5_tokenizer():
+    """A T5 (unigram) tokenizer over single characters, built in code."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(ch, -2.0) for ch in _VOCAB_CHARS] + [("\u2581" + ch, -1.5) for ch in _VOCAB_CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+
+
+def _t5(width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(d_model=width, d_ff=48, d_kv=8, num_heads=4, num_layers=2, vocab_size=4 + 2 * len(_VOCAB_CHARS),
+                                   feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
 
 
 def _text_config(hidden: int, projection: int):
@@ -44,8 +67,46 @@ def _vae():
                          layers_per_block=1, sample_size=64)
 
 
+def _flow_vae(scaling: float, shift: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
+                         layers_per_block=1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=scaling, shift_factor=shift)
+
+
+def _flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(0.3611, 0.1159),
+                        text_encoder=CLIPTextModel(_text_config(32, 32)), tokenizer=tiny_tokenizer(),
+                        text_encoder_2=_t5(32), tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
+
+
+def _sd3_pipeline(architecture: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    extra = {"sd35-medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},
+             "sd35-large": {"qk_norm": "rms_norm"}}.get(architecture, {})
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(1.5305, 0.0609),
+        text_encoder=CLIPTextModelWithProjection(_text_config(32, 32)), tokenizer=tiny_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5(64), tokenizer_3=tiny_t5_tokenizer(), transformer=transformer)
+
+
 def build_tiny_pipeline(architecture: str = "sd1", seed: int = 0):
-    """A tiny random pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``)."""
+    """A tiny random pipeline of ``architecture`` (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``FluxPipeline`` or ``StableDiffusion3Pipeline``)."""
     import torch
     from diffusers import (
         DDPMScheduler,
@@ -59,6 +120,10 @@ def build_tiny_pipeline(architecture: str = "sd1", seed: int = 0):
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny pipelines exist for {', '.join(TINY_ARCHITECTURES)}, not {architecture!r}")
     torch.manual_seed(seed)
+    if architecture == "flux":
+        return _flux_pipeline()
+    if architecture in ("sd3", "sd35-medium", "sd35-large"):
+        return _sd3_pipeline(architecture)
     if architecture in ("sd1", "sd2"):
         width = 768 if architecture == "sd1" else 1024  # SD2: OpenCLIP-H width, linear projections, v-prediction
         unet = UNet2DConditionModel(

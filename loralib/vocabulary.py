@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .architectures import ARCHITECTURES, COMPONENTS, FOREIGN_FAMILIES
+from .architectures import ARCHITECTURES, COMPONENTS
 from .dtypes import STORAGE_DTYPES
 
 _FROM_THE_TABLE = ("CATALOG_FORMATS", "FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
 __all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "KNOWN_ARCHITECTURES",
            "DEVICES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
 
-# Architectures lorareg trains, converts and merges for; and every one it can name.
+# Architectures lorareg converts and merges for (and builds tiny models of); and every one it can name.
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
-KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, *FOREIGN_FAMILIES, "unknown")
+KNOWN_ARCHITECTURES: tuple[str, ...] = (*ARCHITECTURE_NAMES, "unknown")
 
 MERGE_METHODS = ("concat", "linear", "ties", "dare")
 SVD_METHODS = ("auto", "exact", "randomized")

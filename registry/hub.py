@@ -39,6 +39,7 @@ from loralib.files.atomic import sweep_stale, temp_name
 from loralib.files.hashes import file_sha256, hash_file
 from loralib.formats.layout import adapter_root, companions
 from loralib.hub_ids import parse_repo_ref
+from loralib.units import human_size
 from loralib.version import __version__
 from loralib.vocabulary import HUB_LAYOUTS
 
@@ -554,10 +555,11 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
          token: str | None = None, progress: Steps | None = None) -> PushResult:
     """Upload ``entry`` to ``repo_id`` (created if needed) in kohya format, with a model card.
 
-    ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``) and
-    ``peft`` (a ``peft/`` folder). Sample images recorded in the catalog become the card's widget.
-    Converting (an adapter not stored as kohya, or ``also``) needs torch. ``progress(description,
-    done, total)`` is told each step (conversions, the model card, the upload).
+    ``also`` adds layouts: ``diffusers`` (``diffusers/pytorch_lora_weights.safetensors``),
+    ``peft`` (a ``peft/`` folder) and ``comfyui`` (``comfyui/<name>.safetensors``, ComfyUI/BFL
+    names). Sample images recorded in the catalog become the card's widget. Converting (an adapter
+    not stored as kohya, or ``also``) needs torch. ``progress(description, done, total)`` is told
+    each step (conversions, the model card, the upload).
     """
     progress = progress or _no_steps
     from huggingface_hub import CommitOperationAdd
@@ -593,6 +595,9 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
             progress("converting to peft", 0, 1)
             out = _convert(source, work / "peft", "peft")
             uploads += [(f"peft/{p.relative_to(work / 'peft').as_posix()}", p) for p in out]
+        if "comfyui" in layouts:
+            out = _convert(source, work / "comfyui" / weight_name, "comfyui")
+            uploads += [(f"comfyui/{weight_name}", out[0])]
         widget = []
         for sample in entry.samples:
             image = Path(str(sample.get("path", "")))
@@ -610,7 +615,7 @@ def push(catalog: Catalog, entry: Entry, repo_id: str, *, private: bool = False,
                       for name, data in uploads]
         api = _api(token)
         total = sum(len(data) if isinstance(data, bytes) else data.stat().st_size for _, data in uploads)
-        progress(f"uploading {len(uploads)} files ({_size(total)}) to {repo_id}", 0, 1)
+        progress(f"uploading {len(uploads)} files ({human_size(total)}) to {repo_id}", 0, 1)
         with hub_errors(repo_id):
             api.create_repo(repo_id, private=private, exist_ok=True)
             info = api.create_commit(repo_id, operations, commit_message=message or f"Upload {entry.name} with lorareg")
@@ -638,14 +643,6 @@ def _byte_counter(progress: Steps, description: str, size: int):
             return None
 
     return ByteCounter
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _unique_name(name: str, taken: set[str]) -> str:

@@ -16,9 +16,18 @@ from loralib.version import TOOL
 from .records import Entry
 
 BASE_MODELS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
-               "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
-LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
-ARCHITECTURE_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+               "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev",
+               "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+               "sd35-medium": "stabilityai/stable-diffusion-3.5-medium", "sd35-large": "stabilityai/stable-diffusion-3.5-large"}
+# Flux.1 dev and SD3/SD3.5 have their own licenses, which the Hub lists as "other".
+LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++", "flux": "other", "sd3": "other",
+            "sd35-medium": "other", "sd35-large": "other"}
+# The tags diffusers' own training scripts give each family's LoRAs.
+ARCHITECTURE_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux",
+                     "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
+# Consumers that load a kohya file of each family (A1111 has no Flux or SD3 support).
+UIS = {"flux": "ComfyUI and Forge", "sd3": "ComfyUI and Forge", "sd35-medium": "ComfyUI and Forge",
+       "sd35-large": "ComfyUI and Forge"}
 STANDARD_TAGS = ("text-to-image", "diffusers", "lora", "template:sd-lora")
 
 
@@ -114,9 +123,11 @@ def model_card(entry: Entry, inputs: CardInputs) -> str:
               "torch_dtype=torch.float16).to(\"cuda\")",
               f"pipe.load_lora_weights({inputs.repo_id!r}, weight_name={inputs.weight_name!r})",
               f"image = pipe({prompt!r}).images[0]", "```", ""]
-    lines += ["## Use it in ComfyUI, AUTOMATIC1111 and Forge", "",
+    uis = UIS.get(entry.architecture or "", "ComfyUI, AUTOMATIC1111 and Forge")
+    webui = "Forge's" if "AUTOMATIC1111" not in uis else "the web UI's"
+    lines += [f"## Use it in {uis}", "",
               f"Download [`{inputs.weight_name}`](./{inputs.weight_name}) (kohya format) into `ComfyUI/models/loras/` "
-              "and load it with a **LoraLoader** node, or into `stable-diffusion-webui/models/Lora/` and write "
+              f"and load it with a **LoraLoader** node, or into {webui} `models/Lora/` and write "
               f"{_code(f'<lora:{stem}:1>')} in the prompt.", ""]
     if inputs.extra_layouts:
         lines += ["## Other layouts", ""]
@@ -124,8 +135,12 @@ def model_card(entry: Entry, inputs: CardInputs) -> str:
             lines.append("- `diffusers/pytorch_lora_weights.safetensors`: diffusers key names "
                          f"(`pipe.load_lora_weights({inputs.repo_id!r}, subfolder=\"diffusers\")`).")
         if "peft" in inputs.extra_layouts:
-            lines.append("- `peft/`: a PEFT `save_pretrained` folder (UNet at the top, text encoders in subfolders), "
-                         f"for `PeftModel.from_pretrained(pipe.unet, {inputs.repo_id!r}, subfolder=\"peft\")`.")
+            denoiser = "transformer" if entry.architecture in UIS else "unet"
+            lines.append(f"- `peft/`: a PEFT `save_pretrained` folder ({denoiser} at the top, text encoders in subfolders), "
+                         f"for `PeftModel.from_pretrained(pipe.{denoiser}, {inputs.repo_id!r}, subfolder=\"peft\")`.")
+        if "comfyui" in inputs.extra_layouts:
+            lines.append(f"- `comfyui/{inputs.weight_name}`: ComfyUI's own key names (`diffusion_model.…`, "
+                         "`text_encoders.…`), as its Save LoRA node writes them.")
         lines.append("")
     lines += ["## Details", "", "| | |", "|---|---|",
               f"| architecture | {architecture_title(entry.architecture or 'unknown')} |",

@@ -67,6 +67,22 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny random Flux.1-shaped pipeline saved with save_pretrained (built once per session)."""
+    from loralib.tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "flux", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD3-shaped pipeline saved with save_pretrained (built once per session)."""
+    from loralib.tiny_models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3", "sd3")
+
+
 @pytest.fixture
 def one_thread():
     """Run tiny models on one thread: OpenMP's spinning second thread only slows them down on a busy machine."""

@@ -138,3 +138,14 @@ def test_text_model_prefix_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("class_name", "version", "nested"), [("CLIPTextModelWithProjection", "5.23.0", True),
+                                                               ("CLIPTextModel", "5.23.0", False),
+                                                               ("CLIPTextModel", "5.5.0", True),
+                                                               ("T5EncoderModel", "4.50.0", False)])
+def test_the_prefix_follows_the_components_class(class_name, version, nested):
+    """SD3's first text encoder has a projection (nested), Flux's and SD3's T5 has no text_model at all."""
+    from loralib.naming.clip import nests_text_model
+
+    assert nests_text_model("text_encoder", version, class_name) is nested

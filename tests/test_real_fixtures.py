@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import loralib
-from loralib.errors import CorruptFileError, NotALoraError, UnsupportedFormatError
+from loralib.errors import CorruptFileError, NotALoraError
 
 READABLE = {  # file stem -> (format, architecture, modules, dtype)
     "sd15_diffusers-attnprocs_noprefix_f32": ("diffusers-attnprocs", "sd1", 128, "F32"),
@@ -20,6 +20,7 @@ READABLE = {  # file stem -> (format, architecture, modules, dtype)
     "sd2_diffusers-lora-down_unet-prefix_bf16": ("diffusers-old", "sd2", 128, "BF16"),
     "sd15_cloneofsimo_r4_f16": ("cloneofsimo", "sd1", 192, "F16"),
     "sd15_cloneofsimo_r1_f32_with-ti-tokens": ("cloneofsimo", "sd1", 192, "F32"),
+    "flux_aitoolkit-peft-names_f16": ("diffusers", "flux", 4, "F16"),
 }
 
 
@@ -84,16 +85,32 @@ def test_flux_is_detected_from_keys_not_metadata(real_loras, lorareg, tmp_path):
     path = real_loras / "flux_aitoolkit-peft-names_f16.safetensors"
     report = json.loads(lorareg("inspect", path, "--json").out)
     assert report["architecture"] == "flux" and report["metadata_claims"] == "sd_1.5"
+    assert (report["format"], report["modules"], report["components"]) == ("diffusers", 4, {"transformer": 4})
     assert any("claims sd_1.5" in n for n in report["notes"])
     res = lorareg("convert", path, "-o", tmp_path / "x.safetensors")
-    assert res.code == 1 and "Flux.1 LoRA" in res.err and "SD1.x, SD2.x and SDXL" in res.err
+    assert res.code == 0, res.err
+    written = loralib.load(tmp_path / "x.safetensors")
+    assert written.architecture == "flux" and written.metadata["ss_base_model_version"] == "flux1"
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui", "diffusers", "peft"])
+def test_the_real_flux_lora_converts_to_every_spelling_and_back_bit_for_bit(real_loras, tmp_path, fmt):
+    from safetensors.torch import load_file
+
+    source = real_loras / "flux_aitoolkit-peft-names_f16.safetensors"
+    there = tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+    loralib.convert(source, there, fmt)
+    assert loralib.load(there).architecture == "flux"
+    loralib.convert(there, tmp_path / "back.safetensors", "diffusers")
+    original, back = load_file(source), load_file(tmp_path / "back.safetensors")
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k], back[k]) and original[k].dtype == back[k].dtype for k in original)
 
 
 @pytest.mark.parametrize("stem, error, message", [
     ("BAD_sd15_malformed-kohya-double-prefix", CorruptFileError, "LoRA-like keys in no known spelling.*lora_unet_unet_"),
     ("BAD_sdxl_diffusers-attnprocs_truncated-data", CorruptFileError, "is truncated"),
     ("NOT-LORA_textual-inversion", NotALoraError, "not a LoRA adapter: it is a textual-inversion embedding"),
-    ("flux_aitoolkit-peft-names_f16", UnsupportedFormatError, "Flux.1"),
 ])
 def test_unloadable_files_raise_clear_errors(real_loras, stem, error, message):
     with pytest.raises(error, match=message):

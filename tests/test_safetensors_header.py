@@ -103,7 +103,7 @@ def test_truncated_data_is_described_then_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     header = read_header(path)
     assert header.is_truncated and header.missing_bytes == 100
-    with pytest.raises(CorruptFileError, match="truncated.*100 bytes"):
+    with pytest.raises(CorruptFileError, match="truncated.*100 B of tensor data are missing"):
         header.require_complete()
 
 

@@ -14,12 +14,14 @@ from lorareg.registry.catalog import SORTS
 
 
 def test_vocabulary_matches_the_library():
-    assert vocabulary.WRITE_FORMATS == tuple(f.name for f in FORMATS if f.write is not None) == ("kohya", "peft", "diffusers")
+    assert vocabulary.WRITE_FORMATS == tuple(f.name for f in FORMATS if f.write is not None) == (
+        "kohya", "peft", "diffusers", "comfyui")
     assert {"kohya", "peft", "diffusers", "diffusers-old", "diffusers-attnprocs", "cloneofsimo", "lycoris-loha",
-            "lycoris-lokr", "lycoris-full", "lycoris-norm", "lycoris-dora", "lycoris-locon"} == set(vocabulary.FORMAT_NAMES)
+            "lycoris-lokr", "lycoris-full", "lycoris-norm", "lycoris-dora", "lycoris-locon", "comfyui",
+            "onetrainer-internal", "onetrainer-original", "omi", "xlabs"} == set(vocabulary.FORMAT_NAMES)
     assert tuple(SORTS) == vocabulary.CATALOG_SORTS
-    assert vocabulary.HUB_LAYOUTS == ("peft", "diffusers")
-    assert vocabulary.ARCHITECTURE_NAMES == ("sd1", "sd2", "sdxl")
+    assert vocabulary.HUB_LAYOUTS == ("peft", "diffusers", "comfyui")
+    assert vocabulary.ARCHITECTURE_NAMES == ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
 
 
 def test_every_cli_choice_is_a_vocabulary_list():

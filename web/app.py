@@ -48,7 +48,7 @@ MAX_COMPARE = 6
 
 def template_environment() -> Environment:
     """The Jinja2 environment of the pages and the exported site: autoescape on for every template."""
-    from lorareg.cli.output import human_size
+    from loralib.units import human_size
 
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)

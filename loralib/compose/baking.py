@@ -6,7 +6,9 @@ LoRA, LoHa and LoKr through their exact low-rank forms, full-rank differences as
 from the base weight itself (``ΔW = m · (W + ΔW₀)/‖W + ΔW₀‖ − W``), and the bias and norm-layer
 differences of full and norm modules into those vectors. A diffusers folder is baked
 into a diffusers folder (every weight file of every variant is rewritten, everything else is
-copied); a single-file checkpoint into a single file with the same keys. All checks — adapters
+copied), a diffusers transformer folder into a transformer folder, and a single-file checkpoint
+(SD's original layout, or Flux.1's/SD3's with fused ``qkv`` layers) into a single file with the
+same keys. All checks — adapters
 fit each other and the base, the output may be written — run before anything is written, and
 the output appears atomically.
 """
@@ -29,6 +31,7 @@ from ..files.atomic import atomic_dir, check_output, refuse_overwrite, same_file
 from ..files.header import read_header
 from ..files.writer import write_safetensors
 from ..formats import input_files
+from ..formats.fusing import swap_halves
 from ..metadata import HISTORY_KEY, history, input_record
 from ..records import OperationRecord
 from ..version import TOOL
@@ -204,10 +207,14 @@ def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict
         for key, slot in entries:
             parts = [(on_device(module, device), weight) for module, weight in deltas[key]]
             if ":" in key:
-                changes.append((slot, vector_delta(key, parts)))
-                continue
-            base = stored if slot.rows is None else stored[slot.rows[0]: slot.rows[1]]
-            changes.append((slot, layer_delta(parts, on_device(base, device))))
+                delta = vector_delta(key, parts)
+            else:
+                base = stored if slot.rows is None else stored[slot.rows[0]: slot.rows[1]]
+                base = on_device(base, device)
+                delta = layer_delta(parts, swap_halves(base) if slot.swap else base)
+            if slot.swap:  # the file keeps this layer's halves in the original model's order
+                delta = swap_halves(delta)
+            changes.append((slot, delta))
         weight = on_device(stored, device).to(torch.float32)
         for slot, delta in changes:
             if slot.rows is None:

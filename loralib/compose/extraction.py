@@ -5,8 +5,10 @@ formed in float32, one layer at a time (memory stays at a few layers whatever th
 and replaced by its best rank-k approximation from an exact or randomized SVD (see
 :func:`loralib.compose.lowrank.dense_svd`). Targets are what LoRA trainers adapt: attention,
 feed-forward and projection layers of the UNet and the text encoders; other convolutions only
-when a conv rank is given. Layers whose difference is at most ``min_diff`` (largest absolute
-entry) are left out.
+when a conv rank is given; in Flux.1/SD3 transformers also the blocks' modulation layers (the
+layers sd-scripts' Flux LoRA adapts). Layers whose difference is at most ``min_diff`` (largest
+absolute entry) are left out. Flux.1/SD3 models may be diffusers folders, transformer folders or
+single files with original (BFL/MMDiT) names, whose fused layers are read one part at a time.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
 
     ``base`` and ``tuned`` are diffusers folders or single-file checkpoints, in any mix.
     ``conv_rank`` also extracts 3×3 convolutions (LoCon) at that rank. ``components`` limits the
-    work to some of ``unet``, ``text_encoder``, ``text_encoder_2``. ``svd`` is ``auto`` (randomized
+    work to some of ``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``. ``svd`` is ``auto`` (randomized
     when the rank is far below the layer's size, else exact), ``exact`` or ``randomized``; dynamic
     rules always use the exact SVD. ``dtype`` is the output's storage dtype (default: the tuned
     model's). ``device`` (``auto``, ``cpu``, ``cuda``) is where each layer's difference and SVD are
@@ -56,6 +58,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
     wanted = _components(components)
     with ModelWeights.open(base) as base_model, ModelWeights.open(tuned) as tuned_model:
         targets = _targets(base_model, tuned_model, wanted, conv_rule is not None)
+        family = tuned_model.family or base_model.family
         dtype = dtype or _stored_dtype(tuned_model, targets)
         report = CompositionReport("extract")
         modules: dict[str, LoraModule] = {}
@@ -83,7 +86,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
     if not modules:
         raise InvalidArgumentError(f"{Path(tuned).name} does not differ from {Path(base).name} in any targeted layer",
                                    "Check that the second model is the fine-tuned one")
-    architecture = detect_architecture({k: m.in_features for k, m in modules.items()}).name
+    architecture = detect_architecture({k: m.in_features for k, m in modules.items()}, family=family).name
     adapter = LoraAdapter(modules, architecture)
     report.parameters, report.bytes = adapter.parameter_count, storage_bytes(adapter)
     params = {**rule.params(), "conv_rank": conv_rank, "svd": svd, "min_diff": min_diff,

@@ -1,8 +1,10 @@
 """A base model on disk, addressed by lorareg's internal layer keys.
 
-Two layouts are read: a diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/`` with
-safetensors weights, sharded or not, any variant) and a single-file checkpoint in Stability's
-original layout, as A1111 and ComfyUI load it:
+Three layouts are read: a diffusers folder (``unet/`` or ``transformer/``, ``text_encoder/``,
+``text_encoder_2/``, ``text_encoder_3/`` with safetensors weights, sharded or not, any variant), a
+diffusers transformer folder on its own (``config.json`` + ``diffusion_pytorch_model*.safetensors``),
+and a single-file checkpoint in the original layout, as A1111 and ComfyUI load it. Single files
+of SD1.x/SD2.x/SDXL:
 
 - UNet: ``model.diffusion_model.<SGM path>.weight`` (translated with :mod:`loralib.naming.sgm`;
   the block layout is read from the checkpoint's own key names);
@@ -12,10 +14,17 @@ original layout, as A1111 and ComfyUI load it:
   ``conditioner.embedders.1.model.…`` (SDXL's second), whose attention keeps q, k and v stacked
   in one ``in_proj_weight``; each projection is a block of rows of it.
 
-Linear and Conv2d weights are addressed by layer key (the layers a LoRA can adapt); with
-``vectors=True`` also biases and norm-layer weights, as :func:`vector_key` ``(layer, "bias")`` (what
-full-rank and norm differences change; not OpenCLIP's). Nothing here loads a tensor until asked,
-and reading one layer reads only its bytes.
+Single files of Flux.1 and SD3 (BFL's ``flux1-dev.safetensors`` without prefix, ComfyUI's with
+``model.diffusion_model.``): the transformer in BFL or MMDiT names, whose fused ``qkv``/``linear1``
+weights hold several diffusers layers as blocks of rows and whose final modulation stores its
+halves swapped (:mod:`loralib.naming.flux`, :mod:`loralib.naming.sd3`); text encoders bundled as
+``text_encoders.<clip_l|clip_g|t5xxl>.transformer.…``.
+
+Linear and Conv2d weights are addressed by layer key (the layers a LoRA can adapt; embeddings such
+as T5's ``shared`` and relative attention biases are not); with ``vectors=True`` also biases and
+norm-layer weights, as :func:`vector_key` ``(layer, "bias")`` (what full-rank and norm
+differences change; not OpenCLIP's, nor the norms of Flux/SD3 single files). Nothing here loads a
+tensor until asked, and reading one layer reads only its bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +35,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from ..architectures import (
+    DENOISERS,
+    FLUX_FAMILY,
+    SD3_FAMILY,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    TEXT_ENCODER_3,
+    TRANSFORMER,
+    UNET,
+)
 from ..errors import InputNotFoundError, InvalidArgumentError, NotALoraError, UnsafeFileError
 from ..files import is_pickle
 from ..files.header import SafetensorsHeader, read_header
@@ -34,8 +52,10 @@ from ..layers import LayerShape
 from ..naming import internal_key
 from ..naming.sgm import UNetLayout, sgm_to_diffusers
 
-DIFFUSERS_COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+DIFFUSERS_COMPONENTS = (UNET, TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3)
 UNET_PREFIX = "model.diffusion_model."
+_NATIVE_ROOT = re.compile(r"^(?:model\.diffusion_model\.)?(double_blocks|single_blocks|joint_blocks)\.")
+_BUNDLED_TEXT = re.compile(r"^text_encoders\.(clip_l|clip_g|t5xxl)\.transformer\.(.+)\.weight$")
 CLIP_PREFIXES = {"cond_stage_model.transformer.": TEXT_ENCODER, "conditioner.embedders.0.transformer.": TEXT_ENCODER}
 OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": TEXT_ENCODER, "conditioner.embedders.1.model.": TEXT_ENCODER_2}
 _OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
@@ -55,6 +75,7 @@ class Slot:
     shape: tuple[int, ...]  # the layer's weight shape
     dtype: str  # safetensors dtype name
     rows: tuple[int, int] | None = None
+    swap: bool = False  # stored with the two halves of its rows exchanged (BFL/SAI final modulation)
 
 
 def vector_key(key: str, parameter: str) -> str:
@@ -79,7 +100,7 @@ def layer_shape(shape: tuple[int, ...]) -> LayerShape:
 
 def _text_key(component: str, path: str) -> str | None:
     """The internal key of a text-encoder layer; None for embeddings, which no LoRA adapts."""
-    if "embeddings." in path or path.endswith("embedding"):
+    if "embeddings." in path or path.endswith(("embedding", "shared", "embed_tokens", "relative_attention_bias")):
         return None
     return internal_key(component, path)
 
@@ -90,14 +111,14 @@ def diffusers_slots(component: str, header: SafetensorsHeader, vectors: bool = F
     for name, info in header.tensors.items():
         if vectors and (found := _vector(name, tuple(info.shape))):
             path, parameter = found
-            key = f"{UNET}.{path}" if component == UNET else _text_key(component, path)
+            key = f"{component}.{path}" if component in DENOISERS else _text_key(component, path)
             if key is not None:
                 slots[vector_key(key, parameter)] = Slot(header.path, name, tuple(info.shape), info.dtype)
             continue
-        if not name.endswith(".weight") or len(info.shape) not in ((2, 4) if component == UNET else (2,)):
+        if not name.endswith(".weight") or len(info.shape) not in ((2, 4) if component in DENOISERS else (2,)):
             continue
         path = name[: -len(".weight")]
-        key = f"{UNET}.{path}" if component == UNET else _text_key(component, path)
+        key = f"{component}.{path}" if component in DENOISERS else _text_key(component, path)
         if key is not None:
             slots[key] = Slot(header.path, name, tuple(info.shape), info.dtype)
     return slots
@@ -125,10 +146,54 @@ def infer_layout(names: list[str]) -> UNetLayout:
     return UNetLayout(layers, down_attention, up_attention_blocks)
 
 
+def is_native_transformer(names: list[str]) -> bool:
+    """True for a single file holding a Flux.1 (BFL names) or SD3 (MMDiT names) transformer."""
+    return any(_NATIVE_ROOT.match(n) for n in names)
+
+
+def native_slots(header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
+    """The adaptable layers of a Flux.1 or SD3 single file (original names, bundled text encoders),
+    and with ``vectors`` the biases of the transformer's layers (a fused layer's as blocks of rows)."""
+    from ..formats.comfyui import text_component
+    from ..naming.flux import FLUX_MAP
+    from ..naming.sd3 import SD3_MAP
+
+    names = list(header.tensors)
+    family = FLUX_FAMILY if any("double_blocks." in n for n in names) else SD3_FAMILY
+    native_map = FLUX_MAP if family == FLUX_FAMILY else SD3_MAP
+    slots: dict[str, Slot] = {}
+    for name, info in header.tensors.items():
+        shape, dtype = tuple(info.shape), info.dtype
+        if match := _BUNDLED_TEXT.match(name):
+            component = text_component(match.group(1), family)
+            key = _text_key(component, match.group(2)) if component and len(shape) == 2 else None
+            if key is not None:
+                slots[key] = Slot(header.path, name, shape, dtype)
+            continue
+        bias = vectors and name.endswith(".bias") and len(shape) == 1
+        if not bias and (not name.endswith(".weight") or len(shape) not in (2, 4)):
+            continue
+        path = name.removeprefix(UNET_PREFIX).rsplit(".", 1)[0]
+        weight = header.tensors.get(name.rsplit(".", 1)[0] + ".weight") if bias else info
+        if weight is None or len(weight.shape) < 2:
+            continue
+        target = native_map.to_target(path, (weight.shape[0], weight.shape[1]))
+        if target is None:
+            continue
+        ranges = target.rows(weight.shape[0], weight.shape[1])
+        for key, rows in zip(target.keys, ranges or ()):
+            part = (rows[1] - rows[0], *shape[1:])
+            slot_key = vector_key(key, "bias") if bias else key
+            slots[slot_key] = Slot(header.path, name, part, dtype, rows if target.fused else None, target.swap)
+    return slots
+
+
 def checkpoint_slots(header: SafetensorsHeader, vectors: bool = False) -> dict[str, Slot]:
     """The adaptable layers of a single-file checkpoint in the original layout (and their vectors;
     OpenCLIP's are not addressed)."""
     names = list(header.tensors)
+    if is_native_transformer(names):
+        return native_slots(header, vectors)
     layout = infer_layout(names)
     slots: dict[str, Slot] = {}
     for name, info in header.tensors.items():
@@ -207,13 +272,34 @@ class ModelWeights:
                                   "Convert it to .safetensors first")
         header = read_header(path)
         header.require_complete()
-        if not any(n.startswith(UNET_PREFIX) for n in header.tensors):
+        if not any(n.startswith(UNET_PREFIX) for n in header.tensors) and not is_native_transformer(list(header.tensors)):
             if any("lora" in n.lower() for n in header.tensors):
                 raise NotALoraError(f"{path.name} is a LoRA adapter, not a base model",
                                     "Give a checkpoint or a diffusers folder as the base model")
-            raise NotALoraError(f"{path.name} is not a Stable Diffusion checkpoint: it has no "
-                                f"'{UNET_PREFIX}' weights", "Give a single-file checkpoint or a diffusers folder")
+            raise NotALoraError(f"{path.name} is not a model checkpoint: it has no '{UNET_PREFIX}' weights and no "
+                                "Flux.1 or SD3 transformer blocks", "Give a single-file checkpoint or a diffusers folder")
         return cls(path, "checkpoint", checkpoint_slots(header, vectors))
+
+    @property
+    def family(self) -> str | None:
+        """``flux`` or ``sd3`` when the model's own files say so (a transformer's config, original names)."""
+        import json
+
+        for _, folder in component_folders(self.path) if self.kind == "diffusers" else ():
+            config = folder / "config.json"
+            if config.is_file():
+                name = str(json.loads(config.read_text()).get("_class_name", ""))
+                if name.startswith("Flux"):
+                    return FLUX_FAMILY
+                if name.startswith("SD3"):
+                    return SD3_FAMILY
+        if self.kind == "checkpoint":
+            names = {slot.name for slot in self.slots.values()}
+            if any("double_blocks." in n for n in names):
+                return FLUX_FAMILY
+            if any("joint_blocks." in n for n in names):
+                return SD3_FAMILY
+        return None
 
     def shapes(self) -> dict[str, LayerShape]:
         """Every addressed layer's shape."""
@@ -223,7 +309,12 @@ class ModelWeights:
         """The stored weight of one layer (a torch tensor in its stored dtype, viewing the memory-mapped file)."""
         slot = self.slots[key]
         tensor = self._mapped(slot.file).tensor(slot.name)
-        return tensor if slot.rows is None else tensor[slot.rows[0]: slot.rows[1]]
+        weight = tensor if slot.rows is None else tensor[slot.rows[0]: slot.rows[1]]
+        if slot.swap:
+            from ..formats.fusing import swap_halves
+
+            weight = swap_halves(weight)
+        return weight
 
     def release(self, key: str) -> None:
         """Let go of the memory of a layer read with :meth:`read` (its pages leave this process; the
@@ -253,17 +344,34 @@ class ModelWeights:
 
 
 def component_folders(path: Path) -> Iterator[tuple[str, Path]]:
-    """The adaptable components present in a diffusers folder."""
+    """The adaptable components present in a diffusers folder (a transformer folder on its own is one)."""
+    if is_transformer_folder(path):
+        yield TRANSFORMER, path
+        return
     for component in DIFFUSERS_COMPONENTS:
         folder = path / component
         if folder.is_dir():
             yield component, folder
 
 
+def is_transformer_folder(path: Path) -> bool:
+    """True for a diffusers transformer folder on its own (its config names a ``…Transformer2DModel``)."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file() or not weight_files(path):
+        return False
+    try:
+        return str(json.loads(config.read_text()).get("_class_name", "")).endswith("Transformer2DModel")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _diffusers_folder_slots(path: Path, vectors: bool = False) -> dict[str, Slot]:
     folders = list(component_folders(path))
     if not folders:
-        raise InputNotFoundError(f"{path} is not a diffusers model folder: it has no unet/ or text_encoder/ folder",
+        raise InputNotFoundError(f"{path} is not a diffusers model folder: it has no unet/, transformer/ or "
+                                 "text_encoder/ folder",
                                  "Give the folder that holds model_index.json, or a single-file checkpoint")
     slots: dict[str, Slot] = {}
     for component, folder in folders:

@@ -29,13 +29,18 @@ class Composition:
     operation: OperationRecord
 
     def save(self, path: str | Path, format: str = "kohya", *, force: bool = False,
-             dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> SaveResult:
+             dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
+             fused_rank: int | None = None) -> SaveResult:
         """Write the adapter (atomically; refuses to overwrite unless ``force``, and any input as the
-        output) with its operation record. NaN or infinite values are refused unless ``allow_nonfinite``."""
+        output) with its operation record. NaN or infinite values are refused unless ``allow_nonfinite``.
+
+        ``fused_rank`` caps the rank of the layers the format fuses (Flux/SD3 ``qkv``, Flux ``linear1``;
+        see :func:`loralib.save`): without it a fused layer holds its parts block-diagonally.
+        """
         from ..formats import save_adapter
 
         return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation,
-                            allow_nonfinite=allow_nonfinite)
+                            allow_nonfinite=allow_nonfinite, fused_rank=fused_rank)
 
 
 def storage_bytes(adapter: LoraAdapter) -> int:

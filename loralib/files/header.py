@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from ..errors import CorruptFileError, InputNotFoundError
 from ..jsontext import DuplicateKeyError, JSONTextError, loads
+from ..units import human_size
 from . import require_regular_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
@@ -95,9 +96,9 @@ class SafetensorsHeader:
         """What is wrong with a file whose header is valid: missing tensor data, or bytes after it."""
         if self.is_truncated:
             return (f"{self.path.name} is truncated: its header lists {len(self.tensors)} tensors "
-                    f"({_size(self.data_size)}) but {_size(self.missing_bytes)} of tensor data are missing")
+                    f"({human_size(self.data_size)}) but {human_size(self.missing_bytes)} of tensor data are missing")
         if self.trailing_bytes:
-            return (f"{self.path.name} has {_size(self.trailing_bytes)} after its tensor data, which safetensors "
+            return (f"{self.path.name} has {human_size(self.trailing_bytes)} after its tensor data, which safetensors "
                     "readers refuse")
         return None
 
@@ -139,14 +140,6 @@ def decode_scalar(dtype: str, raw: bytes, what: str) -> float:
     return float(struct.unpack(fmt, raw)[0])
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} bytes"
-
-
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
@@ -177,14 +170,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 "(with --allow-pickle) if you trust its source")
         if header_size > MAX_HEADER_BYTES:
             raise CorruptFileError(
-                f"{name} is not a valid safetensors file: it declares a {_size(header_size)} header "
-                f"(the limit is {_size(MAX_HEADER_BYTES)})",
+                f"{name} is not a valid safetensors file: it declares a {human_size(header_size)} header "
+                f"(the limit is {human_size(MAX_HEADER_BYTES)})",
                 "It is damaged, or not a safetensors file at all",
             )
         if header_size > file_size - 8:
             raise CorruptFileError(
-                f"{name} is not a valid safetensors file: it declares a {_size(header_size)} header "
-                f"but the whole file is {_size(file_size)}",
+                f"{name} is not a valid safetensors file: it declares a {human_size(header_size)} header "
+                f"but the whole file is {human_size(file_size)}",
                 "It is truncated, or not a safetensors file at all",
             )
         raw = f.read(header_size)

@@ -1,8 +1,10 @@
 """Reading any supported adapter file into a :class:`~loralib.adapter.LoraAdapter`, and writing one.
 
 The formats are listed in :mod:`loralib.formats.table`, one module each (kohya, LyCORIS, PEFT,
-diffusers in every generation, cloneofsimo); :mod:`~loralib.formats.layout` knows which files make
-up an adapter and :mod:`~loralib.formats.detect` which format a file is in. Everything else that
+diffusers in every generation, cloneofsimo, ComfyUI/BFL, OneTrainer's INTERNAL and ORIGINAL
+spellings, OMI, XLabs); :mod:`~loralib.formats.layout` knows which files make up an adapter,
+:mod:`~loralib.formats.detect` which format a file is in, and :mod:`~loralib.formats.fusing`
+splits and fuses the layers some spellings fuse (Flux's and SD3's ``qkv``). Everything else that
 looks like a model file is named precisely in the error.
 """
 
@@ -53,9 +55,6 @@ def refuse(kind: Kind, name: str) -> None:
     """Raise the error for a recognised file that lorareg does not read as an adapter."""
     if not kind.is_adapter:
         raise NotALoraError(f"{name} is not a LoRA adapter: it is a {kind.title}")
-    if kind.family is not None:
-        raise UnsupportedFormatError(f"{name} is a {kind.title}",
-                                     "lorareg converts and merges SD1.x, SD2.x and SDXL adapters only")
     raise UnsupportedFormatError(
         f"{name} is a {kind.title}, which lorareg recognises but cannot apply or convert",
         "lorareg reads LoRA, LoCon, LoHa, LoKr, full-rank and norm differences and DoRA; inspect still works")
@@ -83,7 +82,9 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     memory-mapped files; :meth:`LoraAdapter.release` lets go of a module's memory once used.
     """
     from ..adapter import LoraAdapter
+    from ..compose.parallel import single_threaded_torch
     from ..files.hashes import Deferred, hash_adapter_files
+    from .fusing import split
 
     index = index_adapter(path, allow_pickle=allow_pickle)
     headers = [s.header for s in index.sources]
@@ -92,8 +93,22 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     for source in index.sources:
         wanted = [n for e in index.modules.values() if e.source is source for n in e.tensor_names()]
         wanted += [n for s, n in index.embeddings.values() if s is source]
-        tensors[id(source)] = source.load(wanted)
-    modules = {key: e.build(tensors[id(e.source)]) for key, e in index.modules.items()}
+        tensors[id(source)] = source.load(list(dict.fromkeys(wanted)))
+    modules = {}
+    fused: dict[tuple[int, str], list] = {}
+    for key, e in index.modules.items():
+        if e.rows is not None:
+            fused.setdefault((id(e.source), e.up), []).append(e)
+        else:
+            modules[key] = e.build(tensors[id(e.source)])
+    with single_threaded_torch():  # small memory-bound work; torch's threads only wait on each other
+        for entries in fused.values():
+            first = entries[0]
+            loaded = tensors[id(first.source)]
+            entries.sort(key=lambda e: e.rows)
+            parts = split(loaded[first.down], loaded[first.up], first.effective_alpha, [e.rows for e in entries])
+            modules.update({e.key: part for e, part in zip(entries, parts) if part is not None})
+    modules = {key: modules[key] for key in index.modules if key in modules}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
     entries = index.modules
 
@@ -117,15 +132,19 @@ def writer(format: str) -> Format:
 def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", *, force: bool = False,
                  dtype: torch.dtype | None = None, drop_embeddings: bool = False,
                  operation: OperationRecord | None = None, title: str | None = None,
-                 allow_nonfinite: bool = False, inputs: Iterable[str | Path] = ()) -> SaveResult:
-    """Write ``adapter`` to ``path`` in ``format`` (``kohya``, ``peft`` or ``diffusers``), atomically.
+                 allow_nonfinite: bool = False, inputs: Iterable[str | Path] = (),
+                 fused_rank: int | None = None) -> SaveResult:
+    """Write ``adapter`` to ``path`` in ``format`` (``kohya``, ``comfyui``, ``peft`` or ``diffusers``), atomically.
 
     An existing output is replaced only with ``force``; an output that is one of the adapter's
     inputs (its source file, the inputs of ``operation``, or ``inputs``) never. Factors with NaN
     or infinite values (in the stored dtype) are refused unless ``allow_nonfinite``: no consumer
     can use them. ``operation`` describes how the adapter was made; it is appended to the file's
     ``lorareg.history`` and returned, input hashes resolved, as the result's ``operation``.
-    ``title`` is the ModelSpec title of a new adapter (default: the file's name).
+    ``title`` is the ModelSpec title of a new adapter (default: the file's name). ``fused_rank``
+    caps the rank of the layers a format fuses (Flux's and SD3's ``qkv``, Flux's ``linear1``) at
+    the optimal approximation of that rank; without it they are fused exactly (block-diagonally
+    when the parts have their own ``down``).
     """
     fmt = writer(format)
     if not adapter.modules:
@@ -143,9 +162,11 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
     refuse_kinds(adapter, fmt)
     if not fmt.holds_cp_mid and any(getattr(m, "mid", None) is not None for m in adapter.modules.values()):
         notes.append("folded CP-decomposed conv factors (lora_mid) into lora_down; ΔW is unchanged")
+    if fused_rank is not None and fused_rank < 1:
+        raise InvalidArgumentError(f"the rank of fused layers must be at least 1, not {fused_rank}")
     sources = input_files([*inputs, *([adapter.source_path] if adapter.source_path else []),
                            *(i.path for i in (operation.inputs if operation else []) if i.path)])
-    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, sources))
+    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, sources, fused_rank))
 
 
 def refuse_nonfinite(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> None:
@@ -194,8 +215,9 @@ def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,
             dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False,
-            allow_nonfinite: bool = False) -> SaveResult:
-    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged.
+            allow_nonfinite: bool = False, fused_rank: int | None = None) -> SaveResult:
+    """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged
+    (unless ``fused_rank`` asks for a lower rank of fused layers, see :func:`save_adapter`).
 
     Refused before anything is read: an output that is the source itself (any spelling of it).
     """
@@ -206,7 +228,9 @@ def convert(source: str | Path, output: str | Path, format: str = "kohya", *, fo
     fmt = writer(format)
     refuse_input_as_output(output, input_files([source]))
     adapter = load_adapter(source, allow_pickle=allow_pickle)
-    operation = OperationRecord("convert", [input_record(adapter)],
-                                {"from_format": adapter.source_format, "to_format": fmt.name})
+    params = {"from_format": adapter.source_format, "to_format": fmt.name}
+    if fused_rank is not None:
+        params["fused_rank"] = fused_rank
+    operation = OperationRecord("convert", [input_record(adapter)], params)
     return save_adapter(adapter, output, fmt.name, force=force, dtype=dtype, drop_embeddings=drop_embeddings,
-                        operation=operation, allow_nonfinite=allow_nonfinite)
+                        operation=operation, allow_nonfinite=allow_nonfinite, fused_rank=fused_rank)

@@ -39,7 +39,6 @@ class Kind:
     format: str
     title: str
     plain_lora: bool
-    family: str | None = None  # "flux" or "sd3" for adapters of other model families
 
     @property
     def is_adapter(self) -> bool:
@@ -107,6 +106,7 @@ class WriteRequest:
     operation: OperationRecord | None = None
     notes: list[str] = field(default_factory=list)
     inputs: tuple[Path, ...] = ()  # files the adapter was read from: never an output, even with force
+    fused_rank: int | None = None  # cap on the rank of layers a format fuses (Flux/SD3 qkv), optimal approximation
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,8 @@ class ModuleEntry:
     magnitude: str | None = None  # DoRA: peft's lora_magnitude_vector or LyCORIS' dora_scale
     magnitude_style: str = "peft"
     bias: str | None = None  # a bias difference stored beside the factors (diff_b)
+    rows: tuple[int, int] | None = None  # this module's rows of a fused layer's ``up`` (split on loading)
+    swap: bool = False  # the file stores the two halves of the rows exchanged (shift/scale order)
 
     @property
     def kind(self) -> str:
@@ -171,7 +173,14 @@ class ModuleEntry:
         """The module, from its loaded tensors (by name)."""
         from ..adapter import LoraModule
 
-        module = LoraModule(tensors[self.down], tensors[self.up], self.effective_alpha,
+        up = tensors[self.up]
+        if self.rows is not None:  # the whole fused down with this module's rows of up: the same ΔW
+            up = up[self.rows[0]: self.rows[1]]
+        if self.swap:
+            from .fusing import swap_halves
+
+            up = swap_halves(up)
+        module = LoraModule(tensors[self.down], up, self.effective_alpha,
                             tensors[self.mid] if self.mid else None, tensors[self.bias] if self.bias else None)
         if self.magnitude is None:
             return module
@@ -188,6 +197,11 @@ class ModuleEntry:
     def in_features(self) -> int:
         """Input width of the adapted layer (after folding a CP mid, the same)."""
         return int(self.source.shapes[self.down][1])
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the adapted layer (its rows of a fused layer)."""
+        return self.rows[1] - self.rows[0] if self.rows else int(self.source.shapes[self.up][0])
 
     @property
     def is_conv(self) -> bool:
@@ -208,6 +222,10 @@ class ModuleEntry:
         """Raise if the stored factor shapes cannot form a LoRA module (or its alpha is not finite)."""
         down, up = self.source.shapes[self.down], self.source.shapes[self.up]
         ok = len(down) in (2, 4) and len(up) == len(down) and up[1] == down[0] and down[0] > 0
+        if ok and self.rows is not None:
+            ok = len(down) == 2 and 0 <= self.rows[0] < self.rows[1] <= up[0]
+        if ok and self.swap:
+            ok = up[0] % 2 == 0
         if ok and self.mid is not None:
             mid = self.source.shapes[self.mid]
             ok = len(mid) == 4 and tuple(mid[:2]) == (down[0], down[0])
@@ -238,11 +256,11 @@ class ModuleEntry:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the adapted layer's weight."""
-        down, up = self.source.shapes[self.down], self.source.shapes[self.up]
+        down = self.source.shapes[self.down]
         if len(down) != 4:
-            return (int(up[0]), int(down[1]))
+            return (self.out_features, int(down[1]))
         kernel = self.source.shapes[self.mid][2:] if self.mid else down[2:]
-        return (int(up[0]), int(down[1]), *(int(k) for k in kernel))
+        return (self.out_features, int(down[1]), *(int(k) for k in kernel))
 
 
 @dataclass
@@ -255,11 +273,12 @@ class AdapterIndex:
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, tuple[TensorSource, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    family: str | None = None  # what the file's own names say (``flux`` for BFL names, ``sd3`` for MMDiT ones)
 
     @property
     def architecture(self) -> Detection:
-        """The base architecture, decided from module keys and widths."""
-        return detect_architecture({k: e.in_features for k, e in self.modules.items()})
+        """The base architecture, decided from module keys and widths (metadata only breaks ties)."""
+        return detect_architecture({k: e.in_features for k, e in self.modules.items()}, self.metadata, self.family)
 
     @property
     def path(self) -> Path:

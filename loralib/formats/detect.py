@@ -1,10 +1,11 @@
 """Tell what a tensor file holds from its key names and shapes alone (no tensors are read).
 
-The formats of :mod:`loralib.formats.table` (plain LoRA, and LyCORIS/DoRA in kohya names) are
-read by lorareg: a format that reads every key wins. Adapter kinds lorareg does not apply
-(LyCORIS OFT/BOFT, GLoRA, (IA)³), adapters for other model families (Flux, SD3), textual
-inversions and full checkpoints are recognised and named, so that an operation can say exactly
-what it was given.
+The formats of :mod:`loralib.formats.table` are read by lorareg, for every model family
+(SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): plain LoRA in every spelling, and LyCORIS/DoRA in kohya
+names (SD1.x/SD2.x/SDXL only). Each key counts for the first format spelling it matches, and a
+format that reads every key wins. Adapter kinds lorareg does not apply (LyCORIS OFT/BOFT, GLoRA,
+(IA)³, LyCORIS for Flux/SD3, Flux Control LoRAs), textual inversions and full model weights are
+recognised and named, so that an operation can say exactly what it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..architectures import FLUX_FAMILY, SD3_FAMILY
+from ..naming.kohya import family_of_names
 from . import lycoris
 from .base import Format, Kind
 from .table import FORMATS
@@ -24,7 +27,7 @@ _UNSUPPORTED = [
     (re.compile(r"\.[ab][12]\.weight$"), Kind("lycoris-glora", "LyCORIS GLoRA adapter", False)),
     (re.compile(r"\.on_input$"), Kind("lycoris-ia3", "(IA)³ adapter", False)),
 ]
-# What names an adapter kind in any spelling (also under Flux/SD3 names): LyCORIS suffixes, then the above.
+# What names an adapter kind in any spelling: LyCORIS suffixes, then the above.
 _SUFFIX_KINDS = [
     (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), lycoris.LOHA),
     (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), lycoris.LOKR),
@@ -33,42 +36,37 @@ _SUFFIX_KINDS = [
     (re.compile(r"\.(w_norm|b_norm)$"), lycoris.NORM),
     *_UNSUPPORTED,
 ]
+# Adapters that are not LoRA factors alone: a Flux Control LoRA (BFL) also trains biases and norm scales.
+_OTHER_KINDS = [
+    (re.compile(r"(\.lora_B\.bias|_norm\.scale)$"), Kind("flux-control", "Flux Control LoRA (BFL: with biases and norm scales)", False)),
+]
+_FAMILY_TITLES = {FLUX_FAMILY: "Flux.1", SD3_FAMILY: "Stable Diffusion 3"}
+_FLUX_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks")
 # Every kind detection names besides the formats lorareg reads (what the catalog may record as a format).
-FOREIGN_KINDS: tuple[str, ...] = (*(kind.format for _, kind in _UNSUPPORTED), "flux-adapter", "sd3-adapter")
-_FLUX = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks|x_embedder|guidance_in|img_in|txt_in)[._]")
-_SD3 = re.compile(r"(^|[._])(joint_blocks|context_block|x_block|pos_embed)[._]")
-# Keys both MMDiT families share (Flux and SD3 differ in width: Flux is 3072 wide).
-_MMDIT = re.compile(r"^lora_(te3|transformer)_|(^|\.)transformer_blocks\.\d+\.(attn\.add_[qkv]_proj|ff_context|norm1_context)")
+FOREIGN_KINDS: tuple[str, ...] = (*(kind.format for _, kind in _UNSUPPORTED), *(kind.format for _, kind in _OTHER_KINDS),
+                                  *(f"{family}-lycoris" for family in _FAMILY_TITLES))
 _CHECKPOINT = re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner\.embedders|"
                          r"model_ema|text_encoders?\.\w+\.transformer)\.")
 _MODEL_WEIGHTS = re.compile(r"^(down_blocks|up_blocks|mid_block|encoder\.down_blocks|decoder\.up_blocks|"
-                            r"text_model\.encoder|encoder\.layers)\.[\w.]+\.(weight|bias)$")
+                            r"text_model\.encoder|encoder\.layers|encoder\.block|(model\.diffusion_model\.)?(double_blocks|"
+                            r"single_blocks|joint_blocks)|transformer_blocks|single_transformer_blocks)\.[\w.]+\.(weight|bias|scale)$")
 _TI_NAMES = {"emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "*"}
 SAMPLE_KEYS = 50_000  # keys examined to tell what a file holds (every key of any real adapter)
 _LORA_HINT = re.compile(r"lora|\.alpha$|:(up|down)$|hada_|lokr_|dora_|oft_")
 
-# Words without which none of the foreign-family patterns can match: a substring test over all
-# names is a hundred times faster than the patterns, which then run only where one is present.
-_FOREIGN_WORDS = ("double_blocks", "single_blocks", "single_transformer_blocks", "x_embedder", "guidance_in", "img_in",
-                  "txt_in", "joint_blocks", "context_block", "x_block", "pos_embed", "lora_te3_", "lora_transformer_",
-                  "add_q_proj", "add_k_proj", "add_v_proj", "ff_context", "norm1_context")
 _KIND_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in _SUFFIX_KINDS))
 # The same tests over all names joined by newlines: one search instead of one per name.
 _KIND_IN_TEXT = re.compile(_KIND_ANY.pattern, re.MULTILINE)
 _CHECKPOINT_IN_TEXT = re.compile(_CHECKPOINT.pattern, re.MULTILINE)
 
 
-def _family(names: list[str], shapes: Mapping[str, tuple[int, ...]], text: str) -> str | None:
-    if not any(word in text for word in _FOREIGN_WORDS):
-        return None
-    if any(_FLUX.search(n) for n in names):
-        return "flux"
-    if any(_SD3.search(n) for n in names):
-        return "sd3"
-    if any(_MMDIT.search(n) for n in names):
-        widths = {shapes[n][-1] for n in names if shapes[n] and re.search(r"(lora_A|lora\.down|lora_down)\.weight$", n)}
-        return "sd3" if widths and 3072 not in widths else "flux"
-    return None
+def name_family(names: list[str]) -> str | None:
+    """``flux`` or ``sd3`` when the names are those of a Flux.1 or SD3 model's modules, else None."""
+    family = family_of_names(names)
+    if family is None:
+        text = "\n".join(names)
+        family = FLUX_FAMILY if any(w in text for w in _FLUX_WORDS) else SD3_FAMILY if "joint_blocks" in text else None
+    return family
 
 
 def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> Kind | None:
@@ -84,24 +82,22 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     # thousands, of which an even sample is (the reader then checks every key of the format chosen).
     names = names[::max(1, len(names) // SAMPLE_KEYS)]
     text = "\n".join(names)
-    family = _family(names, shapes, text)
     special = None
     if _KIND_IN_TEXT.search(text):
         special = next(kind for pattern, kind in _SUFFIX_KINDS for n in names if pattern.search(n))
-    if family is not None:
-        title = {"flux": "Flux.1", "sd3": "Stable Diffusion 3"}[family]
-        if any(_LORA_HINT.search(n) for n in names):
-            what = special.title if special else "LoRA"
-            return Kind(f"{family}-adapter", f"{title} {what}", False, family)
-        return Kind("checkpoint", f"{title} model weights (not an adapter)", False, family)
     match = best_format(names)
+    if special is not None and (match is None or not match.complete or match.format is lycoris.FORMAT):
+        family = name_family(names)
+        if family is not None:  # LyCORIS module names resolve for SD UNets and text encoders only
+            return Kind(f"{family}-lycoris", f"{_FAMILY_TITLES[family]} {special.title}", False)
     if match is not None and match.complete:  # a key of a named kind (LoKr, DoRA, …) names the file
         return special if special in match.format.kinds else match.kind
-    unsupported = special and next((kind for pattern, kind in _UNSUPPORTED for n in names if pattern.search(n)), None)
+    unsupported = (special and next((kind for pattern, kind in _UNSUPPORTED for n in names if pattern.search(n)), None)) \
+        or next((kind for pattern, kind in _OTHER_KINDS for n in names if pattern.search(n)), None)
     if unsupported is not None:
         return unsupported
     if _CHECKPOINT_IN_TEXT.search(text):
-        return Kind("checkpoint", "full Stable Diffusion checkpoint (not an adapter)", False)
+        return Kind("checkpoint", "full model checkpoint (not an adapter)", False)
     if match is not None:
         return match.kind
     if _is_textual_inversion(names, shapes):

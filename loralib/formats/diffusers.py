@@ -1,16 +1,23 @@
 """diffusers LoRA files, current and legacy.
 
-Current (written): ``unet.<path>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.…``,
-``text_encoder_2.…``, with the per-component PEFT ``LoraConfig`` in the ``lora_adapter_metadata``
-entry of the safetensors metadata (flattened as ``unet.r``, ``unet.lora_alpha``, …); without
-it the scale is 1 (alpha = rank).
+Current (written): ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (``transformer.<path>`` for
+Flux.1 and SD3, as diffusers, PEFT, ai-toolkit and SimpleTuner write them), ``text_encoder.…``,
+``text_encoder_2.…``, ``text_encoder_3.…``, with the per-component PEFT ``LoraConfig`` in the
+``lora_adapter_metadata`` entry of the safetensors metadata (flattened as ``unet.r``,
+``unet.lora_alpha``, …); without it the scale is 1 (alpha = rank), and a ``<path>.alpha`` key
+gives a module's alpha (kohya convention).
 
 Legacy (read only, scale 1): the 0.21-era ``<path>.lora.down.weight`` with text encoders as
 ``<path>.lora_linear_layer.down.weight``, and the attention-processor format
 ``<attention>.processor.to_q_lora.down.weight`` (with or without ``unet.``).
 
 Full-rank differences some trainers add (read only): ``unet.<path>.diff`` (a weight, or a norm
-layer's 1-D weight) and ``unet.<path>.diff_b`` (a bias, alone or beside the layer's LoRA factors).
+layer's 1-D weight) and ``unet.<path>.diff_b`` (a bias, alone or beside the layer's LoRA factors);
+likewise under ``transformer.`` and the text encoders.
+
+Every path must be a diffusers module path (its first segment one of the model's own); files
+that spell other names with these suffixes — OneTrainer's ORIGINAL spelling puts SGM paths
+there, ``input_blocks.4.1.proj_in.lora_A.weight`` — belong to another reader.
 """
 
 from __future__ import annotations
@@ -39,15 +46,26 @@ if TYPE_CHECKING:
 DIFFUSERS = Kind("diffusers", "diffusers LoRA", True)
 DIFFUSERS_OLD = Kind("diffusers-old", "diffusers 0.21-era LoRA (lora.down/lora.up)", True)
 ATTN_PROCS = Kind("diffusers-attnprocs", "diffusers attention-processor LoRA (to_q_lora)", True)
-DIFFUSERS_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.lora_([AB])(?:\.default(?:_\d+)?)?\.weight$")
-DIFFUSERS_OLD_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
-ATTN_PROC_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:processor\.)?"
+# First segments of diffusers module paths, per component kind.
+UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+              "add_embedding")
+TRANSFORMER_ROOTS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                     "time_text_embed", "norm_out", "proj_out", "pos_embed")
+TEXT_ROOTS = ("text_model", "encoder.layers", "encoder.block", "embeddings", "final_layer_norm", "text_projection",
+              "shared")
+_ROOTS = "|".join(re.escape(r) for r in (*UNET_ROOTS, *TRANSFORMER_ROOTS, *TEXT_ROOTS))
+_COMPONENT = r"(?:(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.)?"
+_PATH = rf"((?:{_ROOTS})(?:\.\w+)*?)"
+DIFFUSERS_KEY = re.compile(rf"^{_COMPONENT}{_PATH}\.lora_([AB])(?:\.default(?:_\d+)?)?\.weight$")
+DIFFUSERS_OLD_KEY = re.compile(rf"^{_COMPONENT}{_PATH}\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+ATTN_PROC_KEY = re.compile(rf"^{_COMPONENT}{_PATH}\.(?:processor\.)?"
                            r"(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora\.(down|up)\.weight$")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LAYOUT = FolderLayout((WEIGHTS_NAME,))
 METADATA_KEY = "lora_adapter_metadata"
-_ALPHA_KEY = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.alpha$")
-DIFF_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(diff|diff_b)$")
+_ALPHA_KEY = re.compile(rf"^{_COMPONENT}{_PATH}\.alpha$")
+DIFF_KEY = re.compile(rf"^(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.{_PATH}\.(diff|diff_b)$")
+_KIND_ROOTS = {"unet": UNET_ROOTS, "transformer": TRANSFORMER_ROOTS}
 # Attention-processor LoRA names the projection; text encoders call them q_proj…out_proj.
 _UNET_PROJECTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
                     "add_k_proj": "add_k_proj", "add_v_proj": "add_v_proj"}
@@ -73,20 +91,29 @@ def _component_configs(metadata: dict[str, str], path_name: str) -> dict[str, di
     return configs
 
 
+def fits(component: str | None, path: str) -> bool:
+    """True when ``path`` is a module path of that component's model (any, without a component)."""
+    roots = _KIND_ROOTS.get(component or "", TEXT_ROOTS if component else None)
+    return roots is None or path.startswith(roots)
+
+
 def _classify(name: str) -> tuple[str, str | None, str, str] | None:
-    """(spelling, component prefix, module path, factor 'down'/'up') of any diffusers spelling."""
+    """(spelling, component prefix, module path, factor 'down'/'up') of any diffusers spelling whose
+    module path belongs to its component's model."""
     if match := DIFFUSERS_KEY.match(name):
         component, path, ab = match.groups()
-        return DIFFUSERS.format, component, path, "down" if ab == "A" else "up"
-    if match := ATTN_PROC_KEY.match(name):
+        parsed = DIFFUSERS.format, component, path, "down" if ab == "A" else "up"
+    elif match := ATTN_PROC_KEY.match(name):
         component, parent, projection, factor = match.groups()
         parent = parent.removesuffix(".processor")
         is_text = component not in (None, UNET) or ".self_attn" in f".{parent}"
         table = _TE_PROJECTION if is_text else _UNET_PROJECTION
-        return ATTN_PROCS.format, component, f"{parent}.{table[projection]}", factor
-    if match := DIFFUSERS_OLD_KEY.match(name):
-        return (DIFFUSERS_OLD.format, *match.groups())
-    return None
+        parsed = ATTN_PROCS.format, component, f"{parent}.{table[projection]}", factor
+    elif match := DIFFUSERS_OLD_KEY.match(name):
+        parsed = (DIFFUSERS_OLD.format, *match.groups())
+    else:
+        return None
+    return parsed if fits(parsed[1], parsed[2]) else None
 
 
 def read(inputs: Inputs) -> AdapterIndex:
@@ -105,7 +132,7 @@ def parse(source: TensorSource) -> AdapterIndex:
         if name.endswith(".alpha") and (match := _ALPHA_KEY.match(name)):
             alphas[match.group(1), match.group(2)] = name
             continue
-        if match := DIFF_KEY.match(name):
+        if (match := DIFF_KEY.match(name)) and fits(match.group(1), match.group(2)):
             differences.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = name
             continue
         parsed = _classify(name)
@@ -185,5 +212,5 @@ def state_dict(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tup
 # A PEFT key also reads as a current diffusers key: the PEFT format comes first in the table.
 FORMAT = Format("diffusers", "diffusers LoRA (load_lora_weights)",
                 ((ATTN_PROCS, ATTN_PROC_KEY), (DIFFUSERS_OLD, DIFFUSERS_OLD_KEY), (DIFFUSERS, DIFFUSERS_KEY),
-                 (DIFFUSERS, DIFF_KEY)),
+                 (DIFFUSERS, _ALPHA_KEY), (DIFFUSERS, DIFF_KEY)),
                 read, write, folder=LAYOUT)

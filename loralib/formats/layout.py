@@ -27,6 +27,9 @@ def open_inputs(path: str | Path, *, allow_pickle: bool = False) -> Inputs:
         layout = fmt.folder
         if layout.config is None or fmt.read_config is None:
             continue
+        config = folder / layout.config
+        if config.exists() and not config.is_file():  # a FIFO or device: refused, never taken as "no config"
+            require_regular_file(config, "JSON file")
         if (layout.holds(folder) if path.is_dir() else (folder / layout.config).is_file() and path.name in layout.weights):
             files = layout.component_files(folder)
             if not files:

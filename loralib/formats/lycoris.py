@@ -10,10 +10,11 @@ comes here. Module names resolve through :func:`loralib.naming.kohya.parse_modul
 
 Writing is the kohya format's: :func:`module_tensors` gives the keys of a non-plain module.
 
-Extension point for other model families (Flux, SD3): :data:`MODULE_NAME` lists the kohya
-prefixes read here; once :mod:`loralib.naming.kohya` resolves a family's names and detection
-stops refusing the family, adding its prefixes (``lora_te3``, ``lora_transformer``) is all
-this format needs.
+Other model families (Flux, SD3): :data:`MODULE_NAME` lists the kohya prefixes read here (SD
+only); detection names Flux/SD3 LyCORIS files ``flux-lycoris``/``sd3-lycoris`` and refuses them.
+Reading them needs :func:`loralib.naming.kohya.resolve_module_name` with the file's family, and
+their fused layers (``qkv``, ``linear1``) kept whole, since a LoKr or LoHa of a fused layer does
+not split into one module per part as plain LoRA factors do.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..lycoris.shapes import full_shape, loha_shape, lokr_shape, spatial_kernel
 from ..naming.kohya import parse_module_name
 from ..naming.sgm import UNetLayout
 from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry
-from .kohya import BUNDLE_KEY
+from .kohya import BUNDLE_KEY, alpha_tensor
 from .source import TensorSource
 
 if TYPE_CHECKING:
@@ -287,7 +288,6 @@ def file_kind(kinds: Counter) -> Kind:
 
 def module_tensors(name: str, module: AdapterModule) -> dict[str, torch.Tensor]:
     """The kohya-style LyCORIS tensors of one non-plain module named ``name`` (alpha as float32)."""
-    import torch
 
     from ..lycoris import kinds
 
@@ -307,9 +307,7 @@ def module_tensors(name: str, module: AdapterModule) -> dict[str, torch.Tensor]:
             if tensor is not None:
                 tensors[f"{name}.{SPELLING[inner.kind, role]}"] = tensor.contiguous()
     if inner.kind in ("lora", "loha", "lokr"):  # LyCORIS writes alpha even where it ignores it (LoKr, both full)
-        alpha = float(inner.alpha)  # float32 as LyCORIS writes it, unless that would round this alpha
-        exact = float(torch.tensor(alpha, dtype=torch.float32)) == alpha
-        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32 if exact else torch.float64)
+        tensors[f"{name}.alpha"] = alpha_tensor(float(inner.alpha))
     return tensors
 
 

@@ -1,13 +1,16 @@
 """PEFT ``save_pretrained`` folders: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
-A PEFT adapter belongs to one model, so a pipeline adapter is a folder per component: the UNet
-adapter at the top (what ``PeftModel.from_pretrained(unet, folder)`` expects) and the text
-encoders in ``text_encoder/`` and ``text_encoder_2/`` subfolders. Keys are
+A PEFT adapter belongs to one model, so a pipeline adapter is a folder per component: the
+denoiser's adapter (UNet, or the Flux/SD3 transformer) at the top (what
+``PeftModel.from_pretrained(unet, folder)`` expects) and the text encoders in ``text_encoder/``,
+``text_encoder_2/`` and ``text_encoder_3/`` subfolders. Keys are
 ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight``; the config's ``r``,
-``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` give each module's scale.
-A DoRA adapter (``use_dora``) adds ``<module path>.lora_magnitude_vector``: one magnitude per
-output feature (:class:`~loralib.lycoris.kinds.DoraModule`); a component is written as DoRA when
-all of its modules are LoRA-based DoRA with per-output magnitudes.
+``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` give each module's scale. A
+lone ``base_model.model.…`` file without its config (as some Flux trainers publish) is read
+with scale 1, as diffusers reads it. A DoRA adapter (``use_dora``) adds
+``<module path>.lora_magnitude_vector``: one magnitude per output feature
+(:class:`~loralib.lycoris.kinds.DoraModule`); a component is written as DoRA when all of its
+modules are LoRA-based DoRA with per-output magnitudes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..architectures import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from ..architectures import ARCHITECTURES, DENOISERS, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
 from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
 from ..files.atomic import atomic_dir, check_output, refuse_input_as_output
 from ..files.hashes import adapter_hashes
@@ -40,9 +43,12 @@ MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 CONFIG_NAME = "adapter_config.json"
-SUBFOLDERS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
+SUBFOLDERS = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, TRANSFORMER)
 LAYOUT = FolderLayout((WEIGHTS_NAME, PICKLE_WEIGHTS_NAME), CONFIG_NAME, SUBFOLDERS)
 _TE_ROOTS = (TE_ROOT + ".", "encoder.layers.", "embeddings.", "final_layer_norm", "text_projection")
+_T5_ROOTS = ("encoder.block.", "shared")
+_TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
+                      "time_text_embed.", "norm_out.", "proj_out", "pos_embed.")
 
 
 def read_config(folder: Path) -> dict:
@@ -75,13 +81,16 @@ def component_of(path: str, folder_name: str, in_features: int) -> str:
         return folder_name
     if path.startswith(_TE_ROOTS):
         return TEXT_ENCODER_2 if in_features == 1280 else TEXT_ENCODER
+    if path.startswith(_T5_ROOTS):
+        return TEXT_ENCODER_2
+    if path.startswith(_TRANSFORMER_ROOTS):
+        return TRANSFORMER
     return UNET
 
 
 def read(inputs: Inputs) -> AdapterIndex:
-    """Index a PEFT folder: the adapter of each component, with its config."""
-    parts = [parse(source, inputs.configs.get(source.path) or read_config(source.path.parent))
-             for source in inputs.sources]
+    """Index a PEFT folder: the adapter of each component, with its config (a lone file: scale 1)."""
+    parts = [parse(source, inputs.configs.get(source.path)) for source in inputs.sources]
     index = parts[0]
     for part in parts[1:]:
         index.sources += part.sources
@@ -89,8 +98,8 @@ def read(inputs: Inputs) -> AdapterIndex:
     return index
 
 
-def parse(source: TensorSource, config: dict) -> AdapterIndex:
-    """Index one PEFT ``adapter_model.safetensors`` with its config."""
+def parse(source: TensorSource, config: dict | None) -> AdapterIndex:
+    """Index one PEFT ``adapter_model.safetensors`` with its config (None: no config, scale 1)."""
     pairs: dict[str, dict[str, str]] = {}
     unrecognised = []
     for name in source.names:
@@ -102,18 +111,19 @@ def parse(source: TensorSource, config: dict) -> AdapterIndex:
     if unrecognised:
         raise CorruptFileError(f"{source.path} has keys PEFT LoRA does not use, e.g. {', '.join(unrecognised[:3])}")
     folder_name = source.path.parent.name
-    scales = PeftScales(config, str(source.path.parent / CONFIG_NAME))
+    scales = PeftScales(config, str(source.path.parent / CONFIG_NAME)) if config is not None else None
     entries: dict[str, ModuleEntry] = {}
     for path, ab in pairs.items():
         if not {"A", "B"} <= set(ab):
             raise CorruptFileError(f"{source.path}: module {path} lacks lora_{'B' if 'A' in ab else 'A'}")
-        if config.get("use_dora") and "M" not in ab:
+        if config is not None and config.get("use_dora") and "M" not in ab:
             raise CorruptFileError(f"{source.path}: the config says use_dora but module {path} has no "
                                    "lora_magnitude_vector", "The adapter folder is incomplete")
         entry = ModuleEntry(path, source, ab["A"], ab["B"], magnitude=ab.get("M"), magnitude_style="peft")
         entry.check_shapes()
         entry.key = internal_key(component_of(path, folder_name, entry.in_features), path)
-        entry.alpha = scales.alpha(entry.key.split(".", 1)[1], entry.rank)
+        if scales is not None:
+            entry.alpha = scales.alpha(entry.key.split(".", 1)[1], entry.rank)
         entries[entry.key] = entry
     kind = PEFT_DORA if any(e.magnitude for e in entries.values()) else PEFT
     return AdapterIndex(kind, [source], entries, dict(source.metadata))
@@ -125,6 +135,8 @@ def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | N
     Text-encoder paths are spelled as the installed transformers builds the model (with or
     without ``text_model.``), because PEFT loads by exact module path.
     """
+    arch = ARCHITECTURES.get(adapter.architecture)
+    cls_name = arch.text_encoder_class(component) if arch is not None and component in arch.text_encoders else None
     tensors, ranks_alphas = {}, {}
     modules = {key: module for key, module in adapter.modules.items() if key.split(".", 1)[0] == component}
     use_dora = _uses_dora(component, modules)
@@ -138,8 +150,8 @@ def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | N
             magnitude, module = stored_magnitude(module, "peft"), module.inner
         module = module.without_mid()
         path = key.split(".", 1)[1]
-        if component != UNET and path.startswith(TE_ROOT + "."):
-            path = text_model_prefix(component) + path.removeprefix(TE_ROOT + ".")
+        if component not in DENOISERS and path.startswith(TE_ROOT + "."):
+            path = text_model_prefix(component, cls_name) + path.removeprefix(TE_ROOT + ".")
         tensors[f"base_model.model.{path}.lora_A.weight"] = module.down
         tensors[f"base_model.model.{path}.lora_B.weight"] = module.up
         if magnitude is not None:
@@ -165,12 +177,12 @@ def _uses_dora(component: str, modules: dict) -> bool:
 
 
 def relative_folder(component: str) -> str:
-    """Where a component's adapter goes inside a PEFT folder ("" for the UNet)."""
-    return "" if component == UNET else component
+    """Where a component's adapter goes inside a PEFT folder ("" for the denoiser: UNet or transformer)."""
+    return "" if component in DENOISERS else component
 
 
 def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResult:
-    """Write ``adapter`` as a PEFT folder: the UNet at the top, text encoders in subfolders."""
+    """Write ``adapter`` as a PEFT folder: the denoiser at the top, text encoders in subfolders."""
     if folder.exists() and not folder.is_dir():
         raise InvalidArgumentError(f"{folder} is a file; PEFT output is a folder", "Give a folder path with -o")
     refuse_input_as_output(folder, request.inputs)

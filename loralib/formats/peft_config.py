@@ -196,10 +196,11 @@ def build_config(ranks_alphas: Mapping[str, tuple[int, float]]) -> dict:
     """
     r = Counter(rank for rank, _ in ranks_alphas.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in ranks_alphas.values()).most_common(1)[0][0]
+    keys = _pattern_keys(ranks_alphas)
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "target_modules": sorted(ranks_alphas),
-        "rank_pattern": {n: rank for n, (rank, _) in sorted(ranks_alphas.items()) if rank != r},
-        "alpha_pattern": {n: _number(a) for n, (_, a) in sorted(ranks_alphas.items()) if a != alpha},
+        "rank_pattern": {keys[n]: rank for n, (rank, _) in sorted(ranks_alphas.items()) if rank != r},
+        "alpha_pattern": {keys[n]: _number(a) for n, (_, a) in sorted(ranks_alphas.items()) if a != alpha},
         "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
         "init_lora_weights": True, "fan_in_fan_out": False,
     }
@@ -208,6 +209,14 @@ def build_config(ranks_alphas: Mapping[str, tuple[int, float]]) -> dict:
     if wrong:  # only if one module's path were the suffix of another's
         raise AssertionError(f"PEFT patterns cannot tell these modules apart: {wrong[:3]}")
     return config
+
+
+def _pattern_keys(names) -> dict[str, str]:
+    """The pattern key of each module path: the path itself, or ``^path`` when it is also the end of
+    another module's path (Flux's root ``proj_out`` and ``single_transformer_blocks.0.proj_out``),
+    which PEFT's ``(.*\\.)?(key)$`` match then applies to the root module only."""
+    ends = {".".join(parts[i:]) for n in names if len(parts := n.split(".")) > 1 for i in range(1, len(parts))}
+    return {n: f"^{n}" if n in ends else n for n in names}
 
 
 def _number(value: float) -> int | float:

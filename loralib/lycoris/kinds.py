@@ -107,8 +107,30 @@ class _Shaped:
         return self.out_features, product(self.weight_shape[1:])
 
 
+class _Factors:
+    """What a kind whose stored values are listed by ``tensors()`` derives from them."""
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype):
+        """The same module with every factor cast to ``dtype``."""
+        cast = {name: (None if t is None else t.to(dtype)) for name, t in self.tensors().items()}
+        return replace(self, **cast)
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of stored values."""
+        return _count(*self.tensors().values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored values occupy."""
+        return _bytes(*self.tensors().values())
+
+
 @dataclass
-class LohaModule(_Shaped):
+class LohaModule(_Shaped, _Factors):
     """LoHa: the Hadamard product of two low-rank products.
 
     Without Tucker cores ``w1_a``/``w2_a`` are ``[out, r]`` and ``w1_b``/``w2_b`` ``[r, in·kh·kw]``
@@ -199,29 +221,14 @@ class LohaModule(_Shaped):
         result = torch.einsum("ip,iq,tpq->ti", a, c, inner)
         return (self.scale * result).reshape(*x.shape[:-1], a.shape[0])
 
-    def to(self, dtype: torch.dtype) -> LohaModule:
-        """The same module with every factor cast to ``dtype``."""
-        cast = {name: (None if t is None else t.to(dtype)) for name, t in self.tensors().items()}
-        return replace(self, **cast)
-
     def tensors(self) -> dict[str, Tensor | None]:
         """The stored factors by field name."""
         return {"w1_a": self.w1_a, "w1_b": self.w1_b, "w2_a": self.w2_a, "w2_b": self.w2_b, "t1": self.t1, "t2": self.t2,
                 "bias": self.bias}
 
-    @property
-    def parameter_count(self) -> int:
-        """Number of stored values."""
-        return _count(*self.tensors().values())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the stored values occupy."""
-        return _bytes(*self.tensors().values())
-
 
 @dataclass
-class LokrModule(_Shaped):
+class LokrModule(_Shaped, _Factors):
     """LoKr: the Kronecker product of two factors, each full or a low-rank product.
 
     ``w1`` ``[a, b]`` or ``w1_a @ w1_b``; ``w2`` ``[c, d(, kh, kw)]`` or ``w2_a [c, r] @ w2_b [r, d·kh·kw]``,
@@ -356,25 +363,10 @@ class LokrModule(_Shaped):
         result = torch.einsum("ij,tjc->tic", w1, mixed).reshape(flat.shape[0], -1)
         return (self.scale * result).reshape(*x.shape[:-1], self.out_features)
 
-    def to(self, dtype: torch.dtype) -> LokrModule:
-        """The same module with every factor cast to ``dtype``."""
-        cast = {name: (None if t is None else t.to(dtype)) for name, t in self.tensors().items()}
-        return replace(self, **cast)
-
     def tensors(self) -> dict[str, Tensor | None]:
         """The stored factors by field name."""
         return {"w1": self.w1, "w1_a": self.w1_a, "w1_b": self.w1_b, "w2": self.w2, "w2_a": self.w2_a,
                 "w2_b": self.w2_b, "t2": self.t2, "bias": self.bias}
-
-    @property
-    def parameter_count(self) -> int:
-        """Number of stored values."""
-        return _count(*self.tensors().values())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the stored values occupy."""
-        return _bytes(*self.tensors().values())
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """How the installed transformers spells the module paths of a CLIP text encoder, decided without
 importing it.
 
-``CLIPTextModelWithProjection`` (SDXL's second text encoder) keeps its layers under
-``.text_model``; ``CLIPTextModel`` did too until transformers 5.6, which flattened it (its layers
-sit at the top: ``encoder.layers.0…``). PEFT files must spell module paths the way the live model
+``CLIPTextModelWithProjection`` (SDXL's second text encoder, SD3's first two) keeps its layers
+under ``.text_model``; ``CLIPTextModel`` did too until transformers 5.6, which flattened it (its
+layers sit at the top: ``encoder.layers.0…``); T5 never had it. PEFT files must spell module paths the way the live model
 does, so the PEFT writer asks here. Reading the installed version from the package metadata costs
 microseconds, where building a model to look took seconds (importing transformers and torch).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from ..architectures import TEXT_ENCODER_2
+from ..architectures import CLIP, CLIP_PROJECTION, TEXT_ENCODER_2
 from . import TE_ROOT
 
 FLAT_CLIP_TEXT_MODEL = (5, 6)  # the first transformers release whose CLIPTextModel has no .text_model
@@ -41,20 +41,24 @@ def installed_transformers() -> str | None:
         return None
 
 
-def nests_text_model(component: str, transformers_version: str | None) -> bool:
+def nests_text_model(component: str, transformers_version: str | None, class_name: str | None = None) -> bool:
     """True when that transformers version nests this text encoder's layers under ``.text_model``.
 
-    Without transformers installed the newest layout is assumed (what a fresh install would build).
+    ``class_name`` is the component's transformers class (default: ``CLIPTextModelWithProjection``
+    for ``text_encoder_2``, ``CLIPTextModel`` otherwise). Without transformers installed the newest
+    layout is assumed (what a fresh install would build).
     """
-    if component == TEXT_ENCODER_2:
+    if class_name is None:
+        class_name = CLIP_PROJECTION if component == TEXT_ENCODER_2 else CLIP
+    if class_name == CLIP_PROJECTION:
         return True
-    if transformers_version is None:
+    if class_name != CLIP or transformers_version is None:
         return False
     return release(transformers_version) < FLAT_CLIP_TEXT_MODEL
 
 
 @cache
-def text_model_prefix(component: str) -> str:
-    """``"text_model."`` if the installed transformers nests this text encoder's layers under
-    ``.text_model``, else ``""``."""
-    return TE_ROOT + "." if nests_text_model(component, installed_transformers()) else ""
+def text_model_prefix(component: str, class_name: str | None = None) -> str:
+    """``"text_model."`` if the installed transformers nests this text encoder's layers (of class
+    ``class_name``, see :func:`nests_text_model`) under ``.text_model``, else ``""``."""
+    return TE_ROOT + "." if nests_text_model(component, installed_transformers(), class_name) else ""

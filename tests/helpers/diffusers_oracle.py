@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def pipeline_class(architecture: str):
     """The diffusers pipeline class of a tiny model."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    from loralib.architectures import ARCHITECTURES
+
+    return getattr(diffusers, ARCHITECTURES[architecture].pipeline_class)
 
 
 class WarningCatcher(logging.Handler):
@@ -48,7 +50,9 @@ def load_with_diffusers(architecture: str, base: Path, lora_file: Path, weight: 
     injected = sum(1 for c in COMPONENTS if getattr(pipe, c, None) is not None
                    for _, m in getattr(pipe, c).named_modules() if hasattr(m, "lora_A") and "trained" in m.lora_A)
     listed = pipe.get_list_adapters()
-    pipe.fuse_lora(lora_scale=weight)
+    # every component the pipeline loads LoRA into (Flux's and SD3's default is the transformer only)
+    loadable = [c for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None]
+    pipe.fuse_lora(components=loadable, lora_scale=weight)
     pipe.unload_lora_weights()
     # diffusers notes each text encoder the file does not adapt; that is not a problem with the file
     trained = {c for c, names in listed.items() if "trained" in names}
