@@ -299,8 +299,16 @@ class LoraAdapter:
             self.releaser(key)
 
     def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
-        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given)."""
-        return [key for key, module in self.modules.items() if not is_finite(module, dtype)]
+        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given).
+
+        Each module is released once checked (see :meth:`release`), so checking a file-backed adapter
+        does not bring all of it into memory at once."""
+        bad = []
+        for key, module in self.modules.items():
+            if not is_finite(module, dtype):
+                bad.append(key)
+            self.release(key)
+        return bad
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""
