@@ -37,19 +37,19 @@ def display_name(reference: str) -> str:
               help="Images to render; image i uses seed + i.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the first image (default: random).")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps.")
-@click.option("--guidance-scale", "--cfg", type=float, default=7.0, show_default=True,
-              help="Classifier-free guidance scale.")
+@click.option("--guidance-scale", "--cfg", type=float, default=None,
+              help="Classifier-free guidance scale; for Flux.1, its distilled guidance (default: 7, Flux.1 3.5).")
 @click.option("--width", type=click.IntRange(min=8), default=None, help="Width in pixels (default: the model's).")
 @click.option("--height", type=click.IntRange(min=8), default=None, help="Height in pixels (default: the model's).")
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
-              help="Sampler (default: the model's own scheduler).")
+              help="Sampler (default: the model's own scheduler; Flux.1/SD3: euler or heun, flow-matching).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="samples", show_default=True,
               help="Folder for the PNGs (named NNNNN-<seed>.png).")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[str, ...], negative: str,
-                     num_samples: int, seed: int | None, steps: int, guidance_scale: float, width: int | None,
+                     num_samples: int, seed: int | None, steps: int, guidance_scale: float | None, width: int | None,
                      height: int | None, scheduler: str | None, output_dir: str, device: str | None,
                      as_json: bool) -> None:
     """Render PROMPT with a base model and weighted adapters into PNGs with A1111-style parameters.
@@ -64,6 +64,7 @@ def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[st
     Examples:
       lorareg generate "a pxl style castle" --base base/ --lora pixel-art:0.8 --lora other:0.3 -n 4 --seed 7
       lorareg generate "a cat" --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora my_lora.safetensors
+      lorareg generate "a cat" --base black-forest-labs/FLUX.1-dev --lora flux_lora.safetensors --steps 28
     """
     from loralib.pipelines import check_base_model
 

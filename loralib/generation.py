@@ -10,6 +10,11 @@ Every PNG carries AUTOMATIC1111's ``parameters`` text chunk — prompt, negative
 sampler, CFG scale, seed, size, ``Model hash`` (:func:`model_hash`), ``Lora hashes`` — that A1111,
 ComfyUI, Civitai and image viewers read, plus a ``lorareg`` chunk with the same facts as JSON. Image ``i`` uses seed ``seed + i``, and
 the same seed always gives the same image.
+
+Flux.1 and SD3/SD3.5 bases (flow matching) render through the same calls: their default sampler is
+the model's own flow-matching Euler, ``guidance_scale`` is SD3's classifier-free guidance scale and
+Flux.1's distilled guidance (recorded as Forge records it: ``Distilled CFG Scale``, with ``CFG scale: 1``),
+and sizes are multiples of 16 (the VAE's 8 times the transformer's 2×2 patches).
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ if TYPE_CHECKING:
     from .files.hashes import FileHashes
 
 _A1111_NAMES = {cls: name for cls, extra, name in SCHEDULERS.values() if not extra}
+# The flow-matching samplers of Flux.1 and SD3, by the sampler name that picks them (A1111/Forge call them the same).
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+_A1111_NAMES.update({cls: SCHEDULERS[name][2] for name, cls in FLOW_SCHEDULERS.items()})
+# Defaults where a family differs from SD: (guidance scale, steps) as the model's authors publish them.
+DEFAULT_GUIDANCE = {"sd": 7.0, "flux": 3.5, "sd3": 7.0}
 
 
 @dataclass
@@ -65,9 +75,11 @@ class GenerationSettings:
     height: int = 512
     seed: int = 0
     sampler: str = ""
+    distilled_guidance: bool = False  # Flux.1: guidance_scale is the model's guidance input, not CFG
 
     def check(self, vae_scale_factor: int = 8) -> None:
-        """Refuse values no pipeline can use."""
+        """Refuse values no pipeline can use (sides must be multiples of ``vae_scale_factor``: 8 for SD, 16 for
+        Flux.1 and SD3, whose transformers take 2×2 patches of latents)."""
         problems = []
         if self.steps < 1:
             problems.append(f"steps must be at least 1 (got {self.steps})")
@@ -109,13 +121,22 @@ class FusedAdapters:
 
 
 def scheduler_for(pipe, name: str | None):
-    """The pipeline's scheduler, or the named one built from its config."""
+    """The pipeline's scheduler, or the named one built from its config.
+
+    Flux.1 and SD3 denoise by flow matching: only ``euler`` and ``heun`` (their flow-matching
+    versions) fit them.
+    """
     import diffusers
 
     if not name:
         return pipe.scheduler
     if name not in SCHEDULERS:
         raise InvalidArgumentError(f"unknown scheduler {name!r}", f"Choose one of {', '.join(SCHEDULERS)}")
+    if getattr(pipe, "transformer", None) is not None:
+        if name not in FLOW_SCHEDULERS:
+            raise InvalidArgumentError(f"the {name} sampler predicts noise, and Flux.1 and SD3 models are flow-matching "
+                                       "models", f"Use --scheduler {' or '.join(FLOW_SCHEDULERS)}, or leave it out")
+        return getattr(diffusers, FLOW_SCHEDULERS[name]).from_config(pipe.scheduler.config)
     class_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
 
@@ -135,12 +156,16 @@ def fuse_adapters(pipe, adapters: Sequence[tuple[LoraAdapter, float, AdapterUse]
     """
     import torch
 
+    from .architectures import family_of
     from .base_model import pipeline_layers
 
     layers = pipeline_layers(pipe, norms=True)
     base_arch = _pipeline_architecture(pipe)
     for adapter, _, use in adapters:
-        if adapter.architecture not in (base_arch, "unknown"):
+        # SD3 and SD3.5 differ in widths and modules, which the layer checks below catch; a tiny model's
+        # SD3-family adapter cannot say which it is
+        same_family = family_of(base_arch) == family_of(adapter.architecture) != "sd"
+        if adapter.architecture not in (base_arch, "unknown") and not same_family:
             raise MismatchError(f"{use.name} is an {adapter.architecture} adapter and the base model is {base_arch}",
                                 "Use a base model of the adapter's architecture")
         missing = [k for k in adapter.modules if k not in layers]
@@ -202,7 +227,8 @@ def _add(fused: FusedAdapters, key: str, layer, parameter: str, parts: list) -> 
 def _pipeline_architecture(pipe) -> str:
     from .pipelines import architecture_of
 
-    return architecture_of(pipe.unet, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return architecture_of(denoiser, 2 if getattr(pipe, "text_encoder_2", None) is not None else 1)
 
 
 def _quote(value: str) -> str:
@@ -251,6 +277,9 @@ def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), 
     fields: dict[str, Any] = {"Steps": settings.steps, "Sampler": settings.sampler or "Default",
                               "CFG scale": f"{settings.guidance_scale:g}", "Seed": settings.seed,
                               "Size": f"{settings.width}x{settings.height}"}
+    if settings.distilled_guidance:  # Forge's fields for Flux.1: no classifier-free guidance, a guidance input
+        fields["CFG scale"] = "1"
+        fields["Distilled CFG Scale"] = f"{settings.guidance_scale:g}"
     if model_hash:
         fields["Model hash"] = model_hash
     if model:
@@ -264,19 +293,29 @@ def infotext(settings: GenerationSettings, adapters: Sequence[AdapterUse] = (), 
     return "\n".join(lines)
 
 
+def pixel_multiple(pipe) -> int:
+    """What image sides must be a multiple of: the VAE's scale factor, times 2 for the transformers of Flux.1
+    (2×2 packed latents) and SD3 (2×2 patches)."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    return factor * 2 if getattr(pipe, "transformer", None) is not None else factor
+
+
 def render(pipe, settings: GenerationSettings, seeds: Sequence[int],
-           progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-    """One image per seed, each from its own CPU generator (so a seed gives the same image on any device)."""
+           progress: Callable[[int, int], None] | None = None, *, output_type: str = "pil") -> list[Image.Image]:
+    """One image per seed, each from its own CPU generator (so a seed gives the same image on any device).
+
+    ``output_type`` is diffusers': ``"pil"``, or ``"latent"`` for the denoised latents (tests compare them).
+    """
     import torch
 
-    settings.check(getattr(pipe, "vae_scale_factor", 8))
+    settings.check(pixel_multiple(pipe))
     pipe.set_progress_bar_config(disable=True)
     images = []
     for done, seed in enumerate(seeds, 1):
         generator = torch.Generator("cpu").manual_seed(int(seed))
         result = pipe(prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
                       num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                      width=settings.width, height=settings.height, generator=generator, output_type="pil")
+                      width=settings.width, height=settings.height, generator=generator, output_type=output_type)
         images.append(result.images[0])
         if progress:
             progress(done, len(seeds))
@@ -348,14 +387,24 @@ class GenerationResult:
                 "adapters": [a.to_dict() for a in self.adapters]}
 
 
+def default_size(base) -> int:
+    """A base model's native image side: the UNet's sample size in pixels; for Flux.1 and SD3, the VAE's
+    (1024 for the full-size models)."""
+    if base.is_flow:
+        return int(base.vae.config.sample_size)
+    return base.denoiser.config.sample_size * base.vae_scale_factor
+
+
 def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str | Path | LoraAdapter, float]] = (), *,
              names: Sequence[str | None] | None = None, output_dir: str | Path = "samples", num_samples: int = 1,
-             seed: int = 0, steps: int = 20, guidance_scale: float = 7.0, width: int | None = None,
+             seed: int = 0, steps: int = 20, guidance_scale: float | None = None, width: int | None = None,
              height: int | None = None, negative_prompt: str = "", scheduler: str | None = None,
              device: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Load ``base_model`` once, fuse ``adapters`` (path or adapter, weight), render ``num_samples`` PNGs.
 
-    Image ``i`` uses seed ``seed + i`` and is written to ``output_dir/NNNNN-<seed>.png``.
+    Image ``i`` uses seed ``seed + i`` and is written to ``output_dir/NNNNN-<seed>.png``. ``guidance_scale``
+    defaults to the family's (7 for SD and SD3, 3.5 for Flux.1's distilled guidance); ``width`` and
+    ``height`` to the model's.
     """
     import torch
 
@@ -371,10 +420,15 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     base = load_base_model(base_model)
     pipe = base.pipeline()
     pipe.scheduler = scheduler_for(pipe, scheduler)
-    default_size = base.unet.config.sample_size * base.vae_scale_factor
-    settings = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, width or default_size,
-                                  height or default_size, seed, sampler_name(pipe.scheduler))
-    settings.check(base.vae_scale_factor)
+    if base.family == "flux" and negative_prompt:
+        raise InvalidArgumentError("Flux.1 is guidance-distilled and takes no negative prompt",
+                                   "Leave out the negative prompt (--negative)")
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_GUIDANCE[base.family]
+    settings = GenerationSettings(prompt, negative_prompt, steps, guidance_scale, width or default_size(base),
+                                  height or default_size(base), seed, sampler_name(pipe.scheduler),
+                                  distilled_guidance=base.family == "flux")
+    settings.check(pixel_multiple(pipe))
     uses = [adapter_use(adapter, weight, name) for (adapter, weight), name in zip(loaded, names)]
     fuse_adapters(pipe, [(adapter, weight, use) for (adapter, weight), use in zip(loaded, uses)])
     if device:

@@ -1,7 +1,8 @@
 """Loading a base model pipeline for training or generation: a Hub id, a local diffusers folder or a single file.
 
-The result is a :class:`BaseModel` holding the pipeline's parts (UNet, VAE, text encoders,
-tokenizers, scheduler) and the architecture they form (sd1, sd2, sdxl). Problems become one
+The result is a :class:`BaseModel` holding the pipeline's parts (denoiser — a UNet, or the
+transformer of Flux.1 and SD3 —, VAE, text encoders, tokenizers, scheduler) and the architecture
+they form (sd1, sd2, sdxl, flux, sd3, sd35-medium, sd35-large). Problems become one
 clear :class:`~loralib.errors.LoraError`: a missing path, a Hub id without network, a pickle file.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import SD1, SD2, SDXL
+from .architectures import ARCHITECTURES, FLUX, SD1, SD2, SD3, SD35_LARGE, SD35_MEDIUM, SDXL, TRANSFORMER, UNET
 from .errors import InputNotFoundError, InvalidArgumentError, LoraError, UnsafeFileError
 from .files import is_pickle
 from .hub_ids import is_repo_ref, parse_repo_ref
@@ -21,16 +22,40 @@ from .hub_ids import is_repo_ref, parse_repo_ref
 
 @dataclass
 class BaseModel:
-    """The parts of a Stable Diffusion pipeline that training and generation use."""
+    """The parts of a diffusion pipeline that training and generation use.
+
+    ``denoiser`` is the UNet (SD1.x/SD2.x/SDXL) or the transformer (Flux.1, SD3/SD3.5); ``unet`` is
+    another name for it.
+    """
 
     source: str
     architecture: str
-    unet: Any
+    denoiser: Any
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
     scheduler: Any
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> Any:
+        """The denoiser (named for the SD families, where it is a UNet)."""
+        return self.denoiser
+
+    @property
+    def denoiser_name(self) -> str:
+        """The denoiser's pipeline component: ``unet`` or ``transformer``."""
+        return ARCHITECTURES[self.architecture].denoiser
+
+    @property
+    def family(self) -> str:
+        """``sd``, ``flux`` or ``sd3`` (see :mod:`loralib.architectures`)."""
+        return ARCHITECTURES[self.architecture].family
+
+    @property
+    def is_flow(self) -> bool:
+        """True for the flow-matching transformer families (Flux.1, SD3/SD3.5)."""
+        return self.denoiser_name == TRANSFORMER
 
     @property
     def is_sdxl(self) -> bool:
@@ -43,19 +68,27 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def components(self) -> dict[str, Any]:
-        """The modules by their pipeline names (``unet``, ``text_encoder``, ``text_encoder_2``)."""
-        parts = {"unet": self.unet, "text_encoder": self.text_encoders[0]}
-        if len(self.text_encoders) > 1:
-            parts["text_encoder_2"] = self.text_encoders[1]
+        """The modules by their pipeline names (``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``…)."""
+        parts = {self.denoiser_name: self.denoiser}
+        for name, encoder in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), self.text_encoders):
+            parts[name] = encoder
         return parts
 
     def pipeline(self, *, unet=None, text_encoders: list[Any] | None = None, scheduler=None):
-        """A diffusers text-to-image pipeline over these parts (optionally with replaced ones)."""
+        """A diffusers text-to-image pipeline over these parts (optionally with replaced ones; ``unet`` replaces
+        the denoiser, a UNet or a transformer)."""
+        import diffusers
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        unet = unet if unet is not None else self.unet
+        unet = unet if unet is not None else self.denoiser
         encoders = text_encoders if text_encoders is not None else self.text_encoders
         scheduler = scheduler if scheduler is not None else self.scheduler
+        if self.is_flow:
+            parts: dict[str, Any] = {"transformer": unet, "vae": self.vae, "scheduler": scheduler}
+            for index, (encoder, tokenizer) in enumerate(zip(encoders, self.tokenizers)):
+                suffix = f"_{index + 1}" if index else ""
+                parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
+            return getattr(diffusers, ARCHITECTURES[self.architecture].pipeline_class)(**parts)
         if self.is_sdxl:
             return StableDiffusionXLPipeline(vae=self.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
                                              tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1],
@@ -66,7 +99,15 @@ class BaseModel:
 
 
 def architecture_of(unet, text_encoder_count: int) -> str:
-    """sd1, sd2 or sdxl, from the UNet config and the number of text encoders."""
+    """The architecture of a denoiser: sd1, sd2 or sdxl from a UNet's config and the number of text
+    encoders; flux, sd3, sd35-medium or sd35-large from a transformer's class and config."""
+    class_name = type(unet).__name__
+    if class_name == FLUX.denoiser_class:
+        return FLUX.name
+    if class_name == SD3.denoiser_class:
+        if unet.config.get("dual_attention_layers"):
+            return SD35_MEDIUM.name
+        return SD35_LARGE.name if unet.config.get("qk_norm") else SD3.name
     if text_encoder_count > 1 or unet.config.get("addition_embed_type") == "text_time":
         return SDXL.name
     return SD2.name if unet.config.cross_attention_dim == 1024 else SD1.name
@@ -80,16 +121,30 @@ def _dtype_argument(dtype) -> dict[str, Any]:
 
 
 def _from_pipeline(source: str, pipe) -> BaseModel:
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
-    return BaseModel(source, architecture_of(pipe.unet, len(encoders)), pipe.unet, pipe.vae, encoders, tokenizers,
+    encoders = [e for e in (getattr(pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3")) if e is not None]
+    tokenizers = [t for t in (getattr(pipe, f"tokenizer{s}", None) for s in ("", "_2", "_3")) if t is not None]
+    denoiser = getattr(pipe, UNET, None) or getattr(pipe, TRANSFORMER, None)
+    return BaseModel(source, architecture_of(denoiser, len(encoders)), denoiser, pipe.vae, encoders, tokenizers,
                      pipe.scheduler)
 
 
+_FLOW_PIPELINES = {a.pipeline_class for a in (FLUX, SD3)}
+
+
 def _pipeline_class(model_index: dict):
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if model_index.get("_class_name") in _FLOW_PIPELINES:
+        return getattr(diffusers, model_index["_class_name"])
     return StableDiffusionXLPipeline if "text_encoder_2" in model_index else StableDiffusionPipeline
+
+
+def _has_parts(model_index: dict) -> bool:
+    """A pipeline lorareg can use: a UNet and a text encoder, or a Flux.1/SD3 pipeline's transformer."""
+    if model_index.get("_class_name") in _FLOW_PIPELINES:
+        return "transformer" in model_index and "text_encoder" in model_index
+    return "unet" in model_index and "text_encoder" in model_index
 
 
 def _load_folder(folder: Path, source: str, dtype):
@@ -98,9 +153,10 @@ def _load_folder(folder: Path, source: str, dtype):
         raise InvalidArgumentError(f"{folder} is not a diffusers model folder (it has no model_index.json)",
                                    "Give a diffusers folder, a single-file .safetensors checkpoint or a Hub id")
     model_index = json.loads(index_file.read_text())
-    if "unet" not in model_index or "text_encoder" not in model_index:
+    if not _has_parts(model_index):
         raise InvalidArgumentError(f"{folder} holds a {model_index.get('_class_name', 'pipeline')} without a UNet "
-                                   "and text encoder", "lorareg trains SD1.x, SD2.x and SDXL models")
+                                   "or Flux.1/SD3 transformer, and text encoder",
+                                   "lorareg uses SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 models")
     cls = _pipeline_class(model_index)
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in model_index:
@@ -148,7 +204,7 @@ def _load_hub(reference: str, dtype):
         raise InputNotFoundError(f"cannot load the base model {reference} from the Hub: {reason}",
                                  "Connect to the network, or give a local diffusers folder or .safetensors file "
                                  "(lorareg tiny-model builds a tiny one offline)") from exc
-    cls = _pipeline_class(index) if "unet" in index else DiffusionPipeline
+    cls = _pipeline_class(index) if _has_parts(index) else DiffusionPipeline
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -35,7 +35,7 @@ from loralib.errors import InputNotFoundError, InvalidArgumentError, LoraError
 from loralib.records import InputRecord, OperationRecord
 
 from .home import catalog_path
-from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps
+from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps, unique
 from .schema import catalog_error, connect, now, write
 
 if TYPE_CHECKING:
@@ -103,8 +103,6 @@ def check_name(name: str) -> str:
 
 def clean_tags(tags: Iterable[str]) -> list[str]:
     """Tags as stored: trimmed, lower-case, without repeats."""
-    from .describe import unique
-
     return unique([" ".join(str(t).split()).lower() for t in tags if str(t).strip()])
 
 
@@ -608,7 +606,6 @@ class Catalog:
                source: dict | None = None, operation: dict | None = None, parents: list[InputRecord] | None = None,
                fallback_name: str | None = None, rename: bool = True) -> Stored:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
-        from .describe import unique
         from .lineage import history_parents
         from .upgrade_v4 import placeholder_identity
 
@@ -711,8 +708,6 @@ class Catalog:
                add_tags: Iterable[str] = (), remove_tags: Iterable[str] = (), add_triggers: Iterable[str] = (),
                remove_triggers: Iterable[str] = (), samples: Iterable[dict] = ()) -> Entry:
         """Change what the user controls: name, description, tags, trigger words, sample images."""
-        from .describe import unique
-
         with write(self.conn):
             entry = self.get(reference)
             changes: dict[str, Any] = {"updated_at": now()}

@@ -21,7 +21,7 @@ from loralib.inspection import InspectReport, caption_tags, format_number, inspe
 from loralib.jsontext import loads_metadata
 from loralib.metadata import HISTORY_KEY, history
 
-from .records import dumps
+from .records import dumps, unique
 
 BAND_COLUMNS = tuple(f"fp_band{i}" for i in range(BANDS))
 TOP_TAGS = 5
@@ -171,12 +171,3 @@ def clean_name(text: str) -> str:
     return " ".join(text.split())
 
 
-def unique(items: list[str]) -> list[str]:
-    """``items`` without repeats (case-insensitive), in their first order."""
-    seen, out = set(), []
-    for item in items:
-        key = item.casefold()
-        if item and key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out

@@ -161,3 +161,14 @@ class ParentRecord:
     def to_dict(self) -> dict:
         """A JSON-ready dictionary."""
         return asdict(self)
+
+
+def unique(items: list[str]) -> list[str]:
+    """``items`` without repeats (case-insensitive), in their first order."""
+    seen, out = set(), []
+    for item in items:
+        key = item.casefold()
+        if item and key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

@@ -125,9 +125,9 @@ def _split(conn: sqlite3.Connection, adapter_id: int, identity: str, paths: list
     """Record the files of another identity that version 2 merged into an entry as a new entry."""
     from loralib.errors import LoraError
 
-    from .describe import describe, unique
+    from .describe import describe
     from .lineage import history_parents
-    from .records import dumps
+    from .records import dumps, unique
 
     try:
         facts = describe(paths[0])

@@ -327,6 +327,31 @@ def test_catalog_commands_never_import_torch_diffusers_or_peft(tmp_path):
     assert "HEAVY []" in done.stdout
 
 
+READING_SESSION = """
+import sys
+from lorareg.cli.main import main
+for args in (["list"], ["list", "--json"], ["search", "x"], ["search", "lora", "--json"]):
+    try:
+        main(["--home", sys.argv[1], *args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), (args, exc.code)
+print("LOADED", sorted(m for m in ("loralib.formats", "numpy", "torch") if m in sys.modules))
+"""
+
+
+def test_listing_and_searching_load_no_format_reader(tmp_path):
+    """list and search read rows only: the format readers (and numpy) stay unloaded, which
+    halves their start-up."""
+    write_small_loras(tmp_path / "loras", 2)
+    done = subprocess.run([sys.executable, "-m", "lorareg", "--home", str(tmp_path / "home"), "scan",
+                           str(tmp_path / "loras")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run = subprocess.run([sys.executable, "-c", READING_SESSION, str(tmp_path / "home")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "LOADED []" in run.stdout
+
+
 def test_database_errors_in_any_catalog_method_are_one_line_naming_the_file(tmp_path, monkeypatch):
     """No raw sqlite3 error leaves the Catalog: each becomes a CatalogError naming the database and what to do."""
     with Catalog(tmp_path) as catalog:

@@ -11,8 +11,12 @@ learning-rate factors per down, middle and up block in ``down_lr_weight``/``mid_
   parts, 13-21 the output blocks, 22 the output layer; 9 + 3 + 9 learning-rate factors (the time
   embedding and output layer keep factor 1).
 
-A rank of 0, or a learning-rate factor of 0, leaves a block without LoRA layers. Other model
-families get their layouts in :data:`LAYOUTS` (Flux's double/single blocks are not there yet).
+A rank of 0, or a learning-rate factor of 0, leaves a block without LoRA layers.
+
+Flux.1 and SD3 have no UNet blocks: they are chosen by sd-scripts' Flux keys (:class:`TransformerBlocks`):
+``train_blocks`` (``all``, ``double`` or ``single``), ``train_double_block_indices`` (Flux.1's
+double blocks, diffusers' ``transformer_blocks.N``; SD3's joint blocks) and
+``train_single_block_indices`` (Flux.1's single blocks, ``single_transformer_blocks.N``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError
-from .config import TrainConfig
+from .config import TrainConfig, parse_indices
 
 _OUTER = re.compile(r"^unet\.(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 _MIDDLE = re.compile(r"^unet\.mid_block\.(resnets|attentions)\.(\d+)\.")
@@ -125,9 +129,63 @@ def _outer_weights(text: str | None, length: int, name: str, architecture: str) 
     return values + [1.0] * (length - len(values))  # kohya fills missing factors with 1
 
 
-def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | None:
-    """The block plan that the configuration asks for on ``architecture`` (None: no block-wise setting)."""
+_TRANSFORMER_BLOCK = re.compile(r"^transformer\.(single_)?transformer_blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TransformerBlocks:
+    """Which of a Flux.1/SD3 transformer's blocks get LoRA layers (None: every block of that kind)."""
+
+    double: frozenset[int] | None
+    single: frozenset[int] | None
+
+    def settings(self, key: str, wide_conv: bool) -> tuple[int, float] | None:
+        """``(0, 1.0)`` for a layer of a block left out (no LoRA layer), None for the default rank and alpha."""
+        match = _TRANSFORMER_BLOCK.match(key)
+        if match is None:
+            return None
+        chosen = self.single if match.group(1) else self.double
+        return None if chosen is None or int(match.group(2)) in chosen else (0, 1.0)
+
+    def lr_weight(self, key: str) -> float:
+        """Every trained block learns at the base rate."""
+        return 1.0
+
+
+def _transformer_blocks(config: TrainConfig, architecture: str, family: str) -> TransformerBlocks | None:
     net = config.network
+    sd_keys = [name for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+                                 "down_lr_weight", "mid_lr_weight", "up_lr_weight") if getattr(net, name) is not None]
+    if sd_keys:
+        raise InvalidArgumentError(f"{', '.join(sd_keys)} follow kohya's UNet block layout, which {architecture} has not",
+                                   "Use train_blocks, train_double_block_indices and train_single_block_indices")
+    if family == "sd3" and (net.train_blocks == "single" or net.train_single_block_indices is not None):
+        raise InvalidArgumentError(f"{architecture} has no single blocks (only joint blocks)",
+                                   "Use train_double_block_indices for its joint blocks")
+    if net.train_blocks == "all" and net.train_double_block_indices is None and net.train_single_block_indices is None:
+        return None
+    double = frozenset(parse_indices(net.train_double_block_indices)) if net.train_double_block_indices else None
+    single = frozenset(parse_indices(net.train_single_block_indices)) if net.train_single_block_indices else None
+    if net.train_blocks == "double":
+        single = frozenset()
+    elif net.train_blocks == "single":
+        double = frozenset()
+    return TransformerBlocks(double, single)
+
+
+def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | TransformerBlocks | None:
+    """The block plan that the configuration asks for on ``architecture`` (None: no block-wise setting)."""
+    from ..architectures import family_of
+
+    net = config.network
+    family = family_of(architecture)
+    if family in ("flux", "sd3"):
+        return _transformer_blocks(config, architecture, family)
+    flux_keys = [name for name in ("train_double_block_indices", "train_single_block_indices")
+                 if getattr(net, name) is not None] + (["train_blocks"] if net.train_blocks != "all" else [])
+    if flux_keys:
+        raise InvalidArgumentError(f"{', '.join(flux_keys)} choose Flux.1/SD3 transformer blocks; {architecture} has a "
+                                   "UNet", "Use block_dims and the *_lr_weight settings (kohya's UNet blocks)")
     keys = (net.block_dims, net.block_alphas, net.conv_block_dims, net.conv_block_alphas, net.down_lr_weight,
             net.mid_lr_weight, net.up_lr_weight)
     if all(value is None for value in keys):

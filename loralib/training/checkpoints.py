@@ -35,7 +35,8 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Keys whose change makes a checkpoint unusable: they decide which parameters exist and what they mean.
 STRUCTURAL_KEYS = ("base_model", "rank", "alpha", "target_modules", "conv_rank", "conv_alpha",
                    "train_text_encoder", "optimizer", "network_type", "block_dims", "block_alphas", "conv_block_dims",
-                   "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio")
+                   "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
+                   "train_blocks", "train_double_block_indices", "train_single_block_indices")
 
 
 @dataclass

@@ -70,6 +70,17 @@ def _number_list(value: Any, *, integer: bool, low: float, high: float, lengths,
     return ",".join(numbers)
 
 
+def parse_indices(text: str) -> set[int]:
+    """sd-scripts' block indices: ``"0-5,10"`` -> ``{0, 1, 2, 3, 4, 5, 10}`` (``"all"``: every block, as None)."""
+    chosen: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        match = re.fullmatch(r"(\d{1,3})(?:-(\d{1,3}))?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise ValueError(f"must be block numbers and ranges like 0-5,10; {part!r} is not one")
+        chosen.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+    return chosen
+
+
 def parse_optimizer_args(items: list[str]) -> dict[str, Any]:
     """``["d_coef=2", "decouple=true", "betas=0.9,0.99"]`` -> ``{"d_coef": 2, "decouple": True, "betas": (0.9, 0.99)}``.
 
@@ -273,6 +284,23 @@ class NetworkSection(_Section):
     up_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's up (output) blocks, deep "
                                                        "to shallow, as down_lr_weight.")
 
+    train_blocks: Literal["all", "double", "single"] = Field(
+        "all", description="Flux.1/SD3 (sd-scripts' train_blocks): train the double (joint) blocks, the single "
+                           "blocks (Flux.1) or all.")
+    train_double_block_indices: str | None = Field(
+        None, description="Flux.1/SD3: which double (SD3: joint) blocks get LoRA layers, e.g. \"0-5,10\" "
+                          "(sd-scripts' train_double_block_indices; default: all).")
+    train_single_block_indices: str | None = Field(
+        None, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
+
+    @field_validator("train_double_block_indices", "train_single_block_indices", mode="before")
+    @classmethod
+    def _indices(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        parse_indices(str(value))
+        return str(value).replace(" ", "")
+
     @field_validator("network_type")
     @classmethod
     def _available(cls, value: str) -> str:
@@ -343,6 +371,17 @@ class TrainingSection(_Section):
     noise_offset: float = Field(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts; auto reads it from the base model's scheduler config.")
+    weighting_scheme: Literal["auto", "none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = Field(
+        "auto", description="Flux.1/SD3 (flow matching): how noise levels are drawn and the loss weighted, as "
+                            "diffusers' scripts do; auto is none (uniform) for Flux.1 and logit_normal for SD3.")
+    logit_mean: float = Field(0.0, ge=-10, le=10, allow_inf_nan=False,
+                              description="Mean of the logit-normal noise-level distribution (weighting_scheme).")
+    logit_std: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+                             description="Standard deviation of the logit-normal noise-level distribution.")
+    mode_scale: float = Field(1.29, ge=-1, le=10, allow_inf_nan=False,
+                              description="Scale of the mode weighting scheme.")
+    guidance_scale: float = Field(3.5, ge=0, le=100, allow_inf_nan=False,
+                                  description="Flux.1 dev: the guidance input of the transformer while training.")
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
         "l2", description="Loss between prediction and target: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber, "
                           "sd-scripts' definitions).")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..formats.base import SaveResult
     from ..lycoris.kinds import DoraModule
     from ..records import OperationRecord
-    from .blocks import BlockPlan
+    from .blocks import BlockPlan, TransformerBlocks
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RunInfo:
     finished_at: float
     optimizer: str
     validation_images: int = 0
-    blocks: BlockPlan | None = None
+    blocks: BlockPlan | TransformerBlocks | None = None
 
 
 def adapter_path(config: TrainConfig, suffix: str = "") -> Path:
@@ -152,6 +152,11 @@ def _network_args(config: TrainConfig) -> dict[str, str]:
         args.update(conv_dim=str(config.conv_rank), conv_alpha=_text(config.conv_alpha))
     for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                 "mid_lr_weight", "up_lr_weight"):
+        if getattr(net, key) is not None:
+            args[key] = getattr(net, key)
+    if net.train_blocks != "all":  # sd-scripts' Flux.1 network_args
+        args["train_blocks"] = net.train_blocks
+    for key in ("train_double_block_indices", "train_single_block_indices"):
         if getattr(net, key) is not None:
             args[key] = getattr(net, key)
     if train.loraplus_lr_ratio is not None:

@@ -26,10 +26,14 @@ if TYPE_CHECKING:
     from ..lycoris.kinds import DoraModule
 
 ADAPTER_NAME = "default"
+# A transformer's final output layer is a projection outside its blocks, which LoRA trainers leave alone.
+_OUTPUT_LAYER = re.compile(r"^transformer\.proj_out$")
 _RESNET = re.compile(r"\.(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$")
 
 
 def _wanted(key: str, preset: str) -> bool:
+    if _OUTPUT_LAYER.match(key):
+        return False
     if ATTENTION.search(key):
         return True
     if preset in ("transformer", "locon") and (FEED_FORWARD.search(key) or PROJECTION.search(key)):

@@ -58,16 +58,8 @@ class Objective:
     """
 
     def __init__(self, base: BaseModel, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
-        from diffusers import DDPMScheduler
-
         self.base, self.config, self.device, self.weight_dtype = base, config, device, weight_dtype
-        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
-        wanted = config.training.prediction_type
-        self.prediction_type = self.noise_scheduler.config.prediction_type if wanted == "auto" else wanted
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise InvalidArgumentError(f"the base model predicts {self.prediction_type!r}, which lorareg cannot train",
-                                       "Set prediction_type to epsilon or v_prediction")
-        self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        self._set_up_schedule()
         vae = base.vae.config
         self.latent_channels = int(vae.latent_channels)
         self.vae_scale_factor = base.vae_scale_factor
@@ -79,6 +71,22 @@ class Objective:
         self.latent_store = LatentStore(masked=config.data.masked_loss)
         self.text_store = TextStore()
         self.masked = config.data.masked_loss
+
+    def _set_up_schedule(self) -> None:
+        """The noise schedule (DDPM's, from the base model's scheduler config) and what the UNet predicts."""
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(self.base.scheduler.config)
+        wanted = self.config.training.prediction_type
+        self.prediction_type = self.noise_scheduler.config.prediction_type if wanted == "auto" else wanted
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InvalidArgumentError(f"the base model predicts {self.prediction_type!r}, which lorareg cannot train",
+                                       "Set prediction_type to epsilon or v_prediction")
+        self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+
+    def _draw_timesteps(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """One training timestep per sample, uniform over the schedule."""
+        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
 
     # --- caches -------------------------------------------------------------------------------------------
 
@@ -172,7 +180,7 @@ class Objective:
         if store and all(c in store for c in captions):
             entries = [store.get(c) for c in captions]
             hidden = torch.stack([e[0] for e in entries]).to(self.device)
-            if not self.base.is_sdxl:
+            if entries[0][1] is None:  # no pooled embedding: SD1/SD2
                 return hidden, None
             return hidden, torch.stack([e[1] for e in entries]).to(self.device)
         frozen = not self.config.network.train_text_encoder
@@ -204,8 +212,7 @@ class Objective:
         if train.noise_offset:
             offset = torch.randn((size, shape[1], 1, 1), generator=generator)
             draws["noise"] = draws["noise"] + train.noise_offset * offset
-        draws["timesteps"] = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,),
-                                           generator=generator)
+        draws["timesteps"] = self._draw_timesteps(size, generator)
         drop = torch.rand(size, generator=generator)  # stays on the CPU: it picks captions
         if train.multires_noise_iterations:
             draws["noise"] = pyramid_noise(draws["noise"], generator, train.multires_noise_iterations,
@@ -331,3 +338,12 @@ class Objective:
             if self.masked:
                 batch["masks"] = load_mask(record, crop, bucket)[None]
         return batch
+
+
+def make_objective(base: BaseModel, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> Objective:
+    """The objective of ``base``'s family: noise prediction for SD, flow matching for Flux.1 and SD3."""
+    if base.is_flow:
+        from .flow import FlowObjective
+
+        return FlowObjective(base, config, device, weight_dtype)
+    return Objective(base, config, device, weight_dtype)

@@ -42,7 +42,7 @@ def parameter_groups(trainable: dict[str, dict[str, torch.nn.Parameter]], config
     ratio = train.loraplus_lr_ratio
     groups: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {}
     for component, parameters in trainable.items():
-        base = train.learning_rate if component == "unet" else config.text_encoder_lr
+        base = train.learning_rate if component in ("unet", "transformer") else config.text_encoder_lr
         for path, parameter in parameters.items():
             factor = lr_weight(component, path) if lr_weight is not None else 1.0
             plus = ratio is not None and ".lora_B." in f".{path}"

@@ -27,7 +27,8 @@ def render_samples(base: BaseModel, unet, text_encoders: list[Any], config: Trai
     for index, prompt in enumerate(sampling.sample_prompts):
         settings = GenerationSettings(prompt, sampling.sample_negative_prompt, sampling.sample_steps,
                                       sampling.sample_guidance_scale, config.data.resolution, config.data.resolution,
-                                      sampling.sample_seed, sampler_name(pipe.scheduler))
+                                      sampling.sample_seed, sampler_name(pipe.scheduler),
+                                      distilled_guidance=base.family == "flux")
         image = render(pipe, settings, [sampling.sample_seed])[0]
         text = infotext(settings, model=Path(str(config.model.base_model)).name,
                         extra={"Lora": name, "Training step": step}, model_hash=model_hash)

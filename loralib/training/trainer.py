@@ -278,7 +278,7 @@ class Trainer:
 
     def _load_models(self) -> None:
         from ..pipelines import load_base_model
-        from .objective import Objective
+        from .objective import make_objective
 
         self.on_phase("loading the base model", 0, 1)
         self.base = base = load_base_model(self.config.model.base_model)
@@ -287,10 +287,10 @@ class Trainer:
             base.vae.decoder = base.vae.post_quant_conv = None
         vae_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype  # fp16 VAEs overflow
         _place(base.vae.requires_grad_(False).eval(), self.device, vae_dtype)
-        _place(base.unet.requires_grad_(False), self.device, self.weight_dtype)
+        _place(base.denoiser.requires_grad_(False), self.device, self.weight_dtype)
         for encoder in base.text_encoders:
             _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
-        self.objective = Objective(base, self.config, self.device, self.weight_dtype)
+        self.objective = make_objective(base, self.config, self.device, self.weight_dtype)
 
     def _add_lora(self) -> None:
         from .blocks import plan_blocks
@@ -299,14 +299,15 @@ class Trainer:
         torch.manual_seed(_derive_seed(cfg.training.seed, "init"))  # peft draws the initial down factors
         self.blocks = plan_blocks(cfg, self.base.architecture)
         self.targets: dict[str, tuple[Any, dict[str, str]]] = {}
-        trained = {"unet": self.base.unet}
+        self.denoiser_name = denoiser = self.base.denoiser_name  # unet, or Flux.1/SD3's transformer
+        trained = {denoiser: self.base.denoiser}
         if cfg.network.train_text_encoder:
-            trained.update({k: v for k, v in self.base.components().items() if k != "unet"})
+            trained.update({k: v for k, v in self.base.components().items() if k != denoiser})
         for component, model in trained.items():
             targets = network.target_layers(component, model, cfg.network.target_modules)
             settings = network.layer_settings(model, targets, rank=cfg.network.rank, alpha=cfg.alpha,
                                               conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha,
-                                              blocks=self.blocks if component == "unet" else None)
+                                              blocks=self.blocks if component == denoiser else None)
             if not settings:
                 raise InvalidArgumentError(f"the base model's {component} has no layer that target_modules = "
                                            f"{cfg.network.target_modules!r} (and the block settings) select")
@@ -317,9 +318,9 @@ class Trainer:
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()  # LoRA factors train in float32
         if cfg.training.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
+            self.base.denoiser.enable_gradient_checkpointing()
             for component, (model, _) in self.targets.items():
-                if component != "unet":
+                if component != denoiser:
                     model.gradient_checkpointing_enable()
         if cfg.training.base_weights_dtype != "default":
             from .fp8 import FP8_DTYPES, store_in_fp8
@@ -351,7 +352,7 @@ class Trainer:
 
     def _lr_weight(self, component: str, path: str) -> float:
         """The block learning-rate factor of a trainable parameter (``….to_q.lora_A.default.weight``)."""
-        if component != "unet":
+        if component != self.denoiser_name:
             return 1.0
         key = self.targets[component][1].get(path.split(".lora_", 1)[0])
         return self.blocks.lr_weight(key) if key is not None else 1.0
@@ -388,9 +389,10 @@ class Trainer:
         prepared = acc.prepare(*[model for model, _ in self.targets.values()], self.optimizer)
         *models, self.optimizer = prepared
         self.models = dict(zip(self.targets, models))
-        self.objective.unet = self.models["unet"]
+        self.objective.unet = self.models[self.denoiser_name]
         self.objective.text_encoders = [self.models.get(name, encoder) for name, encoder in
-                                        zip(("text_encoder", "text_encoder_2"), self.base.text_encoders)]
+                                        zip(("text_encoder", "text_encoder_2", "text_encoder_3"),
+                                            self.base.text_encoders)]
         if getattr(self, "_scaler_state", None) and acc.scaler is not None:
             acc.scaler.load_state_dict(self._scaler_state)
         if acc.is_main_process and self.config.output.tensorboard:
