@@ -62,12 +62,3 @@ def workers_for(device: torch.device | None) -> int | None:
     default on the CPU, one at a time on a GPU (which runs each module's work in parallel itself)."""
     return 1 if device is not None and device.type != "cpu" else None
 
-
-def describe(device: torch.device) -> str:
-    """How messages name a device: ``cpu``, or the GPU's name (``cuda:0, NVIDIA H100``)."""
-    if device.type != "cuda":
-        return str(device)
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index}, {torch.cuda.get_device_name(index)}"
