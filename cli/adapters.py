@@ -9,7 +9,7 @@ import click
 from loralib.dtypes import storage_dtype
 from loralib.formats import input_files
 from loralib.units import human_size
-from loralib.vocabulary import STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
+from loralib.vocabulary import DEVICES, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import note, plain, print_error, print_json, shown
 from .paths import adapter_output, make_parents, refuse_existing
@@ -146,11 +146,13 @@ def default_output(source: Path, fmt: str) -> Path:
 @click.option("--allow-pickle", is_flag=True, help="Read .ckpt/.pt/.bin files (unpickling runs code from the file).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Write factors holding NaN or infinite values (refused by default: they break every image).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="With --plain, --rank or --dynamic: compute on the CPU or a CUDA GPU (auto: the GPU when torch sees one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (and the per-module report) as JSON.")
 @click.pass_context
 def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | None, as_plain: bool, rank: int | None,
                     dynamic: str | None, max_rank: int | None, base: str | None, svd: str, dtype: str | None,
-                    force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool,
+                    force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool, device: str,
                     as_json: bool) -> None:
     """Convert ADAPTER to kohya (default), PEFT, diffusers or ComfyUI format; every module's ΔW is unchanged.
 
@@ -191,7 +193,7 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
     if to_plain:
         use_threads(folder_bytes([source]))
         _convert_to_lora(ctx, source, target, fmt, rank, dynamic, max_rank, base, svd, storage, force, drop_embeddings,
-                         allow_pickle, allow_nonfinite, as_json)
+                         allow_pickle, allow_nonfinite, as_json, device)
         return
     from loralib.formats import convert
 
@@ -212,7 +214,7 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
 
 def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, rank, dynamic, max_rank, base, svd,
                      dtype, force: bool, drop_embeddings: bool, allow_pickle: bool, allow_nonfinite: bool,
-                     as_json: bool) -> None:
+                     as_json: bool, device: str = "auto") -> None:
     """``convert --plain/--rank/--dynamic``: a plain LoRA of any adapter, with its per-module report."""
     from loralib.compose import to_lora
     from loralib.formats import load_adapter
@@ -225,5 +227,5 @@ def _convert_to_lora(ctx: click.Context, source: Path, target: Path, fmt: str, r
         adapter.embeddings = {}
     with progress("converting", enabled=not as_json) as update:
         composition = to_lora(adapter, rank, dynamic=dynamic, max_rank=max_rank, base=Path(base) if base else None,
-                              svd=svd, dtype=dtype, progress=update)
+                              svd=svd, dtype=dtype, progress=update, device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)

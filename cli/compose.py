@@ -19,7 +19,7 @@ from loralib.errors import InvalidArgumentError
 from loralib.files.atomic import refuse_overwrite
 from loralib.formats import input_files
 from loralib.units import human_size
-from loralib.vocabulary import COMPONENTS, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
+from loralib.vocabulary import COMPONENTS, DEVICES, MERGE_METHODS, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMATS
 
 from .output import note, plain, print_json, progress, shown
 from .paths import adapter_output, make_parents, output_file, refuse_existing
@@ -97,6 +97,12 @@ def _base_option(function):
     return click.option("--base", type=click.Path(),
                         help="Base model (diffusers folder or .safetensors checkpoint) for DoRA inputs, "
                              "whose ΔW depends on it.")(function)
+
+
+def device_option(function):
+    """``--device auto|cpu|cuda``: where the modules are computed (files are read and written on the CPU)."""
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="Compute on the CPU or a CUDA GPU; auto: the GPU when torch sees one.")(function)
 
 
 def _output_options(function):
@@ -181,12 +187,13 @@ def _ranks(ranks: dict[int, int]) -> str:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge inputs holding NaN or infinite values into the output (exact merge only; refused by default).")
 @_base_option
+@device_option
 @_output_options
 @click.pass_context
 def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | None, dynamic: str | None,
                   max_rank: int | None, method: str, density: float | None, seed: int, svd: str,
-                  allow_nonfinite: bool, base: str | None, output: str, fmt: str, dtype: str | None, force: bool,
-                  as_json: bool) -> None:
+                  allow_nonfinite: bool, base: str | None, device: str, output: str, fmt: str, dtype: str | None,
+                  force: bool, as_json: bool) -> None:
     """Merge adapters with weights: every module's ΔW becomes Σ weight · ΔW, exactly.
 
     Without --rank the result is exact (its rank is the sum of the input ranks); with --rank K it
@@ -209,7 +216,7 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     with progress("merging", enabled=not as_json) as update:
         composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
-                            progress=update, allow_nonfinite=allow_nonfinite)
+                            progress=update, allow_nonfinite=allow_nonfinite, device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)
 
 
@@ -217,10 +224,12 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
 @click.argument("adapter", shell_complete=complete_adapters)
 @_rank_options
 @_base_option
+@device_option
 @_output_options
 @click.pass_context
 def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: str | None, max_rank: int | None,
-                   base: str | None, output: str, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                   base: str | None, device: str, output: str, fmt: str, dtype: str | None, force: bool,
+                   as_json: bool) -> None:
     """Reduce ADAPTER's rank by exact SVD: each module becomes its best approximation at the new rank.
 
     Modules already at or below --rank are kept bit for bit. LyCORIS and DoRA modules (with --base)
@@ -242,7 +251,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
     use_threads(folder_bytes([source]))
     with progress("resizing", enabled=not as_json) as update:
         composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
-                             base=Path(base) if base else None, progress=update)
+                             base=Path(base) if base else None, progress=update, device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)
 
 
@@ -252,9 +261,10 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
 @click.option("-o", "--output", type=click.Path(), required=True,
               help="Output folder (diffusers base) or .safetensors file (single-file base).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, force: bool,
+def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, force: bool, device: str,
                  as_json: bool) -> None:
     """Fuse adapters into BASE (a diffusers folder or a single-file checkpoint) and write a new model.
 
@@ -275,7 +285,7 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
     use_threads(folder_bytes([base_path]))
     make_parents(target)
     with progress("baking", enabled=not as_json) as update:
-        result = bake(base_path, inputs, target, force=force, progress=update)
+        result = bake(base_path, inputs, target, force=force, progress=update, device=device)
     if as_json:
         print_json({"output": str(result.path), "kind": result.kind, "files": [str(f) for f in result.files],
                     "layers": result.layers, "modules": result.modules, "notes": result.notes})
@@ -301,11 +311,12 @@ def bake_command(ctx: click.Context, base: str, adapters: tuple[str, ...], outpu
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
               help="auto: randomized where the rank is far below the layer size, else exact.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@device_option
 @_output_options
 @click.pass_context
 def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None, dynamic: str | None,
                     max_rank: int | None, conv_rank: int | None, components: tuple[str, ...], min_diff: float,
-                    svd: str, seed: int, output: str, fmt: str, dtype: str | None, force: bool,
+                    svd: str, seed: int, device: str, output: str, fmt: str, dtype: str | None, force: bool,
                     as_json: bool) -> None:
     """Extract a LoRA from the difference TUNED − BASE (diffusers folders or single-file checkpoints).
 
@@ -327,5 +338,6 @@ def extract_command(ctx: click.Context, base: str, tuned: str, rank: int | None,
     with progress("extracting", enabled=not as_json) as update:
         composition = extract(Path(base).expanduser(), tuned_path, rank, dynamic=dynamic,
                               max_rank=max_rank, conv_rank=conv_rank, components=components or None,
-                              min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update)
+                              min_diff=min_diff, svd=svd, seed=seed, dtype=_dtype(dtype), progress=update,
+                              device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)

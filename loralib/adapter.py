@@ -15,6 +15,7 @@ diffusers' scale of 1) into this one exactly, so conversion never changes ``ΔW`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -240,6 +241,7 @@ class LoraAdapter:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     source_path: Path | None = None
     source_hash: Deferred | None = field(default=None, repr=False)  # FileHashes of the source's files
+    releaser: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def components(self) -> list[str]:
@@ -288,9 +290,25 @@ class LoraAdapter:
         """The identity of the source's content as stored (see :mod:`loralib.files.hashes`), or None."""
         return self.source_hash.result().identity if self.source_hash is not None else None
 
+    def release(self, key: str) -> None:
+        """Say that module ``key`` will not be read again soon: for an adapter loaded from files
+        (whose tensors view the memory-mapped files) its pages leave this process's memory. The
+        module stays valid (its bytes are read from the file again if touched). Streaming
+        operations call this after each module, so their memory does not grow with the inputs."""
+        if self.releaser is not None:
+            self.releaser(key)
+
     def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
-        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given)."""
-        return [key for key, module in self.modules.items() if not is_finite(module, dtype)]
+        """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given).
+
+        Each module is released once checked (see :meth:`release`), so checking a file-backed adapter
+        does not bring all of it into memory at once."""
+        bad = []
+        for key, module in self.modules.items():
+            if not is_finite(module, dtype):
+                bad.append(key)
+            self.release(key)
+        return bad
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A copy with every factor cast to ``dtype``."""

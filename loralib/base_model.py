@@ -6,14 +6,12 @@ a model, and building full-size module tables on the ``meta`` device.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, COMPONENTS, T5, TEXT_ENCODER_2
+from .architectures import ARCHITECTURES, COMPONENTS, T5
 from .layers import LayerShape
-from .naming import TE_ROOT, internal_key
+from .naming import internal_key
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)  # what LyCORIS' norm modules (and ComfyUI's 1-D .diff) change
 
@@ -47,26 +45,6 @@ def layer_shape(module: nn.Module) -> LayerShape:
     if isinstance(module, nn.Conv2d):
         return LayerShape(module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size))
     return LayerShape(module.out_features, module.in_features, None)
-
-
-@cache
-def text_model_prefix(component: str, class_name: str | None = None) -> str:
-    """``"text_model."`` if the installed transformers nests this text encoder's layers under
-    ``.text_model`` (CLIPTextModelWithProjection always; CLIPTextModel before transformers 5), else ``""``.
-
-    ``class_name`` is the CLIP class of the component (default: ``CLIPTextModelWithProjection`` for
-    ``text_encoder_2``, ``CLIPTextModel`` otherwise; SD3's ``text_encoder`` has a projection too).
-    PEFT files must spell module paths the way the live model does, so the PEFT writer asks here.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if class_name is None:
-        class_name = "CLIPTextModelWithProjection" if component == TEXT_ENCODER_2 else "CLIPTextModel"
-    cls = CLIPTextModelWithProjection if class_name == "CLIPTextModelWithProjection" else CLIPTextModel
-    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
-    with torch.device("meta"):
-        model = cls(config)
-    return TE_ROOT + "." if hasattr(model, TE_ROOT) else ""
 
 
 def full_size_layers(architecture: str, components: tuple[str, ...] = COMPONENTS) -> dict[str, LayerShape]:

@@ -198,6 +198,32 @@ def decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return values.reshape(shape)
 
 
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def decode_group(raws: list[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Several tensors of one dtype and shape as one float32 array ``[len(raws), *shape]``.
+
+    In a process that has already imported torch (a command that just wrote the adapter), torch
+    widens the values: the same exact conversion as :func:`decode`, about ten times faster than
+    numpy's half-precision cast. Otherwise (a catalog scan, which never imports torch) numpy does.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or dtype not in _TORCH_DTYPES or sys.byteorder != "little":
+        return decode(b"".join(raws), dtype, (len(raws), *shape))
+    import warnings
+
+    source_dtype = getattr(torch, _TORCH_DTYPES[dtype])
+    out = torch.empty((len(raws), *shape), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers, which are only read here
+        for row, raw in zip(out, raws):
+            if len(raw) != row.numel() * source_dtype.itemsize:
+                raise ValueError("the tensor's bytes do not match its shape")
+            row.copy_(torch.frombuffer(raw, dtype=source_dtype).view(shape))
+    return out.numpy()
+
+
 def file_reader(source: TensorSource, name: str) -> bytes:
     """Read one tensor's bytes from its safetensors file (the default reader)."""
     info = source.header.tensors[name]
@@ -269,16 +295,24 @@ def _group_sketches(entries: list[ModuleEntry], read: RawReader) -> np.ndarray:
     if first.source.header is None:
         raise ValueError("its tensors are not in a safetensors file")
     down_shape, up_shape = first.source.shapes[first.down], first.source.shapes[first.up]
-    # one read and one decode per factor kind: the group's modules share shapes and dtypes
-    downs = decode(b"".join(read(e.source, e.down) for e in entries), first.source.dtypes[first.down],
-                   (count, *down_shape))
-    ups = decode(b"".join(read(e.source, e.up) for e in entries), first.source.dtypes[first.up], (count, *up_shape))
+    # one decode per factor kind: the group's modules share shapes and dtypes
+    downs = decode_group([read(e.source, e.down) for e in entries], first.source.dtypes[first.down], down_shape)
+    ups = decode_group([read(e.source, e.up) for e in entries], first.source.dtypes[first.up], up_shape)
     rank = downs.shape[1]
     flat = downs.reshape(count, rank, -1)
     projected = flat @ _probes(flat.shape[2], 0)  # [count, rank, PROBES]
     outputs = _probes(ups.shape[1], 1).T @ ups.reshape(count, ups.shape[1], rank)  # [count, PROBES, rank]
     scales = np.array([e.effective_alpha / rank for e in entries], dtype=np.float64)
     return scales[:, None, None] * (outputs.astype(np.float64) @ projected.astype(np.float64))
+
+
+# Modules of one shape are decoded together up to this many bytes of float32 values, so that the
+# memory a fingerprint needs stays small whatever the adapter's size.
+GROUP_BYTES = 64 * 2**20
+
+
+def _values(*shapes: tuple[int, ...]) -> int:
+    return sum(math.prod(shape) for shape in shapes)
 
 
 def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerprint:
@@ -305,7 +339,11 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
         alone = entry.mid is not None or entry.rows is not None or entry.swap  # CP mid, a fused layer's part
         group = (("single", key) if alone else
                  (shapes[entry.down], shapes[entry.up], dtypes[entry.down], dtypes[entry.up], entry.source.header is None))
-        groups.setdefault(group, []).append(key)
+        members = groups.setdefault(group, [])
+        if not alone and len(members) * _values(shapes[entry.down], shapes[entry.up]) * 4 >= GROUP_BYTES:
+            groups[(*group, key)] = groups.pop(group)  # full: a new group of these shapes starts here
+            members = groups.setdefault(group, [])
+        members.append(key)
     keys, sketches = [], []
     for group, members in groups.items():
         entries = [index.modules[k] for k in members]

@@ -23,6 +23,7 @@ from typing import Any
 from .architectures import ARCHITECTURES, COMPONENTS, SD, SDXL, UNKNOWN, claimed_architecture, detect_architecture
 from .errors import UnsafeFileError
 from .files.hashes import folder_identity, hash_mapped
+from .files.pages import drop_pages
 from .formats import AdapterIndex, Inputs, identify_inputs, index_inputs, open_inputs, refuse
 from .formats.detect import Kind, name_family
 from .formats.source import TensorSource
@@ -252,7 +253,10 @@ def _read_bytes(sources: list[TensorSource], index: AdapterIndex | None, *, hash
         def read(source: TensorSource, name: str) -> bytes:
             info = source.header.tensors[name]
             start = source.header.data_start + info.begin
-            return maps[id(source)][start:start + info.nbytes]
+            data = maps[id(source)][start:start + info.nbytes]
+            if isinstance(maps[id(source)], mmap.mmap):  # a large file: keep only what is in use in memory
+                drop_pages(maps[id(source)], start, info.nbytes)
+            return data
 
         try:
             result = compute(index, read)

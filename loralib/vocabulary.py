@@ -14,7 +14,7 @@ from .dtypes import STORAGE_DTYPES
 
 _FROM_THE_TABLE = ("CATALOG_FORMATS", "FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
 __all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "KNOWN_ARCHITECTURES",
-           "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
+           "DEVICES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
 
 # Architectures lorareg converts and merges for (and builds tiny models of); and every one it can name.
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
@@ -24,6 +24,7 @@ MERGE_METHODS = ("concat", "linear", "ties", "dare")
 SVD_METHODS = ("auto", "exact", "randomized")
 DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 CATALOG_SORTS = ("name", "added", "updated", "size")
+DEVICES = ("auto", "cpu", "cuda")  # where composition computes (loralib.device)
 
 # lorareg's sampler names -> (diffusers scheduler class, extra config, A1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {

@@ -115,8 +115,8 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
     """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder), hash its
     files and fingerprint its ΔW (``fingerprint=False`` skips that), reading the bytes once.
 
-    ``hashes`` may be passed when they are already known (a writer computed them for a one-file
-    adapter). Raises :class:`~loralib.errors.LoraError` subclasses for files that are not adapters
+    ``hashes`` may be passed when they are already known (a writer computed them: its main file's,
+    with the whole adapter's identity). Raises :class:`~loralib.errors.LoraError` subclasses for files that are not adapters
     or are unreadable.
     """
     given = absolute(path)
@@ -128,8 +128,6 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
     if hashes is not None and hashes.identity is not None:
         report = inspect(root, hashes=False, fingerprint=fingerprint)
         found = hashes.to_dict()
-        if len(report.files) > 1:  # the writer's hashes are of one file; the identity is of all of them
-            report = None
     if report is None:
         report = inspect(root, hashes=True, fingerprint=fingerprint)
         found = dict(report.hashes)

@@ -25,12 +25,10 @@ def record_output(result: SaveResult, home: str | os.PathLike | None = None, *, 
     with the sample images made with it.
 
     The operation is the record the writer stored in the file (``result.operation``: inputs with
-    their hashes, weights and parameters). The hashes the writer computed are reused, except for a
-    PEFT folder, whose identifying file the catalog picks itself.
+    their hashes, weights and parameters). The hashes the writer computed are reused.
     """
-    hashes = result.hashes if result.format != "peft" else None
     with Catalog(home) as catalog:
-        return catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes,
+        return catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=result.hashes,
                                        name=name, samples=samples)
 
 

@@ -7,6 +7,11 @@ only when asked. Results are committed in small batches: a scan that is interrup
 leaves a consistent catalog holding every batch committed so far, and the next scan skips those
 files and completes the rest. Files that are not adapters are counted and remembered (so a
 rescan skips them too); damaged ones are flagged; no file, however broken, stops the scan.
+
+Reading files (headers, hashes, fingerprints: CPU work in Python) is spread over worker processes
+when there are many to read, one per free core; the catalog is written by this process alone, in order.
+Work is handed out in small chunks with only a few in flight, so memory stays flat however many
+files the folder holds.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from loralib.errors import (
     NotALoraError,
     UnsafeFileError,
 )
-from loralib.files import PICKLE_SUFFIXES, is_pickle
+from loralib.files import PICKLE_SUFFIXES
 from loralib.formats.layout import adapter_root, main_file
+from loralib.formats.table import folder_formats
 
 from .catalog import Catalog
 from .describe import FileFacts, absolute, describe, storable
@@ -35,6 +41,8 @@ Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
 BATCH_FILES = 200
 BATCH_SECONDS = 0.5
+PARALLEL_FROM = 200  # files to read before worker processes pay for their start-up
+CHUNK_FILES = 16  # files per task handed to a worker
 
 
 @dataclass
@@ -81,7 +89,7 @@ def _entries(folder: str) -> list[os.DirEntry]:
         return []
 
 
-def _walk(folder: Path, recursive: bool, follow_links: bool, skipped: list[dict[str, str]]) -> Iterator[Path]:
+def _walk(folder: Path, recursive: bool, follow_links: bool, skipped: list[dict[str, str]]) -> Iterator[str]:
     """Adapter and pickle files under ``folder``, skipping hidden entries and our own partial writes.
 
     Each folder is visited once (a link that loops back is reported, not followed); links to
@@ -107,7 +115,7 @@ def _walk(folder: Path, recursive: bool, follow_links: bool, skipped: list[dict[
             continue
         if not is_dir:
             if entry.name.lower().endswith(ADAPTER_SUFFIXES + PICKLE_SUFFIXES) and entry.is_file():
-                yield Path(entry.path)
+                yield entry.path
             continue
         if not recursive:
             continue
@@ -146,31 +154,41 @@ def _link_problem(path: str, real_root: str, follow_links: bool) -> str | None:
     return None
 
 
-def _candidates(folder: Path, recursive: bool, report: ScanReport, follow_links: bool) -> list[Path]:
-    """One main file per adapter: components of a PEFT folder are read with its main file."""
-    files: dict[Path, None] = {}
+def _candidates(folder: Path, recursive: bool, report: ScanReport, follow_links: bool) -> list[str]:
+    """One main file per adapter: components of a PEFT folder are read with its main file.
+
+    Paths stay strings here (a rescan spends its time in this loop, once per file); only files
+    named like a folder adapter's weights are looked at more closely.
+    """
+    files: dict[str, None] = {}
+    folder_weights = {name for fmt in folder_formats() for name in fmt.folder.weights}
     for path in _walk(folder, recursive, follow_links, report.skipped):
         if not storable(path):
-            report.skipped.append({"path": str(path), "reason": "its name is not valid UTF-8, which the catalog "
-                                                                "cannot store: rename the file"})
+            report.skipped.append({"path": path, "reason": "its name is not valid UTF-8, which the catalog "
+                                                           "cannot store: rename the file"})
             continue
-        if is_pickle(path):
-            report.pickles.append(str(path))
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            report.pickles.append(path)
             continue
-        root = adapter_root(path)
-        files.setdefault(main_file(root) if root != path else path, None)
+        if os.path.basename(path) in folder_weights:
+            root = adapter_root(Path(path))
+            if str(root) != path:
+                path = str(main_file(root))
+        files.setdefault(path, None)
     return list(files)
 
 
 def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True, progress: Progress | None = None,
-         batch_files: int = BATCH_FILES, batch_seconds: float = BATCH_SECONDS, follow_links: bool = False) -> ScanReport:
+         batch_files: int = BATCH_FILES, batch_seconds: float = BATCH_SECONDS, follow_links: bool = False,
+         workers: int | None = None) -> ScanReport:
     """Index every adapter under ``folder`` into ``catalog``; see the module docstring.
 
     ``progress(done, total)`` is called as files are checked. On KeyboardInterrupt the files
     already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
     with the report. Links to folders outside ``folder`` are followed only with ``follow_links``;
     what was not followed, and files whose names the catalog cannot store, are listed in
-    ``report.skipped``.
+    ``report.skipped``. ``workers`` is how many processes read files (default: one per core when
+    at least :data:`PARALLEL_FROM` files are to be read and the cores are free, else this process alone).
     """
     start = time.perf_counter()
     root = absolute(folder)
@@ -183,15 +201,17 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     files = _candidates(root, recursive, report, follow_links)
     report.found = len(files)
     known = catalog.files_under(root)
-    to_read = [(path, stat) for path, stat in _stats(files)
-               if not _unchanged(path, known.pop(str(path), None), stat, report)]
+    # (path, (size, mtime)) only: a stat result or a Path per file would make memory grow with the folder
+    to_read = [(path, stat) for path, stat in _stats(files) if not _unchanged(path, known.pop(path, None), stat, report)]
     done = len(files) - len(to_read)
     if progress is not None:
         progress(done, len(files))
     batch = _Batch(catalog, report, batch_files, batch_seconds)
+    if workers is None:
+        workers = _free_cores() if len(to_read) >= PARALLEL_FROM else 1
     try:
-        for path, stat in to_read:
-            batch.add(path, stat, _describe_outcome(path))
+        for (path, stat), outcome in zip(to_read, _outcomes([path for path, _ in to_read], workers)):
+            batch.add(path, stat, outcome)
             done += 1
             if progress is not None:
                 progress(done, len(files))
@@ -208,29 +228,101 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     return report
 
 
-def _stats(files: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
+Stat = tuple[int, int]  # size, mtime in nanoseconds
+
+
+def _stats(files: list[str]) -> Iterator[tuple[str, Stat]]:
     for path in files:
         try:
-            yield path, path.stat()
+            found = os.stat(path)
         except OSError:  # vanished since the walk
             continue
+        yield path, (found.st_size, found.st_mtime_ns)
 
 
-def _unchanged(path: Path, known: tuple | None, stat: os.stat_result, report: ScanReport) -> bool:
+def _unchanged(path: str, known: tuple | None, stat: Stat, report: ScanReport) -> bool:
     """True (and counted) when the catalog saw this file with the same size and mtime (and has its fingerprint)."""
-    if known is None or known[0] != stat.st_size or known[1] != stat.st_mtime_ns or known[2] in ("missing", "stale"):
+    if known is None or known[0] != stat[0] or known[1] != stat[1] or known[2] in ("missing", "stale"):
         return False
     report.unchanged += 1
     if known[2] in ("not-lora", "damaged"):
-        (report.not_lora if known[2] == "not-lora" else report.damaged).append(str(path))
+        (report.not_lora if known[2] == "not-lora" else report.damaged).append(path)
     return True
 
 
 Outcome = tuple[str, "FileFacts | str"]  # ("ok", facts) or ("not-lora" / "damaged", problem)
 
 
-def _describe_outcome(path: Path) -> Outcome:
+def _free_cores() -> int:
+    """The cores this process may use minus the load already on them (at least 1): on a busy machine
+    worker processes only add the cost of passing results back."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
+    """The outcome of describing each file, in order: here, or in ``workers`` processes.
+
+    At most a few chunks per worker are in flight, so memory does not grow with the folder.
+    A pool that cannot start or breaks (a worker killed) leaves the rest to this process.
+    """
+    if workers <= 1 or len(paths) < 2:
+        yield from map(_describe_outcome, paths)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = [paths[i:i + CHUNK_FILES] for i in range(0, len(paths), CHUNK_FILES)]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    done = 0
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_quiet_worker)
+    except (OSError, ValueError):
+        yield from map(_describe_outcome, paths)
+        return
+    try:
+        pending: deque = deque()
+        upcoming = iter(chunks)
+        for chunk in upcoming:
+            pending.append(pool.submit(_describe_chunk, chunk))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            results = pending.popleft().result()
+            done += len(results)
+            yield from results
+            chunk = next(upcoming, None)
+            if chunk is not None:
+                pending.append(pool.submit(_describe_chunk, chunk))
+    except BrokenProcessPool:
+        yield from map(_describe_outcome, paths[done:])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _quiet_worker() -> None:
+    """Workers leave Ctrl-C to the scanning process, which commits what was read and stops them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _describe_chunk(paths: list[str]) -> list[Outcome]:
+    return [_describe_outcome(path) for path in paths]
+
+
+def _describe_outcome(path: str | Path) -> Outcome:
     """Describe one file; what is wrong with it, if anything, as a state and a message."""
+    path = Path(path)
     try:
         return "ok", describe(path)
     except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
@@ -247,19 +339,19 @@ class _Batch:
     def __init__(self, catalog: Catalog, report: ScanReport, size: int, seconds: float) -> None:
         self.catalog, self.report, self.size, self.seconds = catalog, report, size, seconds
         self.facts: list[FileFacts] = []
-        self.problems: list[tuple[Path, os.stat_result, str, str]] = []
+        self.problems: list[tuple[str, Stat, str, str]] = []
         self.flushed_at = time.monotonic()
 
-    def add(self, path: Path, stat: os.stat_result, outcome: Outcome) -> None:
+    def add(self, path: str, stat: Stat, outcome: Outcome) -> None:
         """Queue one file's outcome; commit when the batch is full or old enough."""
         state, found = outcome
         if state == "ok":
             self.facts.append(found)
             if found.report.damaged:
-                self.report.damaged.append(str(path))
+                self.report.damaged.append(path)
         else:
             self.problems.append((path, stat, state, found))
-            (self.report.not_lora if state == "not-lora" else self.report.damaged).append(str(path))
+            (self.report.not_lora if state == "not-lora" else self.report.damaged).append(path)
         if len(self.facts) + len(self.problems) >= self.size or time.monotonic() - self.flushed_at >= self.seconds:
             self.flush()
 
@@ -268,8 +360,7 @@ class _Batch:
         if self.facts or self.problems:
             with self.catalog.transaction():
                 for path, stat, state, problem in self.problems:
-                    self.catalog.record_file(str(path), state=state, problem=problem, size=stat.st_size,
-                                             mtime_ns=stat.st_mtime_ns)
+                    self.catalog.record_file(path, state=state, problem=problem, size=stat[0], mtime_ns=stat[1])
                 stored = self.catalog.add_many(self.facts)
             for result in stored:
                 if result.created:

@@ -150,3 +150,18 @@ def test_textual_inversion_tokens_are_never_dropped_silently(real_loras, tmp_pat
     for token, vectors in original.embeddings.items():
         assert torch.equal(bundled.embeddings[token].reshape(-1), vectors.reshape(-1))
     assert_same_factors(original, bundled)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers"])
+def test_writers_return_the_hashes_a_fresh_read_gives(tiny_layers, tmp_path, fmt):
+    """The hashes computed while writing (main file, and the identity of every file of a PEFT folder)
+    are those that reading the written adapter back gives, so nothing needs to read it again."""
+    from loralib.files.hashes import hash_adapter_files
+    from loralib.formats.layout import open_inputs
+
+    adapter = loralib.synthetic.random_adapter(tiny_layers["sdxl"], 4, architecture="sdxl")
+    target = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    result = loralib.save(adapter, target, fmt)
+    headers = [source.header for source in open_inputs(target).sources]
+    assert len(headers) == (3 if fmt == "peft" else 1)
+    assert result._hashes is not None and result.hashes == hash_adapter_files(headers)

@@ -174,3 +174,16 @@ def test_scan_groups_copies_formats_dtypes_and_near_duplicates(layers, tmp_path,
     assert json.loads(lorareg("show", "unrelated", "--json").out)["same_adapter_as"] == []
     text = lorareg("duplicates", "--near", "0.99")
     assert text.code == 0 and "style_r4" not in text.out and "style_bf16" in text.out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fingerprint_is_the_same_with_and_without_torch_loaded(layers, tmp_path, monkeypatch, dtype):
+    """A command that wrote an adapter decodes its factors with torch, a scan with numpy: the stored
+    fingerprints must be the same bytes (both widen the values exactly)."""
+    path = tmp_path / "a.safetensors"
+    loralib.save(random_adapter(layers, 8, seed=5, dtype=dtype), path)
+    with_torch = fingerprint_file(str(path))
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as in a process that never imported it
+    without = fingerprint_file(str(path))
+    assert with_torch.modules == without.modules == len(layers)
+    assert with_torch.to_bytes() == without.to_bytes()

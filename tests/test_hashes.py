@@ -60,7 +60,8 @@ def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
     path = tmp_path / "w.safetensors"
     returned = write_safetensors(path, _big_tensors(), {"ss_network_dim": "8"}, SELF_HASHES)
     recomputed = hash_file(path)
-    assert returned == recomputed.tensor_sha256
+    assert returned == recomputed  # every hash, identity included, as reading the file back gives
+    assert returned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     metadata = read_header(path).metadata
     assert metadata["sshs_model_hash"] == recomputed.tensor_sha256
     assert metadata["modelspec.hash_sha256"] == "0x" + recomputed.tensor_sha256
@@ -72,11 +73,12 @@ def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
 def test_writer_leaves_out_the_legacy_hash_when_the_header_covers_it(tmp_path):
     path = tmp_path / "h.safetensors"
     tensors = {f"t{i:05d}.lora_down.weight": torch.zeros(1) for i in range(30000)}  # a header over 1 MiB
-    write_safetensors(path, tensors, {}, SELF_HASHES)
+    returned = write_safetensors(path, tensors, {}, SELF_HASHES)
     header = read_header(path)
     assert header.data_start > 0x100000
     assert "sshs_legacy_hash" not in header.metadata
     assert header.metadata["sshs_model_hash"] == hash_file(path).tensor_sha256
+    assert returned == hash_file(path)  # the legacy hash of the bytes, header included
 
 
 def test_writer_round_trips_every_dtype(tmp_path):
@@ -120,3 +122,24 @@ def test_an_input_hash_is_written_even_after_its_adapter_is_gone(tmp_path, finis
     assert written == {"file": "a.safetensors", "identity": "ef" * 32, "tensor_sha256": "ab" * 32, "sha256": "cd" * 32,
                        "weight": 0.5}
     assert result.operation.inputs[0].tensor_sha256 == "ab" * 32 and result.operation.inputs[0].identity == "ef" * 32
+
+
+def test_loaded_tensors_view_the_mapped_file_and_stay_valid_once_released(tmp_path):
+    """Adapters load as views of the memory-mapped file; releasing a module drops its pages from
+    this process only: its values are read again from the file when touched."""
+    import loralib
+    from loralib.synthetic import random_adapter
+    from tests.helpers.small_loras import sd1_attention_layers
+
+    path = tmp_path / "a.safetensors"
+    original = random_adapter(sd1_attention_layers(), 64, seed=3, dtype=torch.float16)
+    loralib.save(original, path)
+    loaded = loralib.load(path)
+    key = next(iter(loaded.modules))
+    before = loaded.modules[key].up.clone()
+    for name in loaded.modules:
+        loaded.release(name)
+    assert torch.equal(loaded.modules[key].up, before)
+    assert all(torch.equal(loaded.modules[k].down, m.down) and torch.equal(loaded.modules[k].up, m.up)
+               for k, m in original.modules.items())
+    assert path.read_bytes()  # the file is untouched and readable

@@ -99,3 +99,53 @@ def test_unknown_kohya_prefix_is_not_parsed():
     layout = UNetLayout.from_config(SD1.unet_config)
     assert parse_module_name("lora_unet_unet_down_blocks_0_attentions_0_proj_in", layout) is None
     assert parse_module_name("lora_vae_decoder_conv_in", layout) is None
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2"])
+def test_text_model_prefix_matches_the_installed_transformers(component):
+    """The torch-free decision agrees with the CLIP model the installed transformers really builds."""
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loralib.naming.clip import nests_text_model, text_model_prefix
+
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    with torch.device("meta"):
+        model = cls(config)
+    nested = hasattr(model, "text_model")
+    assert nests_text_model(component, transformers.__version__) is nested
+    assert text_model_prefix(component) == ("text_model." if nested else "")
+    peft_paths = {name for name, _ in model.named_modules() if name.endswith("q_proj")}
+    assert all(p.startswith(text_model_prefix(component) + "encoder.") for p in peft_paths)
+
+
+@pytest.mark.parametrize(("version", "nested"), [("4.45.2", True), ("4.57.1.dev0", True), ("5.0.0", True),
+                                                  ("5.5.3", True), ("5.6.0rc1", False), ("5.6.0", False),
+                                                  ("5.23.0", False), ("6.0", False), (None, False)])
+def test_clip_text_model_was_flattened_in_transformers_5_6(version, nested):
+    from loralib.naming.clip import nests_text_model
+
+    assert nests_text_model("text_encoder", version) is nested
+    assert nests_text_model("text_encoder_2", version) is True  # WithProjection always keeps .text_model
+
+
+def test_text_model_prefix_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from loralib.naming.clip import text_model_prefix; text_model_prefix('text_encoder'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("class_name", "version", "nested"), [("CLIPTextModelWithProjection", "5.23.0", True),
+                                                               ("CLIPTextModel", "5.23.0", False),
+                                                               ("CLIPTextModel", "5.5.0", True),
+                                                               ("T5EncoderModel", "4.50.0", False)])
+def test_the_prefix_follows_the_components_class(class_name, version, nested):
+    """SD3's first text encoder has a projection (nested), Flux's and SD3's T5 has no text_model at all."""
+    from loralib.naming.clip import nests_text_model
+
+    assert nests_text_model("text_encoder", version, class_name) is nested

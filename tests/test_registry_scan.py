@@ -152,3 +152,27 @@ def test_parallel_processes_adding_and_scanning_never_lose_entries_or_fail(tmp_p
         # three processes raced to create the schema; each migration ran once
         assert [r[0] for r in catalog.conn.execute("SELECT version FROM schema_version")] == \
             list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_worker_processes_record_what_one_process_records(tmp_path):
+    """Files read by worker processes are recorded exactly as when this process reads them: same
+    entries and hashes, in the same order; bad files flagged the same way."""
+    folder = tmp_path / "loras"
+    write_small_loras(folder, 40)
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (folder / "weights.safetensors").write_bytes(small_lora_bytes(7)[:-50])  # truncated
+    rows = {}
+    for workers in (1, 2):
+        home = tmp_path / f"home{workers}"
+        with Catalog(home) as catalog:
+            report = scan(catalog, folder, workers=workers, batch_files=7)
+        assert report.added == 40 and report.not_lora == []
+        assert sorted(Path(p).name for p in report.damaged) == ["broken.safetensors", "weights.safetensors"]
+        conn = sqlite3.connect(home / "catalog.db")
+        rows[workers] = conn.execute("SELECT name, identity, tensor_sha256, sha256, fingerprint FROM adapters "
+                                     "ORDER BY id").fetchall()
+        rows[workers, "files"] = conn.execute("SELECT path, state FROM files ORDER BY path").fetchall()
+        conn.close()
+        _consistent(home)
+    assert rows[1] == rows[2] and len(rows[1]) == 40
+    assert rows[1, "files"] == rows[2, "files"]

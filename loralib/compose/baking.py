@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import on_device, resolve_device
 from ..errors import InvalidArgumentError, MismatchError, OutputExistsError
 from ..files.atomic import atomic_dir, check_output, refuse_overwrite, same_file
 from ..files.header import read_header
@@ -60,12 +61,15 @@ class BakeResult:
 
 
 def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, float]], output: str | Path, *,
-         force: bool = False, progress: Progress | None = None) -> BakeResult:
+         force: bool = False, progress: Progress | None = None,
+         device: str | torch.device | None = "auto") -> BakeResult:
     """Fuse weighted adapters into the model at ``base`` and write the result to ``output``.
 
     ``base`` is a diffusers folder (the output is a folder) or a single-file ``.safetensors``
-    checkpoint (the output is a ``.safetensors`` file with the same keys).
+    checkpoint (the output is a ``.safetensors`` file with the same keys). ``device`` (``auto``,
+    ``cpu``, ``cuda``) is where each weight's ``W + Σ w·ΔW`` is computed (see :mod:`loralib.device`).
     """
+    device = resolve_device(device)
     items = load_weighted(adapters)
     check_compatible(items)
     base, output = Path(base), Path(output)
@@ -86,10 +90,10 @@ def bake(base: str | Path, adapters: Iterable[AdapterLike | tuple[AdapterLike, f
     total = sum(len(s) for s in plan.values())
     counter = _Counter(total, progress)
     if model.kind == "checkpoint":
-        _rewrite(base, output, plan[base], deltas, record, counter)
+        _rewrite(base, output, plan[base], deltas, record, counter, device)
         files = [output]
     else:
-        files = _bake_folder(base, output, plan, deltas, record, counter)
+        files = _bake_folder(base, output, plan, deltas, record, counter, device)
     layers = len({(s.file, s.name) for slots in plan.values() for s in slots.values()})
     modules = len({key.split(":", 1)[0] for key in deltas})
     return BakeResult(output, model.kind, files, layers, modules)
@@ -192,7 +196,8 @@ def vector_delta(key: str, parts: list[tuple[object, float]]) -> torch.Tensor:
     return sum(weight * pick(module) for module, weight in parts)
 
 
-def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict, counter: _Counter) -> None:
+def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict, counter: _Counter,
+          device: torch.device) -> None:
     by_tensor: dict[str, list[tuple[str, Slot]]] = defaultdict(list)
     for key, slot in slots.items():
         by_tensor[slot.name].append((key, slot))
@@ -200,22 +205,24 @@ def _fuse(tensors: dict[str, torch.Tensor], slots: dict[str, Slot], deltas: dict
         stored = tensors[name]
         changes = []  # every delta of this tensor is computed against the unchanged weight (DoRA reads it)
         for key, slot in entries:
+            parts = [(on_device(module, device), weight) for module, weight in deltas[key]]
             if ":" in key:
-                delta = vector_delta(key, deltas[key])
+                delta = vector_delta(key, parts)
             else:
                 base = stored if slot.rows is None else stored[slot.rows[0]: slot.rows[1]]
-                delta = layer_delta(deltas[key], swap_halves(base) if slot.swap else base)
+                base = on_device(base, device)
+                delta = layer_delta(parts, swap_halves(base) if slot.swap else base)
             if slot.swap:  # the file keeps this layer's halves in the original model's order
                 delta = swap_halves(delta)
             changes.append((slot, delta))
-        weight = stored.to(torch.float32)
+        weight = on_device(stored, device).to(torch.float32)
         for slot, delta in changes:
             if slot.rows is None:
                 weight += delta.reshape(weight.shape)
             else:
                 weight[slot.rows[0]: slot.rows[1]] += delta.reshape(slot.shape)
             counter.step()
-        tensors[name] = weight.to(stored.dtype)
+        tensors[name] = weight.to("cpu", stored.dtype)
 
 
 def _load_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -224,15 +231,16 @@ def _load_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(path), dict(read_header(path).metadata)
 
 
-def _rewrite(source: Path, target: Path, slots: dict[str, Slot], deltas: dict, record: dict, counter: _Counter) -> None:
+def _rewrite(source: Path, target: Path, slots: dict[str, Slot], deltas: dict, record: dict, counter: _Counter,
+             device: torch.device) -> None:
     tensors, metadata = _load_all(source)
-    _fuse(tensors, slots, deltas, counter)
+    _fuse(tensors, slots, deltas, counter, device)
     metadata[HISTORY_KEY] = json.dumps(history(metadata) + [record])
     write_safetensors(target, tensors, metadata)
 
 
 def _bake_folder(base: Path, output: Path, plan: dict[Path, dict[str, Slot]], deltas: dict, record: dict,
-                 counter: _Counter) -> list[Path]:
+                 counter: _Counter, device: torch.device) -> list[Path]:
     written = []
     with atomic_dir(output) as tmp:
         for source in sorted(base.rglob("*")):
@@ -242,7 +250,7 @@ def _bake_folder(base: Path, output: Path, plan: dict[Path, dict[str, Slot]], de
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             if plan.get(source):
-                _rewrite(source, target, plan[source], deltas, record, counter)
+                _rewrite(source, target, plan[source], deltas, record, counter, device)
             else:
                 shutil.copy2(source, target)
             written.append(output / relative)

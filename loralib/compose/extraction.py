@@ -20,6 +20,7 @@ import torch
 
 from ..adapter import LoraAdapter, LoraModule
 from ..architectures import COMPONENTS, detect_architecture
+from ..device import on_device, resolve_device
 from ..dtypes import from_safetensors
 from ..errors import CorruptFileError, InvalidArgumentError, MismatchError
 from ..layers import PROJECTION, LayerShape, select_layers
@@ -36,7 +37,7 @@ from .result import Composition, storage_bytes
 def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dynamic: str | None = None,
             max_rank: int | None = None, conv_rank: int | None = None, components: Iterable[str] | None = None,
             min_diff: float = 0.0, svd: str = "auto", seed: int = 0, dtype: torch.dtype | None = None,
-            progress: Progress | None = None) -> Composition:
+            progress: Progress | None = None, device: str | torch.device | None = "auto") -> Composition:
     """A LoRA approximating ``tuned − base`` layer by layer at ``rank`` (or a dynamic rule).
 
     ``base`` and ``tuned`` are diffusers folders or single-file checkpoints, in any mix.
@@ -44,13 +45,15 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
     work to some of ``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``. ``svd`` is ``auto`` (randomized
     when the rank is far below the layer's size, else exact), ``exact`` or ``randomized``; dynamic
     rules always use the exact SVD. ``dtype`` is the output's storage dtype (default: the tuned
-    model's).
+    model's). ``device`` (``auto``, ``cpu``, ``cuda``) is where each layer's difference and SVD are
+    computed (see :mod:`loralib.device`); the models are read one layer at a time on the CPU.
     """
     rule = rank_rule(rank, dynamic, max_rank)
     if rule is None:
         raise InvalidArgumentError("extract needs a rank or a dynamic rule", "Pass --rank N, e.g. --rank 32")
     if svd not in SVD_METHODS:
         raise InvalidArgumentError(f"unknown SVD method {svd!r}", f"Choose one of {', '.join(SVD_METHODS)}")
+    device = resolve_device(device)
     conv_rule = _conv_rule(rule, conv_rank)
     wanted = _components(components)
     with ModelWeights.open(base) as base_model, ModelWeights.open(tuned) as tuned_model:
@@ -61,8 +64,11 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
         modules: dict[str, LoraModule] = {}
         unchanged = 0
         for done, (key, shape) in enumerate(targets.items(), 1):
-            difference = tuned_model.read(key).to(torch.float32) - base_model.read(key).to(torch.float32)
+            difference = (on_device(tuned_model.read(key), device).to(torch.float32)
+                          - on_device(base_model.read(key), device).to(torch.float32))
             difference = difference.reshape(shape.out_features, -1)
+            tuned_model.release(key)  # one layer of each model in memory at a time, whatever their size
+            base_model.release(key)
             if not bool(torch.isfinite(difference).all()):
                 raise CorruptFileError(f"{key} holds NaN or infinite values in {Path(tuned).name} or {Path(base).name}",
                                        "A model with such weights cannot be compared; check both files")

@@ -143,13 +143,13 @@ def output_shape(modules: Sequence[LoraModule]) -> LayerShape:
 
 
 def module_from_factors(up: torch.Tensor, down: torch.Tensor, shape: LayerShape, dtype: torch.dtype) -> LoraModule:
-    """A module with ``ΔW = up @ down`` for a layer of ``shape`` (alpha = rank, so scale 1)."""
+    """A module with ``ΔW = up @ down`` for a layer of ``shape`` (alpha = rank, so scale 1), stored on the CPU."""
     rank = int(down.shape[0])
     if shape.is_conv:
         kh, kw = shape.kernel_size
         down = down.reshape(rank, shape.in_features, kh, kw)
         up = up.reshape(shape.out_features, rank, 1, 1)
-    return LoraModule(down.to(dtype).contiguous(), up.to(dtype).contiguous(), float(rank))
+    return LoraModule(down.to("cpu", dtype).contiguous(), up.to("cpu", dtype).contiguous(), float(rank))
 
 
 def merge_embeddings(inputs: Sequence[WeightedAdapter], notes: list[str]) -> dict[str, torch.Tensor]:

@@ -96,7 +96,8 @@ def product_svd(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor | None
     """
     dtype = work_dtype(up, down)
     up, down = up.to(dtype), down.to(dtype)
-    scale = torch.ones(up.shape[1], dtype=torch.float64) if scale is None else scale.double()
+    scale = (torch.ones(up.shape[1], dtype=torch.float64, device=up.device) if scale is None
+             else scale.to(up.device, torch.float64))
     return _cholesky_svd(up, down, scale) or _qr_svd(up * scale.to(dtype), down)
 
 
@@ -153,9 +154,9 @@ def _cholesky_svd(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> 
     squares, core_u = squares.flip(0).clamp(min=0), core_u.flip(1)
     s = squares.sqrt()
     core_v = (core.T @ core_u) / torch.where(s > 0, s, torch.ones_like(s))
-    to_left = torch.zeros(up.shape[1], count, dtype=torch.float64)
+    to_left = torch.zeros(up.shape[1], count, dtype=torch.float64, device=up.device)
     to_left[live] = torch.linalg.solve_triangular(chol_up.T, core_u, upper=True) / norms_up[:, None]
-    to_right = torch.zeros(count, up.shape[1], dtype=torch.float64)
+    to_right = torch.zeros(count, up.shape[1], dtype=torch.float64, device=up.device)
     to_right[:, live] = torch.linalg.solve_triangular(chol_down, core_v.T, upper=False, left=False) / norms_down
     return Spectrum(to_left.to(up.dtype), s, to_right.to(up.dtype), left=up, right=down.T, method="cholesky")
 
@@ -228,7 +229,7 @@ def dense_svd(matrix: torch.Tensor, rank: int | None = None, *, method: str = "a
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return Spectrum(u, s.double(), vh, method="exact")
     generator = torch.Generator().manual_seed(seed)
-    probe = torch.randn(n, width, generator=generator, dtype=matrix.dtype)
+    probe = torch.randn(n, width, generator=generator, dtype=matrix.dtype).to(matrix.device)  # the same on every device
     basis, _ = torch.linalg.qr(matrix @ probe)
     for _ in range(power_iterations):
         co_basis, _ = torch.linalg.qr(matrix.T @ basis)

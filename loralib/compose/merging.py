@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import AdapterModule, LoraAdapter, LoraModule
+from ..device import on_device, resolve_device, workers_for
 from ..errors import InvalidArgumentError, MismatchError, UnsupportedFormatError
 from ..lycoris.shapes import product
 from ..metadata import input_record
@@ -68,7 +69,7 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
           method: str = "concat", dynamic: str | None = None, max_rank: int | None = None,
           density: float | None = None, seed: int = 0, svd: str = "auto", dtype: torch.dtype | None = None,
           base: str | Path | None = None, progress: Progress | None = None,
-          allow_nonfinite: bool = False) -> Composition:
+          allow_nonfinite: bool = False, device: str | torch.device | None = "auto") -> Composition:
     """Merge weighted adapters (objects or paths) into one; see the module docstring for methods.
 
     ``rank`` truncates every module to at most that rank (best approximation); ``dynamic``
@@ -78,7 +79,8 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     (default: the inputs' common dtype, else float32). ``base`` is the base model (a diffusers
     folder or single-file checkpoint), needed only for DoRA inputs. Inputs with NaN or infinite
     values are refused unless ``allow_nonfinite``, which only an exact merge (concat, no rank rule)
-    can honour; the result must then be saved with ``allow_nonfinite`` too.
+    can honour; the result must then be saved with ``allow_nonfinite`` too. ``device`` (``auto``,
+    ``cpu``, ``cuda``) is where each module is computed (see :mod:`loralib.device`).
     """
     method = _check_method(method, density)
     if svd not in SVD_METHODS:
@@ -87,6 +89,7 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     if allow_nonfinite and (method != "concat" or rule is not None):
         raise InvalidArgumentError("allowing NaN or infinite values only works for an exact merge",
                                    "Use the default method (concat) without --rank or --dynamic")
+    device = resolve_device(device)
     items = load_weighted(inputs, allow_nonfinite=allow_nonfinite)
     architecture = check_compatible(items)
     if method == "linear":
@@ -102,13 +105,17 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
                  if key in item.adapter.modules and item.weight != 0 and item.adapter.modules[key].is_matrix]
         if not parts:
             return None
-        bases = {position: layers.weight(key, module) for module, _, position in parts}
+        bases = {position: on_device(layers.weight(key, module), device) for module, _, position in parts}
+        parts = [(on_device(module, device), weight, position) for module, weight, position in parts]
         up, down, entry = _merge_module(key, parts, method, rule, density, seed, svd, bases)
-        return module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
+        merged = module_from_factors(up, down, output_shape([p[0] for p in parts]), dtype), entry
+        for item in items:  # streaming: the inputs' memory does not grow with the modules done
+            item.adapter.release(key)
+        return merged
 
     modules: dict[str, LoraModule] = {}
     with layers:
-        for key, merged in zip(keys, map_modules(merge_one, keys, progress, names=keys)):
+        for key, merged in zip(keys, map_modules(merge_one, keys, progress, names=keys, workers=workers_for(device))):
             if merged is not None:
                 modules[key], report.modules[key] = merged
     for item in weighted:

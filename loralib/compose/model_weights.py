@@ -306,19 +306,30 @@ class ModelWeights:
         return {k: layer_shape(s.shape) for k, s in self.slots.items()}
 
     def read(self, key: str):
-        """The stored weight of one layer (a torch tensor in its stored dtype)."""
-        from safetensors import safe_open
-
+        """The stored weight of one layer (a torch tensor in its stored dtype, viewing the memory-mapped file)."""
         slot = self.slots[key]
-        handle = self._handles.get(slot.file)
-        if handle is None:
-            handle = self._handles[slot.file] = self._files.enter_context(safe_open(slot.file, framework="pt"))
-        weight = handle.get_tensor(slot.name) if slot.rows is None else handle.get_slice(slot.name)[slot.rows[0]: slot.rows[1]]
+        tensor = self._mapped(slot.file).tensor(slot.name)
+        weight = tensor if slot.rows is None else tensor[slot.rows[0]: slot.rows[1]]
         if slot.swap:
             from ..formats.fusing import swap_halves
 
             weight = swap_halves(weight)
         return weight
+
+    def release(self, key: str) -> None:
+        """Let go of the memory of a layer read with :meth:`read` (its pages leave this process; the
+        tensor stays valid): a pass over a model one layer at a time then holds one layer, not the model."""
+        slot = self.slots[key]
+        if slot.file in self._handles:
+            self._handles[slot.file].release([slot.name])
+
+    def _mapped(self, file: Path):
+        from ..files.reader import MappedFile
+
+        mapped = self._handles.get(file)
+        if mapped is None:
+            mapped = self._handles[file] = MappedFile(read_header(file))
+        return mapped
 
     def close(self) -> None:
         """Release the open files."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import LoraAdapter, LoraModule
+from ..device import on_device, resolve_device, workers_for
 from ..errors import InvalidArgumentError
 from ..layers import LayerShape
 from ..lycoris import KIND_TITLES
@@ -46,9 +47,10 @@ def layer_of(module) -> LayerShape:
 
 def plain_modules(source: LoraAdapter, rule: RankRule | None, layers: BaseLayers, report: CompositionReport, *,
                   svd: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32,
-                  progress: Progress | None = None) -> dict[str, LoraModule]:
-    """Each weight-matrix module of ``source`` as a plain LoRA module (see the module docstring); the
-    per-module results go into ``report`` and what no LoRA can hold into its notes."""
+                  progress: Progress | None = None, device: torch.device | None = None) -> dict[str, LoraModule]:
+    """Each weight-matrix module of ``source`` as a plain LoRA module (see the module docstring), computed
+    on ``device`` (default: the CPU); the per-module results go into ``report`` and what no LoRA can
+    hold into its notes."""
 
     def convert_one(item: tuple[str, object]) -> tuple[LoraModule, ModuleReport] | None:
         key, module = item
@@ -57,15 +59,20 @@ def plain_modules(source: LoraAdapter, rule: RankRule | None, layers: BaseLayers
         if module.kind == "lora":
             if keeps_everything(rule, module.rank):
                 return module.to(dtype), ModuleReport(module.rank, module.rank)
-            up, down = module.factors(work_dtype(module.up, module.down))
+            moved = on_device(module, device)
+            up, down = moved.factors(work_dtype(moved.up, moved.down))
             up, down, entry = reduce_factors(up, down, rule, torch.full((module.rank,), module.scale))
         else:
-            up, down, entry = lora_factors(module, rule, base=layers.weight(key, module), svd=svd, seed=seed)
-        return module_from_factors(up, down, layer_of(module), dtype), entry
+            base = on_device(layers.weight(key, module), device)
+            up, down, entry = lora_factors(on_device(module, device), rule, base=base, svd=svd, seed=seed)
+        result = module_from_factors(up, down, layer_of(module), dtype), entry
+        source.release(key)  # streaming: the input's memory does not grow with the modules done
+        return result
 
     modules: dict[str, LoraModule] = {}
     items = list(source.modules.items())
-    for (key, _), result in zip(items, map_modules(convert_one, items, progress, names=[key for key, _ in items])):
+    for (key, _), result in zip(items, map_modules(convert_one, items, progress, names=[key for key, _ in items],
+                                                    workers=workers_for(device))):
         if result is not None:
             modules[key], report.modules[key] = result
     report.notes += left_out_notes(source)
@@ -93,22 +100,25 @@ def left_out_notes(source: LoraAdapter) -> list[str]:
 
 def to_lora(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None = None, max_rank: int | None = None,
             base: str | Path | None = None, svd: str = "auto", seed: int = 0, dtype: torch.dtype | None = None,
-            progress: Progress | None = None) -> Composition:
+            progress: Progress | None = None, device: str | torch.device | None = "auto") -> Composition:
     """A plain LoRA of ``adapter`` (LyCORIS, DoRA, or plain): exact without ``rank``/``dynamic``, else optimal.
 
     ``base`` (a diffusers folder or single-file checkpoint, or a mapping of layer weights) is needed
     for DoRA modules. ``svd`` (``auto``, ``exact``, ``randomized``) is how full-rank differences and
-    DoRA deltas are factorised at a fixed rank. ``dtype`` is the output's storage dtype.
+    DoRA deltas are factorised at a fixed rank. ``dtype`` is the output's storage dtype. ``device``
+    (``auto``, ``cpu``, ``cuda``) is where each module is computed (see :mod:`loralib.device`).
     """
     if svd not in SVD_METHODS:
         raise InvalidArgumentError(f"unknown SVD method {svd!r}", f"Choose one of {', '.join(SVD_METHODS)}")
     rule = rank_rule(rank, dynamic, max_rank)
+    device = resolve_device(device)
     source = load(adapter)
     dtype = dtype or source.dtype or torch.float32
     name = source.source_path.name if source.source_path else "the adapter"
     report = CompositionReport("to-lora")
     with BaseLayers.open(base, needing_base([(name, source.modules)])) as layers:
-        modules = plain_modules(source, rule, layers, report, svd=svd, seed=seed, dtype=dtype, progress=progress)
+        modules = plain_modules(source, rule, layers, report, svd=svd, seed=seed, dtype=dtype, progress=progress,
+                                device=device)
     if not modules:
         raise InvalidArgumentError(f"{name} has no module that a LoRA can hold (only norm-layer or bias differences)")
     result = LoraAdapter(modules, source.architecture, source.source_format, dict(source.metadata),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import LoraAdapter
+from ..device import resolve_device
 from ..errors import InvalidArgumentError
 from ..metadata import input_record
 from ..records import OperationRecord
@@ -27,24 +28,26 @@ from .result import Composition, storage_bytes
 
 def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None = None,
            max_rank: int | None = None, dtype: torch.dtype | None = None, base: str | Path | None = None,
-           progress: Progress | None = None) -> Composition:
+           progress: Progress | None = None, device: str | torch.device | None = "auto") -> Composition:
     """Resize every module to ``rank``, or to the rank a dynamic rule picks (capped by ``max_rank``).
 
     ``dtype`` is the output's storage dtype (default: the input's). CP-decomposed conv modules
     that are reduced lose their ``mid`` (it is folded into ``down``; ``ΔW`` is what counts).
-    ``base`` is the base model, needed only for DoRA modules.
+    ``base`` is the base model, needed only for DoRA modules. ``device`` (``auto``, ``cpu``,
+    ``cuda``) is where each module is computed (see :mod:`loralib.device`).
     """
     rule = rank_rule(rank, dynamic, max_rank)
     if rule is None:
         raise InvalidArgumentError("resize needs a target rank or a dynamic rule",
                                    "Pass --rank N, or --dynamic sv_fro:0.95 (optionally with --max-rank N)")
+    device = resolve_device(device)
     source = load(adapter)
     require_computable(source, adapter_name(source, 0))
     dtype = dtype or source.dtype or torch.float32
     report = CompositionReport("resize")
     name = source.source_path.name if source.source_path else "the adapter"
     with BaseLayers.open(base, needing_base([(name, source.modules)])) as layers:
-        modules = plain_modules(source, rule, layers, report, dtype=dtype, progress=progress)
+        modules = plain_modules(source, rule, layers, report, dtype=dtype, progress=progress, device=device)
     unchanged = sum(1 for k, e in report.modules.items()
                     if source.modules[k].kind == "lora" and e.rank == source.modules[k].rank)
     if unchanged:

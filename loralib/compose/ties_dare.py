@@ -70,7 +70,8 @@ def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Gener
     """DARE on one delta: keep each entry with probability ``density``, divide survivors by it."""
     if density >= 1:
         return delta
-    keep = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    # drawn on the CPU (where the generator is), so that a seed gives the same mask on every device
+    keep = torch.bernoulli(torch.full(delta.shape, density, dtype=delta.dtype), generator=generator).to(delta.device)
     return delta * keep / density
 
 

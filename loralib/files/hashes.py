@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .header import read_header
+from .pages import drop_pages
 
 if TYPE_CHECKING:
     from .header import SafetensorsHeader
@@ -69,21 +70,31 @@ class FileHashes:
 IDENTITY_VERSION = b"lorareg-identity/1"
 
 
+def index_bytes(rows: Iterable[tuple[str, str, Iterable[int], int, int]]) -> bytes:
+    """The canonical bytes of a tensor index given as ``(name, dtype, shape, begin, end)`` rows."""
+    ordered = [[name, dtype, list(shape), begin, end] for name, dtype, shape, begin, end in sorted(rows)]
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def tensor_index(header: SafetensorsHeader) -> bytes:
     """The canonical bytes of a file's tensor index: name, dtype, shape and byte range of every
     tensor, sorted by name (metadata and the header's own spelling left out)."""
-    rows = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in sorted(header.tensors.values(), key=lambda t: t.name)]
-    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return index_bytes((t.name, t.dtype, tuple(t.shape), t.begin, t.end) for t in header.tensors.values())
+
+
+def identity_of(index: bytes, tensor_sha256: str) -> str:
+    """The identity of content with this tensor index (:func:`index_bytes`) and tensor-data SHA-256."""
+    digest = hashlib.sha256(IDENTITY_VERSION + b"\n")
+    digest.update(index)
+    digest.update(b"\n" + tensor_sha256.encode("ascii"))
+    return digest.hexdigest()
 
 
 def content_identity(header: SafetensorsHeader, tensor_sha256: str) -> str:
     """The identity of a file's content as stored: SHA-256 over its tensor index and the SHA-256 of
     its tensor data. The byte ranges in the index tie every name to its bytes, so two files have the
     same identity exactly when they hold the same tensors under the same names, dtypes and shapes."""
-    digest = hashlib.sha256(IDENTITY_VERSION + b"\n")
-    digest.update(tensor_index(header))
-    digest.update(b"\n" + tensor_sha256.encode("ascii"))
-    return digest.hexdigest()
+    return identity_of(tensor_index(header), tensor_sha256)
 
 
 def folder_identity(parts: Iterable[tuple[str, str]]) -> str:
@@ -238,12 +249,17 @@ def hash_file(path: str | os.PathLike, data_start: int | None = None, *,
 def hash_adapter_files(headers: list[SafetensorsHeader]) -> FileHashes:
     """The hashes of an adapter's files: the first (main) file's, with the whole adapter's identity
     (:func:`folder_identity` over every file, relative to their common folder)."""
-    hashes = [hash_file(h.path, header=h) for h in headers]
-    if len(hashes) == 1:
-        return hashes[0]
-    root = os.path.commonpath([str(h.path) for h in headers])
-    identity = folder_identity((Path(h.path).relative_to(root).as_posix(), x.identity) for h, x in zip(headers, hashes))
-    main = hashes[0]
+    return adapter_hashes([(Path(h.path), hash_file(h.path, header=h)) for h in headers])
+
+
+def adapter_hashes(files: list[tuple[Path, FileHashes]]) -> FileHashes:
+    """The hashes of an adapter made of ``files`` (path and hashes of each, the main file first):
+    the main file's, with the whole adapter's identity (relative to the files' common folder)."""
+    if len(files) == 1:
+        return files[0][1]
+    root = os.path.commonpath([str(path) for path, _ in files])
+    identity = folder_identity((path.relative_to(root).as_posix(), hashes.identity) for path, hashes in files)
+    main = files[0][1]
     return FileHashes(main.sha256, main.tensor_sha256, main.legacy, identity)
 
 
@@ -252,4 +268,6 @@ def hash_mapped(view: memoryview, header: SafetensorsHeader) -> FileHashes:
     hasher = StreamHasher(header.data_start, header)
     for start in range(0, len(view), _CHUNK):
         hasher.update(view[start:start + _CHUNK])
+        if isinstance(view.obj, mmap.mmap):  # keep only the chunk in use in memory
+            drop_pages(view.obj, start, _CHUNK)
     return hasher.result()

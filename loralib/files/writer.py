@@ -5,7 +5,9 @@ depend on the header, so the file is written once under a temporary name with fi
 placeholders in the header, the data hashed alongside, the header completed in place, and the
 file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
 background thread while it loads) are completed the same way: the caller passes them, with the
-placeholder each one stands behind in the metadata.
+placeholder each one stands behind in the metadata. The writer returns every hash of the file it
+wrote (:class:`~loralib.files.hashes.FileHashes`, identity included), computed from the bytes in
+memory, so nothing has to read the file again to identify it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from ..dtypes import to_safetensors
 from .atomic import atomic_file
-from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, FileHashes, identity_of, index_bytes
 
 _BYTE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -45,8 +47,8 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     self_hashes: Mapping[str, str] | None = None,
     pending: Mapping[str, Deferred] | None = None,
-) -> str:
-    """Write ``tensors`` and ``metadata`` to ``path`` atomically; return the SHA-256 of the tensor data.
+) -> FileHashes:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically; return the hashes of the file written.
 
     ``self_hashes`` maps metadata keys to hashes of the file itself that they must hold:
     ``tensor_sha256`` (kohya's ``sshs_model_hash``), ``tensor_sha256_0x`` (ModelSpec's
@@ -55,7 +57,8 @@ def write_safetensors(
     that occur in metadata values to the deferred values that replace them (of the same length).
 
     The header is first written with placeholders of the final values' length while the data is
-    hashed in a second thread as it is written; then the header is rewritten in place. One pass.
+    hashed in a second thread as it is written; then the header is rewritten in place. The hash of
+    the whole file (header included, so known only then) is one more pass over the bytes in memory.
     """
     # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -82,6 +85,7 @@ def write_safetensors(
         for view in views:
             f.write(view)
         tensor_sha256 = digest.result()
+        final = raw
         if pending or self_hashes:
             meta = _fill(meta, pending or {})
             legacy = _legacy_hash(data_start, views)
@@ -91,9 +95,34 @@ def write_safetensors(
             final = _header_bytes(entries, meta)
             if len(final) > len(raw):
                 raise AssertionError("a filled-in placeholder made the header longer")
+            final += b" " * (len(raw) - len(final))  # trailing spaces are valid header padding
             f.seek(8)
-            f.write(final + b" " * (len(raw) - len(final)))  # trailing spaces are valid header padding
-    return tensor_sha256
+            f.write(final)
+        hashes = _file_hashes(struct.pack("<Q", len(raw)) + final, views, entries, tensor_sha256)
+    return hashes
+
+
+def _file_hashes(prefix: bytes, views: list[memoryview], entries: dict, tensor_sha256: str) -> FileHashes:
+    """Every hash of the file made of ``prefix`` (length and header) and ``views`` (the tensor data)."""
+    whole = hashlib.sha256(prefix)
+    for view in views:
+        whole.update(view)
+    index = index_bytes((name, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items())
+    legacy = hashlib.sha256(_window([prefix, *views], LEGACY_OFFSET, LEGACY_LENGTH)).hexdigest()[:8]
+    return FileHashes(whole.hexdigest(), tensor_sha256, legacy, identity_of(index, tensor_sha256))
+
+
+def _window(chunks: list[bytes | memoryview], start: int, length: int) -> bytes:
+    """The bytes ``[start, start + length)`` of the concatenation of ``chunks`` (fewer at the end)."""
+    out, position = [], 0
+    for chunk in chunks:
+        lo, hi = max(position, start), min(position + len(chunk), start + length)
+        if lo < hi:
+            out.append(bytes(chunk[lo - position:hi - position]))
+        position += len(chunk)
+        if position >= start + length:
+            break
+    return b"".join(out)
 
 
 def _fill(metadata: dict[str, str], pending: Mapping[str, Deferred]) -> dict[str, str]:

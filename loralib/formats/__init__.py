@@ -78,7 +78,8 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format.
 
     The hashes of its files (its identity and tensor hash, which operation records name it by)
-    are computed in a background thread while the tensors load.
+    are computed in a background thread while the tensors load. Tensors are views of the
+    memory-mapped files; :meth:`LoraAdapter.release` lets go of a module's memory once used.
     """
     from ..adapter import LoraAdapter
     from ..compose.parallel import single_threaded_torch
@@ -109,8 +110,15 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             modules.update({e.key: part for e, part in zip(entries, parts) if part is not None})
     modules = {key: modules[key] for key in index.modules if key in modules}
     embeddings = {token: tensors[id(s)][n] for token, (s, n) in index.embeddings.items()}
+    entries = index.modules
+
+    def release(key: str) -> None:
+        entry = entries.get(key)
+        if entry is not None:
+            entry.source.release(entry.tensor_names())
+
     return LoraAdapter(modules, index.architecture.name, index.kind.format, dict(index.metadata),
-                       embeddings, Path(path), source_hash=identity)
+                       embeddings, Path(path), source_hash=identity, releaser=release)
 
 
 def writer(format: str) -> Format:

@@ -301,7 +301,10 @@ class AdapterIndex:
 @dataclass
 class SaveResult:
     """What a writer wrote: the adapter's main file, every file, the main file's tensor hash, and
-    the operation record as written into the file (input hashes resolved)."""
+    the operation record as written into the file (input hashes resolved).
+
+    Writers pass the hashes they computed while writing (``_hashes``: the main file's, with the
+    identity of the whole adapter), so nothing reads the files again to identify them."""
 
     path: Path
     format: str
@@ -313,7 +316,8 @@ class SaveResult:
 
     @property
     def hashes(self) -> FileHashes:
-        """Every hash of the main file (the whole-file SHA-256 is computed on first use)."""
+        """Every hash of the main file, with the whole adapter's identity (computed from the files
+        on first use when the writer did not pass them)."""
         if self._hashes is None:
             from ..files.hashes import hash_file
 

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 from ..architectures import ARCHITECTURES, DENOISERS, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
 from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedFormatError
 from ..files.atomic import atomic_dir, check_output, refuse_input_as_output
+from ..files.hashes import adapter_hashes
 from ..naming import TE_ROOT, internal_key
+from ..naming.clip import text_model_prefix
 from .base import AdapterIndex, FolderLayout, Format, Inputs, Kind, ModuleEntry, SaveResult, WriteRequest
 from .peft_config import PeftScales, build_config, config_path
 from .source import TensorSource
@@ -133,8 +135,6 @@ def component_state(adapter: LoraAdapter, component: str, dtype: torch.dtype | N
     Text-encoder paths are spelled as the installed transformers builds the model (with or
     without ``text_model.``), because PEFT loads by exact module path.
     """
-    from ..base_model import text_model_prefix
-
     arch = ARCHITECTURES.get(adapter.architecture)
     cls_name = arch.text_encoder_class(component) if arch is not None and component in arch.text_encoders else None
     tensors, ranks_alphas = {}, {}
@@ -193,17 +193,21 @@ def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResu
     if existing and not request.force:
         check_output(existing[0], force=False)
     header = file_metadata(adapter, request, folder.name)
-    files, main_hash = [], None
+    files, written = [], {}
     with atomic_dir(folder) as tmp:
         for component in adapter.components:
             tensors, config = component_state(adapter, component, request.dtype)
             inside = tmp / relative_folder(component)
             inside.mkdir(exist_ok=True)
-            tensor_sha256 = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"})
+            weights = folder / relative_folder(component) / WEIGHTS_NAME
+            written[weights] = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"})
             (inside / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            files += [folder / relative_folder(component) / name for name in (WEIGHTS_NAME, CONFIG_NAME)]
-            main_hash = main_hash or tensor_sha256
-    return SaveResult(files[0], PEFT.format, files, main_hash, list(request.notes), header.completed_operation())
+            files += [weights, weights.with_name(CONFIG_NAME)]
+    # the main file first, as readers list them (the top level, then the subfolders)
+    ordered = [path for path in LAYOUT.component_files(folder) if path in written] or list(written)
+    hashes = adapter_hashes([(path, written[path]) for path in ordered])
+    return SaveResult(files[0], PEFT.format, files, hashes.tensor_sha256, list(request.notes),
+                      header.completed_operation(), _hashes=hashes)
 
 
 FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY), (PEFT, MAGNITUDE_KEY)), read, write,

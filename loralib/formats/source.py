@@ -23,6 +23,7 @@ class TensorSource:
     metadata: dict[str, str] = field(default_factory=dict)
     header: SafetensorsHeader | None = None
     tensors: dict[str, Any] | None = None  # set for in-memory sources (opted-in pickle files)
+    mapped: Any = field(default=None, repr=False)  # the MappedFile its loaded tensors view
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> TensorSource:
@@ -58,10 +59,17 @@ class TensorSource:
         return self.header.read_scalars(names)
 
     def load(self, names: list[str]) -> dict[str, Any]:
-        """Load the named tensors as torch tensors."""
+        """Load the named tensors as torch tensors (views of the memory-mapped file)."""
         if self.tensors is not None:
             return {n: self.tensors[n] for n in names}
-        from ..files.reader import read_tensors
+        from ..files.reader import MappedFile, read_tensors
 
-        return read_tensors(self.header, names)
+        self.mapped = self.mapped or MappedFile(self.header)
+        return read_tensors(self.header, names, self.mapped)
+
+    def release(self, names: list[str]) -> None:
+        """Let go of the memory of loaded tensors that will not be read again soon (see
+        :meth:`loralib.files.reader.MappedFile.release`; they stay valid)."""
+        if self.mapped is not None:
+            self.mapped.release(names)
 

@@ -59,8 +59,8 @@ def _identity_split(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """A full matrix as an exact product ``U @ V`` of inner size ``min(rows, cols)``."""
     rows, cols = matrix.shape
     if rows <= cols:
-        return torch.eye(rows, dtype=matrix.dtype), matrix
-    return matrix, torch.eye(cols, dtype=matrix.dtype)
+        return torch.eye(rows, dtype=matrix.dtype, device=matrix.device), matrix
+    return matrix, torch.eye(cols, dtype=matrix.dtype, device=matrix.device)
 
 
 def _check_bias(bias: Tensor | None, weight_shape: tuple[int, ...]) -> None:
@@ -424,7 +424,7 @@ class FullModule(_Shaped):
         """``diff`` applied to the rows of ``x`` (elementwise for a norm layer's vector; zero without diff)."""
         work = _work(x, self.diff)
         if self.diff is None:
-            return torch.zeros(*x.shape[:-1], self.weight_shape[0], dtype=work)
+            return torch.zeros(*x.shape[:-1], self.weight_shape[0], dtype=work, device=x.device)
         if not self.is_matrix:
             return x.to(work) * self.diff.to(work)
         return x.to(work) @ self.diff.to(work).reshape(self.out_features, -1).T

@@ -1,0 +1,87 @@
+"""`lorareg scan` of a large folder as a whole command: first scan, rescan, peak memory.
+
+The folder holds ``--files`` small kohya LoRA files (4 rank-1 SD1.5 modules each, every file
+different; tests/helpers/small_loras.py), built once into ``--cache`` and reused. Each scan is a
+new ``python -m lorareg scan`` process with its own catalog (``LORAREG_HOME``), so Python's start-up
+is included. Memory must stay flat: the first scan's peak RSS is also measured on a tenth of the
+folder, and the two are compared. Goals of issue 14: first scan ≥ 1,000 files/s, rescan ≥ 20,000
+files/s, on 100,000 files.
+
+    .venv/bin/python benchmarks/scan_folder.py [--files 100000] [--rescans 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(folder: Path, files: int) -> None:
+    """Write the folder's files (in a child process, so this one stays small; see whole_process.py)."""
+    if folder.is_dir() and len(os.listdir(folder)) == files:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    code = ("import sys; from pathlib import Path; from tests.helpers.small_loras import write_small_loras; "
+            "write_small_loras(Path(sys.argv[1]), int(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(folder), str(files)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_scan(folder: Path, home: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system of the scanning process) and peak RSS of one scan command."""
+    env = {**os.environ, "LORAREG_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(folder)], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    error = child.stderr.read().decode(errors="replace")
+    child.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"scan failed: {error[-2000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--rescans", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lorareg-bench")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} cores; load average {load()}")
+    big, small = args.cache / f"scan{args.files}", args.cache / f"scan{args.files // 10}"
+    build(big, args.files)
+    build(small, args.files // 10)
+    work = Path(tempfile.mkdtemp(prefix="lorareg-scan-"))
+    try:
+        for folder in (big, small):  # warm the page cache and the directory entries
+            for path in folder.iterdir():
+                path.read_bytes()
+        small_first = run_scan(small, work / "small")
+        first = run_scan(big, work / "big")
+        print(f"first scan of {args.files:,} files: {first[0]:.1f} s = {args.files / first[0]:,.0f} files/s "
+              f"(CPU {first[1]:.1f} s in the scanning process), peak RSS {first[2] / 2**20:.0f} MiB; "
+              f"{args.files // 10:,} files: {small_first[0]:.1f} s, peak RSS {small_first[2] / 2**20:.0f} MiB "
+              f"(load average {load()})")
+        for _ in range(args.rescans):
+            again = run_scan(big, work / "big")
+            print(f"rescan: {again[0]:.2f} s = {args.files / again[0]:,.0f} files/s, CPU {again[1]:.2f} s, "
+                  f"peak RSS {again[2] / 2**20:.0f} MiB (load average {load()})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
