@@ -14,7 +14,7 @@ from .dtypes import STORAGE_DTYPES
 
 _FROM_THE_TABLE = ("CATALOG_FORMATS", "FORMAT_NAMES", "HUB_LAYOUTS", "WRITE_FORMATS")
 __all__ = ["ARCHITECTURE_NAMES", "CATALOG_SORTS", "COMPONENTS", "DYNAMIC_RULES", "KNOWN_ARCHITECTURES",
-           "DEVICES", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
+           "DEVICES", "FOLDER_WEIGHTS", "MERGE_METHODS", "SCHEDULERS", "STORAGE_DTYPES", "SVD_METHODS", *_FROM_THE_TABLE]
 
 # Architectures lorareg converts and merges for (and builds tiny models of); and every one it can name.
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
@@ -25,6 +25,9 @@ SVD_METHODS = ("auto", "exact", "randomized")
 DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 CATALOG_SORTS = ("name", "added", "updated", "size")
 DEVICES = ("auto", "cpu", "cuda")  # where composition computes (loralib.device)
+# The weight files that make a folder an adapter (PEFT, diffusers): the folder layouts of the format
+# table, spelled out so that a rescan need not import the readers (tests/test_vocabulary.py compares).
+FOLDER_WEIGHTS = frozenset({"adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors"})
 
 # lorareg's sampler names -> (diffusers scheduler class, extra config, A1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {

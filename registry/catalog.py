@@ -212,7 +212,7 @@ class Catalog:
         """The entry one of whose files is at ``path`` (a file, or a PEFT folder)."""
         from loralib.formats.layout import main_file
 
-        from .describe import absolute
+        from .paths import absolute
 
         target = absolute(path)
         candidates = [str(target), str(main_file(target))] if target.exists() else [str(target)]

@@ -21,6 +21,7 @@ from loralib.inspection import InspectReport, caption_tags, format_number, inspe
 from loralib.jsontext import loads_metadata
 from loralib.metadata import HISTORY_KEY, history
 
+from .paths import absolute, storable
 from .records import dumps, unique
 
 BAND_COLUMNS = tuple(f"fp_band{i}" for i in range(BANDS))
@@ -31,20 +32,6 @@ _UNSEARCHED = {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "
                "ss_datasets", "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", HISTORY_KEY}
 _NOT_WORDS = re.compile(r"^([-+]?[\d.eE+-]+|true|false|none|null|[0-9a-fA-Fx]{16,}|[\[{].*)$", re.DOTALL | re.IGNORECASE)
 GENERIC_STEMS = {"pytorch_lora_weights", "adapter_model", "diffusion_pytorch_model", "model", "lora"}
-
-
-def storable(path: str | os.PathLike) -> bool:
-    """True for a path the catalog can record: SQLite stores text, so the name must be valid UTF-8."""
-    try:
-        os.fspath(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def absolute(path: str | os.PathLike) -> Path:
-    """An absolute, normalised path (symlinks kept: a Hub snapshot path stays a snapshot path)."""
-    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 @dataclass

@@ -44,7 +44,8 @@ from loralib.version import __version__
 from loralib.vocabulary import HUB_LAYOUTS
 
 from .catalog import AddResult, Catalog
-from .describe import GENERIC_STEMS, absolute, clean_name
+from .describe import GENERIC_STEMS, clean_name
+from .paths import absolute
 from .records import Entry
 from .schema import now
 

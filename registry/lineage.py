@@ -72,7 +72,8 @@ def as_record(operation: OperationRecord | Mapping[str, Any]) -> tuple[Operation
 def _identify_input(catalog: Catalog, item: InputRecord) -> None:
     """Fill in an input's hashes and format from its path: through its catalog entry, or by
     reading it (an input that is not an adapter, a dataset folder or a base model, keeps its path)."""
-    from .describe import absolute, describe
+    from .describe import describe
+    from .paths import absolute
 
     if item.path is None or item.identity is not None:
         return

@@ -20,7 +20,7 @@ import zlib
 
 from loralib.errors import InputNotFoundError, InvalidArgumentError
 
-from .describe import absolute
+from .paths import absolute
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loralib.errors import (
     CorruptFileError,
@@ -31,11 +32,13 @@ from loralib.errors import (
     UnsafeFileError,
 )
 from loralib.files import PICKLE_SUFFIXES
-from loralib.formats.layout import adapter_root, main_file
-from loralib.formats.table import folder_formats
+from loralib.vocabulary import FOLDER_WEIGHTS
 
 from .catalog import Catalog
-from .describe import FileFacts, absolute, describe, storable
+from .paths import absolute, storable
+
+if TYPE_CHECKING:
+    from .describe import FileFacts
 
 Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
@@ -161,7 +164,6 @@ def _candidates(folder: Path, recursive: bool, report: ScanReport, follow_links:
     named like a folder adapter's weights are looked at more closely.
     """
     files: dict[str, None] = {}
-    folder_weights = {name for fmt in folder_formats() for name in fmt.folder.weights}
     for path in _walk(folder, recursive, follow_links, report.skipped):
         if not storable(path):
             report.skipped.append({"path": path, "reason": "its name is not valid UTF-8, which the catalog "
@@ -170,7 +172,9 @@ def _candidates(folder: Path, recursive: bool, report: ScanReport, follow_links:
         if path.lower().endswith(PICKLE_SUFFIXES):
             report.pickles.append(path)
             continue
-        if os.path.basename(path) in folder_weights:
+        if os.path.basename(path) in FOLDER_WEIGHTS:
+            from loralib.formats.layout import adapter_root, main_file
+
             root = adapter_root(Path(path))
             if str(root) != path:
                 path = str(main_file(root))
@@ -322,6 +326,8 @@ def _describe_chunk(paths: list[str]) -> list[Outcome]:
 
 def _describe_outcome(path: str | Path) -> Outcome:
     """Describe one file; what is wrong with it, if anything, as a state and a message."""
+    from .describe import describe
+
     path = Path(path)
     try:
         return "ok", describe(path)

@@ -22,7 +22,8 @@ from loralib.files.atomic import leftovers
 from loralib.formats.layout import adapter_root
 
 from .catalog import Catalog
-from .describe import absolute, adapter_hashes
+from .describe import adapter_hashes
+from .paths import absolute
 from .records import Entry, FileRecord
 
 PROBLEMS = ("changed", "missing", "unreadable")

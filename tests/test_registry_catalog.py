@@ -330,7 +330,7 @@ def test_catalog_commands_never_import_torch_diffusers_or_peft(tmp_path):
 READING_SESSION = """
 import sys
 from lorareg.cli.main import main
-for args in (["list"], ["list", "--json"], ["search", "x"], ["search", "lora", "--json"]):
+for args in (["list"], ["list", "--json"], ["search", "x"], ["search", "lora", "--json"], ["scan", sys.argv[2]]):
     try:
         main(["--home", sys.argv[1], *args])
     except SystemExit as exc:
@@ -339,14 +339,14 @@ print("LOADED", sorted(m for m in ("loralib.formats", "numpy", "torch") if m in 
 """
 
 
-def test_listing_and_searching_load_no_format_reader(tmp_path):
-    """list and search read rows only: the format readers (and numpy) stay unloaded, which
-    halves their start-up."""
+def test_listing_searching_and_rescanning_load_no_format_reader(tmp_path):
+    """list and search read rows only, and a rescan of unchanged files only stats them: the format
+    readers (and numpy) stay unloaded, which halves their start-up."""
     write_small_loras(tmp_path / "loras", 2)
     done = subprocess.run([sys.executable, "-m", "lorareg", "--home", str(tmp_path / "home"), "scan",
                            str(tmp_path / "loras")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    run = subprocess.run([sys.executable, "-c", READING_SESSION, str(tmp_path / "home")], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-c", READING_SESSION, str(tmp_path / "home"), str(tmp_path / "loras")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "LOADED []" in run.stdout

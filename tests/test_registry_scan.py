@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import lorareg.registry.scan as scan_module
+import lorareg.registry.describe as describe_module
 from lorareg.registry.catalog import Catalog
 from lorareg.registry.scan import scan
 from lorareg.registry.schema import SCHEMA_VERSION
@@ -45,8 +45,8 @@ def test_rescan_skips_unchanged_files_and_notices_changes(tmp_path, monkeypatch)
         first = scan(catalog, folder)
         assert (first.found, first.added, len(first.damaged)) == (33, 32, 1)
         calls = []
-        real = scan_module.describe
-        monkeypatch.setattr(scan_module, "describe", lambda path, *a: calls.append(path) or real(path, *a))
+        real = describe_module.describe  # scan imports it when a file is to be read
+        monkeypatch.setattr(describe_module, "describe", lambda path, *a: calls.append(path) or real(path, *a))
         again = scan(catalog, folder)
         assert (again.unchanged, again.added, again.updated, calls) == (33, 0, 0, [])
         assert len(again.damaged) == 1

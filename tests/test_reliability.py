@@ -703,16 +703,16 @@ def test_one_file_that_breaks_its_reader_does_not_stop_a_scan(lorareg, tmp_path,
     folder.mkdir()
     for seed in range(3):
         (folder / f"{seed}.safetensors").write_bytes(small_lora_bytes(seed))
-    import lorareg.registry.scan as scan_module
+    import lorareg.registry.describe as describe_module  # scan imports describe when a file is to be read
 
-    real = scan_module.describe
+    real = describe_module.describe
 
     def flaky(path, *args, **kwargs):
         if Path(path).name == "1.safetensors":
             raise RuntimeError("a reader bug")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(scan_module, "describe", flaky)
+    monkeypatch.setattr(describe_module, "describe", flaky)
     res = lorareg("scan", folder, "--json")
     assert res.code == 0, res.err
     report = json.loads(res.out)

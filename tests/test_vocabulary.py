@@ -22,6 +22,9 @@ def test_vocabulary_matches_the_library():
     assert tuple(SORTS) == vocabulary.CATALOG_SORTS
     assert vocabulary.HUB_LAYOUTS == ("peft", "diffusers", "comfyui")
     assert vocabulary.ARCHITECTURE_NAMES == ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
+    from loralib.formats.table import folder_formats
+
+    assert {name for fmt in folder_formats() for name in fmt.folder.weights} == vocabulary.FOLDER_WEIGHTS
 
 
 def test_every_cli_choice_is_a_vocabulary_list():
