@@ -10,11 +10,16 @@ comes here. Module names resolve through :func:`loralib.naming.kohya.parse_modul
 
 Writing is the kohya format's: :func:`module_tensors` gives the keys of a non-plain module.
 
-Other model families (Flux, SD3): :data:`MODULE_NAME` lists the kohya prefixes read here (SD
-only); detection names Flux/SD3 LyCORIS files ``flux-lycoris``/``sd3-lycoris`` and refuses them.
-Reading them needs :func:`loralib.naming.kohya.resolve_module_name` with the file's family, and
-their fused layers (``qkv``, ``linear1``) kept whole, since a LoKr or LoHa of a fused layer does
-not split into one module per part as plain LoRA factors do.
+Flux.1: the same suffixes behind kohya names (``lora_unet_double_blocks_0_img_attn_qkv``,
+OneTrainer's ``lora_transformer_…``) or BFL paths as ComfyUI spells them
+(``diffusion_model.double_blocks.0.img_attn.qkv``), resolved with
+:func:`loralib.naming.kohya.resolve_module_name` / :func:`loralib.formats.original.native_target`.
+A fused layer (``qkv``, ``linear1``) becomes one entry per diffusers layer it holds, each with its
+``rows`` of the stored module (``swap`` for the final modulation's exchanged halves); the parts are
+built by :func:`loralib.lycoris.rows.take_rows`, exactly. A split that cannot be exact (a LoKr
+whose right factor's rows do not divide the part boundaries, a per-input DoRA magnitude) is
+refused in one line naming the module. SD3 LyCORIS files are refused (detection names them
+``sd3-lycoris``).
 """
 
 from __future__ import annotations
