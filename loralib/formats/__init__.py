@@ -97,7 +97,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     modules = {}
     fused: dict[tuple[int, str], list] = {}
     for key, e in index.modules.items():
-        if e.rows is not None:
+        if e.shares_factors:
             fused.setdefault((id(e.source), e.up), []).append(e)
         else:
             modules[key] = e.build(tensors[id(e.source)])

@@ -173,6 +173,12 @@ class ModuleEntry:
         """The module, from its loaded tensors (by name)."""
         from ..adapter import LoraModule
 
+        if (self.rows is not None or self.swap) and (self.magnitude or self.bias):  # their rows are taken too
+            from dataclasses import replace
+
+            from ..lycoris.rows import take_rows
+
+            return take_rows(replace(self, rows=None, swap=False).build(tensors), self.row_blocks(self.stored_out))
         up = tensors[self.up]
         if self.rows is not None:  # the whole fused down with this module's rows of up: the same ΔW
             up = up[self.rows[0]: self.rows[1]]
@@ -187,6 +193,25 @@ class ModuleEntry:
         from ..lycoris.kinds import dora
 
         return dora(module, tensors[self.magnitude], self.magnitude_style)
+
+    @property
+    def shares_factors(self) -> bool:
+        """True for a plain LoRA part of a fused layer: the parts are split together from the shared factors."""
+        return self.rows is not None and self.magnitude is None and self.bias is None
+
+    @property
+    def stored_out(self) -> int:
+        """Output width of the stored (possibly fused) layer."""
+        return int(self.source.shapes[self.up][0])
+
+    def row_blocks(self, stored_out: int) -> tuple[tuple[int, int], ...]:
+        """The stored layer's rows this module's ΔW is made of, in order (``rows``, or the halves exchanged)."""
+        if self.rows is not None:
+            return (self.rows,)
+        if self.swap:
+            half = stored_out // 2
+            return ((half, stored_out), (0, half))
+        return ((0, stored_out),)
 
     @property
     def rank(self) -> int:
@@ -241,11 +266,26 @@ class ModuleEntry:
             from ..lycoris.shapes import magnitude_axis
 
             try:
-                magnitude_axis(self.source.shapes[self.magnitude], self.weight_shape, self.magnitude_style)
+                stored = (int(up[0]), *self.weight_shape[1:])  # a fused layer's magnitude covers all its rows
+                axis = magnitude_axis(self.source.shapes[self.magnitude], stored, self.magnitude_style)
             except CorruptFileError as exc:
                 raise CorruptFileError(f"{self.source.path.name}: module {self.key[:200]}: {exc.message}",
                                        "The file is damaged or was written by a broken converter") from exc
+            self.check_rows("lora", {}, axis)
         self.check_alpha()
+
+    def check_rows(self, family: str, shapes: dict[str, tuple[int, ...]], axis: str | None) -> None:
+        """Raise when this module's rows of a fused layer cannot be taken exactly (one line naming it)."""
+        if self.rows is None and not self.swap:
+            return
+        from ..errors import UnsupportedFormatError
+        from ..lycoris.rows import row_blocks_error
+
+        reason = row_blocks_error(family, shapes, self.stored_out, self.row_blocks(self.stored_out), axis)
+        if reason is not None:
+            raise UnsupportedFormatError(
+                f"{self.source.path.name}: module {self.key[:200]} is part of a fused layer, but {reason}",
+                "lorareg will not split it inexactly; convert the adapter with the tool that trained it")
 
     def check_alpha(self) -> None:
         """Raise if the module's alpha is NaN or infinite (no operation could use it)."""

@@ -10,11 +10,16 @@ comes here. Module names resolve through :func:`loralib.naming.kohya.parse_modul
 
 Writing is the kohya format's: :func:`module_tensors` gives the keys of a non-plain module.
 
-Other model families (Flux, SD3): :data:`MODULE_NAME` lists the kohya prefixes read here (SD
-only); detection names Flux/SD3 LyCORIS files ``flux-lycoris``/``sd3-lycoris`` and refuses them.
-Reading them needs :func:`loralib.naming.kohya.resolve_module_name` with the file's family, and
-their fused layers (``qkv``, ``linear1``) kept whole, since a LoKr or LoHa of a fused layer does
-not split into one module per part as plain LoRA factors do.
+Flux.1: the same suffixes behind kohya names (``lora_unet_double_blocks_0_img_attn_qkv``,
+OneTrainer's ``lora_transformer_…``) or BFL paths as ComfyUI spells them
+(``diffusion_model.double_blocks.0.img_attn.qkv``), resolved with
+:func:`loralib.naming.kohya.resolve_module_name` / :func:`loralib.formats.original.native_target`.
+A fused layer (``qkv``, ``linear1``) becomes one entry per diffusers layer it holds, each with its
+``rows`` of the stored module (``swap`` for the final modulation's exchanged halves); the parts are
+built by :func:`loralib.lycoris.rows.take_rows`, exactly. A split that cannot be exact (a LoKr
+whose right factor's rows do not divide the part boundaries, a per-input DoRA magnitude) is
+refused in one line naming the module. SD3 LyCORIS files are refused (detection names them
+``sd3-lycoris``).
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError
+from ..architectures import FLUX_FAMILY, SD
+from ..errors import CorruptFileError, UnsupportedFormatError
 from ..lycoris import KIND_TITLES
 from ..lycoris.shapes import full_shape, loha_shape, lokr_shape, spatial_kernel
-from ..naming.kohya import parse_module_name
+from ..naming.kohya import parse_module_name, resolve_module_name
 from ..naming.sgm import UNetLayout
 from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry
-from .kohya import BUNDLE_KEY, alpha_tensor
+from .kohya import BUNDLE_KEY, alpha_tensor, file_family, refuse_unplaced
 from .source import TensorSource
 
 if TYPE_CHECKING:
@@ -39,7 +45,11 @@ if TYPE_CHECKING:
 
     from ..adapter import AdapterModule
 
-MODULE_NAME = r"lora_(?:unet|te|te1|te2)_\w+"
+# kohya-style names (SD, and Flux.1 in BFL or diffusers names), and BFL paths as ComfyUI spells them
+MODULE_NAME = (r"(?:lora_(?:unet|te|te1|te2|te3|transformer)_\w+|"
+               r"diffusion_model\.(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)"
+               r"[\w.]*?)")
+DENOISER_PREFIX = "diffusion_model."
 
 # suffix -> (kind, role); kind None: a part any low-rank kind may have
 SUFFIXES: dict[str, tuple[str | None, str]] = {
@@ -91,6 +101,21 @@ class LycorisEntry(ModuleEntry):
         return int(self.layer[1]) if len(self.layer) > 1 else int(self.layer[0])
 
     @property
+    def shares_factors(self) -> bool:
+        """LyCORIS parts of a fused layer are built one at a time (:mod:`loralib.lycoris.rows`)."""
+        return False
+
+    @property
+    def stored_out(self) -> int:
+        """Output width of the stored (possibly fused) layer."""
+        return int(self.layer[0])
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the adapted layer (its rows of a fused layer)."""
+        return self.rows[1] - self.rows[0] if self.rows else int(self.layer[0])
+
+    @property
     def is_conv(self) -> bool:
         """True for a conv layer."""
         return len(self.layer) == 4
@@ -98,7 +123,7 @@ class LycorisEntry(ModuleEntry):
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the adapted layer's weight."""
-        return self.layer
+        return (self.out_features, *self.layer[1:])
 
     @property
     def effective_alpha(self) -> float | None:
@@ -133,9 +158,13 @@ class LycorisEntry(ModuleEntry):
             module = kinds.FullModule(**parts)
         else:
             module = kinds.NormModule(**parts)
-        if self.magnitude is None:
+        if self.magnitude is not None:
+            module = kinds.dora(module, tensors[self.magnitude], "lycoris")
+        if self.rows is None and not self.swap:
             return module
-        return kinds.dora(module, tensors[self.magnitude], "lycoris")
+        from ..lycoris.rows import take_rows
+
+        return take_rows(module, self.row_blocks(self.stored_out))
 
 
 def read(inputs: Inputs) -> AdapterIndex:
@@ -212,24 +241,74 @@ def parse(source: TensorSource) -> AdapterIndex:
             embeddings[token if part in ("string_to_param.*", "emb_params") else f"{token}/{part}"] = (source, name)
         else:
             unrecognised.append(name)
-    layout = _sgm_layout(source, modules)
+    family, certain = _names_family(source, modules)
+    if family not in (SD, FLUX_FAMILY):
+        raise UnsupportedFormatError(f"{source.path.name} is a LyCORIS/DoRA adapter for Stable Diffusion 3, which "
+                                     "lorareg does not read yet", "Use the tool that trained it to apply it")
+    layout = _sgm_layout(source, modules) if family == SD else None
     alphas = source.scalars([parts["alpha"] for parts in modules.values() if "alpha" in parts])
     entries: dict[str, ModuleEntry] = {}
     for name, parts in modules.items():
-        key = parse_module_name(name, layout)
-        if key is None:
+        if family == SD:
+            key = parse_module_name(name, layout)
+            new = {key: _entry(key, name, parts, source, alphas)} if key is not None else None
+        else:
+            new = _flux_entries(name, parts, source, alphas)
+        if new is None:
             unrecognised.extend(parts.values())
             continue
-        if key in entries:
-            raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
-        entries[key] = _entry(key, name, parts, source, alphas)
-    if unrecognised:
-        raise CorruptFileError(
-            f"{source.path.name} has {len(unrecognised)} key(s) that name no module of an SD1.x, SD2.x or SDXL "
-            f"model, e.g. {', '.join(sorted(unrecognised)[:3])}",
-            "The file was probably written by a broken converter; lorareg will not guess what they mean")
+        for key, entry in new.items():
+            if key in entries:
+                raise CorruptFileError(f"{source.path.name} adapts {key} twice (under two different names)")
+            entries[key] = entry
+    refuse_unplaced(source, unrecognised, family)
     return AdapterIndex(file_kind(Counter(e.kind for e in entries.values())), [source], entries,
-                        dict(source.metadata), embeddings)
+                        dict(source.metadata), embeddings, family=family if certain and family != SD else None)
+
+
+def _names_family(source: TensorSource, modules: dict[str, dict[str, str]]) -> tuple[str, bool]:
+    """The model family the module names are of (BFL paths are Flux.1's), and whether the names say so."""
+    if any(name.startswith(DENOISER_PREFIX) for name in modules):
+        return FLUX_FAMILY, True
+    return file_family(source, modules)
+
+
+def _flux_entries(name: str, parts: dict[str, str], source: TensorSource,
+                  alphas: dict[str, float]) -> dict[str, ModuleEntry] | None:
+    """The entries of one Flux.1 module: one per layer a fused layer holds (its rows), None for an unknown name."""
+    from .original import native_target
+
+    if name.startswith(DENOISER_PREFIX):
+        target = native_target(FLUX_FAMILY, name.removeprefix(DENOISER_PREFIX), None, None)
+    else:
+        target = resolve_module_name(name, None, family=FLUX_FAMILY)
+    if target is None:
+        return None
+    entry = _entry(target.keys[0], name, parts, source, alphas)
+    if not target.fused and not target.swap:
+        return {entry.key: entry}
+    family = entry.family if isinstance(entry, LycorisEntry) else "lora"
+    roles = entry.roles if isinstance(entry, LycorisEntry) else {}
+    shapes = {role: tuple(source.shapes[tensor]) for role, tensor in roles.items()}
+    axis = None
+    if entry.magnitude is not None:
+        from ..lycoris.shapes import magnitude_axis
+
+        stored = (entry.stored_out, *entry.weight_shape[1:])
+        axis = magnitude_axis(source.shapes[entry.magnitude], stored, entry.magnitude_style)
+    if not target.fused:
+        parts_rows = {entry.key: replace(entry, swap=True)}
+    else:
+        ranges = target.rows(entry.stored_out, entry.in_features) if len(entry.weight_shape) == 2 else None
+        if ranges is None:
+            raise CorruptFileError(
+                f"{source.path.name}: the fused layer {name} adapts a {list(entry.weight_shape)} weight, but it holds "
+                f"{len(target.keys)} layers of {' + '.join(f'{u}×' for u in target.units)}its input width",
+                "The file is damaged or was written for another model")
+        parts_rows = {key: replace(entry, key=key, rows=rows) for key, rows in zip(target.keys, ranges)}
+    for part in parts_rows.values():
+        part.check_rows(family, shapes, axis)
+    return parts_rows
 
 
 def _entry(key: str, name: str, parts: dict[str, str], source: TensorSource, alphas: dict[str, float]) -> ModuleEntry:
