@@ -19,7 +19,7 @@ for _case in CASES:
 def test_the_corpus_covers_every_class_of_the_issue():
     assert set(BY_CATEGORY) >= {"header", "huge numbers", "non-finite", "deep nesting", "metadata JSON", "PEFT types",
                                 "catastrophic regex", "special files", "terminal", "encoding", "names", "shapes",
-                                "accepted then refused", "keys", "pickle", "size"}
+                                "accepted then refused", "keys", "pickle", "size", "families"}
     assert len(CASES) >= 120
 
 

@@ -170,7 +170,7 @@ def case(category: str, *, valid: bool | tuple[str, ...] = False, commands: tupl
     return register
 
 
-def file_case(name: str, category: str, content: Callable[[], bytes], *, valid: bool = False,
+def file_case(name: str, category: str, content: Callable[[], bytes], *, valid: bool | tuple[str, ...] = False,
               filename: str = "x.safetensors") -> None:
     def build(folder: Path) -> Path:
         path = folder / filename
@@ -763,3 +763,40 @@ def in_process_runner() -> Runner:
         return RunResult(code, out.getvalue(), err.getvalue())
 
     return run
+
+
+# every spelling and family (issues 11 and 12): readers of ComfyUI, OneTrainer, OMI, XLabs, Flux.1 kohya and
+# Flux.1 LyCORIS names get damaged files too
+def _lora_pair(prefix: str, down: list[int], up: list[int], *, suffixes=("lora_down.weight", "lora_up.weight"),
+               alpha: bool = True, seed: int = 30) -> dict[str, Tensor]:
+    tensors = {f"{prefix}.{suffixes[0]}": Tensor("F32", down, random_f32(math.prod(down), seed)),
+               f"{prefix}.{suffixes[1]}": Tensor("F32", up, random_f32(math.prod(up), seed + 1))}
+    if alpha:
+        tensors[f"{prefix}.alpha"] = Tensor("F32", [], f32([1.0]))
+    return tensors
+
+
+FLUX_QKV = "lora_unet_double_blocks_0_img_attn_qkv"
+# valid, but merged with the corpus' SD1 file it is (rightly) refused: another model family
+file_case("flux_kohya_qkv", "families", lambda: safetensors_bytes(_lora_pair(FLUX_QKV, [1, 3072], [9216, 1])),
+          valid=("inspect", "convert", "resize", "add", "scan", "verify", "show"))
+file_case("flux_kohya_qkv_rows_not_three_parts", "families",
+          lambda: safetensors_bytes(_lora_pair(FLUX_QKV, [1, 3072], [9000, 1])))
+file_case("flux_kohya_block_99", "families",
+          lambda: safetensors_bytes(_lora_pair("lora_unet_double_blocks_99_img_attn_qkv", [1, 3072], [9216, 1])))
+file_case("flux_lokr_split_not_exact", "families", lambda: safetensors_bytes({
+    f"{FLUX_QKV}.lokr_w1": Tensor("F32", [4, 3], random_f32(12, 40)),
+    f"{FLUX_QKV}.lokr_w2_a": Tensor("F32", [2304, 1], random_f32(2304, 41)),
+    f"{FLUX_QKV}.lokr_w2_b": Tensor("F32", [1, 1024], random_f32(1024, 42)),
+    f"{FLUX_QKV}.alpha": Tensor("F32", [], f32([1.0]))}))
+file_case("comfyui_missing_down", "families", lambda: safetensors_bytes({
+    "diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": Tensor("F32", [320, 1], random_f32(320, 50))}))
+file_case("comfyui_mismatched_factors", "families", lambda: safetensors_bytes(
+    _lora_pair("diffusion_model.input_blocks.1.1.proj_in", [1, 320], [320, 2])))
+file_case("omi_unknown_block", "families", lambda: safetensors_bytes(
+    _lora_pair("unet.input_blocks.99.1.proj_in", [1, 320], [320, 1])))
+file_case("onetrainer_original_wrong_width", "families", lambda: safetensors_bytes(
+    _lora_pair("input_blocks.4.1.proj_in", [1, 7], [640, 1], suffixes=("lora_A.weight", "lora_B.weight"))))
+file_case("xlabs_mismatched_rank", "families", lambda: safetensors_bytes(
+    _lora_pair("double_blocks.0.processor.qkv_lora1", [1, 3072], [3072, 2], suffixes=("down.weight", "up.weight"),
+               alpha=False)))
