@@ -20,7 +20,7 @@ from typing import NamedTuple
 from ..errors import CorruptFileError, InputNotFoundError
 from ..jsontext import DuplicateKeyError, JSONTextError, loads
 from ..units import human_size
-from . import require_regular_file
+from . import file_kind, require_regular_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 # No file is this large; bounding offsets and dimensions by it keeps every size, count and sum
@@ -148,13 +148,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     before it is opened). A file whose tensor data is cut off, or followed by other bytes, is
     returned with :attr:`SafetensorsHeader.problem` set, so it can still be described.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     name = path.name
-    if not path.exists():
-        raise InputNotFoundError(f"{path} does not exist", "Check the path")
-    if path.is_dir():
-        raise CorruptFileError(f"{path} is a folder, not a safetensors file")
-    require_regular_file(path, "safetensors file")
+    if file_kind(path) is not None:  # one stat for a regular file; the checks below say what else it is
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist", "Check the path")
+        if path.is_dir():
+            raise CorruptFileError(f"{path} is a folder, not a safetensors file")
+        require_regular_file(path, "safetensors file")
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
