@@ -23,6 +23,7 @@ from typing import Any
 from .architectures import ARCHITECTURES, COMPONENTS, SD, SDXL, UNKNOWN, claimed_architecture, detect_architecture
 from .errors import UnsafeFileError
 from .files.hashes import folder_identity, hash_mapped
+from .files.header import SafetensorsHeader
 from .files.pages import drop_pages
 from .formats import AdapterIndex, Inputs, identify_inputs, index_inputs, open_inputs, refuse
 from .formats.detect import Kind, name_family
@@ -233,7 +234,7 @@ def _read_bytes(sources: list[TensorSource], index: AdapterIndex | None, *, hash
     if not files:
         return {}, None, "its tensors are not in a safetensors file"
     with ExitStack() as stack:
-        maps = {id(source): _file_bytes(stack, source.path, source.header.file_size) for source in files}
+        maps = {id(source): _file_bytes(stack, source.header) for source in files}
         found: dict[str, str] = {}
         if hashes:
             per_file = []
@@ -271,10 +272,13 @@ def _read_bytes(sources: list[TensorSource], index: AdapterIndex | None, *, hash
 READ_WHOLE = 32 * 2**20  # smaller files are read in one call; larger ones are memory-mapped
 
 
-def _file_bytes(stack: ExitStack, path: Path, size: int) -> bytes | mmap.mmap:
-    """A file's bytes to hash and slice: read at once when small, memory-mapped (closed with ``stack``) when large."""
-    with open(path, "rb", buffering=0) as handle:
-        if size <= READ_WHOLE:
+def _file_bytes(stack: ExitStack, header: SafetensorsHeader) -> bytes | mmap.mmap:
+    """A file's bytes to hash and slice: those read with its header when small, read at once when
+    not too large, memory-mapped (closed with ``stack``) when large."""
+    if header.content is not None:
+        return header.content
+    with open(header.path, "rb", buffering=0) as handle:
+        if header.file_size <= READ_WHOLE:
             return handle.read()
         return stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
 

@@ -118,7 +118,8 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
     if report is None:
         report = inspect(root, hashes=True, fingerprint=fingerprint)
         found = dict(report.hashes)
-    main = absolute(report.files[0]) if report.files else main_file(root)
+    first = report.files[0] if report.files else None
+    main = root if first == str(root) else absolute(first) if first else main_file(root)
     stat = main.stat()
     report.hashes = found
     return FileFacts(main, root, stat.st_size, stat.st_mtime_ns, report, found)

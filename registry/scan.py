@@ -324,11 +324,10 @@ def _describe_chunk(paths: list[str]) -> list[Outcome]:
     return [_describe_outcome(path) for path in paths]
 
 
-def _describe_outcome(path: str | Path) -> Outcome:
+def _describe_outcome(path: str) -> Outcome:
     """Describe one file; what is wrong with it, if anything, as a state and a message."""
     from .describe import describe
 
-    path = Path(path)
     try:
         return "ok", describe(path)
     except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
@@ -336,7 +335,7 @@ def _describe_outcome(path: str | Path) -> Outcome:
     except (CorruptFileError, LoraError, OSError) as exc:
         return "damaged", str(exc)
     except Exception as exc:  # a file no reader foresaw: flag it and go on; one file never stops a scan
-        return "damaged", f"{path.name} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        return "damaged", f"{os.path.basename(path)} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 class _Batch:

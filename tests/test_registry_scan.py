@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import lorareg.registry.describe as describe_module
+import lorareg.registry.scan as scan_module
+from loralib.errors import LoraError
 from lorareg.registry.catalog import Catalog
 from lorareg.registry.scan import scan
 from lorareg.registry.schema import SCHEMA_VERSION
@@ -176,3 +178,50 @@ def test_worker_processes_record_what_one_process_records(tmp_path):
         _consistent(home)
     assert rows[1] == rows[2] and len(rows[1]) == 40
     assert rows[1, "files"] == rows[2, "files"]
+
+
+def _catalog_rows(home: Path) -> tuple[list[tuple], list[tuple]]:
+    """Every column of every adapter (ids and timestamps left out) and of every file row (the
+    adapter named instead of its id), in a stable order."""
+    conn = sqlite3.connect(home / "catalog.db")
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(adapters)")
+                   if r[1] not in ("id", "added_at", "updated_at")]
+        adapters = conn.execute(f"SELECT {', '.join(columns)} FROM adapters ORDER BY name").fetchall()
+        files = conn.execute("SELECT f.path, a.name, f.size, f.mtime_ns, f.sha256, f.state, f.problem FROM files f "
+                             "LEFT JOIN adapters a ON a.id = f.adapter_id WHERE f.state = 'ok' "
+                             "ORDER BY f.path").fetchall()
+        parents = conn.execute("SELECT a.name, p.position, p.tensor_sha256, p.sha256, p.file, p.path, p.format, "
+                               "p.weight FROM parents p JOIN adapters a ON a.id = p.child_id "
+                               "ORDER BY a.name, p.position").fetchall()
+    finally:
+        conn.close()
+    return adapters, files + parents
+
+
+def test_a_first_scan_records_exactly_what_adding_each_file_records(tmp_path, real_loras):
+    """A first scan stores, column for column, what ``Catalog.add`` of each of its files stores:
+    small kohya files (two sharing a name, so one becomes ``name-2``), a copy of one (a second
+    path of the same adapter) and the real files published by others, damaged ones included."""
+    folder = tmp_path / "loras"
+    write_small_loras(folder / "a", 12)
+    (folder / "b").mkdir()
+    first = sorted((folder / "a").iterdir())[0]
+    (folder / "b" / first.name).write_bytes(first.read_bytes())  # the same adapter at a second path
+    (folder / "c").mkdir()
+    (folder / "c" / first.name).write_bytes(small_lora_bytes(999))  # another adapter with the same file name
+    for real in sorted(real_loras.glob("*.safetensors")):
+        (folder / "real").mkdir(exist_ok=True)
+        (folder / "real" / real.name).write_bytes(real.read_bytes())
+    with Catalog(tmp_path / "scanned") as catalog:
+        report = scan(catalog, folder, workers=1, batch_files=5)
+    assert report.added >= 14 and report.extra_paths == 1
+    with Catalog(tmp_path / "added") as catalog:
+        for path in scan_module._candidates(folder, True, scan_module.ScanReport(str(folder)), False):
+            try:
+                catalog.add(path)
+            except LoraError:
+                pass  # not an adapter, or unreadable: scan records those as files only
+    scanned, added = _catalog_rows(tmp_path / "scanned"), _catalog_rows(tmp_path / "added")
+    assert len(scanned[0]) == report.added and len(scanned[1]) >= report.added + 1
+    assert scanned == added

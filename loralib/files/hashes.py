@@ -20,7 +20,7 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,10 +61,10 @@ class FileHashes:
 
     def to_dict(self) -> dict[str, str]:
         """All hashes by name, for JSON output and the catalog (``identity`` only when known)."""
-        data = {**asdict(self), "autov2": self.autov2, "autov3": self.autov3, "a1111": self.a1111}
-        if data["identity"] is None:
-            del data["identity"]
-        return data
+        data = {"sha256": self.sha256, "tensor_sha256": self.tensor_sha256, "legacy": self.legacy}
+        if self.identity is not None:
+            data["identity"] = self.identity
+        return {**data, "autov2": self.autov2, "autov3": self.autov3, "a1111": self.a1111}
 
 
 IDENTITY_VERSION = b"lorareg-identity/1"

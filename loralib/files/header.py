@@ -8,6 +8,7 @@ trusted, so a damaged or hostile header becomes a :class:`~loralib.errors.Corrup
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import operator
@@ -20,13 +21,14 @@ from typing import NamedTuple
 from ..errors import CorruptFileError, InputNotFoundError
 from ..jsontext import DuplicateKeyError, JSONTextError, loads
 from ..units import human_size
-from . import require_regular_file
+from . import file_kind, require_regular_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 # No file is this large; bounding offsets and dimensions by it keeps every size, count and sum
 # of a header exact in 64-bit integers (and cheap to compute), whatever the header claims.
 MAX_OFFSET = 2 ** 60
 MAX_DIMS = 32
+READ_AT_ONCE = 256 * 1024  # files up to this size are read whole with their header: one read serves all
 
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
@@ -65,6 +67,8 @@ class SafetensorsHeader:
     file_size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    # The whole file as read with the header, for small files (<= READ_AT_ONCE); None otherwise.
+    content: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def data_start(self) -> int:
@@ -112,14 +116,18 @@ class SafetensorsHeader:
     def read_scalars(self, names: list[str]) -> dict[str, float]:
         """Read one-element tensors (such as kohya ``alpha`` values) straight from the file."""
         values = {}
-        with open(self.path, "rb") as f:
+        with contextlib.nullcontext() if self.content is not None else open(self.path, "rb") as f:
             for name in names:
                 info = self.tensors[name]
                 if info.numel != 1:
                     raise CorruptFileError(
                         f"{self.path.name}: tensor {name} should hold one value, it has shape {list(info.shape)}")
-                f.seek(self.data_start + info.begin)
-                raw = f.read(info.nbytes)
+                start = self.data_start + info.begin
+                if f is None:
+                    raw = self.content[start:start + info.nbytes]
+                else:
+                    f.seek(start)
+                    raw = f.read(info.nbytes)
                 if len(raw) != info.nbytes:
                     self.require_complete()
                 values[name] = decode_scalar(info.dtype, raw, f"{self.path.name}: tensor {name}")
@@ -148,16 +156,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     before it is opened). A file whose tensor data is cut off, or followed by other bytes, is
     returned with :attr:`SafetensorsHeader.problem` set, so it can still be described.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     name = path.name
-    if not path.exists():
-        raise InputNotFoundError(f"{path} does not exist", "Check the path")
-    if path.is_dir():
-        raise CorruptFileError(f"{path} is a folder, not a safetensors file")
-    require_regular_file(path, "safetensors file")
+    if file_kind(path) is not None:  # one stat for a regular file; the checks below say what else it is
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist", "Check the path")
+        if path.is_dir():
+            raise CorruptFileError(f"{path} is a folder, not a safetensors file")
+        require_regular_file(path, "safetensors file")
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
+        content = f.read() if file_size <= READ_AT_ONCE else None
+        if content is not None and len(content) != file_size:  # changed while being read: read it in parts
+            content = None
+            f.seek(0)
+        prefix = content[:8] if content is not None else f.read(8)
         if len(prefix) < 8:
             what = "empty" if file_size == 0 else f"only {file_size} bytes long"
             raise CorruptFileError(f"{name} is {what}, not a safetensors file")
@@ -181,7 +194,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 f"but the whole file is {human_size(file_size)}",
                 "It is truncated, or not a safetensors file at all",
             )
-        raw = f.read(header_size)
+        raw = content[8:8 + header_size] if content is not None else f.read(header_size)
     try:
         parsed = _parse_json(raw)
     except DuplicateKeyError as exc:
@@ -199,7 +212,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     tensors = _parse_tensors(parsed, name)
     del parsed
     _check_layout(tensors, name)
-    return SafetensorsHeader(path, header_size, file_size, tensors, metadata)
+    return SafetensorsHeader(path, header_size, file_size, tensors, metadata, content)
 
 
 def _pickle_kind(prefix: bytes) -> str | None:

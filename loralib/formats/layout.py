@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from ..errors import CorruptFileError, InputNotFoundError, NotALoraError, UnsafeFileError
-from ..files import is_pickle, require_regular_file
+from ..files import file_kind, is_pickle, require_regular_file
 from .base import Inputs
 from .source import TensorSource
 from .table import folder_formats
@@ -19,24 +19,26 @@ from .table import folder_formats
 
 def open_inputs(path: str | Path, *, allow_pickle: bool = False) -> Inputs:
     """Find and open the file(s) of the adapter at ``path`` (a file or a folder); headers only."""
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path} does not exist", "Check the path")
-    folder = path if path.is_dir() else path.parent
+    is_dir = path.is_dir()
+    folder = path if is_dir else path.parent
     for fmt in folder_formats():
         layout = fmt.folder
         if layout.config is None or fmt.read_config is None:
             continue
         config = folder / layout.config
-        if config.exists() and not config.is_file():  # a FIFO or device: refused, never taken as "no config"
+        config_kind = file_kind(config)  # one stat: this runs for every file a scan reads
+        if config_kind not in (None, "missing"):  # a FIFO or device: refused, never taken as "no config"
             require_regular_file(config, "JSON file")
-        if (layout.holds(folder) if path.is_dir() else (folder / layout.config).is_file() and path.name in layout.weights):
+        if (layout.holds(folder) if is_dir else config_kind is None and path.name in layout.weights):
             files = layout.component_files(folder)
             if not files:
                 raise InputNotFoundError(f"{folder} has an {layout.config} but no {layout.weights[0]}")
             sources = [open_file(f, allow_pickle) for f in files]
             return Inputs(path, sources, {s.path: fmt.read_config(s.path.parent) for s in sources}, fmt)
-    if path.is_dir():
+    if is_dir:
         for fmt in folder_formats():
             files = fmt.folder.component_files(path) if fmt.folder.config is None else []
             if files:

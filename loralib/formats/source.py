@@ -29,7 +29,7 @@ class TensorSource:
     def from_safetensors(cls, path: str | Path) -> TensorSource:
         """A source over a safetensors file; only its header is read."""
         header = read_header(path)
-        return cls(Path(path), {n: t.shape for n, t in header.tensors.items()},
+        return cls(header.path, {n: t.shape for n, t in header.tensors.items()},
                    {n: t.dtype for n, t in header.tensors.items()}, header.metadata, header=header)
 
     @classmethod
