@@ -79,18 +79,23 @@ def test_pickles_are_named_and_inspect_suggests_only_real_options(lorareg, tmp_p
 
 
 @pytest.mark.parametrize("header_bytes", [0x280, 0x380, 0x480, 0x580])
-def test_safetensors_headers_whose_length_looks_like_a_pickle_are_read(tmp_path, header_bytes):
-    """A header of 640 bytes starts with b"\\x80\\x02", a protocol-2 pickle's first bytes: the JSON decides."""
-    from loralib.files.header import read_header
+@pytest.mark.parametrize("rank", [2, 4096], ids=["small file", "file read in parts"])
+def test_safetensors_headers_whose_length_looks_like_a_pickle_are_read(tmp_path, header_bytes, rank):
+    """A header of 640 bytes starts with b"\\x80\\x02", a protocol-2 pickle's first bytes: the JSON decides,
+    whether the file is small enough to be read at once or not."""
+    from loralib.files.header import READ_AT_ONCE, read_header
 
-    names = {"a.lora_down.weight": [2, 8], "a.lora_up.weight": [8, 2]}
-    meta = {n: {"dtype": "F32", "shape": s, "data_offsets": [i * 64, i * 64 + 64]} for i, (n, s) in enumerate(names.items())}
+    names = {"a.lora_down.weight": [rank, 8], "a.lora_up.weight": [8, rank]}
+    size = rank * 8 * 4
+    meta = {n: {"dtype": "F32", "shape": s, "data_offsets": [i * size, i * size + size]}
+            for i, (n, s) in enumerate(names.items())}
     text = json.dumps(meta)
     meta["__metadata__"] = {"pad": "x" * (header_bytes - len(text) - len(', "__metadata__": {"pad": ""}'))}
     raw = json.dumps(meta).encode()
     assert len(raw) == header_bytes
     path = tmp_path / "a.safetensors"
-    path.write_bytes(header_bytes.to_bytes(8, "little") + raw + bytes(128))
+    path.write_bytes(header_bytes.to_bytes(8, "little") + raw + bytes(2 * size))
+    assert (path.stat().st_size > READ_AT_ONCE) == (rank > 2)
     assert set(read_header(path).tensors) == set(names)
 
 

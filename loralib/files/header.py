@@ -176,8 +176,14 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raise CorruptFileError(f"{name} is {what}, not a safetensors file")
         (header_size,) = struct.unpack("<Q", prefix)
         kind = _pickle_kind(prefix)
-        # a header of 640, 896, 1152 or 1408 bytes starts with a pickle's two bytes too: its JSON tells them apart
-        if kind is not None and not (header_size <= file_size - 8 and f.read(1) == b"{" and f.seek(8) == 8):
+        if kind is not None:
+            # a header of 640, 896, 1152 or 1408 bytes starts with a pickle's two bytes too: its JSON tells them apart
+            opening = content[8:9] if content is not None else f.read(1)
+            if content is None:
+                f.seek(8)
+            if header_size <= file_size - 8 and opening == b"{":
+                kind = None
+        if kind is not None:
             raise CorruptFileError(
                 f"{name} is a PyTorch pickle file ({kind}), not a safetensors file, whatever its name says",
                 "Rename it to .ckpt; reading it would run code stored in it, so only convert it "
