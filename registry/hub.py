@@ -47,6 +47,7 @@ from .catalog import AddResult, Catalog
 from .describe import GENERIC_STEMS, clean_name
 from .paths import absolute
 from .records import Entry
+from .samples import image_kind
 from .schema import now
 
 if TYPE_CHECKING:
@@ -663,23 +664,6 @@ def _widget_item(sample: dict, url: str) -> dict:
         item["parameters"] = {"negative_prompt": str(sample["negative_prompt"])}
     item["output"] = {"url": url}
     return item
-
-
-_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
-
-
-def image_kind(path: str | os.PathLike) -> str | None:
-    """``png``, ``jpeg``, ``webp`` or ``gif`` for a regular file that starts like one; None otherwise."""
-    if special_kind(path) is not None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except OSError:
-        return None
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return next((kind for signature, kind in _IMAGE_SIGNATURES if head.startswith(signature)), None)
 
 
 def _repo_file_name(name: str) -> str:

@@ -27,12 +27,22 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)(?::[^>]*)?>")
 
 
 def image_kind(path: str | os.PathLike) -> str | None:
-    """``png``, ``jpeg``, ``webp`` or ``gif`` from a file's first bytes (its magic number); None for anything else."""
+    """``png``, ``jpeg``, ``webp`` or ``gif`` for a regular file whose first bytes (its magic number)
+    say so; None for anything else (a FIFO or device is not opened)."""
+    from loralib.files import file_kind
+
+    if file_kind(path) is not None:
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(12)
     except OSError:
         return None
+    return image_format(head)
+
+
+def image_format(head: bytes) -> str | None:
+    """``png``, ``jpeg``, ``webp`` or ``gif`` for a file starting with ``head`` (12 bytes suffice), else None."""
     if head.startswith(_PNG_SIGNATURE):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from loralib.generation import AdapterUse, GenerationSettings, infotext
 from lorareg.registry.samples import image_kind, lora_hashes, parse_parameters, sample_record
@@ -55,3 +56,6 @@ def test_add_sample_accepts_only_images(lorareg, tmp_path):
         image.write_bytes(head)
         assert image_kind(image) == kind
     assert image_kind(lora) is None
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert image_kind(fifo) is None  # never opened: opening a FIFO waits for a writer forever

@@ -13,22 +13,9 @@ import stat
 from pathlib import Path
 
 from lorareg.registry.records import Entry
-from lorareg.registry.samples import preview_path
+from lorareg.registry.samples import image_format, preview_path
 
 MAX_BYTES = 32 << 20
-
-
-def image_type(head: bytes) -> str | None:
-    """The MIME type of an image from its first bytes (PNG, JPEG, WebP, GIF), or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return None
 
 
 def read_image(path: str | os.PathLike) -> tuple[bytes, str] | None:
@@ -47,8 +34,8 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, str] | None:
         return None
     finally:
         os.close(fd)
-    kind = image_type(data[:16])
-    return (data, kind) if kind and len(data) <= MAX_BYTES else None
+    kind = image_format(data[:12])
+    return (data, f"image/{kind}") if kind and len(data) <= MAX_BYTES else None
 
 
 def sample_path(entry: Entry, index: int) -> str | None:
