@@ -38,7 +38,7 @@ from .catalog import Catalog
 from .paths import absolute, storable
 
 if TYPE_CHECKING:
-    from .describe import FileFacts
+    from .describe import FileRow
 
 Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
@@ -254,7 +254,7 @@ def _unchanged(path: str, known: tuple | None, stat: Stat, report: ScanReport) -
     return True
 
 
-Outcome = tuple[str, "FileFacts | str"]  # ("ok", facts) or ("not-lora" / "damaged", problem)
+Outcome = tuple[str, "FileRow | str"]  # ("ok", what to store) or ("not-lora" / "damaged", problem)
 
 
 def _free_cores() -> int:
@@ -329,7 +329,7 @@ def _describe_outcome(path: str) -> Outcome:
     from .describe import describe
 
     try:
-        return "ok", describe(path)
+        return "ok", describe(path).row()
     except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
         return "not-lora", str(exc)
     except (CorruptFileError, LoraError, OSError) as exc:
@@ -343,7 +343,7 @@ class _Batch:
 
     def __init__(self, catalog: Catalog, report: ScanReport, size: int, seconds: float) -> None:
         self.catalog, self.report, self.size, self.seconds = catalog, report, size, seconds
-        self.facts: list[FileFacts] = []
+        self.facts: list[FileRow] = []
         self.problems: list[tuple[str, Stat, str, str]] = []
         self.flushed_at = time.monotonic()
 
@@ -352,7 +352,7 @@ class _Batch:
         state, found = outcome
         if state == "ok":
             self.facts.append(found)
-            if found.report.damaged:
+            if found.damaged:
                 self.report.damaged.append(path)
         else:
             self.problems.append((path, stat, state, found))
