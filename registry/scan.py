@@ -45,7 +45,7 @@ ADAPTER_SUFFIXES = (".safetensors",)
 BATCH_FILES = 200
 BATCH_SECONDS = 0.5
 PARALLEL_FROM = 200  # files to read before worker processes pay for their start-up
-CHUNK_FILES = 16  # files per task handed to a worker
+CHUNK_FILES = 64  # files per task handed to a worker
 
 
 @dataclass
