@@ -9,9 +9,12 @@ files and completes the rest. Files that are not adapters are counted and rememb
 rescan skips them too); damaged ones are flagged; no file, however broken, stops the scan.
 
 Reading files (headers, hashes, fingerprints: CPU work in Python) is spread over worker processes
-when there are many to read, one per free core; the catalog is written by this process alone, in order.
+when there are many to read, one per free core (at least two where there are two cores); the
+catalog is written by this process alone, in order.
 Work is handed out in small chunks with only a few in flight, so memory stays flat however many
-files the folder holds.
+files the folder holds. A worker passes back only what the catalog stores of each file (a
+:class:`~lorareg.registry.describe.FileRow` of plain values): passing the whole header report back
+cost the scanning process about as much CPU as storing the file.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ BATCH_FILES = 200
 BATCH_SECONDS = 0.5
 PARALLEL_FROM = 200  # files to read before worker processes pay for their start-up
 CHUNK_FILES = 64  # files per task handed to a worker
+PARENT_POLL_SECONDS = 0.2  # how often a worker checks that the scanning process is still there
 
 
 @dataclass
@@ -191,8 +195,9 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
     with the report. Links to folders outside ``folder`` are followed only with ``follow_links``;
     what was not followed, and files whose names the catalog cannot store, are listed in
-    ``report.skipped``. ``workers`` is how many processes read files (default: one per core when
-    at least :data:`PARALLEL_FROM` files are to be read and the cores are free, else this process alone).
+    ``report.skipped``. ``workers`` is how many processes read files (default: one per free core,
+    at least two on a machine with two or more, when at least :data:`PARALLEL_FROM` files are to be
+    read; else this process alone).
     """
     start = time.perf_counter()
     root = absolute(folder)
@@ -258,8 +263,13 @@ Outcome = tuple[str, "FileRow | str"]  # ("ok", what to store) or ("not-lora" / 
 
 
 def _free_cores() -> int:
-    """The cores this process may use minus the load already on them (at least 1): on a busy machine
-    worker processes only add the cost of passing results back."""
+    """The cores this process may use minus the load already on them, but at least two where there
+    are two (else one).
+
+    Workers pass back only a :class:`~lorareg.registry.describe.FileRow`, so two of them use about
+    the CPU that one process reading and storing every file uses: on a busy machine they cost
+    nothing, on an idle one they read in parallel while this process writes the catalog.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -268,7 +278,7 @@ def _free_cores() -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = 0.0
-    return max(1, min(cores, int(cores - load + 0.5)))
+    return max(min(cores, 2), min(cores, int(cores - load + 0.5)))
 
 
 def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
@@ -314,10 +324,22 @@ def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
 
 
 def _quiet_worker() -> None:
-    """Workers leave Ctrl-C to the scanning process, which commits what was read and stops them."""
+    """Workers leave Ctrl-C to the scanning process, which commits what was read and stops them; a
+    kill ends them, and so does the end of the scanning process, however it ends (a SIGKILL
+    included): a worker left behind would wait forever and keep the command's output open."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lorareg-scan-parent-watch", daemon=True).start()
 
 
 def _describe_chunk(paths: list[str]) -> list[Outcome]:

@@ -272,3 +272,12 @@ def test_scan_workers_option_reads_in_worker_processes_and_records_the_same(tmp_
     assert _catalog_rows(tmp_path / "home1") == _catalog_rows(tmp_path / "home2")
     refused = lorareg("scan", folder, "--workers", "0")
     assert refused.code == 2 and "--workers" in refused.err and "Traceback" not in refused.err
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(1, 0.0, 1), (1, 3.0, 1), (2, 0.0, 2), (2, 6.0, 2),
+                                                         (8, 2.0, 6), (8, 20.0, 2)])
+def test_scan_reads_with_at_least_two_workers_where_there_are_two_cores(monkeypatch, cores, load, expected):
+    """Free cores (cores minus load), but never fewer than two workers on a machine with two cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert scan_module._free_cores() == expected
