@@ -109,8 +109,8 @@ def _terminate_as_interrupt():
 @click.option("--follow-links", is_flag=True,
               help="Also follow links to folders outside the scanned one (never to / or to a folder containing it).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
-              help="Processes that read the files (1: the scanning process alone; default: one per free core, "
-                   "at least two where there are two, when there are a few hundred files to read).")
+              help="Processes that read the files (1: the scanning process alone; default: one per free core "
+                   "when there are a few hundred files to read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: bool, follow_links: bool,

@@ -9,8 +9,7 @@ files and completes the rest. Files that are not adapters are counted and rememb
 rescan skips them too); damaged ones are flagged; no file, however broken, stops the scan.
 
 Reading files (headers, hashes, fingerprints: CPU work in Python) is spread over worker processes
-when there are many to read, one per free core (at least two where there are two cores); the
-catalog is written by this process alone, in order.
+when there are many to read, one per free core; the catalog is written by this process alone, in order.
 Work is handed out in small chunks with only a few in flight, so memory stays flat however many
 files the folder holds. A worker passes back only what the catalog stores of each file (a
 :class:`~lorareg.registry.describe.FileRow` of plain values): passing the whole header report back
@@ -195,9 +194,9 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
     with the report. Links to folders outside ``folder`` are followed only with ``follow_links``;
     what was not followed, and files whose names the catalog cannot store, are listed in
-    ``report.skipped``. ``workers`` is how many processes read files (default: one per free core,
-    at least two on a machine with two or more, when at least :data:`PARALLEL_FROM` files are to be
-    read; else this process alone).
+    ``report.skipped``. ``workers`` is how many processes read files (default: one per free core
+    (the cores minus the load average) when at least :data:`PARALLEL_FROM` files are to be read,
+    else this process alone).
     """
     start = time.perf_counter()
     root = absolute(folder)
@@ -263,13 +262,8 @@ Outcome = tuple[str, "FileRow | str"]  # ("ok", what to store) or ("not-lora" / 
 
 
 def _free_cores() -> int:
-    """The cores this process may use minus the load already on them, but at least two where there
-    are two (else one).
-
-    Workers pass back only a :class:`~lorareg.registry.describe.FileRow`, so two of them use about
-    the CPU that one process reading and storing every file uses: on a busy machine they cost
-    nothing, on an idle one they read in parallel while this process writes the catalog.
-    """
+    """The cores this process may use minus the load already on them (at least 1): on a busy machine
+    worker processes cost more CPU in all than they save in time (see benchmarks/RESULTS.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -278,7 +272,7 @@ def _free_cores() -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = 0.0
-    return max(min(cores, 2), min(cores, int(cores - load + 0.5)))
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
