@@ -308,16 +308,18 @@ class LoraAdapter:
         if self.releaser is not None:
             self.releaser(key)
 
-    def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
+    def nonfinite_modules(self, dtype: torch.dtype | None = None, *, release: bool = True) -> list[str]:
         """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given).
 
         Each module is released once checked (see :meth:`release`), so checking a file-backed adapter
-        does not bring all of it into memory at once."""
+        does not bring all of it into memory at once; ``release=False`` keeps them for a caller that
+        reads every module right after (a writer), which saves bringing them in twice."""
         bad = []
         for key, module in self.modules.items():
             if not is_finite(module, dtype):
                 bad.append(key)
-            self.release(key)
+            if release:
+                self.release(key)
         return bad
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
