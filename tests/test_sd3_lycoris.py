@@ -238,3 +238,22 @@ def test_broken_sd3_lycoris_files_are_refused_in_one_line(tmp_path, lorareg, cas
     assert "\n" not in str(caught.value)
     res = lorareg("inspect", file)
     assert res.code != 0 and "Traceback" not in res.out + res.err and len(res.err.strip().splitlines()) == 1
+
+
+def test_text_encoders_are_read_beside_the_transformer_and_norm_keys_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    encoders = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 768),
+                "lora_te2_text_model_encoder_layers_0_mlp_fc2": ("text_encoder_2.text_model.encoder.layers.0.mlp.fc2", 1280),
+                "lora_te3_encoder_block_0_layer_0_SelfAttention_q": ("text_encoder_3.encoder.block.0.layer.0.SelfAttention.q", 4096)}
+    built = {name: loha(width, width * (4 if name.endswith("fc2") else 1), g) for name, (_, width) in encoders.items()}
+    qkv = loha(4608, 1536, g)
+    adapter = loralib.load(write(tmp_path / "te.safetensors", {**built, spelled("joint_blocks.0.x_block.attn.qkv", "kohya"): qkv}))
+    assert adapter.architecture == "sd3" and len(adapter.modules) == 6
+    for name, (key, _) in encoders.items():
+        close(adapter.modules[key].delta(), loha_dense(built[name]))
+    # MMDiT's q/k norms are RMS norms LyCORIS does not adapt: a norm difference there names no module
+    file = write(tmp_path / "norm.safetensors", {spelled("joint_blocks.0.x_block.attn.qkv", "mmdit"): qkv,
+                                                 spelled("joint_blocks.0.x_block.attn.ln_q", "mmdit"): {"w_norm": torch.ones(64)}})
+    with pytest.raises(LoraError, match="name no module of an SD3/SD3.5 model") as caught:
+        loralib.load(file)
+    assert "\n" not in str(caught.value)
