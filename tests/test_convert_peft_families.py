@@ -1,6 +1,7 @@
 """``convert --to peft`` of fused Flux.1 and SD3 files: peft's own loader gives the weights our ΔW says.
 
-Each input is written in the original layout (kohya names of BFL / MMDiT modules) for a tiny
+Each input is written in the original layout (kohya names of BFL / MMDiT modules, or the paths
+themselves under ``diffusion_model.``) for a tiny
 ``FluxTransformer2DModel`` / ``SD3Transformer2DModel`` (loralib/tiny_models.py): every Linear of
 the transformer, fused layers (``qkv``, ``linear1``) with one factor pair over all their parts,
 ranks and alphas varying per module (so the folder needs peft's rank and alpha patterns), and the
@@ -45,7 +46,9 @@ def _fused_file(path, layers: dict[str, tuple[int, int]], kind: str):
     g = torch.Generator().manual_seed(7)
     tensors = {}
     for i, (native, (out, inp)) in enumerate(sorted(layers.items())):
-        name, rank = "lora_unet_" + native.replace(".", "_"), 2 + i % 3
+        # LoHa in the original paths as ComfyUI spells them, the others in kohya names
+        name = f"diffusion_model.{native}" if kind == "loha" else "lora_unet_" + native.replace(".", "_")
+        rank = 2 + i % 3
         if kind == "loha":
             for role, shape in (("hada_w1_a", (out, rank)), ("hada_w1_b", (rank, inp)), ("hada_w2_a", (out, rank)),
                                 ("hada_w2_b", (rank, inp))):
