@@ -9,6 +9,8 @@ tests/test_naming_families.py checks against diffusers' own single-file converte
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import cache
 
 import pytest
@@ -257,3 +259,25 @@ def test_text_encoders_are_read_beside_the_transformer_and_norm_keys_are_refused
     with pytest.raises(LoraError, match="name no module of an SD3/SD3.5 model") as caught:
         loralib.load(file)
     assert "\n" not in str(caught.value)
+
+
+INSPECT_PROBE = """
+import sys
+from lorareg.cli.main import main
+try:
+    main(["inspect", sys.argv[1], "--json"])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("HEAVY", sorted(m for m in ("torch", "diffusers", "peft") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def test_inspecting_a_fused_sd3_lycoris_file_imports_no_torch(tmp_path):
+    """Splitting fused layers is decided from the header alone (the core install has no torch)."""
+    g = torch.Generator().manual_seed(8)
+    file = write(tmp_path / "a.safetensors", {spelled("joint_blocks.0.x_block.attn.qkv", "mmdit"): lokr(4608, 1536, g),
+                                              spelled("joint_blocks.0.context_block.attn.qkv", "kohya"): loha(4608, 1536, g)})
+    proc = subprocess.run([sys.executable, "-c", INSPECT_PROBE, str(file)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kinds"] == {"lokr": 3, "loha": 3}
+    assert proc.stderr.strip().splitlines()[-1] == "HEAVY []"
