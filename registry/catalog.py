@@ -39,7 +39,7 @@ from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps, un
 from .schema import catalog_error, connect, now, write
 
 if TYPE_CHECKING:
-    from loralib.files.hashes import FileHashes
+    from loralib.files.hashes import Deferred, FileHashes
 
     from .describe import FileFacts, FileRow
 
@@ -573,7 +573,7 @@ class Catalog:
             return [self._store(f) for f in facts]
 
     def register_output(self, path: str | os.PathLike, operation: OperationRecord | Mapping[str, Any], *,
-                        hashes: FileHashes | None = None, name: str | None = None,
+                        hashes: FileHashes | Deferred | None = None, name: str | None = None,
                         samples: Iterable[str | os.PathLike | dict] = ()) -> AddResult:
         """Record an adapter an operation just wrote, with its parents, weights and parameters.
 

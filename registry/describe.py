@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from loralib.errors import InvalidArgumentError
-from loralib.files.hashes import FileHashes, hash_adapter_files
+from loralib.files.hashes import Deferred, FileHashes, hash_adapter_files
 from loralib.fingerprint import BANDS
 from loralib.formats.layout import adapter_root, main_file, open_inputs
 from loralib.inspection import InspectReport, caption_tags, format_number, inspect, top_tags
@@ -125,13 +125,16 @@ class FileRow(NamedTuple):
     file_triggers: list[str]  # FileFacts.file_triggers()
     metadata: dict[str, str]
 
-def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, fingerprint: bool = True) -> FileFacts:
+
+def describe(path: str | os.PathLike, hashes: FileHashes | Deferred | None = None, *,
+             fingerprint: bool = True) -> FileFacts:
     """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder), hash its
     files and fingerprint its ΔW (``fingerprint=False`` skips that), reading the bytes once.
 
     ``hashes`` may be passed when they are already known (a writer computed them: its main file's,
-    with the whole adapter's identity). Raises :class:`~loralib.errors.LoraError` subclasses for files that are not adapters
-    or are unreadable.
+    with the whole adapter's identity), or as a :class:`~loralib.files.hashes.Deferred` still being
+    computed, which the fingerprint then overlaps. Raises :class:`~loralib.errors.LoraError`
+    subclasses for files that are not adapters or are unreadable.
     """
     given = absolute(path)
     if not storable(given):
@@ -139,9 +142,14 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
                                    "Rename the file (or its folder)")
     root = adapter_root(given) if given.is_file() else given
     report = None
-    if hashes is not None and hashes.identity is not None:
+    if isinstance(hashes, Deferred):
         report = inspect(root, hashes=False, fingerprint=fingerprint)
+        hashes = hashes.result()
+    if hashes is not None and hashes.identity is not None:
+        report = report or inspect(root, hashes=False, fingerprint=fingerprint)
         found = hashes.to_dict()
+    else:
+        report = None
     if report is None:
         report = inspect(root, hashes=True, fingerprint=fingerprint)
         found = dict(report.hashes)
