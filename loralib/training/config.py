@@ -213,6 +213,10 @@ class ModelSection(_Section):
     base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", min_length=1,
                             description="Base model: a Hugging Face Hub id, a local diffusers folder, or a "
                                         "single-file .safetensors checkpoint.")
+    base_components: str | None = Field(None, min_length=1,
+                                        description="A diffusers folder whose VAE, text encoders, tokenizers and "
+                                                    "scheduler go with a transformer-only Flux.1 or SD3/SD3.5 "
+                                                    "base_model file (flux1-dev.safetensors and the like).")
 
 
 class DataSection(_Section):
@@ -666,6 +670,9 @@ def _resolve_paths(nested: dict[str, dict[str, Any]], base: Path) -> None:
         value = nested.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             nested[section][key] = str(base / value)
+    components = nested.get("model", {}).get("base_components")
+    if isinstance(components, str) and components and not Path(components).expanduser().is_absolute():
+        nested["model"]["base_components"] = str(base / components)
     base_model = nested.get("model", {}).get("base_model")
     if isinstance(base_model, str) and base_model and not Path(base_model).expanduser().is_absolute():
         candidate = base / base_model

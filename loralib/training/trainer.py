@@ -281,7 +281,8 @@ class Trainer:
         from .objective import make_objective
 
         self.on_phase("loading the base model", 0, 1)
-        self.base = base = load_base_model(self.config.model.base_model)
+        self.base = base = load_base_model(self.config.model.base_model,
+                                                     components=self.config.model.base_components)
         self.on_phase("loading the base model", 1, 1)
         if not self.config.sampling.sample_prompts:  # training only encodes: the decoder is dead weight
             base.vae.decoder = base.vae.post_quant_conv = None
