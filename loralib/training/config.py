@@ -324,6 +324,38 @@ class NetworkSection(_Section):
     train_single_block_indices: str | None = Field(
         None, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
 
+    img_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image attention "
+                                                             "(img_attn; sd-scripts' img_attn_dim); 0 leaves it out; "
+                                                             "default: rank.")
+    txt_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text attention "
+                                                             "(txt_attn); 0 leaves it out; default: rank.")
+    img_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image MLP (img_mlp); "
+                                                            "0 leaves it out; default: rank.")
+    txt_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text MLP (txt_mlp); "
+                                                            "0 leaves it out; default: rank.")
+    img_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image modulation "
+                                                            "(img_mod.lin), which is trained only when this is given.")
+    txt_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text modulation "
+                                                            "(txt_mod.lin), trained only when given.")
+    single_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' linear1 (q, k, v, "
+                                                           "mlp) and linear2; 0 leaves them out; default: rank.")
+    single_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
+                                                               "(modulation.lin), trained only when given.")
+    x_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
+                                                           "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
+                                                           "out; default: rank.")
+    context_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                 "attention (context_block attn); default: rank.")
+    x_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image MLP (x_block "
+                                                          "mlp); default: rank.")
+    context_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text MLP "
+                                                                "(context_block mlp); default: rank.")
+    x_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image modulation "
+                                                          "(x_block adaLN_modulation), trained only when given.")
+    context_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                "modulation (context_block adaLN_modulation), trained "
+                                                                "only when given.")
+
     @field_validator("train_double_block_indices", "train_single_block_indices", mode="before")
     @classmethod
     def _indices(cls, value: Any) -> str | None:

@@ -320,7 +320,8 @@ class Trainer:
         if cfg.network.train_text_encoder:
             trained.update({k: v for k, v in self.base.components().items() if k != denoiser})
         for component, model in trained.items():
-            targets = network.target_layers(component, model, cfg.network.target_modules)
+            adds = getattr(self.blocks, "adds", None) if component == denoiser else None
+            targets = network.target_layers(component, model, cfg.network.target_modules, adds)
             settings = network.layer_settings(model, targets, rank=cfg.network.rank, alpha=cfg.alpha,
                                               conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha,
                                               blocks=self.blocks if component == denoiser else None)
