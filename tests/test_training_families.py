@@ -258,3 +258,16 @@ def test_per_kind_ranks_of_the_other_family_are_refused(tiny_sd3, tmp_path):
     data = small_dataset(tmp_path / "data", 1)
     with pytest.raises(InvalidArgumentError, match="img_attn_dim name Flux.1 layers"):
         train(load_config(None, quick_settings(tiny_sd3, data, tmp_path / "out", max_train_steps=1, img_attn_dim=2)))
+
+
+def test_in_dims_train_the_flux_input_layers_at_their_ranks(tiny_flux, tmp_path):
+    data = small_dataset(tmp_path / "data", 1)
+    result = train(load_config(None, quick_settings(tiny_flux, data, tmp_path / "out", output_format="diffusers",
+                                                    max_train_steps=2, learning_rate=1e-2, in_dims="[3,0,2,0,5]",
+                                                    train_blocks="double", train_double_block_indices="0")))
+    adapter = loralib.load(result.save.path)
+    inputs = {k: m.rank for k, m in adapter.modules.items() if "blocks" not in k}
+    assert inputs == {"transformer.x_embedder": 3, "transformer.time_text_embed.text_embedder.linear_1": 2,
+                      "transformer.time_text_embed.text_embedder.linear_2": 2, "transformer.context_embedder": 5}
+    assert json.loads(adapter.metadata["ss_network_args"])["in_dims"] == "[3,0,2,0,5]"
+    assert _check_fused("flux", tiny_flux, result.save.path) == len(adapter.modules)

@@ -152,6 +152,23 @@ KIND_KEYS = {"flux": tuple(k for _, k in _DOUBLE_KINDS["flux"] + _SINGLE_KINDS),
 _MODULATION_KEYS = frozenset(k for keys in KIND_KEYS.values() for k in keys if k.endswith("_mod_dim"))
 
 
+# sd-scripts' in_dims order, and the diffusers layers of each (BFL img_in, time_in, vector_in, guidance_in, txt_in).
+_IN_LAYERS = (("transformer.x_embedder",), ("transformer.time_text_embed.timestep_embedder.linear_1",
+                                            "transformer.time_text_embed.timestep_embedder.linear_2"),
+              ("transformer.time_text_embed.text_embedder.linear_1", "transformer.time_text_embed.text_embedder.linear_2"),
+              ("transformer.time_text_embed.guidance_embedder.linear_1",
+               "transformer.time_text_embed.guidance_embedder.linear_2"),
+              ("transformer.context_embedder",))
+
+
+def in_ranks(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``(layer key, rank)`` of the Flux.1 input layers that ``in_dims`` trains (a rank above 0)."""
+    if not text:
+        return ()
+    ranks = [int(v) for v in text.split(",")]
+    return tuple((key, rank) for keys, rank in zip(_IN_LAYERS, ranks) for key in keys if rank > 0)
+
+
 def layer_kind(key: str, family: str) -> str | None:
     """The per-kind rank key (``img_attn_dim``…) of a transformer layer's internal key, or None."""
     match = _TRANSFORMER_BLOCK.match(key)
@@ -170,13 +187,15 @@ class TransformerBlocks:
     family: str = "flux"
     kind_ranks: tuple[tuple[str, int], ...] = ()  # (rank key, rank) of the kinds given
     alpha: float = 1.0
+    inputs: tuple[tuple[str, int], ...] = ()  # (layer key, rank) of the input layers in_dims trains
 
     def settings(self, key: str, wide_conv: bool) -> tuple[int, float] | None:
         """``(0, 1.0)`` for a layer of a block left out (no LoRA layer), ``(rank, alpha)`` for a layer
         whose kind has a rank of its own, None for the default rank and alpha."""
         match = _TRANSFORMER_BLOCK.match(key)
         if match is None:
-            return None
+            rank = dict(self.inputs).get(key)
+            return None if rank is None else (rank, self.alpha)
         chosen = self.single if match.group(1) else self.double
         if chosen is not None and int(match.group(2)) not in chosen:
             return (0, 1.0)
@@ -185,6 +204,8 @@ class TransformerBlocks:
 
     def adds(self, key: str) -> bool:
         """True for a modulation layer that a given ``*_mod_dim`` asks to train (not a default target)."""
+        if key in dict(self.inputs):
+            return True
         kind = layer_kind(key, self.family)
         return kind in _MODULATION_KEYS and dict(self.kind_ranks).get(kind, 0) > 0
 
@@ -208,9 +229,12 @@ def _transformer_blocks(config: TrainConfig, architecture: str, family: str) -> 
     if foreign:
         raise InvalidArgumentError(f"{', '.join(foreign)} name {'SD3' if family == 'flux' else 'Flux.1'} layers, which "
                                    f"{architecture} has not", f"Use {', '.join(KIND_KEYS[family])}")
+    if family == "sd3" and net.in_dims is not None:
+        raise InvalidArgumentError(f"in_dims names Flux.1's input layers, which {architecture} has not",
+                                   "Remove in_dims")
     kinds = tuple((k, getattr(net, k)) for k in KIND_KEYS[family] if getattr(net, k) is not None)
     if net.train_blocks == "all" and net.train_double_block_indices is None and net.train_single_block_indices is None \
-            and not kinds:
+            and not kinds and not net.in_dims:
         return None
     double = frozenset(parse_indices(net.train_double_block_indices)) if net.train_double_block_indices else None
     single = frozenset(parse_indices(net.train_single_block_indices)) if net.train_single_block_indices else None
@@ -218,7 +242,7 @@ def _transformer_blocks(config: TrainConfig, architecture: str, family: str) -> 
         single = frozenset()
     elif net.train_blocks == "single":
         double = frozenset()
-    return TransformerBlocks(double, single, family, kinds, config.alpha)
+    return TransformerBlocks(double, single, family, kinds, config.alpha, in_ranks(net.in_dims))
 
 
 def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | TransformerBlocks | None:
@@ -230,7 +254,7 @@ def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | Transform
     if family in ("flux", "sd3"):
         return _transformer_blocks(config, architecture, family)
     flux_keys = [name for name in ("train_double_block_indices", "train_single_block_indices",
-                                   *KIND_KEYS["flux"], *KIND_KEYS["sd3"])
+                                   "in_dims", *KIND_KEYS["flux"], *KIND_KEYS["sd3"])
                  if getattr(net, name) is not None] + (["train_blocks"] if net.train_blocks != "all" else [])
     if flux_keys:
         raise InvalidArgumentError(f"{', '.join(flux_keys)} choose Flux.1/SD3 transformer blocks; {architecture} has a "

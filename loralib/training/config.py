@@ -341,6 +341,9 @@ class NetworkSection(_Section):
                                                            "mlp) and linear2; 0 leaves them out; default: rank.")
     single_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
                                                                "(modulation.lin), trained only when given.")
+    in_dims: str | None = Field(None, description="Flux.1: ranks of the input layers img_in, time_in, vector_in, "
+                                                  "guidance_in, txt_in (sd-scripts' in_dims, e.g. \"4,0,0,0,4\"); "
+                                                  "0 or unset: not trained.")
     x_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
                                                            "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
                                                            "out; default: rank.")
@@ -355,6 +358,18 @@ class NetworkSection(_Section):
     context_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
                                                                 "modulation (context_block adaLN_modulation), trained "
                                                                 "only when given.")
+
+    @field_validator("in_dims", mode="before")
+    @classmethod
+    def _in_dims(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        parts = [p.strip() for p in str(value).strip().strip("[]").split(",")]
+        if len(parts) != 5 or not all(p.isdigit() for p in parts):
+            raise ValueError("give 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), e.g. \"4,0,0,0,4\"")
+        return ",".join(parts)
 
     @field_validator("train_double_block_indices", "train_single_block_indices", mode="before")
     @classmethod
