@@ -213,6 +213,10 @@ class ModelSection(_Section):
     base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", min_length=1,
                             description="Base model: a Hugging Face Hub id, a local diffusers folder, or a "
                                         "single-file .safetensors checkpoint.")
+    base_components: str | None = Field(None, min_length=1,
+                                        description="A diffusers folder whose VAE, text encoders, tokenizers and "
+                                                    "scheduler go with a transformer-only Flux.1 or SD3/SD3.5 "
+                                                    "base_model file (flux1-dev.safetensors and the like).")
 
 
 class DataSection(_Section):
@@ -319,6 +323,53 @@ class NetworkSection(_Section):
                           "(sd-scripts' train_double_block_indices; default: all).")
     train_single_block_indices: str | None = Field(
         None, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
+
+    img_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image attention "
+                                                             "(img_attn; sd-scripts' img_attn_dim); 0 leaves it out; "
+                                                             "default: rank.")
+    txt_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text attention "
+                                                             "(txt_attn); 0 leaves it out; default: rank.")
+    img_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image MLP (img_mlp); "
+                                                            "0 leaves it out; default: rank.")
+    txt_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text MLP (txt_mlp); "
+                                                            "0 leaves it out; default: rank.")
+    img_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image modulation "
+                                                            "(img_mod.lin), which is trained only when this is given.")
+    txt_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text modulation "
+                                                            "(txt_mod.lin), trained only when given.")
+    single_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' linear1 (q, k, v, "
+                                                           "mlp) and linear2; 0 leaves them out; default: rank.")
+    single_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
+                                                               "(modulation.lin), trained only when given.")
+    in_dims: str | None = Field(None, description="Flux.1: ranks of the input layers img_in, time_in, vector_in, "
+                                                  "guidance_in, txt_in (sd-scripts' in_dims, e.g. \"4,0,0,0,4\"); "
+                                                  "0 or unset: not trained.")
+    x_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
+                                                           "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
+                                                           "out; default: rank.")
+    context_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                 "attention (context_block attn); default: rank.")
+    x_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image MLP (x_block "
+                                                          "mlp); default: rank.")
+    context_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text MLP "
+                                                                "(context_block mlp); default: rank.")
+    x_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image modulation "
+                                                          "(x_block adaLN_modulation), trained only when given.")
+    context_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                "modulation (context_block adaLN_modulation), trained "
+                                                                "only when given.")
+
+    @field_validator("in_dims", mode="before")
+    @classmethod
+    def _in_dims(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        parts = [p.strip() for p in str(value).strip().strip("[]").split(",")]
+        if len(parts) != 5 or not all(p.isdigit() for p in parts):
+            raise ValueError("give 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), e.g. \"4,0,0,0,4\"")
+        return ",".join(parts)
 
     @field_validator("train_double_block_indices", "train_single_block_indices", mode="before")
     @classmethod
@@ -666,6 +717,9 @@ def _resolve_paths(nested: dict[str, dict[str, Any]], base: Path) -> None:
         value = nested.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             nested[section][key] = str(base / value)
+    components = nested.get("model", {}).get("base_components")
+    if isinstance(components, str) and components and not Path(components).expanduser().is_absolute():
+        nested["model"]["base_components"] = str(base / components)
     base_model = nested.get("model", {}).get("base_model")
     if isinstance(base_model, str) and base_model and not Path(base_model).expanduser().is_absolute():
         candidate = base / base_model
