@@ -192,6 +192,8 @@ def test_cli_bake_and_extract(lorareg, tiny_sd1, tmp_path):
     assert res.code == 0, res.err
     assert "retained energy" in res.out
     extracted = loralib.load(out)
+    counts = ", ".join(f"{c} {sum(1 for k in extracted.modules if k.startswith(c + '.'))}" for c in extracted.components)
+    assert f"{len(extracted.modules)} ({counts})" in res.out  # the summary, made before the output's tensors are let go
     original = loralib.load(lora)
     for key, module in original.modules.items():
         assert relative(extracted.modules[key].delta(), 0.5 * module.delta()) <= 1e-4, key
