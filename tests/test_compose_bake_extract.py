@@ -10,12 +10,12 @@ import torch
 import loralib
 from loralib.compose import bake, extract
 from loralib.compose.model_weights import ModelWeights
-from loralib.errors import InvalidArgumentError, MismatchError, NotALoraError, OutputExistsError
+from loralib.errors import CorruptFileError, InvalidArgumentError, MismatchError, NotALoraError, OutputExistsError
 from loralib.files.header import read_header
 from loralib.layers import select_layers
 from loralib.metadata import history
 from loralib.synthetic import random_adapter
-from tests.helpers.compose_cases import relative, single_file_checkpoint
+from tests.helpers.compose_cases import optimal_error, relative, single_file_checkpoint
 
 SUBSET = ("unet.down_blocks.0.", "unet.mid_block.", "unet.up_blocks.1.attentions.0.",
           "text_encoder.text_model.encoder.layers.1.", "text_encoder_2.text_model.encoder.layers.0.")
@@ -192,6 +192,8 @@ def test_cli_bake_and_extract(lorareg, tiny_sd1, tmp_path):
     assert res.code == 0, res.err
     assert "retained energy" in res.out
     extracted = loralib.load(out)
+    counts = ", ".join(f"{c} {sum(1 for k in extracted.modules if k.startswith(c + '.'))}" for c in extracted.components)
+    assert f"{len(extracted.modules)} ({counts})" in res.out  # the summary, made before the output's tensors are let go
     original = loralib.load(lora)
     for key, module in original.modules.items():
         assert relative(extracted.modules[key].delta(), 0.5 * module.delta()) <= 1e-4, key
@@ -200,3 +202,69 @@ def test_cli_bake_and_extract(lorareg, tiny_sd1, tmp_path):
     assert loralib.load(out).ranks == [2]
     res = lorareg("bake", tmp_path / "no_model", f"{lora}:0.5", "-o", tmp_path / "b2")
     assert res.code == 1 and "does not exist" in res.err and not (tmp_path / "b2").exists()
+
+
+def _tuned_checkpoint(checkpoint, target, changes: dict[str, tuple[int, float]], noise: float):
+    """``checkpoint`` with, on each named tensor, a rank-r change of Frobenius norm ``size`` (singular
+    values decaying as 0.6^i) plus Gaussian noise of std ``noise`` on every 2-D weight; written in float32
+    so the change is stored exactly as made."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(11)
+    weights = load_file(checkpoint)
+    for name, tensor in weights.items():
+        if tensor.ndim == 2 and name.endswith("weight") and "embedding" not in name:
+            weights[name] = tensor.float() + noise * torch.randn(tensor.shape, generator=generator)
+    for name, (rank, size) in changes.items():
+        m, n = weights[name].shape
+        u, _ = torch.linalg.qr(torch.randn(m, rank, generator=generator))
+        v, _ = torch.linalg.qr(torch.randn(n, rank, generator=generator))
+        s = 0.6 ** torch.arange(rank, dtype=torch.float32)
+        weights[name] += (u * (s * size / s.norm())) @ v.T
+    save_file(weights, target)
+    return target
+
+
+@pytest.mark.parametrize(("svd", "bound"), [("exact", 1 + 1e-6), ("randomized", 1.02)])
+def test_extract_is_the_optimal_rank_k_approximation_of_each_difference(sdxl_checkpoint, tmp_path, svd, bound):
+    """The single-file SDXL case the memory benchmark measures (UNet, CLIP-L and OpenCLIP's stacked q/k/v),
+    at a rank below the change's: each extracted layer's error against the files' own difference is the
+    optimal rank-k error (Eckart–Young, from torch's dense singular values), exactly for the exact SVD."""
+    with ModelWeights.open(sdxl_checkpoint) as model:
+        slots = {key: slot.name for key, slot in model.slots.items()}
+    changed = {slots[k]: (6, 12.0) for k in ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                                            "unet.up_blocks.1.attentions.0.proj_in",
+                                            "text_encoder.text_model.encoder.layers.1.mlp.fc1",
+                                            "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj")}
+    tuned = _tuned_checkpoint(sdxl_checkpoint, tmp_path / "tuned.safetensors", changed, noise=1e-3)
+    rank = 3
+    result = extract(sdxl_checkpoint, tuned, rank=rank, svd=svd)
+    differences = {}
+    with ModelWeights.open(sdxl_checkpoint) as base, ModelWeights.open(tuned) as model:
+        for key in result.adapter.modules:
+            differences[key] = model.read(key).double() - base.read(key).double()
+    assert set(differences) == set(_layers(sdxl_checkpoint, subset=("",)))  # noise changed every targeted layer
+    for key, module in result.adapter.modules.items():
+        assert module.rank == rank
+        error = float((module.delta().double().reshape(differences[key].shape) - differences[key]).norm())
+        optimum = optimal_error(differences[key], rank)
+        assert optimum * (1 - 1e-6) <= error <= optimum * bound, (key, error / optimum)
+        reported = result.report.modules[key].error  # the randomized SVD estimates the top singular values
+        assert reported == pytest.approx(optimum / float(differences[key].norm()), rel=1e-4 if svd == "exact" else 2e-2)
+    for key in ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"):
+        assert result.report.modules[key].retained > 0.95  # the known change dominates these layers
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_extract_refuses_a_layer_with_nonfinite_values(sdxl_checkpoint, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(sdxl_checkpoint)
+    with ModelWeights.open(sdxl_checkpoint) as model:
+        name = model.slots["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].name
+    weights[name] = weights[name].clone()
+    weights[name][0, 1] = value
+    save_file(weights, tmp_path / "bad.safetensors")
+    with pytest.raises(CorruptFileError, match="attn2.to_v holds NaN or infinite values"):
+        extract(sdxl_checkpoint, tmp_path / "bad.safetensors", rank=2)
