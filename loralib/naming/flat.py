@@ -8,19 +8,26 @@ replaced), which SimpleTuner writes for the UNet or transformer it trains:
 path in its UNet, MMDiT and Flux key maps), and so does lorareg.
 
 Underscores are never split by guessing: every name is looked up among the flattened paths of the
-full-size denoisers, built on the ``meta`` device from the published configs. A name that is no
-layer of any of them, or that two layers of one model flatten to, is refused naming it.
+full-size denoisers, built on the ``meta`` device from the published configs (:func:`meta_layers`).
+Their layer lists ship as ``denoiser_layers.json.gz`` so that reading a header stays torch-free and
+fast; ``python -m loralib.naming.flat`` rewrites it and tests/test_lycoris_names.py checks it equals the
+meta-device models. A name that is no layer of any of them, or that two layers of one model flatten
+to, is refused naming it.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 from ..architectures import ARCHITECTURES, FLUX_FAMILY, SD, SD3_FAMILY
 
 PREFIX = "lycoris_"
+TABLES = Path(__file__).with_name("denoiser_layers.json.gz")
 # Architectures whose denoiser a name is looked up in, by family (the UNet or transformer of each).
 _CANDIDATES = {SD: ("sd1", "sd2", "sdxl"), FLUX_FAMILY: ("flux",), SD3_FAMILY: ("sd3", "sd35-medium", "sd35-large")}
 _UNET_ROOTS = ("down_blocks_", "up_blocks_", "mid_block_", "conv_in", "conv_out", "conv_norm_out", "time_embedding_",
@@ -39,10 +46,9 @@ class Resolved:
     keys: dict[str, str]
 
 
-@cache
-def flat_table(architecture: str) -> dict[str, tuple[tuple[str, tuple[int, ...]], ...]]:
-    """The adaptable layers (norm layers too) of ``architecture``'s full-size denoiser by flattened path:
-    each flattened name -> the (internal key, weight shape) of every layer that flattens to it."""
+def meta_layers(architecture: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Every adaptable layer (norm layers too) of ``architecture``'s full-size denoiser, built on the
+    meta device: (module path, weight shape; ``()`` for a norm layer without weights), in model order."""
     import diffusers
     import torch
 
@@ -51,12 +57,34 @@ def flat_table(architecture: str) -> dict[str, tuple[tuple[str, tuple[int, ...]]
     arch = ARCHITECTURES[architecture]
     with torch.device("meta"):
         denoiser = getattr(diffusers, arch.denoiser_class)(**arch.denoiser_config)
-    table: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    layers = []
     for key, module in adaptable_layers(arch.denoiser, denoiser, norms=True).items():
-        path = key.split(".", 1)[1]
         weight = getattr(module, "weight", None)
-        shape = tuple(weight.shape) if weight is not None else ()
-        table.setdefault(path.replace(".", "_"), []).append((key, shape))
+        layers.append((key.split(".", 1)[1], tuple(weight.shape) if weight is not None else ()))
+    return layers
+
+
+def write_tables(path: Path = TABLES) -> None:
+    """Write the layer lists of every candidate architecture's meta-device denoiser to ``path``."""
+    data = {a: [[p, list(shape)] for p, shape in meta_layers(a)] for archs in _CANDIDATES.values() for a in archs}
+    path.write_bytes(gzip.compress(json.dumps(data, separators=(",", ":")).encode(), mtime=0))
+
+
+@cache
+def shipped_layers() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """The layer lists shipped with lorareg, by architecture (what :func:`write_tables` wrote)."""
+    data = json.loads(gzip.decompress(TABLES.read_bytes()))
+    return {arch: [(p, tuple(shape)) for p, shape in layers] for arch, layers in data.items()}
+
+
+@cache
+def flat_table(architecture: str) -> dict[str, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """``architecture``'s denoiser layers by flattened path: each flattened name -> the (internal key,
+    weight shape) of every layer that flattens to it."""
+    component = ARCHITECTURES[architecture].denoiser
+    table: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for path, shape in shipped_layers()[architecture]:
+        table.setdefault(path.replace(".", "_"), []).append((f"{component}.{path}", shape))
     return {flat: tuple(found) for flat, found in table.items()}
 
 
@@ -121,3 +149,8 @@ def resolve_flat_names(names: list[str], shapes: Mapping[str, tuple[int, ...] | 
     titles = " or ".join(ARCHITECTURES[a].title for f in families for a in _CANDIDATES[f])
     raise FlatNameError(f"module name {best[2]} is no layer of a {titles} "
                         f"{'UNet' if unet else 'transformer'} (or its factors do not fit that layer's shape)")
+
+
+if __name__ == "__main__":
+    write_tables()
+    print(f"wrote {TABLES}")
