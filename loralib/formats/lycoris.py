@@ -22,6 +22,10 @@ A fused layer (Flux's ``qkv``, ``linear1``; SD3's ``x_block.attn.qkv``, ``x_bloc
 pre-only context block); the parts are built by :func:`loralib.lycoris.rows.take_rows`, exactly.
 A split that cannot be exact (a LoKr whose right factor's rows do not divide the part boundaries,
 a per-input DoRA magnitude) is refused in one line naming the module.
+
+LyCORIS' own names, as SimpleTuner writes them (``lycoris_`` + the denoiser's diffusers path with
+dots as underscores, for Flux.1, SD3/SD3.5 and SD UNets), resolve through
+:func:`loralib.naming.flat.resolve_flat_names`: diffusers layers already, nothing to split.
 """
 
 from __future__ import annotations
