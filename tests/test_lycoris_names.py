@@ -152,3 +152,14 @@ def test_inspect_convert_and_merge_through_the_cli(tmp_path, lorareg):
     merged = loralib.load(tmp_path / "merged.safetensors")
     for key, dense in expected.items():
         _close(merged.modules[key].delta(), 0.75 * dense)
+
+
+def test_a_name_two_layers_flatten_to_is_refused(monkeypatch):
+    """No real denoiser has two such layers (checked over the shipped tables); a model that did would be refused."""
+    from loralib.naming import flat
+
+    assert all(len(found) == 1 for a in shipped_layers() for found in flat.flat_table(a).values())
+    table = {"down_blocks_0_a_b": (("unet.down_blocks.0.a_b", (4, 4)), ("unet.down_blocks.0.a.b", (4, 4)))}
+    monkeypatch.setattr(flat, "flat_table", lambda architecture: table)
+    with pytest.raises(flat.FlatNameError, match="lycoris_down_blocks_0_a_b stands for 2 layers"):
+        flat.resolve_flat_names(["lycoris_down_blocks_0_a_b"], {"lycoris_down_blocks_0_a_b": (4, 4)})
