@@ -2,7 +2,8 @@
 
 The formats of :mod:`loralib.formats.table` are read by lorareg, for every model family
 (SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): plain LoRA in every spelling, and LyCORIS/DoRA in kohya
-names (SD1.x/SD2.x/SDXL; Flux.1 and SD3/SD3.5 in kohya names or their original BFL / MMDiT paths).
+names (SD1.x/SD2.x/SDXL; Flux.1 and SD3/SD3.5 in kohya names or their original BFL / MMDiT paths)
+and in LyCORIS' own ``lycoris_`` names (SimpleTuner).
 Each key counts for the first format spelling it matches, and a format that reads every key wins.
 Adapter kinds lorareg does not apply (LyCORIS OFT/BOFT, GLoRA, (IA)³, Flux/SD3 LyCORIS in other
 spellings, Flux Control LoRAs), textual inversions and full model weights are

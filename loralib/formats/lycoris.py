@@ -22,6 +22,10 @@ A fused layer (Flux's ``qkv``, ``linear1``; SD3's ``x_block.attn.qkv``, ``x_bloc
 pre-only context block); the parts are built by :func:`loralib.lycoris.rows.take_rows`, exactly.
 A split that cannot be exact (a LoKr whose right factor's rows do not divide the part boundaries,
 a per-input DoRA magnitude) is refused in one line naming the module.
+
+LyCORIS' own names, as SimpleTuner writes them (``lycoris_`` + the denoiser's diffusers path with
+dots as underscores, for Flux.1, SD3/SD3.5 and SD UNets), resolve through
+:func:`loralib.naming.flat.resolve_flat_names`: diffusers layers already, nothing to split.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
     from ..adapter import AdapterModule
 
 # kohya-style names (SD, Flux.1 and SD3 in original or diffusers names), and BFL / MMDiT paths as ComfyUI spells them
-MODULE_NAME = (r"(?:lora_(?:unet|te|te1|te2|te3|transformer)_\w+|"
+MODULE_NAME = (r"(?:lora_(?:unet|te|te1|te2|te3|transformer)_\w+|lycoris_\w+|"
                rf"diffusion_model\.(?:{'|'.join(sorted({*FLUX_ROOTS, *SD3_ROOTS}))})"
                r"[\w.]*?)")
 DENOISER_PREFIX = "diffusion_model."
@@ -245,12 +249,19 @@ def parse(source: TensorSource) -> AdapterIndex:
             embeddings[token if part in ("string_to_param.*", "emb_params") else f"{token}/{part}"] = (source, name)
         else:
             unrecognised.append(name)
-    family, certain = _names_family(source, modules)
-    layout = _sgm_layout(source, modules) if family == SD else None
     alphas = source.scalars([parts["alpha"] for parts in modules.values() if "alpha" in parts])
+    flat = _flat_keys(source, modules, alphas)
+    if flat is not None:
+        family, certain = flat.family, True
+    else:
+        family, certain = _names_family(source, modules)
+    layout = _sgm_layout(source, modules) if family == SD and flat is None else None
     entries: dict[str, ModuleEntry] = {}
     for name, parts in modules.items():
-        if family == SD:
+        if flat is not None:
+            key = flat.keys.get(name)
+            new = {key: _entry(key, name, parts, source, alphas)} if key is not None else None
+        elif family == SD:
             key = parse_module_name(name, layout)
             new = {key: _entry(key, name, parts, source, alphas)} if key is not None else None
         else:
@@ -265,6 +276,32 @@ def parse(source: TensorSource) -> AdapterIndex:
     refuse_unplaced(source, unrecognised, family)
     return AdapterIndex(file_kind(Counter(e.kind for e in entries.values())), [source], entries,
                         dict(source.metadata), embeddings, family=family if certain and family != SD else None)
+
+
+def _flat_keys(source: TensorSource, modules: dict[str, dict[str, str]], alphas: dict[str, float]):
+    """The family and internal keys of LyCORIS' own ``lycoris_`` names (SimpleTuner's files), None for other spellings.
+
+    Resolving them builds the full-size denoisers on the meta device (:mod:`loralib.naming.flat`).
+    """
+    from ..naming.flat import FlatNameError, is_flat_name, resolve_flat_names
+
+    names = [name for name in modules if is_flat_name(name)]
+    if not names:
+        return None
+    if len(names) != len(modules):
+        other = next(name for name in modules if not is_flat_name(name))
+        raise CorruptFileError(f"{source.path.name} mixes LyCORIS' lycoris_ module names with others ({other})",
+                               "The file was put together from several adapters; split it")
+    shapes = {}
+    for name in names:  # the shape the factors make, to tell Flux.1's layers from SD3's of the same name
+        entry = _entry(name, name, modules[name], source, alphas)
+        shapes[name] = (entry.out_features, *entry.weight_shape[1:]) if isinstance(entry, LycorisEntry) \
+            else (entry.out_features, entry.in_features)
+    try:
+        return resolve_flat_names(names, shapes)
+    except FlatNameError as exc:
+        raise CorruptFileError(f"{source.path.name}: {exc}",
+                               "The file is damaged or was written for another model") from exc
 
 
 def _names_family(source: TensorSource, modules: dict[str, dict[str, str]]) -> tuple[str, bool]:

@@ -812,3 +812,13 @@ file_case("onetrainer_original_wrong_width", "families", lambda: safetensors_byt
 file_case("xlabs_mismatched_rank", "families", lambda: safetensors_bytes(
     _lora_pair("double_blocks.0.processor.qkv_lora1", [1, 3072], [3072, 2], suffixes=("down.weight", "up.weight"),
                alpha=False)))
+# LyCORIS' own lycoris_ names (SimpleTuner): a path that is no layer of any full-size denoiser (block 99), and a
+# real path whose factors fit neither Flux.1's nor SD3's layer of that name — each refused naming the module
+file_case("lycoris_names_block_99", "families", lambda: safetensors_bytes({
+    "lycoris_transformer_blocks_99_attn_to_qq.lokr_w1": Tensor("F32", [4, 4], random_f32(16, 70)),
+    "lycoris_transformer_blocks_99_attn_to_qq.lokr_w2": Tensor("F32", [768, 768], random_f32(768 * 768, 71))}))
+file_case("lycoris_names_wrong_width", "families", lambda: safetensors_bytes({
+    "lycoris_transformer_blocks_0_attn_to_q.hada_w1_a": Tensor("F32", [100, 1], random_f32(100, 72)),
+    "lycoris_transformer_blocks_0_attn_to_q.hada_w1_b": Tensor("F32", [1, 100], random_f32(100, 73)),
+    "lycoris_transformer_blocks_0_attn_to_q.hada_w2_a": Tensor("F32", [100, 1], random_f32(100, 74)),
+    "lycoris_transformer_blocks_0_attn_to_q.hada_w2_b": Tensor("F32", [1, 100], random_f32(100, 75))}))
