@@ -1,4 +1,4 @@
-"""The training configuration: TOML + pydantic, every key on the command line, all problems at once."""
+"""The training configuration: TOML + dataclasses, every key on the command line, all problems at once."""
 
 from __future__ import annotations
 
