@@ -30,6 +30,7 @@ import platform
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,9 +75,12 @@ def fresh(output: Path) -> Path:
     return output
 
 
-def best(fn, repeats: int) -> float:
+def best(fn, repeats: int, before=None) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``; ``before`` runs untimed before each."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         gc.collect()
         start = time.perf_counter()
         fn()
@@ -88,16 +92,17 @@ def bench_convert(work: Path, source: Path, repeats: int) -> list[tuple[str, flo
     """(step, seconds, ratio to the baseline of the same input), interleaved and best of ``repeats``."""
     diffusers_file = work / "as_diffusers.safetensors"
     convert(source, diffusers_file, "diffusers")
+    # (output, step): the previous output is deleted before each timed run, outside the timing
     steps = {
-        "safetensors load + save (baseline)": lambda: save_file(load_file(source), fresh(work / "plain.safetensors")),
-        "kohya -> diffusers (split)": lambda: convert(source, fresh(work / "d.safetensors"), "diffusers"),
-        "diffusers -> kohya (fused)": lambda: convert(diffusers_file, fresh(work / "k.safetensors"), "kohya"),
-        "kohya -> ComfyUI": lambda: convert(source, fresh(work / "c.safetensors"), "comfyui"),
+        "safetensors load + save (baseline)": (work / "plain.safetensors", lambda out: save_file(load_file(source), out)),
+        "kohya -> diffusers (split)": (work / "d.safetensors", lambda out: convert(source, out, "diffusers")),
+        "diffusers -> kohya (fused)": (work / "k.safetensors", lambda out: convert(diffusers_file, out, "kohya")),
+        "kohya -> ComfyUI": (work / "c.safetensors", lambda out: convert(source, out, "comfyui")),
     }
     times = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, fn in steps.items():
-            times[name].append(best(fn, 1))
+        for name, (out, fn) in steps.items():
+            times[name].append(best(partial(fn, out), 1, before=partial(fresh, out)))
     baseline = min(times["safetensors load + save (baseline)"])
     return [(name, min(t), min(t) / baseline) for name, t in times.items()]
 
@@ -144,7 +149,8 @@ def whole_operations(work: Path, a: Path, b: Path, rank: int, target: int) -> No
     adapter = load_adapter(a)
     compute_t = best(lambda: resize(adapter, rank=target), 1)
     composition = resize(adapter, rank=target)
-    write_t = best(lambda: composition.save(fresh(work / "resized.safetensors"), fused_rank=target), 1)
+    write_t = best(lambda: composition.save(work / "resized.safetensors", fused_rank=target), 1,
+                   before=lambda: fresh(work / "resized.safetensors"))
     print(f"  whole resize {rank} -> {target}: read {read_t:.2f} s, compute {compute_t:.2f} s, write (kohya, "
           f"fused at rank {target}) {write_t:.2f} s; total / (read + write) = "
           f"{(read_t + compute_t + write_t) / (read_t + write_t):.2f}x")
@@ -154,7 +160,8 @@ def whole_operations(work: Path, a: Path, b: Path, rank: int, target: int) -> No
     inputs = [load_adapter(a), load_adapter(b)]
     compute_t = best(lambda: merge(list(zip(inputs, (0.6, 0.4))), rank=rank), 1)
     composition = merge(list(zip(inputs, (0.6, 0.4))), rank=rank)
-    write_t = best(lambda: composition.save(fresh(work / "merged.safetensors"), fused_rank=rank), 1)
+    write_t = best(lambda: composition.save(work / "merged.safetensors", fused_rank=rank), 1,
+                   before=lambda: fresh(work / "merged.safetensors"))
     print(f"  whole merge 2 x r{rank} -> {rank}: read {read_t:.2f} s, compute {compute_t:.2f} s, write "
           f"{write_t:.2f} s; total / (read + write) = {(read_t + compute_t + write_t) / (read_t + write_t):.2f}x")
 

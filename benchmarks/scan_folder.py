@@ -7,7 +7,12 @@ is included. Memory must stay flat: the first scan's peak RSS is also measured o
 folder, and the two are compared. Goals of issue 14: first scan ≥ 1,000 files/s, rescan ≥ 20,000
 files/s, on 100,000 files.
 
-    .venv/bin/python benchmarks/scan_folder.py [--files 100000] [--rescans 3]
+``--workers`` compares first scans with several ``scan --workers`` settings (``auto``: the command's
+default), each into a fresh catalog, in the order given, repeated ``--rounds`` times with the order
+reversed every other round; the CPU figures then include the worker processes (the scanning
+process reaps them before it exits).
+
+    .venv/bin/python benchmarks/scan_folder.py [--files 100000] [--rescans 3] [--workers auto 1 2 --rounds 1]
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ def build(folder: Path, files: int) -> None:
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def run_scan(folder: Path, home: Path) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + system of the scanning process) and peak RSS of one scan command."""
+def run_scan(folder: Path, home: Path, workers: str = "auto") -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system of the scanning process and of the worker processes
+    it reaped) and peak RSS of one scan command."""
     env = {**os.environ, "LORAREG_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    extra = [] if workers == "auto" else ["--workers", workers]
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(folder)], env=env, cwd=ROOT,
+    child = subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(folder), *extra], env=env, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
@@ -59,6 +66,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--rescans", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lorareg-bench")
+    parser.add_argument("--workers", nargs="+", default=["auto"], help="scan --workers settings to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of first scans (with several --workers)")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores; load average {load()}")
     big, small = args.cache / f"scan{args.files}", args.cache / f"scan{args.files // 10}"
@@ -69,12 +78,17 @@ def main() -> None:
         for folder in (big, small):  # warm the page cache and the directory entries
             for path in folder.iterdir():
                 path.read_bytes()
-        small_first = run_scan(small, work / "small")
-        first = run_scan(big, work / "big")
-        print(f"first scan of {args.files:,} files: {first[0]:.1f} s = {args.files / first[0]:,.0f} files/s "
-              f"(CPU {first[1]:.1f} s in the scanning process), peak RSS {first[2] / 2**20:.0f} MiB; "
-              f"{args.files // 10:,} files: {small_first[0]:.1f} s, peak RSS {small_first[2] / 2**20:.0f} MiB "
-              f"(load average {load()})")
+        for round_ in range(args.rounds):
+            for workers in args.workers if round_ % 2 == 0 else args.workers[::-1]:
+                shutil.rmtree(work / "small", ignore_errors=True)
+                shutil.rmtree(work / "big", ignore_errors=True)
+                small_first = run_scan(small, work / "small", workers)
+                first = run_scan(big, work / "big", workers)
+                print(f"first scan of {args.files:,} files, --workers {workers}: {first[0]:.1f} s = "
+                      f"{args.files / first[0]:,.0f} files/s (CPU {first[1]:.1f} s = "
+                      f"{first[1] / args.files * 1e3:.2f} ms per file), peak RSS {first[2] / 2**20:.0f} MiB; "
+                      f"{args.files // 10:,} files: {small_first[0]:.1f} s, peak RSS {small_first[2] / 2**20:.0f} MiB "
+                      f"(load average {load()})", flush=True)
         for _ in range(args.rescans):
             again = run_scan(big, work / "big")
             print(f"rescan: {again[0]:.2f} s = {args.files / again[0]:,.0f} files/s, CPU {again[1]:.2f} s, "

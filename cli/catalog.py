@@ -108,10 +108,13 @@ def _terminate_as_interrupt():
 @click.option("--no-recursive", is_flag=True, help="Only the folder itself, not its subfolders.")
 @click.option("--follow-links", is_flag=True,
               help="Also follow links to folders outside the scanned one (never to / or to a folder containing it).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes that read the files (1: the scanning process alone; default: one per free core "
+                   "when there are a few hundred files to read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: bool, follow_links: bool,
-                 as_json: bool) -> None:
+                 workers: int | None, as_json: bool) -> None:
     """Index every adapter in FOLDERS in place (headers and hashes only), incrementally.
 
     Files unchanged since the last scan (same size and mtime) are skipped without being read.
@@ -123,6 +126,7 @@ def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: boo
     Examples:
       lorareg scan ~/stable-diffusion-webui/models/Lora
       lorareg scan ComfyUI/models/loras --json
+      lorareg scan /data/loras --workers 2
     """
     from lorareg.registry.scan import ScanInterrupted, scan
 
@@ -132,7 +136,7 @@ def scan_command(ctx: click.Context, folders: tuple[str, ...], no_recursive: boo
             try:
                 with progress(f"scanning {folder}", enabled=not as_json and sys.stderr.isatty()) as update:
                     reports.append(scan(catalog, folder, recursive=not no_recursive, progress=update,
-                                        follow_links=follow_links))
+                                        follow_links=follow_links, workers=workers))
             except ScanInterrupted as stop:
                 _print_scan(stop.report)
                 click.echo(f"interrupted: {stop.report.indexed} files were read and saved; "

@@ -29,6 +29,8 @@ def display_name(reference: str) -> str:
 @click.argument("prompt")
 @click.option("--base", required=True, metavar="MODEL", help="Base model: a diffusers folder, a .safetensors "
                                                              "checkpoint or a Hub id.")
+@click.option("--base-components", default=None, metavar="FOLDER",
+              help="Diffusers folder with the VAE and text encoders for a transformer-only Flux.1/SD3 --base file.")
 @click.option("--lora", "loras", multiple=True, metavar="REF[:WEIGHT]", shell_complete=complete_adapters,
               help="An adapter (file, folder, catalog name, hash prefix or Hub id) and its weight (default 1); "
                    "repeatable.")
@@ -48,7 +50,8 @@ def display_name(reference: str) -> str:
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[str, ...], negative: str,
+def generate_command(ctx: click.Context, prompt: str, base: str, base_components: str | None,
+                     loras: tuple[str, ...], negative: str,
                      num_samples: int, seed: int | None, steps: int, guidance_scale: float | None, width: int | None,
                      height: int | None, scheduler: str | None, output_dir: str, device: str | None,
                      as_json: bool) -> None:
@@ -73,7 +76,7 @@ def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[st
         reference, weight = parse_weighted(item)
         adapters.append((resolve_adapter(ctx, reference), weight))
         names.append(display_name(reference))
-    check_base_model(base)
+    check_base_model(base, base_components)
     quiet_libraries()
     import torch
 
@@ -87,7 +90,8 @@ def generate_command(ctx: click.Context, prompt: str, base: str, loras: tuple[st
     with progress("rendering", num_samples, enabled=not as_json) as update:
         result = generate(base, prompt, adapters, names=names, output_dir=output_dir, num_samples=num_samples,
                           seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                          negative_prompt=negative, scheduler=scheduler, device=device, progress=update)
+                          negative_prompt=negative, scheduler=scheduler, device=device, progress=update,
+                          base_components=base_components)
     attach_samples(ctx, [image.path for image in result.images], result.adapters)
     if as_json:
         print_json(result.to_dict())

@@ -213,7 +213,7 @@ def train_command(ctx: click.Context, config: str | None, resume: str | None, pr
     with TrainingDisplay(enabled=not as_json) as display:
         # The data and the base model are checked before torch and diffusers load, so their problems show at once.
         dataset = scan_configured(settings, lambda done, total: display.phase("checking images", done, total))
-        check_base_model(settings.model.base_model)
+        check_base_model(settings.model.base_model, settings.model.base_components)
         display.wait("loading torch, diffusers and peft")
         quiet_libraries()
         from loralib.training.trainer import Trainer
@@ -326,8 +326,13 @@ def _print_result(result, again: str | None) -> None:
 @click.option("--arch", type=click.Choice(ARCHITECTURE_NAMES), default="sd1", show_default=True,
               help="Architecture of the tiny model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of its random weights.")
+@click.option("--single-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the transformer (Flux.1/SD3/SD3.5) as one .safetensors file in the original "
+                   "BFL/MMDiT names, like flux1-dev.safetensors.")
+@click.option("--comfy", is_flag=True, help="Prefix the --single-file names with model.diffusion_model. as "
+                                             "ComfyUI's all-in-one checkpoints do.")
 @click.option("--force", is_flag=True, help="Replace an existing folder.")
-def tiny_model_command(output: str, arch: str, seed: int, force: bool) -> None:
+def tiny_model_command(output: str, arch: str, seed: int, single_file: str | None, comfy: bool, force: bool) -> None:
     """Build a tiny random base model of any architecture (a diffusers folder) for demos and tests.
 
     SD1-, SD2-, SDXL-, Flux.1- (FluxPipeline: CLIP + T5) and SD3/SD3.5-shaped
@@ -339,6 +344,7 @@ def tiny_model_command(output: str, arch: str, seed: int, force: bool) -> None:
     Examples:
       lorareg tiny-model demo/base --arch sd1
       lorareg tiny-model demo/flux --arch flux
+      lorareg tiny-model demo/flux --arch flux --single-file demo/flux1-tiny.safetensors
     """
     quiet_libraries()
     from loralib.tiny_models import write_tiny_model
@@ -346,5 +352,8 @@ def tiny_model_command(output: str, arch: str, seed: int, force: bool) -> None:
     use_threads(0)
     make_parents(Path(output.rstrip("/") or output))
 
-    path = write_tiny_model(Path(output), arch, seed=seed, force=force)
+    path = write_tiny_model(Path(output), arch, seed=seed, force=force, single_file=single_file,
+                            single_file_prefix="model.diffusion_model." if comfy else "")
     click.echo(f"wrote tiny {arch} base model to {path}")
+    if single_file:
+        click.echo(f"wrote its transformer as a single file to {single_file}")

@@ -35,6 +35,11 @@ def from_safetensors(name: str) -> torch.dtype:
 
 def to_safetensors(dtype: torch.dtype) -> str | None:
     """The safetensors name of a torch dtype (None when safetensors cannot store it)."""
-    import torch
+    if not _BY_DTYPE:
+        import torch
 
-    return next((name for name, attr in SAFETENSORS_DTYPES.items() if getattr(torch, attr) == dtype), None)
+        _BY_DTYPE.update({getattr(torch, attr): name for name, attr in SAFETENSORS_DTYPES.items()})
+    return _BY_DTYPE.get(dtype)
+
+
+_BY_DTYPE: dict[torch.dtype, str] = {}  # filled on first use, so that importing this module needs no torch

@@ -201,12 +201,36 @@ def decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def decode_group(raws: list[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+class Scratch:
+    """Float32 buffers that one fingerprint reuses from group to group (by name: ``down``, ``up``).
+
+    Widening into memory the process already holds is several times faster than into new memory,
+    which the system must first map and zero: for a full-size SDXL file the fresh pages cost more
+    than the conversion itself. The buffers go when the fingerprint is done."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]):
+        """A float32 torch tensor of ``shape`` over the buffer ``name`` (grown when too small)."""
+        import torch
+
+        count = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[name] = torch.empty(count, dtype=torch.float32)
+        return buffer[:count].view(shape)
+
+
+def decode_group(raws: list[bytes], dtype: str, shape: tuple[int, ...], scratch: Scratch | None = None,
+                 slot: str = "values") -> np.ndarray:
     """Several tensors of one dtype and shape as one float32 array ``[len(raws), *shape]``.
 
     In a process that has already imported torch (a command that just wrote the adapter), torch
     widens the values: the same exact conversion as :func:`decode`, about ten times faster than
-    numpy's half-precision cast. Otherwise (a catalog scan, which never imports torch) numpy does.
+    numpy's half-precision cast, into ``scratch``'s buffer ``slot`` when given (the array is then
+    valid until that buffer is used again). Otherwise (a catalog scan, which never imports torch)
+    numpy does.
     """
     torch = sys.modules.get("torch")
     if torch is None or dtype not in _TORCH_DTYPES or sys.byteorder != "little":
@@ -214,7 +238,8 @@ def decode_group(raws: list[bytes], dtype: str, shape: tuple[int, ...]) -> np.nd
     import warnings
 
     source_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    out = torch.empty((len(raws), *shape), dtype=torch.float32)
+    out = scratch.get(slot, (len(raws), *shape)) if scratch is not None else \
+        torch.empty((len(raws), *shape), dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers, which are only read here
         for row, raw in zip(out, raws):
@@ -287,7 +312,7 @@ def kind_sketch(entry: ModuleEntry, read: RawReader) -> np.ndarray:
     return _probes(out, 1).T.astype(np.float64) @ responses.numpy().T
 
 
-def _group_sketches(entries: list[ModuleEntry], read: RawReader) -> np.ndarray:
+def _group_sketches(entries: list[ModuleEntry], read: RawReader, scratch: Scratch | None = None) -> np.ndarray:
     """The sketches of modules whose factors have the same shapes, computed together: ``[len, PROBES, PROBES]``."""
     import numpy as np
 
@@ -296,8 +321,9 @@ def _group_sketches(entries: list[ModuleEntry], read: RawReader) -> np.ndarray:
         raise ValueError("its tensors are not in a safetensors file")
     down_shape, up_shape = first.source.shapes[first.down], first.source.shapes[first.up]
     # one decode per factor kind: the group's modules share shapes and dtypes
-    downs = decode_group([read(e.source, e.down) for e in entries], first.source.dtypes[first.down], down_shape)
-    ups = decode_group([read(e.source, e.up) for e in entries], first.source.dtypes[first.up], up_shape)
+    downs = decode_group([read(e.source, e.down) for e in entries], first.source.dtypes[first.down], down_shape,
+                         scratch, "down")
+    ups = decode_group([read(e.source, e.up) for e in entries], first.source.dtypes[first.up], up_shape, scratch, "up")
     rank = downs.shape[1]
     flat = downs.reshape(count, rank, -1)
     projected = flat @ _probes(flat.shape[2], 0)  # [count, rank, PROBES]
@@ -345,6 +371,7 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
             members = groups.setdefault(group, [])
         members.append(key)
     keys, sketches = [], []
+    scratch = Scratch()
     for group, members in groups.items():
         entries = [index.modules[k] for k in members]
         if group[0] == "kind":
@@ -357,7 +384,8 @@ def fingerprint(index: AdapterIndex, read: RawReader | None = None) -> Fingerpri
                 skipped[members[0]] = str(exc) or type(exc).__name__
             continue
         try:
-            found = _group_sketches(entries, read) if group[0] != "single" else module_sketch(entries[0], read)[None]
+            found = (_group_sketches(entries, read, scratch) if group[0] != "single"
+                     else module_sketch(entries[0], read)[None])
         except (ValueError, KeyError, OSError):
             found = None
         if found is None:  # one bad module must not hide the others: one at a time

@@ -399,12 +399,14 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
              names: Sequence[str | None] | None = None, output_dir: str | Path = "samples", num_samples: int = 1,
              seed: int = 0, steps: int = 20, guidance_scale: float | None = None, width: int | None = None,
              height: int | None = None, negative_prompt: str = "", scheduler: str | None = None,
-             device: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+             device: str | None = None, progress: Callable[[int, int], None] | None = None,
+             base_components: str | Path | None = None) -> GenerationResult:
     """Load ``base_model`` once, fuse ``adapters`` (path or adapter, weight), render ``num_samples`` PNGs.
 
     Image ``i`` uses seed ``seed + i`` and is written to ``output_dir/NNNNN-<seed>.png``. ``guidance_scale``
     defaults to the family's (7 for SD and SD3, 3.5 for Flux.1's distilled guidance); ``width`` and
-    ``height`` to the model's.
+    ``height`` to the model's. ``base_components`` is the diffusers folder that completes a
+    transformer-only Flux.1/SD3 ``base_model`` file.
     """
     import torch
 
@@ -417,7 +419,7 @@ def generate(base_model: str | Path, prompt: str, adapters: Sequence[tuple[str |
     base_hash = Deferred(model_hash, base_model)  # hashed while the model loads
     loaded = [(a if not isinstance(a, (str, Path)) else load_adapter(a), float(w)) for a, w in adapters]
     names = list(names) if names is not None else [None] * len(loaded)
-    base = load_base_model(base_model)
+    base = load_base_model(base_model, components=base_components)
     pipe = base.pipeline()
     pipe.scheduler = scheduler_for(pipe, scheduler)
     if base.family == "flux" and negative_prompt:

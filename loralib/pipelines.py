@@ -192,15 +192,42 @@ def _load_parts(folder: Path, model_index: dict, dtype) -> SimpleNamespace:
     return SimpleNamespace(**parts)
 
 
-def _load_single_file(path: Path, dtype):
+def _load_transformer_file(path: Path, info, components: Path | None, dtype) -> BaseModel:
+    """A Flux.1/SD3 transformer file, with the pipeline's other parts from the folder ``components``."""
+    from .transformer_files import load_transformer_file
+
+    family = ARCHITECTURES[info.architecture]
+    if components is None:
+        raise InvalidArgumentError(
+            f"{path.name} holds only the {family.title} transformer{' (lorareg reads no other part of it)' if info.has_other_parts else ''}; "
+            "the VAE, text encoders, tokenizers and scheduler come from a diffusers folder",
+            f"Pass --base-components (config key base_components) naming a {family.title} diffusers folder")
+    components = Path(components).expanduser()
+    index_file = components / "model_index.json"
+    model_index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    if model_index.get("_class_name") != family.pipeline_class:
+        raise InvalidArgumentError(f"base components {components} are not a {family.title} diffusers folder "
+                                   f"(it holds {model_index.get('_class_name', 'no model_index.json')})",
+                                   f"Name a folder with a {family.pipeline_class}'s VAE and text encoders")
+    transformer = load_transformer_file(path, info, dtype)
+    cls = _pipeline_class(model_index)
+    return _from_pipeline(str(path), cls.from_pretrained(components, transformer=transformer, **_dtype_argument(dtype)))
+
+
+def _load_single_file(path: Path, dtype, components: Path | None = None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .files.header import read_header
+    from .transformer_files import inspect_transformer_file
 
     if is_pickle(path):
         raise UnsafeFileError(f"{path.name} is a pickle checkpoint; loading it would run code stored in it",
                               "Use the .safetensors version of the model")
-    names = list(read_header(path).tensors)
+    header = read_header(path)
+    info = inspect_transformer_file(path, {k: tuple(v.shape) for k, v in header.tensors.items()})
+    if info is not None:
+        return _load_transformer_file(path, info, components, dtype)
+    names = list(header.tensors)
     if not any(n.startswith("model.diffusion_model.") for n in names):
         raise InvalidArgumentError(f"{path.name} is not a single-file Stable Diffusion checkpoint (it has no "
                                    "model.diffusion_model.* weights)", "Give a full model, not an adapter or a part")
@@ -239,13 +266,17 @@ def _load_hub(reference: str, dtype):
     return _from_pipeline(reference, cls.from_pretrained(repo_id, revision=revision, **kwargs))
 
 
-def check_base_model(reference: str | Path) -> None:
+def check_base_model(reference: str | Path, components: str | Path | None = None) -> None:
     """Check a base model reference without loading anything (and without torch), so a mistake is
     reported before the seconds that loading torch and diffusers take.
 
     A local folder must be a diffusers folder, a local file a ``.safetensors`` checkpoint; a Hub id
     is accepted, except with ``HF_HUB_OFFLINE`` set when it is not in the Hugging Face cache.
+    ``components`` (for a transformer-only file) must be a diffusers folder.
     """
+    if components is not None and not (Path(components).expanduser() / "model_index.json").is_file():
+        raise InputNotFoundError(f"base components {components} is not a diffusers folder (no model_index.json)",
+                                 "Check --base-components (config key base_components)")
     text = str(reference)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -273,10 +304,12 @@ def check_base_model(reference: str | Path) -> None:
                 "(lorareg tiny-model builds a tiny one offline)")
 
 
-def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
+def load_base_model(reference: str | Path, *, dtype=None, components: str | Path | None = None) -> BaseModel:
     """Load the base model at ``reference``: a local diffusers folder, a ``.safetensors`` file or a Hub id.
 
-    ``dtype`` (a torch dtype) is the dtype of every loaded weight (default float32).
+    ``dtype`` (a torch dtype) is the dtype of every loaded weight (default float32). A Flux.1 or
+    SD3/SD3.5 transformer file (BFL / MMDiT names, bare or ComfyUI-prefixed) takes the pipeline's
+    other parts from the diffusers folder ``components``.
     """
     import torch
 
@@ -287,7 +320,7 @@ def load_base_model(reference: str | Path, *, dtype=None) -> BaseModel:
         if path.is_dir():
             return _load_folder(path, str(path), dtype)
         if path.is_file():
-            return _load_single_file(path, dtype)
+            return _load_single_file(path, dtype, Path(components) if components else None)
     except LoraError:
         raise
     except Exception as exc:

@@ -76,13 +76,28 @@ def _flow_vae(scaling: float, shift: float):
                          scaling_factor=scaling, shift_factor=shift)
 
 
+# The tiny transformers' configs (a single file of one is loaded with these, as a full-size one with
+# the published configs of loralib.architectures).
+_TINY_TRANSFORMER_CONFIGS: dict[str, dict] = {
+    "flux": {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+             "axes_dims_rope": [4, 4, 8]},
+    "sd3": {"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+            "attention_head_dim": 8, "num_attention_heads": 4, "caption_projection_dim": 32, "joint_attention_dim": 64,
+            "pooled_projection_dim": 64, "pos_embed_max_size": 16},
+}
+
+
+def tiny_transformer_config(family: str) -> dict:
+    """A copy of the config of the tiny ``flux`` or ``sd3`` transformer."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _TINY_TRANSFORMER_CONFIGS[family].items()}
+
+
 def _flux_pipeline():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    transformer = FluxTransformer2DModel(**tiny_transformer_config("flux"))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(0.3611, 0.1159),
                         text_encoder=CLIPTextModel(_text_config(32, 32)), tokenizer=tiny_tokenizer(),
                         text_encoder_2=_t5(32), tokenizer_2=tiny_t5_tokenizer(), transformer=transformer)
@@ -94,9 +109,7 @@ def _sd3_pipeline(architecture: str):
 
     extra = {"sd35-medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},
              "sd35-large": {"qk_norm": "rms_norm"}}.get(architecture, {})
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+    transformer = SD3Transformer2DModel(**tiny_transformer_config("sd3"), **extra)
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(1.5305, 0.0609),
         text_encoder=CLIPTextModelWithProjection(_text_config(32, 32)), tokenizer=tiny_tokenizer(),
@@ -155,10 +168,14 @@ def save_tiny_pipeline(path: str | Path, architecture: str = "sd1", seed: int = 
     return path
 
 
-def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int = 0, force: bool = False) -> Path:
+def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int = 0, force: bool = False,
+                     single_file: str | Path | None = None, single_file_prefix: str = "") -> Path:
     """Build a tiny pipeline and write it to the folder ``path`` atomically (for ``lorareg tiny-model``).
 
-    An existing non-empty folder is replaced only with ``force``.
+    With ``single_file`` (Flux.1 and SD3/SD3.5 only), the transformer is also written there as one
+    ``.safetensors`` file in the original names (BFL / MMDiT, behind ``single_file_prefix``, e.g.
+    ComfyUI's ``model.diffusion_model.``), as the published transformer files are.
+    An existing non-empty folder or file is replaced only with ``force``.
     """
     import os
     import shutil
@@ -173,12 +190,26 @@ def write_tiny_model(path: str | Path, architecture: str = "sd1", *, seed: int =
         raise OutputExistsError(f"{path} is a file", "Give a folder path")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise OutputExistsError(f"{path} already exists and is not empty", "Pass --force to replace it")
+    family = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}.get(architecture)
+    if single_file is not None:
+        from .files.atomic import refuse_overwrite
+
+        if family is None:
+            raise InvalidArgumentError(f"a single transformer file exists only for Flux.1 and SD3/SD3.5, not {architecture}",
+                                       "Leave out --single-file, or pick --arch flux, sd3, sd35-medium or sd35-large")
+        refuse_overwrite(single_file, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent)
     tmp = path.parent / temp_name(path.name)
     tmp.mkdir()
     try:
-        build_tiny_pipeline(architecture, seed).save_pretrained(tmp)
+        pipe = build_tiny_pipeline(architecture, seed)
+        pipe.save_pretrained(tmp)
+        if single_file is not None:
+            from .transformer_files import write_transformer_file
+
+            Path(single_file).parent.mkdir(parents=True, exist_ok=True)
+            write_transformer_file(pipe.transformer, family, single_file, prefix=single_file_prefix)
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)

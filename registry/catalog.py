@@ -39,9 +39,9 @@ from .records import SUMMARY_COLUMNS, Entry, FileRecord, ParentRecord, dumps, un
 from .schema import catalog_error, connect, now, write
 
 if TYPE_CHECKING:
-    from loralib.files.hashes import FileHashes
+    from loralib.files.hashes import Deferred, FileHashes
 
-    from .describe import FileFacts
+    from .describe import FileFacts, FileRow
 
 HASH_PREFIX = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{8,64})$")
 SORTS = {"name": "a.name COLLATE NOCASE", "added": "a.added_at DESC, a.id DESC",
@@ -566,13 +566,14 @@ class Catalog:
                                  rename=rename)
         return AddResult(self.by_id(stored.adapter_id), stored.created, stored.new_path, stored.renamed_from)
 
-    def add_many(self, facts: Iterable[FileFacts]) -> list[Stored]:
-        """Record several described files in one transaction (``scan`` does this in batches)."""
+    def add_many(self, facts: Iterable[FileFacts | FileRow]) -> list[Stored]:
+        """Record several described files (their facts, or :meth:`FileFacts.row`) in one transaction
+        (``scan`` does this in batches)."""
         with write(self.conn):
             return [self._store(f) for f in facts]
 
     def register_output(self, path: str | os.PathLike, operation: OperationRecord | Mapping[str, Any], *,
-                        hashes: FileHashes | None = None, name: str | None = None,
+                        hashes: FileHashes | Deferred | None = None, name: str | None = None,
                         samples: Iterable[str | os.PathLike | dict] = ()) -> AddResult:
         """Record an adapter an operation just wrote, with its parents, weights and parameters.
 
@@ -601,16 +602,18 @@ class Catalog:
                                  samples=images)
         return AddResult(self.by_id(result.adapter_id), result.created, result.new_path, result.renamed_from)
 
-    def _store(self, facts: FileFacts, *, name: str | None = None, tags: Iterable[str] = (),
+    def _store(self, facts: FileFacts | FileRow, *, name: str | None = None, tags: Iterable[str] = (),
                triggers: Iterable[str] = (), description: str | None = None, samples: Iterable[dict] = (),
                source: dict | None = None, operation: dict | None = None, parents: list[InputRecord] | None = None,
                fallback_name: str | None = None, rename: bool = True) -> Stored:
         """Insert or update the entry for ``facts``, its parents and its file row; runs inside :func:`write`."""
+        from .describe import FileRow
         from .lineage import history_parents
         from .upgrade_v4 import placeholder_identity
 
         stamp = now()
-        columns = facts.columns()
+        facts = facts if isinstance(facts, FileRow) else facts.row()
+        columns = facts.columns
         # its entry, or one that kept a placeholder identity at the schema 4 upgrade (see upgrade_v4)
         found = self._entries("a.identity IN (?, ?)", (facts.identity, placeholder_identity(facts.tensor_sha256)))
         existing = min(found, key=lambda e: e.identity != facts.identity) if found else None
@@ -622,9 +625,9 @@ class Catalog:
                 new_name = check_name(name)
                 self._require_free(new_name, None)
             else:
-                new_name = self._free_name(fallback_name or facts.default_name())
+                new_name = self._free_name(fallback_name or facts.default_name)
             row = {**columns, "name": new_name, "tags": dumps(tags), "user_triggers": dumps(user_triggers),
-                   "triggers": dumps(unique(user_triggers + facts.file_triggers())),
+                   "triggers": dumps(unique(user_triggers + facts.file_triggers)),
                    "description": description or facts.metadata.get("modelspec.description"),
                    "samples": dumps(list(samples)), "operation": None if operation is None else dumps(operation),
                    "added_at": stamp, "updated_at": stamp, **(source_columns or {"source": "file"})}
@@ -634,7 +637,7 @@ class Catalog:
             all_triggers = unique(existing.user_triggers + user_triggers)
             changes = {**columns, "updated_at": stamp, "tags": dumps(unique(existing.tags + tags)),
                        "user_triggers": dumps(all_triggers),
-                       "triggers": dumps(unique(all_triggers + facts.file_triggers()))}
+                       "triggers": dumps(unique(all_triggers + facts.file_triggers))}
             if name and check_name(name) != existing.name:
                 if not rename:
                     raise InvalidArgumentError(f"{facts.root} is already in the catalog as {existing.name!r}",
@@ -656,9 +659,9 @@ class Catalog:
             for i, parent in enumerate(p for p in chosen if not _is_itself(p, facts)):
                 self._insert("parents", {"child_id": adapter_id, "position": i,
                                          **{k: getattr(parent, k) for k in PARENT_COLUMNS}})
-        owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (str(facts.path),)).fetchone()
-        self._upsert_file({"path": str(facts.path), "adapter_id": adapter_id, "size": facts.size,
-                           "mtime_ns": facts.mtime_ns, "sha256": facts.hashes.get("sha256"), "state": "ok",
+        owner = self.conn.execute("SELECT adapter_id FROM files WHERE path = ?", (facts.path,)).fetchone()
+        self._upsert_file({"path": facts.path, "adapter_id": adapter_id, "size": facts.size,
+                           "mtime_ns": facts.mtime_ns, "sha256": facts.sha256, "state": "ok",
                            "problem": None, "seen_at": stamp})
         return Stored(adapter_id, existing is None, owner is None or owner[0] != adapter_id, renamed_from)
 
@@ -899,7 +902,7 @@ def complete_names(prefix: str, home: str | os.PathLike | None = None, limit: in
     return [r[0] for r in rows]
 
 
-def _is_itself(parent: InputRecord, facts: FileFacts) -> bool:
+def _is_itself(parent: InputRecord, facts: FileRow) -> bool:
     """True for a recorded input that is the written adapter itself (a conversion that changed nothing).
 
     Older histories name inputs by tensor hash only, which a conversion to other key names keeps:
@@ -907,7 +910,7 @@ def _is_itself(parent: InputRecord, facts: FileFacts) -> bool:
     """
     if parent.identity:
         return parent.identity == facts.identity
-    return parent.tensor_sha256 == facts.tensor_sha256 and parent.format in (None, facts.report.format)
+    return parent.tensor_sha256 == facts.tensor_sha256 and parent.format in (None, facts.format)
 def _still_recorded(path: Path, sha256: str | None) -> bool:
     """True when the file at ``path`` is a regular file whose SHA-256 is ``sha256``."""
     from loralib.files import special_kind

@@ -12,9 +12,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from loralib.errors import InvalidArgumentError
-from loralib.files.hashes import FileHashes, hash_adapter_files
+from loralib.files.hashes import Deferred, FileHashes, hash_adapter_files
 from loralib.fingerprint import BANDS
 from loralib.formats.layout import adapter_root, main_file, open_inputs
 from loralib.inspection import InspectReport, caption_tags, format_number, inspect, top_tags
@@ -98,13 +99,42 @@ class FileFacts:
             "problems": dumps(r.problems),
         }
 
-def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, fingerprint: bool = True) -> FileFacts:
+    def row(self) -> FileRow:
+        """What the catalog stores of this file, computed once: small and plain, so a scan's worker
+        processes pass it back cheaply (see :class:`FileRow`)."""
+        return FileRow(str(self.path), str(self.root), self.size, self.mtime_ns, self.identity, self.tensor_sha256,
+                       self.hashes.get("sha256"), self.report.format, bool(self.report.damaged), self.columns(),
+                       self.default_name(), self.file_triggers(), self.metadata)
+
+
+class FileRow(NamedTuple):
+    """The facts of a described file that :meth:`Catalog.add_many` stores, without the header
+    report they were drawn from (a tuple of plain values: it pickles in a few microseconds)."""
+
+    path: str  # the main file
+    root: str  # the file, or its PEFT folder
+    size: int
+    mtime_ns: int
+    identity: str
+    tensor_sha256: str
+    sha256: str | None
+    format: str
+    damaged: bool
+    columns: dict  # FileFacts.columns()
+    default_name: str  # FileFacts.default_name()
+    file_triggers: list[str]  # FileFacts.file_triggers()
+    metadata: dict[str, str]
+
+
+def describe(path: str | os.PathLike, hashes: FileHashes | Deferred | None = None, *,
+             fingerprint: bool = True) -> FileFacts:
     """Read the header of the adapter at ``path`` (a file or a PEFT/diffusers folder), hash its
     files and fingerprint its ΔW (``fingerprint=False`` skips that), reading the bytes once.
 
     ``hashes`` may be passed when they are already known (a writer computed them: its main file's,
-    with the whole adapter's identity). Raises :class:`~loralib.errors.LoraError` subclasses for files that are not adapters
-    or are unreadable.
+    with the whole adapter's identity), or as a :class:`~loralib.files.hashes.Deferred` still being
+    computed, which the fingerprint then overlaps. Raises :class:`~loralib.errors.LoraError`
+    subclasses for files that are not adapters or are unreadable.
     """
     given = absolute(path)
     if not storable(given):
@@ -112,9 +142,14 @@ def describe(path: str | os.PathLike, hashes: FileHashes | None = None, *, finge
                                    "Rename the file (or its folder)")
     root = adapter_root(given) if given.is_file() else given
     report = None
-    if hashes is not None and hashes.identity is not None:
+    if isinstance(hashes, Deferred):
         report = inspect(root, hashes=False, fingerprint=fingerprint)
+        hashes = hashes.result()
+    if hashes is not None and hashes.identity is not None:
+        report = report or inspect(root, hashes=False, fingerprint=fingerprint)
         found = hashes.to_dict()
+    else:
+        report = None
     if report is None:
         report = inspect(root, hashes=True, fingerprint=fingerprint)
         found = dict(report.hashes)

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from loralib.files.hashes import Deferred
 from loralib.records import OperationRecord
 
 from .catalog import AddResult, Catalog
@@ -27,8 +28,9 @@ def record_output(result: SaveResult, home: str | os.PathLike | None = None, *, 
     The operation is the record the writer stored in the file (``result.operation``: inputs with
     their hashes, weights and parameters). The hashes the writer computed are reused.
     """
+    hashes = Deferred(lambda: result.hashes)  # the whole file's hash (a pass over its bytes) while it is fingerprinted
     with Catalog(home) as catalog:
-        return catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=result.hashes,
+        return catalog.register_output(result.path, result.operation or OperationRecord("write"), hashes=hashes,
                                        name=name, samples=samples)
 
 

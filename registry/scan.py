@@ -11,7 +11,9 @@ rescan skips them too); damaged ones are flagged; no file, however broken, stops
 Reading files (headers, hashes, fingerprints: CPU work in Python) is spread over worker processes
 when there are many to read, one per free core; the catalog is written by this process alone, in order.
 Work is handed out in small chunks with only a few in flight, so memory stays flat however many
-files the folder holds.
+files the folder holds. A worker passes back only what the catalog stores of each file (a
+:class:`~lorareg.registry.describe.FileRow` of plain values): passing the whole header report back
+cost the scanning process about as much CPU as storing the file.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ from .catalog import Catalog
 from .paths import absolute, storable
 
 if TYPE_CHECKING:
-    from .describe import FileFacts
+    from .describe import FileRow
 
 Progress = Callable[[int, int], None]
 ADAPTER_SUFFIXES = (".safetensors",)
 BATCH_FILES = 200
 BATCH_SECONDS = 0.5
 PARALLEL_FROM = 200  # files to read before worker processes pay for their start-up
-CHUNK_FILES = 16  # files per task handed to a worker
+CHUNK_FILES = 64  # files per task handed to a worker
+PARENT_POLL_SECONDS = 0.2  # how often a worker checks that the scanning process is still there
 
 
 @dataclass
@@ -191,8 +194,9 @@ def scan(catalog: Catalog, folder: str | os.PathLike, *, recursive: bool = True,
     already read are committed and :class:`ScanInterrupted` (a KeyboardInterrupt) is raised
     with the report. Links to folders outside ``folder`` are followed only with ``follow_links``;
     what was not followed, and files whose names the catalog cannot store, are listed in
-    ``report.skipped``. ``workers`` is how many processes read files (default: one per core when
-    at least :data:`PARALLEL_FROM` files are to be read and the cores are free, else this process alone).
+    ``report.skipped``. ``workers`` is how many processes read files (default: one per free core
+    (the cores minus the load average) when at least :data:`PARALLEL_FROM` files are to be read,
+    else this process alone).
     """
     start = time.perf_counter()
     root = absolute(folder)
@@ -254,12 +258,12 @@ def _unchanged(path: str, known: tuple | None, stat: Stat, report: ScanReport) -
     return True
 
 
-Outcome = tuple[str, "FileFacts | str"]  # ("ok", facts) or ("not-lora" / "damaged", problem)
+Outcome = tuple[str, "FileRow | str"]  # ("ok", what to store) or ("not-lora" / "damaged", problem)
 
 
 def _free_cores() -> int:
     """The cores this process may use minus the load already on them (at least 1): on a busy machine
-    worker processes only add the cost of passing results back."""
+    worker processes cost more CPU in all than they save in time (see benchmarks/RESULTS.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -314,10 +318,22 @@ def _outcomes(paths: list[str], workers: int) -> Iterator[Outcome]:
 
 
 def _quiet_worker() -> None:
-    """Workers leave Ctrl-C to the scanning process, which commits what was read and stops them."""
+    """Workers leave Ctrl-C to the scanning process, which commits what was read and stops them; a
+    kill ends them, and so does the end of the scanning process, however it ends (a SIGKILL
+    included): a worker left behind would wait forever and keep the command's output open."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lorareg-scan-parent-watch", daemon=True).start()
 
 
 def _describe_chunk(paths: list[str]) -> list[Outcome]:
@@ -329,7 +345,7 @@ def _describe_outcome(path: str) -> Outcome:
     from .describe import describe
 
     try:
-        return "ok", describe(path)
+        return "ok", describe(path).row()
     except (NotALoraError, UnsafeFileError, InputNotFoundError) as exc:
         return "not-lora", str(exc)
     except (CorruptFileError, LoraError, OSError) as exc:
@@ -343,7 +359,7 @@ class _Batch:
 
     def __init__(self, catalog: Catalog, report: ScanReport, size: int, seconds: float) -> None:
         self.catalog, self.report, self.size, self.seconds = catalog, report, size, seconds
-        self.facts: list[FileFacts] = []
+        self.facts: list[FileRow] = []
         self.problems: list[tuple[str, Stat, str, str]] = []
         self.flushed_at = time.monotonic()
 
@@ -352,7 +368,7 @@ class _Batch:
         state, found = outcome
         if state == "ok":
             self.facts.append(found)
-            if found.report.damaged:
+            if found.damaged:
                 self.report.damaged.append(path)
         else:
             self.problems.append((path, stat, state, found))

@@ -93,6 +93,11 @@ def test_merge_output_keeps_the_inputs_dtype_and_records_its_operation(tmp_path)
     assert [(i["file"], i["weight"]) for i in record["inputs"]] == [("a.safetensors", 0.5), ("b.safetensors", 0.25)]
     assert record["inputs"][0]["tensor_sha256"] == loralib.inspect(a_path).hashes["tensor_sha256"]
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
+    report = result.report
+    result.drop_factors()  # what the CLI does before the catalog reads the written file
+    assert result.adapter.modules == {} and result.report is report
+    with pytest.raises(InvalidArgumentError, match="no modules"):
+        result.save(tmp_path / "again.safetensors")
 
 
 def test_peft_cat_combination_gives_the_same_delta():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_tensor_hash_ignores_metadata(tmp_path):
 
 def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
     path = tmp_path / "w.safetensors"
-    returned = write_safetensors(path, _big_tensors(), {"ss_network_dim": "8"}, SELF_HASHES)
+    returned = write_safetensors(path, _big_tensors(), {"ss_network_dim": "8"}, SELF_HASHES).hashes()
     recomputed = hash_file(path)
     assert returned == recomputed  # every hash, identity included, as reading the file back gives
     assert returned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -73,7 +74,7 @@ def test_writer_stores_hashes_of_the_written_bytes(tmp_path):
 def test_writer_leaves_out_the_legacy_hash_when_the_header_covers_it(tmp_path):
     path = tmp_path / "h.safetensors"
     tensors = {f"t{i:05d}.lora_down.weight": torch.zeros(1) for i in range(30000)}  # a header over 1 MiB
-    returned = write_safetensors(path, tensors, {}, SELF_HASHES)
+    returned = write_safetensors(path, tensors, {}, SELF_HASHES).hashes()
     header = read_header(path)
     assert header.data_start > 0x100000
     assert "sshs_legacy_hash" not in header.metadata
@@ -143,3 +144,16 @@ def test_loaded_tensors_view_the_mapped_file_and_stay_valid_once_released(tmp_pa
     assert all(torch.equal(loaded.modules[k].down, m.down) and torch.equal(loaded.modules[k].up, m.up)
                for k, m in original.modules.items())
     assert path.read_bytes()  # the file is untouched and readable
+
+
+def test_a_written_file_changed_afterwards_is_hashed_as_it_is_now(tmp_path):
+    """The whole-file hash of an output is computed when first asked for: if the file was replaced
+    in between, every hash must describe what is there, never mix the two."""
+    path = tmp_path / "w.safetensors"
+    written = write_safetensors(path, _big_tensors(), {}, SELF_HASHES)
+    other = {k: v + 1 for k, v in _big_tensors().items()}
+    save_file(other, path, metadata={"title": "someone else's, written later"})
+    os.utime(path, ns=(1, 1))  # another time even on a file system with a coarse clock
+    assert written.hashes() == hash_file(path)
+    assert written.hashes().sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert written.hashes().tensor_sha256 != written.tensor_sha256

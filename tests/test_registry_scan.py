@@ -225,3 +225,74 @@ def test_a_first_scan_records_exactly_what_adding_each_file_records(tmp_path, re
     scanned, added = _catalog_rows(tmp_path / "scanned"), _catalog_rows(tmp_path / "added")
     assert len(scanned[0]) == report.added and len(scanned[1]) >= report.added + 1
     assert scanned == added
+
+
+def test_a_file_row_holds_the_file_s_own_hashes_and_survives_pickling(tmp_path, real_loras):
+    """What a worker passes back (``FileRow``) carries hashes equal to hashlib's over the file's
+    bytes, the file's size and mtime, and comes out of pickle unchanged; the catalog stores the same
+    whether given the row or the facts it was made from."""
+    import hashlib
+    import pickle
+    import struct
+
+    from lorareg.registry.describe import FileRow, describe
+
+    write_small_loras(tmp_path / "small", 2)
+    paths = sorted((tmp_path / "small").iterdir()) + [real_loras / "sd1_lycoris-lokr_f16.safetensors"]
+    for path in paths:
+        facts = describe(path)
+        row = facts.row()
+        data = path.read_bytes()
+        header_end = 8 + struct.unpack("<Q", data[:8])[0]
+        assert isinstance(row, FileRow) and pickle.loads(pickle.dumps(row)) == row
+        assert row.sha256 == hashlib.sha256(data).hexdigest() == row.columns["sha256"]
+        assert row.tensor_sha256 == hashlib.sha256(data[header_end:]).hexdigest() == row.columns["tensor_sha256"]
+        assert (row.path, row.size, row.mtime_ns) == (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        assert row.columns == facts.columns() and row.default_name == facts.default_name() == path.stem
+    rows = {}
+    for given in ("facts", "row"):
+        with Catalog(tmp_path / given) as catalog:
+            stored = catalog.add_many([describe(p) if given == "facts" else describe(p).row() for p in paths])
+        assert [s.created for s in stored] == [True] * len(paths)
+        rows[given] = _catalog_rows(tmp_path / given)
+    assert rows["facts"] == rows["row"] and len(rows["row"][0]) == len(paths)
+
+
+def test_scan_workers_option_reads_in_worker_processes_and_records_the_same(tmp_path, lorareg, monkeypatch):
+    """``lorareg scan --workers 2`` stores what ``--workers 1`` stores; a count below 1 is refused in one line."""
+    folder = tmp_path / "loras"
+    write_small_loras(folder, 30)
+    reports = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv("LORAREG_HOME", str(tmp_path / f"home{workers}"))
+        result = lorareg("scan", folder, "--workers", workers, "--json")
+        assert result.code == 0, result.err
+        reports[workers] = json.loads(result.out)
+    assert reports["1"]["added"] == reports["2"]["added"] == 30
+    assert _catalog_rows(tmp_path / "home1") == _catalog_rows(tmp_path / "home2")
+    refused = lorareg("scan", folder, "--workers", "0")
+    assert refused.code == 2 and "--workers" in refused.err and "Traceback" not in refused.err
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(1, 0.0, 1), (2, 0.0, 2), (2, 1.0, 1), (2, 6.0, 1),
+                                                         (8, 2.0, 6)])
+def test_scan_reads_with_one_worker_per_free_core(monkeypatch, cores, load, expected):
+    """The default number of workers: the cores minus the load average, at least one."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert scan_module._free_cores() == expected
+
+
+def test_workers_end_with_a_killed_scan(many_loras, tmp_path):
+    """A scan killed (SIGKILL) while worker processes read leaves none behind: they would hold the
+    command's output open for ever, so reading it to its end would never finish."""
+    env = {**os.environ, "LORAREG_HOME": str(tmp_path / "home")}
+    process = subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(many_loras), "--workers", "2"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_first_batch(tmp_path / "home", process)
+    process.kill()
+    start = time.monotonic()
+    process.communicate(timeout=60)  # returns once every holder of the pipes (the workers too) is gone
+    assert process.returncode == -signal.SIGKILL and time.monotonic() - start < 30
+    adapters, files = _consistent(tmp_path / "home")
+    assert 0 < adapters < KILL_FILES and adapters == files

@@ -633,6 +633,31 @@ def test_nonfinite_factors_are_refused_naming_the_module_unless_allowed(lorareg,
                    "exact merge")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_the_finiteness_check_agrees_with_isfinite(dtype):
+    """all_finite sums first (fast) and looks at every value only when the sum is not finite: a NaN,
+    an infinity, infinities of both signs, and finite values whose sum overflows must all be judged
+    as torch.isfinite judges them."""
+    import torch
+
+    from loralib.adapter import all_finite
+
+    dt = getattr(torch, dtype)
+    big = torch.finfo(dt).max
+    cases = {
+        "plain": torch.randn(64, 33).to(dt),
+        "nan": torch.tensor([1.0, float("nan"), 2.0]).to(dt),
+        "inf": torch.tensor([1.0, float("inf")]).to(dt),
+        "both infinities": torch.tensor([float("inf"), 0.0, float("-inf")]).to(dt),
+        "sum overflows": torch.full((4096,), big, dtype=dt),
+        "empty": torch.zeros(0, 3, dtype=dt),
+        "a strided view": torch.tensor([[1.0, float("nan")], [2.0, 3.0]]).to(dt)[:, 0],
+    }
+    for name, tensor in cases.items():
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), name
+    assert all_finite(torch.arange(5))  # integers are always finite
+
+
 def test_values_that_overflow_the_output_dtype_are_refused(lorareg, tmp_path):
     tensors = kohya_tensors()
     name = next(n for n in tensors if n.endswith("lora_up.weight"))

@@ -209,3 +209,65 @@ def test_settings_the_base_cannot_take_are_refused_before_training(arch, setting
     with pytest.raises(InvalidArgumentError, match=message):
         trainer.setup()
     assert not (tmp_path / "out" / "t.safetensors").exists()
+
+
+# sd-scripts' per-kind ranks (networks/lora_flux.py, lora_sd3.py): the diffusers layers of each kind
+_FLUX_KINDS = {"img_attn_dim": (2, r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|to_out\.0)$"),
+               "txt_attn_dim": (0, r"^transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out)$"),
+               "img_mlp_dim": (3, r"^transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$"),
+               "img_mod_dim": (5, r"^transformer_blocks\.\d+\.norm1\.linear$"),
+               "single_dim": (6, r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$")}
+_SD3_KINDS = {"x_attn_dim": (2, r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|to_out\.0)$"),
+              "context_mlp_dim": (0, r"^transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)$"),
+              "context_mod_dim": (3, r"^transformer_blocks\.\d+\.norm1_context\.linear$")}
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_per_kind_ranks_are_the_files_ranks_and_diffusers_loads_them(arch, request, tmp_path):
+    import re
+
+    base = request.getfixturevalue(f"tiny_{arch}")
+    kinds = _FLUX_KINDS if arch == "flux" else _SD3_KINDS
+    data = small_dataset(tmp_path / "data", 1)
+    result = train(load_config(None, quick_settings(base, data, tmp_path / "out", output_format="diffusers",
+                                                    max_train_steps=2, learning_rate=1e-2,
+                                                    **{k: r for k, (r, _) in kinds.items()})))
+    adapter = loralib.load(result.save.path)
+    layers = pipeline_layers(pipeline_class(arch).from_pretrained(base))
+    expected = {}
+    for key in layers:
+        if not key.startswith("transformer.") or key == "transformer.proj_out":
+            continue
+        path = key.split(".", 1)[1]
+        chosen = [r for r, pattern in kinds.values() if re.search(pattern, path)]
+        if chosen:
+            expected[key] = chosen[0]
+        elif re.search(r"\.(attn2?\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|"
+                       r"proj_mlp|proj_out)$", path):
+            expected[key] = 4  # every other default target keeps the rank
+    expected = {k: r for k, r in expected.items() if r > 0}
+    assert {k: m.rank for k, m in adapter.modules.items()} == expected
+    meta = json.loads(adapter.metadata["ss_network_args"])
+    assert meta == {k: str(r) for k, (r, _) in kinds.items()}
+    assert _check_fused(arch, base, result.save.path) == len(adapter.modules)
+
+
+def test_per_kind_ranks_of_the_other_family_are_refused(tiny_sd3, tmp_path):
+    from loralib.errors import InvalidArgumentError
+
+    data = small_dataset(tmp_path / "data", 1)
+    with pytest.raises(InvalidArgumentError, match="img_attn_dim name Flux.1 layers"):
+        train(load_config(None, quick_settings(tiny_sd3, data, tmp_path / "out", max_train_steps=1, img_attn_dim=2)))
+
+
+def test_in_dims_train_the_flux_input_layers_at_their_ranks(tiny_flux, tmp_path):
+    data = small_dataset(tmp_path / "data", 1)
+    result = train(load_config(None, quick_settings(tiny_flux, data, tmp_path / "out", output_format="diffusers",
+                                                    max_train_steps=2, learning_rate=1e-2, in_dims="[3,0,2,0,5]",
+                                                    train_blocks="double", train_double_block_indices="0")))
+    adapter = loralib.load(result.save.path)
+    inputs = {k: m.rank for k, m in adapter.modules.items() if "blocks" not in k}
+    assert inputs == {"transformer.x_embedder": 3, "transformer.time_text_embed.text_embedder.linear_1": 2,
+                      "transformer.time_text_embed.text_embedder.linear_2": 2, "transformer.context_embedder": 5}
+    assert json.loads(adapter.metadata["ss_network_args"])["in_dims"] == "[3,0,2,0,5]"
+    assert _check_fused("flux", tiny_flux, result.save.path) == len(adapter.modules)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
+from ..adapter import LoraAdapter, LoraModule, all_finite
 from ..architectures import COMPONENTS, detect_architecture
 from ..device import on_device, resolve_device
 from ..dtypes import from_safetensors
@@ -69,7 +69,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, *, dyn
             difference = difference.reshape(shape.out_features, -1)
             tuned_model.release(key)  # one layer of each model in memory at a time, whatever their size
             base_model.release(key)
-            if not bool(torch.isfinite(difference).all()):
+            if not all_finite(difference):
                 raise CorruptFileError(f"{key} holds NaN or infinite values in {Path(tuned).name} or {Path(base).name}",
                                        "A model with such weights cannot be compared; check both files")
             if difference.numel() == 0 or float(difference.abs().max()) <= min_diff:

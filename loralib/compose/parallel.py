@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 
 from ..errors import CorruptFileError
+from ..files.pages import return_freed_memory
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -46,25 +47,31 @@ def map_modules(function: Callable[[Item], Result], items: Sequence[Item],
     workers = workers or torch.get_num_threads()
     total = len(items)
     results: list[Result] = []
+
+    def done(result: Result) -> None:
+        results.append(result)
+        if len(results) % TRIM_EVERY == 0:
+            return_freed_memory()
+        if progress:
+            progress(len(results), total)
+
     if workers <= 1 or total < 2:
         for item in items:
-            results.append(function(item))
-            if progress:
-                progress(len(results), total)
+            done(function(item))
         return results
     with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
         pending = []
         for item in items:
             pending.append(pool.submit(function, item))
             if len(pending) > 2 * workers:  # keep a few queued, not the whole model
-                results.append(pending.pop(0).result())
-                if progress:
-                    progress(len(results), total)
+                done(pending.pop(0).result())
         for future in pending:
-            results.append(future.result())
-            if progress:
-                progress(len(results), total)
+            done(future.result())
     return results
+
+
+# Modules computed between two returns of freed memory to the system (each costs well under a millisecond).
+TRIM_EVERY = 32
 
 
 def _named_errors(function: Callable[[Item], Result], items: Sequence[Item],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,11 @@ class Composition:
 
         return save_adapter(self.adapter, path, format, force=force, dtype=dtype, operation=self.operation,
                             allow_nonfinite=allow_nonfinite, fused_rank=fused_rank)
+
+    def drop_factors(self) -> None:
+        """Let go of the computed factors once they are written (the report and record stay), so that
+        what follows does not hold the whole output in memory; the composition cannot be saved again."""
+        self.adapter = replace(self.adapter, modules={})
 
 
 def storage_bytes(adapter: LoraAdapter) -> int:

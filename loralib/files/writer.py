@@ -5,9 +5,9 @@ depend on the header, so the file is written once under a temporary name with fi
 placeholders in the header, the data hashed alongside, the header completed in place, and the
 file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
 background thread while it loads) are completed the same way: the caller passes them, with the
-placeholder each one stands behind in the metadata. The writer returns every hash of the file it
-wrote (:class:`~loralib.files.hashes.FileHashes`, identity included), computed from the bytes in
-memory, so nothing has to read the file again to identify it.
+placeholder each one stands behind in the metadata. The writer returns a :class:`WrittenFile`:
+the tensor hash, legacy hash and identity of what it wrote, and the hash of the whole file (one
+more pass over every byte, which only the catalog needs) when first asked for.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..dtypes import to_safetensors
 from .atomic import atomic_file
-from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, FileHashes, identity_of, index_bytes
+from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, FileHashes, file_sha256, hash_file, identity_of, index_bytes
 
 _BYTE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -47,8 +49,8 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     self_hashes: Mapping[str, str] | None = None,
     pending: Mapping[str, Deferred] | None = None,
-) -> FileHashes:
-    """Write ``tensors`` and ``metadata`` to ``path`` atomically; return the hashes of the file written.
+) -> WrittenFile:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically; return what identifies the file written.
 
     ``self_hashes`` maps metadata keys to hashes of the file itself that they must hold:
     ``tensor_sha256`` (kohya's ``sshs_model_hash``), ``tensor_sha256_0x`` (ModelSpec's
@@ -56,9 +58,10 @@ def write_safetensors(
     1 MiB; left out when the header itself reaches that far). ``pending`` maps placeholder strings
     that occur in metadata values to the deferred values that replace them (of the same length).
 
-    The header is first written with placeholders of the final values' length while the data is
-    hashed in a second thread as it is written; then the header is rewritten in place. The hash of
-    the whole file (header included, so known only then) is one more pass over the bytes in memory.
+    The header is first written with placeholders of the final values' length and the data hashed
+    as it is written (each tensor while its bytes are still in the CPU's cache; a second thread would
+    take the core that inputs are hashed on); then the header is rewritten in place. The hash of the
+    whole file (header included, so known only then) is left to :meth:`WrittenFile.hashes`.
     """
     # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -78,13 +81,14 @@ def write_safetensors(
     meta.update({key: _PLACEHOLDER[kind] for key, kind in self_hashes.items()})
     raw = _header_bytes(entries, meta)
     data_start = 8 + len(raw)
-    digest = Deferred(_sha256_of, views)
+    digest = hashlib.sha256()
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for view in views:
             f.write(view)
-        tensor_sha256 = digest.result()
+            digest.update(view)
+        tensor_sha256 = digest.hexdigest()
         final = raw
         if pending or self_hashes:
             meta = _fill(meta, pending or {})
@@ -98,18 +102,44 @@ def write_safetensors(
             final += b" " * (len(raw) - len(final))  # trailing spaces are valid header padding
             f.seek(8)
             f.write(final)
-        hashes = _file_hashes(struct.pack("<Q", len(raw)) + final, views, entries, tensor_sha256)
-    return hashes
-
-
-def _file_hashes(prefix: bytes, views: list[memoryview], entries: dict, tensor_sha256: str) -> FileHashes:
-    """Every hash of the file made of ``prefix`` (length and header) and ``views`` (the tensor data)."""
-    whole = hashlib.sha256(prefix)
-    for view in views:
-        whole.update(view)
+        prefix = struct.pack("<Q", len(raw)) + final
     index = index_bytes((name, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items())
     legacy = hashlib.sha256(_window([prefix, *views], LEGACY_OFFSET, LEGACY_LENGTH)).hexdigest()[:8]
-    return FileHashes(whole.hexdigest(), tensor_sha256, legacy, identity_of(index, tensor_sha256))
+    return WrittenFile(Path(path), tensor_sha256, legacy, identity_of(index, tensor_sha256), _stamp(path))
+
+
+@dataclass
+class WrittenFile:
+    """A safetensors file as :func:`write_safetensors` wrote it: where, and the hashes known from writing."""
+
+    path: Path
+    tensor_sha256: str
+    legacy: str
+    identity: str
+    stamp: tuple[int, int] = field(repr=False)  # size and mtime once written: a later change means hashing again
+    _hashes: FileHashes | None = field(default=None, repr=False)
+
+    def hashes(self) -> FileHashes:
+        """Every hash of the file (the whole file's SHA-256 is computed on the first call).
+
+        If the file changed since it was written (another size or time), every hash is computed
+        from what is there now."""
+        if self._hashes is None:
+            if _stamp(self.path) == self.stamp:
+                self._hashes = FileHashes(file_sha256(self.path), self.tensor_sha256, self.legacy, self.identity)
+            else:
+                self._hashes = hash_file(self.path)
+        return self._hashes
+
+    def moved(self, path: Path) -> WrittenFile:
+        """The same file after a rename to ``path`` (a folder's files are written under a temporary
+        folder first)."""
+        return WrittenFile(path, self.tensor_sha256, self.legacy, self.identity, self.stamp, self._hashes)
+
+
+def _stamp(path: str | os.PathLike) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _window(chunks: list[bytes | memoryview], start: int, length: int) -> bytes:
@@ -137,13 +167,6 @@ def _fill(metadata: dict[str, str], pending: Mapping[str, Deferred]) -> dict[str
                 text = text.replace(token, value)
         filled[key] = text
     return filled
-
-
-def _sha256_of(views: list[memoryview]) -> str:
-    digest = hashlib.sha256()
-    for view in views:
-        digest.update(view)
-    return digest.hexdigest()
 
 
 def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:

@@ -172,7 +172,7 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
 def refuse_nonfinite(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> None:
     """Raise :class:`CorruptFileError` naming the modules whose factors hold NaN or infinite values
     once stored in ``dtype`` (the adapter's own dtype when None)."""
-    bad = adapter.nonfinite_modules(dtype)
+    bad = adapter.nonfinite_modules(dtype, release=False)  # the writer reads every module next
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         stored = f" once stored as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""

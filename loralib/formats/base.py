@@ -343,8 +343,9 @@ class SaveResult:
     """What a writer wrote: the adapter's main file, every file, the main file's tensor hash, and
     the operation record as written into the file (input hashes resolved).
 
-    Writers pass the hashes they computed while writing (``_hashes``: the main file's, with the
-    identity of the whole adapter), so nothing reads the files again to identify them."""
+    Writers pass what they know from writing (``_hashes``: the main file's hashes, with the
+    identity of the whole adapter, or a function giving them — the whole-file SHA-256 is one more
+    pass over the bytes, made only when someone asks)."""
 
     path: Path
     format: str
@@ -352,7 +353,7 @@ class SaveResult:
     tensor_sha256: str
     notes: list[str] = field(default_factory=list)
     operation: OperationRecord | None = None
-    _hashes: FileHashes | None = field(default=None, repr=False)
+    _hashes: FileHashes | Callable[[], FileHashes] | None = field(default=None, repr=False)
 
     @property
     def hashes(self) -> FileHashes:
@@ -362,4 +363,6 @@ class SaveResult:
             from ..files.hashes import hash_file
 
             self._hashes = hash_file(self.path)
+        elif callable(self._hashes):
+            self._hashes = self._hashes()
         return self._hashes

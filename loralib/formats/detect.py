@@ -2,9 +2,10 @@
 
 The formats of :mod:`loralib.formats.table` are read by lorareg, for every model family
 (SD1.x/SD2.x/SDXL, Flux.1, SD3/SD3.5): plain LoRA in every spelling, and LyCORIS/DoRA in kohya
-names (SD1.x/SD2.x/SDXL, and Flux.1 in kohya or BFL names). Each key counts for the first format spelling it matches, and a
-format that reads every key wins. Adapter kinds lorareg does not apply (LyCORIS OFT/BOFT, GLoRA,
-(IA)³, LyCORIS for SD3 or in other Flux spellings, Flux Control LoRAs), textual inversions and full model weights are
+names (SD1.x/SD2.x/SDXL; Flux.1 and SD3/SD3.5 in kohya names or their original BFL / MMDiT paths).
+Each key counts for the first format spelling it matches, and a format that reads every key wins.
+Adapter kinds lorareg does not apply (LyCORIS OFT/BOFT, GLoRA, (IA)³, Flux/SD3 LyCORIS in other
+spellings, Flux Control LoRAs), textual inversions and full model weights are
 recognised and named, so that an operation can say exactly what it was given.
 """
 
@@ -88,8 +89,8 @@ def identify(names: list[str], shapes: Mapping[str, tuple[int, ...]], metadata: 
     match = best_format(names)
     if special is not None and (match is None or not match.complete or match.format is lycoris.FORMAT):
         family = name_family(names)
-        read = family == FLUX_FAMILY and match is not None and match.complete  # LyCORIS reads Flux.1's kohya/BFL names
-        if family is not None and not read:  # other spellings, and SD3 names, are not read
+        read = match is not None and match.complete  # LyCORIS reads Flux.1's and SD3's kohya and original names
+        if family is not None and not read:  # other spellings are not read
             return Kind(f"{family}-lycoris", f"{_FAMILY_TITLES[family]} {special.title}", False)
     if match is not None and match.complete:  # a key of a named kind (LoKr, DoRA, …) names the file
         return special if special in match.format.kinds else match.kind

@@ -12,14 +12,16 @@ Writing is the kohya format's: :func:`module_tensors` gives the keys of a non-pl
 
 Flux.1: the same suffixes behind kohya names (``lora_unet_double_blocks_0_img_attn_qkv``,
 OneTrainer's ``lora_transformer_…``) or BFL paths as ComfyUI spells them
-(``diffusion_model.double_blocks.0.img_attn.qkv``), resolved with
+(``diffusion_model.double_blocks.0.img_attn.qkv``). SD3/SD3.5 likewise: kohya names as sd-scripts'
+SD3 LoRA and LyCORIS write them (``lora_unet_joint_blocks_0_x_block_attn_qkv``) and MMDiT paths as
+ComfyUI spells them (``diffusion_model.joint_blocks.0.x_block.attn.qkv``). Names resolve with
 :func:`loralib.naming.kohya.resolve_module_name` / :func:`loralib.formats.original.native_target`.
-A fused layer (``qkv``, ``linear1``) becomes one entry per diffusers layer it holds, each with its
-``rows`` of the stored module (``swap`` for the final modulation's exchanged halves); the parts are
-built by :func:`loralib.lycoris.rows.take_rows`, exactly. A split that cannot be exact (a LoKr
-whose right factor's rows do not divide the part boundaries, a per-input DoRA magnitude) is
-refused in one line naming the module. SD3 LyCORIS files are refused (detection names them
-``sd3-lycoris``).
+A fused layer (Flux's ``qkv``, ``linear1``; SD3's ``x_block.attn.qkv``, ``x_block.attn2.qkv``,
+``context_block.attn.qkv``) becomes one entry per diffusers layer it holds, each with its
+``rows`` of the stored module (``swap`` for a final modulation's exchanged halves, and SD3's last
+pre-only context block); the parts are built by :func:`loralib.lycoris.rows.take_rows`, exactly.
+A split that cannot be exact (a LoKr whose right factor's rows do not divide the part boundaries,
+a per-input DoRA magnitude) is refused in one line naming the module.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..architectures import FLUX_FAMILY, SD
-from ..errors import CorruptFileError, UnsupportedFormatError
+from ..architectures import FLUX_FAMILY, SD, SD3_FAMILY
+from ..errors import CorruptFileError
 from ..lycoris import KIND_TITLES
 from ..lycoris.shapes import full_shape, loha_shape, lokr_shape, spatial_kernel
+from ..naming.flux import ROOTS as FLUX_ROOTS
 from ..naming.kohya import parse_module_name, resolve_module_name
+from ..naming.sd3 import ROOTS as SD3_ROOTS
 from ..naming.sgm import UNetLayout
 from .base import AdapterIndex, Format, Inputs, Kind, ModuleEntry
 from .kohya import BUNDLE_KEY, alpha_tensor, file_family, refuse_unplaced
@@ -45,9 +49,9 @@ if TYPE_CHECKING:
 
     from ..adapter import AdapterModule
 
-# kohya-style names (SD, and Flux.1 in BFL or diffusers names), and BFL paths as ComfyUI spells them
+# kohya-style names (SD, Flux.1 and SD3 in original or diffusers names), and BFL / MMDiT paths as ComfyUI spells them
 MODULE_NAME = (r"(?:lora_(?:unet|te|te1|te2|te3|transformer)_\w+|"
-               r"diffusion_model\.(?:double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)"
+               rf"diffusion_model\.(?:{'|'.join(sorted({*FLUX_ROOTS, *SD3_ROOTS}))})"
                r"[\w.]*?)")
 DENOISER_PREFIX = "diffusion_model."
 
@@ -242,9 +246,6 @@ def parse(source: TensorSource) -> AdapterIndex:
         else:
             unrecognised.append(name)
     family, certain = _names_family(source, modules)
-    if family not in (SD, FLUX_FAMILY):
-        raise UnsupportedFormatError(f"{source.path.name} is a LyCORIS/DoRA adapter for Stable Diffusion 3, which "
-                                     "lorareg does not read yet", "Use the tool that trained it to apply it")
     layout = _sgm_layout(source, modules) if family == SD else None
     alphas = source.scalars([parts["alpha"] for parts in modules.values() if "alpha" in parts])
     entries: dict[str, ModuleEntry] = {}
@@ -253,7 +254,7 @@ def parse(source: TensorSource) -> AdapterIndex:
             key = parse_module_name(name, layout)
             new = {key: _entry(key, name, parts, source, alphas)} if key is not None else None
         else:
-            new = _flux_entries(name, parts, source, alphas)
+            new = _native_entries(name, parts, source, alphas, family)
         if new is None:
             unrecognised.extend(parts.values())
             continue
@@ -267,24 +268,32 @@ def parse(source: TensorSource) -> AdapterIndex:
 
 
 def _names_family(source: TensorSource, modules: dict[str, dict[str, str]]) -> tuple[str, bool]:
-    """The model family the module names are of (BFL paths are Flux.1's), and whether the names say so."""
-    if any(name.startswith(DENOISER_PREFIX) for name in modules):
-        return FLUX_FAMILY, True
+    """The model family the module names are of (BFL paths are Flux.1's, MMDiT paths SD3's), and whether
+    the names say so (a final layer alone does not: both families name it alike)."""
+    roots = {name.removeprefix(DENOISER_PREFIX).split(".", 1)[0] for name in modules if name.startswith(DENOISER_PREFIX)}
+    if roots:
+        if roots & (set(SD3_ROOTS) - set(FLUX_ROOTS)):
+            return SD3_FAMILY, True
+        return FLUX_FAMILY, bool(roots & (set(FLUX_ROOTS) - set(SD3_ROOTS)))
     return file_family(source, modules)
 
 
-def _flux_entries(name: str, parts: dict[str, str], source: TensorSource,
-                  alphas: dict[str, float]) -> dict[str, ModuleEntry] | None:
-    """The entries of one Flux.1 module: one per layer a fused layer holds (its rows), None for an unknown name."""
+def _native_entries(name: str, parts: dict[str, str], source: TensorSource, alphas: dict[str, float],
+                    family: str) -> dict[str, ModuleEntry] | None:
+    """The entries of one Flux.1 or SD3 module: one per layer a fused layer holds (its rows), None for an unknown name."""
     from .original import native_target
 
-    if name.startswith(DENOISER_PREFIX):
-        target = native_target(FLUX_FAMILY, name.removeprefix(DENOISER_PREFIX), None, None)
-    else:
-        target = resolve_module_name(name, None, family=FLUX_FAMILY)
+    def resolve(shape: tuple[int, int] | None):
+        if name.startswith(DENOISER_PREFIX):
+            return native_target(family, name.removeprefix(DENOISER_PREFIX), shape, None)
+        return resolve_module_name(name, None, family=family, shape=shape)
+
+    target = resolve(None)
     if target is None:
         return None
     entry = _entry(target.keys[0], name, parts, source, alphas)
+    if len(entry.weight_shape) == 2:  # SD3's last context block stores its modulation's halves exchanged
+        target = resolve((entry.stored_out, entry.in_features))
     if not target.fused and not target.swap:
         return {entry.key: entry}
     family = entry.family if isinstance(entry, LycorisEntry) else "lora"

@@ -200,14 +200,14 @@ def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResu
             inside = tmp / relative_folder(component)
             inside.mkdir(exist_ok=True)
             weights = folder / relative_folder(component) / WEIGHTS_NAME
-            written[weights] = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"})
+            written[weights] = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"}).moved(weights)
             (inside / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             files += [weights, weights.with_name(CONFIG_NAME)]
     # the main file first, as readers list them (the top level, then the subfolders)
     ordered = [path for path in LAYOUT.component_files(folder) if path in written] or list(written)
-    hashes = adapter_hashes([(path, written[path]) for path in ordered])
-    return SaveResult(files[0], PEFT.format, files, hashes.tensor_sha256, list(request.notes),
-                      header.completed_operation(), _hashes=hashes)
+    main = written[ordered[0]]
+    return SaveResult(files[0], PEFT.format, files, main.tensor_sha256, list(request.notes), header.completed_operation(),
+                      _hashes=lambda: adapter_hashes([(path, written[path].hashes()) for path in ordered]))
 
 
 FORMAT = Format("peft", "PEFT save_pretrained folder", ((PEFT, PEFT_KEY), (PEFT, MAGNITUDE_KEY)), read, write,

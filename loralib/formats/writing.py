@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraAdapter
-    from ..files.hashes import FileHashes
+    from ..files.writer import WrittenFile
 
 
 def file_metadata(adapter: LoraAdapter, request: WriteRequest, default_title: str) -> meta.FileMetadata:
@@ -23,9 +23,9 @@ def file_metadata(adapter: LoraAdapter, request: WriteRequest, default_title: st
 
 
 def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], header: meta.FileMetadata, *,
-                      before: Mapping[str, str] | None = None, after: Mapping[str, str] | None = None) -> FileHashes:
+                      before: Mapping[str, str] | None = None, after: Mapping[str, str] | None = None) -> WrittenFile:
     """Write one safetensors file atomically with ``header``'s metadata (``before`` and ``after`` add
-    entries around it), its self-describing hashes filled in; returns every hash of the file."""
+    entries around it), its self-describing hashes filled in; returns what identifies the file."""
     from ..files.writer import write_safetensors
 
     values = {**(before or {}), **header.values, **(after or {})}
@@ -38,6 +38,6 @@ def write_single_file(adapter: LoraAdapter, path: Path, request: WriteRequest, f
     """The whole write of a one-file format: check the path, build the metadata, write, report."""
     check_output(path, force=request.force, inputs=request.inputs)
     header = file_metadata(adapter, request, path.stem)
-    hashes = write_tensor_file(path, tensors, header, before=before, after=after)
-    return SaveResult(path, format_name, [path], hashes.tensor_sha256, list(request.notes), header.completed_operation(),
-                      _hashes=hashes)
+    written = write_tensor_file(path, tensors, header, before=before, after=after)
+    return SaveResult(path, format_name, [path], written.tensor_sha256, list(request.notes), header.completed_operation(),
+                      _hashes=written.hashes)

@@ -22,15 +22,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where rows are taken: reading a header (inspect, scan) stays torch-free
+    import torch
 
-if TYPE_CHECKING:
     from ..adapter import AdapterModule
 
 Blocks = tuple[tuple[int, int], ...]
 
 
 def _cat(tensor: torch.Tensor, blocks: Blocks, dim: int = 0, unit: int = 1) -> torch.Tensor:
+    import torch
+
     parts = [tensor.narrow(dim, start // unit, (stop - start) // unit) for start, stop in blocks]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).contiguous()
 

@@ -17,6 +17,12 @@ Flux.1 and SD3 have no UNet blocks: they are chosen by sd-scripts' Flux keys (:c
 ``train_blocks`` (``all``, ``double`` or ``single``), ``train_double_block_indices`` (Flux.1's
 double blocks, diffusers' ``transformer_blocks.N``; SD3's joint blocks) and
 ``train_single_block_indices`` (Flux.1's single blocks, ``single_transformer_blocks.N``).
+Their layers get ranks per kind with sd-scripts' Flux/SD3 ``network_args`` (:data:`KIND_KEYS`):
+``img_attn_dim``, ``txt_attn_dim``, ``img_mlp_dim``, ``txt_mlp_dim``, ``img_mod_dim``,
+``txt_mod_dim``, ``single_dim``, ``single_mod_dim`` (Flux.1) and ``x_attn_dim``,
+``context_attn_dim``, ``x_mlp_dim``, ``context_mlp_dim``, ``x_mod_dim``, ``context_mod_dim``
+(SD3); a rank of 0 leaves the kind out, the modulation layers are trained only when their rank is
+given (sd-scripts trains them at ``network_dim`` by default; lorareg's targets leave them out).
 """
 
 from __future__ import annotations
@@ -129,7 +135,47 @@ def _outer_weights(text: str | None, length: int, name: str, architecture: str) 
     return values + [1.0] * (length - len(values))  # kohya fills missing factors with 1
 
 
-_TRANSFORMER_BLOCK = re.compile(r"^transformer\.(single_)?transformer_blocks\.(\d+)\.")
+_TRANSFORMER_BLOCK = re.compile(r"^transformer\.(single_)?transformer_blocks\.(\d+)\.(.+)$")
+# The kind of each layer of a block (diffusers' path within the block), by family: the config key of its rank.
+_DOUBLE_KINDS = {
+    "flux": ((r"attn\.(to_[qkv]|to_out\.0)", "img_attn_dim"), (r"attn\.(add_[qkv]_proj|to_add_out)", "txt_attn_dim"),
+             (r"ff\.net\..+", "img_mlp_dim"), (r"ff_context\.net\..+", "txt_mlp_dim"),
+             (r"norm1\.linear", "img_mod_dim"), (r"norm1_context\.linear", "txt_mod_dim")),
+    "sd3": ((r"attn2?\.(to_[qkv]|to_out\.0)", "x_attn_dim"), (r"attn\.(add_[qkv]_proj|to_add_out)", "context_attn_dim"),
+            (r"ff\.net\..+", "x_mlp_dim"), (r"ff_context\.net\..+", "context_mlp_dim"),
+            (r"norm1\.linear", "x_mod_dim"), (r"norm1_context\.linear", "context_mod_dim")),
+}
+_SINGLE_KINDS = ((r"attn\.to_[qkv]|proj_mlp|proj_out", "single_dim"), (r"norm\.linear", "single_mod_dim"))
+#: The per-kind rank keys of each family (sd-scripts' network_args of networks/lora_flux.py and lora_sd3.py).
+KIND_KEYS = {"flux": tuple(k for _, k in _DOUBLE_KINDS["flux"] + _SINGLE_KINDS),
+             "sd3": tuple(k for _, k in _DOUBLE_KINDS["sd3"])}
+_MODULATION_KEYS = frozenset(k for keys in KIND_KEYS.values() for k in keys if k.endswith("_mod_dim"))
+
+
+# sd-scripts' in_dims order, and the diffusers layers of each (BFL img_in, time_in, vector_in, guidance_in, txt_in).
+_IN_LAYERS = (("transformer.x_embedder",), ("transformer.time_text_embed.timestep_embedder.linear_1",
+                                            "transformer.time_text_embed.timestep_embedder.linear_2"),
+              ("transformer.time_text_embed.text_embedder.linear_1", "transformer.time_text_embed.text_embedder.linear_2"),
+              ("transformer.time_text_embed.guidance_embedder.linear_1",
+               "transformer.time_text_embed.guidance_embedder.linear_2"),
+              ("transformer.context_embedder",))
+
+
+def in_ranks(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``(layer key, rank)`` of the Flux.1 input layers that ``in_dims`` trains (a rank above 0)."""
+    if not text:
+        return ()
+    ranks = [int(v) for v in text.split(",")]
+    return tuple((key, rank) for keys, rank in zip(_IN_LAYERS, ranks) for key in keys if rank > 0)
+
+
+def layer_kind(key: str, family: str) -> str | None:
+    """The per-kind rank key (``img_attn_dim``…) of a transformer layer's internal key, or None."""
+    match = _TRANSFORMER_BLOCK.match(key)
+    if match is None:
+        return None
+    table = _SINGLE_KINDS if match.group(1) else _DOUBLE_KINDS[family]
+    return next((name for pattern, name in table if re.fullmatch(pattern, match.group(3))), None)
 
 
 @dataclass(frozen=True)
@@ -138,14 +184,30 @@ class TransformerBlocks:
 
     double: frozenset[int] | None
     single: frozenset[int] | None
+    family: str = "flux"
+    kind_ranks: tuple[tuple[str, int], ...] = ()  # (rank key, rank) of the kinds given
+    alpha: float = 1.0
+    inputs: tuple[tuple[str, int], ...] = ()  # (layer key, rank) of the input layers in_dims trains
 
     def settings(self, key: str, wide_conv: bool) -> tuple[int, float] | None:
-        """``(0, 1.0)`` for a layer of a block left out (no LoRA layer), None for the default rank and alpha."""
+        """``(0, 1.0)`` for a layer of a block left out (no LoRA layer), ``(rank, alpha)`` for a layer
+        whose kind has a rank of its own, None for the default rank and alpha."""
         match = _TRANSFORMER_BLOCK.match(key)
         if match is None:
-            return None
+            rank = dict(self.inputs).get(key)
+            return None if rank is None else (rank, self.alpha)
         chosen = self.single if match.group(1) else self.double
-        return None if chosen is None or int(match.group(2)) in chosen else (0, 1.0)
+        if chosen is not None and int(match.group(2)) not in chosen:
+            return (0, 1.0)
+        rank = dict(self.kind_ranks).get(layer_kind(key, self.family) or "")
+        return None if rank is None else (rank, self.alpha)
+
+    def adds(self, key: str) -> bool:
+        """True for a modulation layer that a given ``*_mod_dim`` asks to train (not a default target)."""
+        if key in dict(self.inputs):
+            return True
+        kind = layer_kind(key, self.family)
+        return kind in _MODULATION_KEYS and dict(self.kind_ranks).get(kind, 0) > 0
 
     def lr_weight(self, key: str) -> float:
         """Every trained block learns at the base rate."""
@@ -162,7 +224,17 @@ def _transformer_blocks(config: TrainConfig, architecture: str, family: str) -> 
     if family == "sd3" and (net.train_blocks == "single" or net.train_single_block_indices is not None):
         raise InvalidArgumentError(f"{architecture} has no single blocks (only joint blocks)",
                                    "Use train_double_block_indices for its joint blocks")
-    if net.train_blocks == "all" and net.train_double_block_indices is None and net.train_single_block_indices is None:
+    other = KIND_KEYS["sd3" if family == "flux" else "flux"]
+    foreign = [k for k in other if k not in KIND_KEYS[family] and getattr(net, k) is not None]
+    if foreign:
+        raise InvalidArgumentError(f"{', '.join(foreign)} name {'SD3' if family == 'flux' else 'Flux.1'} layers, which "
+                                   f"{architecture} has not", f"Use {', '.join(KIND_KEYS[family])}")
+    if family == "sd3" and net.in_dims is not None:
+        raise InvalidArgumentError(f"in_dims names Flux.1's input layers, which {architecture} has not",
+                                   "Remove in_dims")
+    kinds = tuple((k, getattr(net, k)) for k in KIND_KEYS[family] if getattr(net, k) is not None)
+    if net.train_blocks == "all" and net.train_double_block_indices is None and net.train_single_block_indices is None \
+            and not kinds and not net.in_dims:
         return None
     double = frozenset(parse_indices(net.train_double_block_indices)) if net.train_double_block_indices else None
     single = frozenset(parse_indices(net.train_single_block_indices)) if net.train_single_block_indices else None
@@ -170,7 +242,7 @@ def _transformer_blocks(config: TrainConfig, architecture: str, family: str) -> 
         single = frozenset()
     elif net.train_blocks == "single":
         double = frozenset()
-    return TransformerBlocks(double, single)
+    return TransformerBlocks(double, single, family, kinds, config.alpha, in_ranks(net.in_dims))
 
 
 def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | TransformerBlocks | None:
@@ -181,7 +253,8 @@ def plan_blocks(config: TrainConfig, architecture: str) -> BlockPlan | Transform
     family = family_of(architecture)
     if family in ("flux", "sd3"):
         return _transformer_blocks(config, architecture, family)
-    flux_keys = [name for name in ("train_double_block_indices", "train_single_block_indices")
+    flux_keys = [name for name in ("train_double_block_indices", "train_single_block_indices",
+                                   "in_dims", *KIND_KEYS["flux"], *KIND_KEYS["sd3"])
                  if getattr(net, name) is not None] + (["train_blocks"] if net.train_blocks != "all" else [])
     if flux_keys:
         raise InvalidArgumentError(f"{', '.join(flux_keys)} choose Flux.1/SD3 transformer blocks; {architecture} has a "

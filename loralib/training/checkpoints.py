@@ -37,7 +37,9 @@ STRUCTURAL_KEYS = ("base_model", "rank", "alpha", "target_modules", "conv_rank",
                    "train_text_encoder", "optimizer", "network_type", "block_dims", "block_alphas", "conv_block_dims",
                    "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
                    "train_blocks", "train_double_block_indices", "train_single_block_indices", "factor",
-                   "decompose_both")
+                   "decompose_both", "img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim",
+                   "txt_mod_dim", "single_dim", "single_mod_dim", "x_attn_dim", "context_attn_dim", "x_mlp_dim",
+                   "context_mlp_dim", "x_mod_dim", "context_mod_dim", "in_dims")
 
 
 @dataclass

@@ -213,6 +213,17 @@ def _indices(value: Any) -> str | None:
     return str(value).replace(" ", "")
 
 
+def _in_dims(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    parts = [p.strip() for p in str(value).strip().strip("[]").split(",")]
+    if len(parts) != 5 or not all(p.isdigit() for p in parts):
+        raise ValueError("give 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), e.g. \"4,0,0,0,4\"")
+    return ",".join(parts)
+
+
 def _factor(value: int) -> int:
     if value == 0:
         raise ValueError("must be -1 (automatic) or a positive whole number, not 0")
@@ -251,6 +262,10 @@ class ModelSection:
     base_model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", min_length=1,
                             description="Base model: a Hugging Face Hub id, a local diffusers folder, or a "
                                         "single-file .safetensors checkpoint.")
+    base_components: str | None = setting(None, min_length=1,
+                                        description="A diffusers folder whose VAE, text encoders, tokenizers and "
+                                                    "scheduler go with a transformer-only Flux.1 or SD3/SD3.5 "
+                                                    "base_model file (flux1-dev.safetensors and the like).")
 
 
 @dataclass(eq=True)
@@ -352,6 +367,40 @@ class NetworkSection:
                                            "(sd-scripts' train_double_block_indices; default: all).")
     train_single_block_indices: str | None = setting(
         None, before=_indices, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
+    img_attn_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image attention "
+                                                               "(img_attn; sd-scripts' img_attn_dim); 0 leaves it out; "
+                                                               "default: rank.")
+    txt_attn_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text attention "
+                                                               "(txt_attn); 0 leaves it out; default: rank.")
+    img_mlp_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image MLP (img_mlp); "
+                                                              "0 leaves it out; default: rank.")
+    txt_mlp_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text MLP (txt_mlp); "
+                                                              "0 leaves it out; default: rank.")
+    img_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image modulation "
+                                                              "(img_mod.lin), which is trained only when this is given.")
+    txt_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text modulation "
+                                                              "(txt_mod.lin), trained only when given.")
+    single_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the single blocks' linear1 (q, k, v, "
+                                                             "mlp) and linear2; 0 leaves them out; default: rank.")
+    single_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
+                                                                 "(modulation.lin), trained only when given.")
+    in_dims: str | None = setting(None, before=_in_dims, description="Flux.1: ranks of the input layers img_in, time_in, vector_in, "
+                                                                     "guidance_in, txt_in (sd-scripts' in_dims, e.g. \"4,0,0,0,4\"); "
+                                                                     "0 or unset: not trained.")
+    x_attn_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
+                                                             "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
+                                                             "out; default: rank.")
+    context_attn_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                   "attention (context_block attn); default: rank.")
+    x_mlp_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image MLP (x_block "
+                                                            "mlp); default: rank.")
+    context_mlp_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text MLP "
+                                                                  "(context_block mlp); default: rank.")
+    x_mod_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image modulation "
+                                                            "(x_block adaLN_modulation), trained only when given.")
+    context_mod_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                  "modulation (context_block adaLN_modulation), trained "
+                                                                  "only when given.")
 
 
 @dataclass(eq=True)
@@ -645,6 +694,9 @@ def _resolve_paths(nested: dict[str, dict[str, Any]], base: Path) -> None:
         value = nested.get(section, {}).get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             nested[section][key] = str(base / value)
+    components = nested.get("model", {}).get("base_components")
+    if isinstance(components, str) and components and not Path(components).expanduser().is_absolute():
+        nested["model"]["base_components"] = str(base / components)
     base_model = nested.get("model", {}).get("base_model")
     if isinstance(base_model, str) and base_model and not Path(base_model).expanduser().is_absolute():
         candidate = base / base_model

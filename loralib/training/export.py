@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import LoraAdapter, LoraModule
 from ..dtypes import storage_dtype
+from .blocks import KIND_KEYS
 from .config import TrainConfig
 from .dataset import BatchPlan, Dataset
 
@@ -157,9 +158,12 @@ def _network_args(config: TrainConfig) -> dict[str, str]:
             args[key] = getattr(net, key)
     if net.train_blocks != "all":  # sd-scripts' Flux.1 network_args
         args["train_blocks"] = net.train_blocks
-    for key in ("train_double_block_indices", "train_single_block_indices"):
+    for key in ("train_double_block_indices", "train_single_block_indices", *KIND_KEYS["flux"], *KIND_KEYS["sd3"],
+                "in_dims"):
         if getattr(net, key) is not None:
-            args[key] = getattr(net, key)
+            args[key] = str(getattr(net, key))
+    if "in_dims" in args:
+        args["in_dims"] = f"[{args['in_dims']}]"  # sd-scripts' spelling
     if train.loraplus_lr_ratio is not None:
         args["loraplus_lr_ratio"] = _text(train.loraplus_lr_ratio)
     if net.network_type == "dora":

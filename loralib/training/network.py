@@ -45,13 +45,14 @@ def _wanted(key: str, preset: str) -> bool:
     return preset == "locon" and key.startswith("unet.") and bool(_RESNET.search(key))
 
 
-def target_layers(component: str, model: nn.Module, preset: str) -> dict[str, str]:
-    """``{module path in model: internal key}`` of the layers ``preset`` adapts in one component."""
+def target_layers(component: str, model: nn.Module, preset: str, also=None) -> dict[str, str]:
+    """``{module path in model: internal key}`` of the layers ``preset`` adapts in one component, and those
+    whose internal key the predicate ``also`` accepts (Flux.1/SD3 modulation layers given a rank)."""
     keys = {id(module): key for key, module in adaptable_layers(component, model).items()}
     targets = {}
     for name, module in model.named_modules():
         key = keys.get(id(module))
-        if key is not None and _wanted(key, preset):
+        if key is not None and (_wanted(key, preset) or (also is not None and also(key))):
             targets[name] = key
     return targets
 

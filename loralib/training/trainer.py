@@ -294,7 +294,8 @@ class Trainer:
         from .objective import make_objective
 
         self.on_phase("loading the base model", 0, 1)
-        self.base = base = load_base_model(self.config.model.base_model)
+        self.base = base = load_base_model(self.config.model.base_model,
+                                                     components=self.config.model.base_components)
         self.on_phase("loading the base model", 1, 1)
         if not self.config.sampling.sample_prompts:  # training only encodes: the decoder is dead weight
             base.vae.decoder = base.vae.post_quant_conv = None
@@ -332,7 +333,8 @@ class Trainer:
         if cfg.network.train_text_encoder:
             trained.update({k: v for k, v in self.base.components().items() if k != denoiser})
         for component, model in trained.items():
-            targets = network.target_layers(component, model, cfg.network.target_modules)
+            adds = getattr(self.blocks, "adds", None) if component == denoiser else None
+            targets = network.target_layers(component, model, cfg.network.target_modules, adds)
             settings = network.layer_settings(model, targets, rank=cfg.network.rank, alpha=cfg.alpha,
                                               conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha,
                                               blocks=self.blocks if component == denoiser else None)

@@ -789,6 +789,18 @@ file_case("flux_lokr_split_not_exact", "families", lambda: safetensors_bytes({
     f"{FLUX_QKV}.lokr_w2_a": Tensor("F32", [2304, 1], random_f32(2304, 41)),
     f"{FLUX_QKV}.lokr_w2_b": Tensor("F32", [1, 1024], random_f32(1024, 42)),
     f"{FLUX_QKV}.alpha": Tensor("F32", [], f32([1.0]))}))
+SD3_QKV = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+# SD3 LyCORIS (kohya and MMDiT names): a LoKr whose right factor (2304 rows) does not divide the part boundary at
+# 1536 would need a guessed split; LoHa factors whose rows disagree are no module at all
+file_case("sd3_lokr_split_not_exact", "families", lambda: safetensors_bytes({
+    f"{SD3_QKV}.lokr_w1": Tensor("F32", [2, 96], random_f32(192, 60)),
+    f"{SD3_QKV}.lokr_w2_a": Tensor("F32", [2304, 1], random_f32(2304, 61)),
+    f"{SD3_QKV}.lokr_w2_b": Tensor("F32", [1, 16], random_f32(16, 62)),
+    f"{SD3_QKV}.alpha": Tensor("F32", [], f32([1.0]))}))
+file_case("sd3_mmdit_loha_shape_mismatch", "families", lambda: safetensors_bytes({
+    f"diffusion_model.joint_blocks.0.x_block.attn.qkv.{role}": Tensor("F32", shape, random_f32(shape[0] * shape[1], 63))
+    for role, shape in (("hada_w1_a", [4608, 1]), ("hada_w1_b", [1, 1536]), ("hada_w2_a", [4600, 1]),
+                        ("hada_w2_b", [1, 1536]))}))
 file_case("comfyui_missing_down", "families", lambda: safetensors_bytes({
     "diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": Tensor("F32", [320, 1], random_f32(320, 50))}))
 file_case("comfyui_mismatched_factors", "families", lambda: safetensors_bytes(
