@@ -55,7 +55,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # The module each optional dependency is imported as -> the extra that installs it (pyproject.toml).
 EXTRA_MODULES: dict[str, str] = {
     "torch": "compose", "safetensors": "compose", "diffusers": "compose", "transformers": "compose",
-    "peft": "train", "accelerate": "train", "pydantic": "train", "tensorboard": "train", "PIL": "train",
+    "peft": "train", "accelerate": "train", "tensorboard": "train", "PIL": "train",
     "prodigyopt": "train",
     "starlette": "web", "uvicorn": "web", "jinja2": "web", "multipart": "web",
 }

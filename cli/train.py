@@ -1,8 +1,8 @@
 """``lorareg train`` and ``lorareg tiny-model``.
 
 Every key of the training configuration is also an option (``--learning-rate 1e-4``), generated
-from the pydantic model, so the file and the command line can never disagree. Values are passed
-to the model as text and validated there, so every problem is reported at once.
+from the configuration's dataclasses, so the file and the command line can never disagree. Values
+are passed to the configuration as text and validated there, so every problem is reported at once.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .architectures import ARCHITECTURES, FLUX, SD1, SD2, SD3, SD35_LARGE, SD35_MEDIUM, SDXL, TRANSFORMER, UNET
@@ -157,11 +158,38 @@ def _load_folder(folder: Path, source: str, dtype):
         raise InvalidArgumentError(f"{folder} holds a {model_index.get('_class_name', 'pipeline')} without a UNet "
                                    "or Flux.1/SD3 transformer, and text encoder",
                                    "lorareg uses SD1.x, SD2.x, SDXL, Flux.1 and SD3/SD3.5 models")
+    if model_index.get("_class_name") not in _FLOW_PIPELINES:
+        return _from_pipeline(source, _load_parts(folder, model_index, dtype))
     cls = _pipeline_class(model_index)
     kwargs = _dtype_argument(dtype)
     if "safety_checker" in model_index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     return _from_pipeline(source, cls.from_pretrained(folder, **kwargs))
+
+
+#: The parts of an SD1/SD2/SDXL folder lorareg uses (no safety checker, feature extractor or image encoder).
+_SD_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def _load_parts(folder: Path, model_index: dict, dtype) -> SimpleNamespace:
+    """Each part of an SD folder loaded with the class its model_index.json names, as the pipeline's
+    ``from_pretrained`` does, without importing the pipeline classes (and the guiders, image processors
+    and safety checker they bring: about a megabyte that training never uses)."""
+    import importlib
+
+    parts = {}
+    for name in _SD_PARTS:
+        library, class_name = (model_index.get(name) or (None, None))[:2]
+        if library is None:
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        kwargs = {}
+        if name not in ("tokenizer", "tokenizer_2", "scheduler"):
+            kwargs = _dtype_argument(dtype)
+            if library == "transformers" and kwargs:  # transformers names it dtype (torch_dtype is deprecated)
+                kwargs = {"dtype": kwargs["torch_dtype"]}
+        parts[name] = cls.from_pretrained(folder / name, **kwargs)
+    return SimpleNamespace(**parts)
 
 
 def _load_transformer_file(path: Path, info, components: Path | None, dtype) -> BaseModel:

@@ -1,4 +1,4 @@
-"""The training configuration: a TOML file validated by a pydantic model.
+"""The training configuration: a TOML file validated against dataclasses (:mod:`.schema`).
 
 The file has seven sections (``[model]``, ``[data]``, ``[network]``, ``[training]``,
 ``[validation]``, ``[output]``, ``[sampling]``). Every key name is unique across sections, so the tutorial's flat files
@@ -13,21 +13,20 @@ are relative to the working directory.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import math
 import re
 import textwrap
 import tomllib
-import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from ..errors import InvalidArgumentError
+from . import schema
+from .schema import setting
 
 #: Values in kohya's block_dims / block_alphas: 25 for SD1 and SD2 (12 down, 1 middle, 12 up), 23 for SDXL.
 BLOCK_LENGTHS = (23, 25)
@@ -201,363 +200,362 @@ MAX_RESOLUTION = 8192
 MAX_ASPECT_RATIO = 16.0
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, defer_build=True)
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), not {value}")
+    return value
 
 
-class ModelSection(_Section):
+def _indices(value: Any) -> str | None:
+    if value is None:
+        return None
+    parse_indices(str(value))
+    return str(value).replace(" ", "")
+
+
+def _in_dims(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    parts = [p.strip() for p in str(value).strip().strip("[]").split(",")]
+    if len(parts) != 5 or not all(p.isdigit() for p in parts):
+        raise ValueError("give 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), e.g. \"4,0,0,0,4\"")
+    return ",".join(parts)
+
+
+def _factor(value: int) -> int:
+    if value == 0:
+        raise ValueError("must be -1 (automatic) or a positive whole number, not 0")
+    return value
+
+
+def _ranks(value: Any) -> str | None:
+    return _number_list(value, integer=True, low=0, high=4096, lengths=BLOCK_LENGTHS)
+
+
+def _alphas(value: Any) -> str | None:
+    return _number_list(value, integer=False, low=0, high=1e6, lengths=BLOCK_LENGTHS, positive=True)
+
+
+def _outer_weights(value: Any) -> str | None:
+    if isinstance(value, str) and LR_WEIGHT_PRESET.fullmatch(value.strip()):
+        return value.strip()
+    return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 13))
+
+
+def _mid_weights(value: Any) -> str | None:
+    return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 4))
+
+
+def _key_values(value: list[str]) -> list[str]:
+    parse_optimizer_args(value)
+    return value
+
+
+@dataclass(eq=True)
+class ModelSection:
     """What to train on and what to call the result."""
 
-    model_name: str = Field("my-lora", min_length=1, pattern=r"^[^/\\:*?\"<>|]+$",
+    model_name: str = setting("my-lora", min_length=1, pattern=r"^[^/\\:*?\"<>|]+$",
                             description="Name of the adapter: its file name, output folder and catalog name.")
-    base_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", min_length=1,
+    base_model: str = setting("stable-diffusion-v1-5/stable-diffusion-v1-5", min_length=1,
                             description="Base model: a Hugging Face Hub id, a local diffusers folder, or a "
                                         "single-file .safetensors checkpoint.")
-    base_components: str | None = Field(None, min_length=1,
+    base_components: str | None = setting(None, min_length=1,
                                         description="A diffusers folder whose VAE, text encoders, tokenizers and "
                                                     "scheduler go with a transformer-only Flux.1 or SD3/SD3.5 "
                                                     "base_model file (flux1-dev.safetensors and the like).")
 
 
-class DataSection(_Section):
+@dataclass(eq=True)
+class DataSection:
     """Where the images and captions are and how they are prepared."""
 
-    data_dir: Path = Field(Path("data"), description="Dataset folder: images/ + texts/ (tutorial layout), images "
-                                                     "with captions beside them (kohya layout, N_name repeat "
-                                                     "folders), or a metadata.jsonl.")
-    caption_extension: str = Field(".txt", pattern=r"^\.\w+$", description="Extension of caption files.")
-    resolution: int = Field(512, ge=8, le=MAX_RESOLUTION,
-                            description="Training resolution in pixels (square side; with bucketing "
+    data_dir: Path = setting(Path("data"), description="Dataset folder: images/ + texts/ (tutorial layout), images "
+                                                       "with captions beside them (kohya layout, N_name repeat "
+                                                       "folders), or a metadata.jsonl.")
+    caption_extension: str = setting(".txt", pattern=r"^\.\w+$", description="Extension of caption files.")
+    resolution: int = setting(512, ge=8, le=MAX_RESOLUTION,
+                            after=_multiple_of_8, description="Training resolution in pixels (square side; with bucketing "
                                         "the area of every bucket).")
-    crop: Literal["center", "random"] = Field("center", description="How images are cropped to the training size.")
-    random_flip: bool = Field(False, description="Flip images horizontally at random.")
-    enable_bucket: bool = Field(False, description="Aspect-ratio bucketing: group images of similar shape and "
-                                                   "train each group at its own size instead of cropping to a square.")
-    bucket_step: int = Field(64, ge=8, le=MAX_RESOLUTION, description="Bucket sides are multiples of this many pixels.")
-    max_aspect_ratio: float = Field(2.0, ge=1.0, le=MAX_ASPECT_RATIO,
+    crop: Literal["center", "random"] = setting("center", description="How images are cropped to the training size.")
+    random_flip: bool = setting(False, description="Flip images horizontally at random.")
+    enable_bucket: bool = setting(False, description="Aspect-ratio bucketing: group images of similar shape and "
+                                                     "train each group at its own size instead of cropping to a square.")
+    bucket_step: int = setting(64, ge=8, le=MAX_RESOLUTION, after=_multiple_of_8, description="Bucket sides are multiples of this many pixels.")
+    max_aspect_ratio: float = setting(2.0, ge=1.0, le=MAX_ASPECT_RATIO,
                                     description="Widest bucket shape (long side / short side).")
-    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0,
+    caption_dropout: float = setting(0.0, ge=0.0, lt=1.0,
                                    description="Probability of training an image with an empty caption.")
-    trigger_word: str | None = Field(None, description="The phrase that invokes the adapter (recorded in the "
-                                                       "file's metadata and the catalog).")
-    cache_latents: bool = Field(True, description="Encode every image with the VAE once, before training "
-                                                  "(not with random crop or flip).")
-    cache_text_embeddings: bool = Field(True, description="Encode every caption once, before training (not when "
-                                                          "the text encoder is trained).")
-    num_workers: int | None = Field(None, ge=0, description="Data-loading worker processes when images are loaded "
-                                                         "at every step (0: in the training process; default: up to "
-                                                         "4 on machines with 4 or more cores).")
-    cache_to_disk: bool = Field(False, description="Keep cached latents and caption embeddings in files under "
-                                                   "cache_dir instead of memory (datasets larger than memory; later "
-                                                   "runs reuse them).")
-    cache_dir: Path | None = Field(None, description="Folder of the disk cache (default: <output_dir>/cache). Entries "
-                                                     "are keyed by image file, size, date, crop, resolution, caption "
-                                                     "and model, so a change never reuses a stale one.")
-    folder_class_tokens: bool = Field(False, description="In kohya N_name folders, caption an image that has no "
-                                                          "caption file with the folder's name after N_ (kohya's class "
-                                                          "tokens) instead of reporting it.")
-    shuffle_caption: bool = Field(False, description="Shuffle the comma-separated tags of each caption at every step "
-                                                     "(the first keep_tokens tags stay in place).")
-    keep_tokens: int = Field(0, ge=0, le=1000, description="Leading comma-separated tags that shuffle_caption and "
-                                                           "caption_tag_dropout leave alone (a trigger word).")
-    caption_tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Probability of leaving out each tag "
-                                                                       "(after the first keep_tokens) at every step.")
-    masked_loss: bool = Field(False, description="Weight the loss by a mask per image: white trains, black is ignored. "
-                                                 "Masks come from mask_dir, or from each image's alpha channel.")
-    mask_dir: Path | None = Field(None, description="Folder of mask images named like the training images (kohya's "
-                                                    "conditioning_data_dir convention; the red channel is used). "
-                                                    "Default: the images' alpha channels.")
-
-    @field_validator("resolution", "bucket_step")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), not {value}")
-        return value
+    trigger_word: str | None = setting(None, description="The phrase that invokes the adapter (recorded in the "
+                                                         "file's metadata and the catalog).")
+    cache_latents: bool = setting(True, description="Encode every image with the VAE once, before training "
+                                                    "(not with random crop or flip).")
+    cache_text_embeddings: bool = setting(True, description="Encode every caption once, before training (not when "
+                                                            "the text encoder is trained).")
+    num_workers: int | None = setting(None, ge=0, description="Data-loading worker processes when images are loaded "
+                                                              "at every step (0: in the training process; default: up to "
+                                                              "4 on machines with 4 or more cores).")
+    cache_to_disk: bool = setting(False, description="Keep cached latents and caption embeddings in files under "
+                                                     "cache_dir instead of memory (datasets larger than memory; later "
+                                                     "runs reuse them).")
+    cache_dir: Path | None = setting(None, description="Folder of the disk cache (default: <output_dir>/cache). Entries "
+                                                       "are keyed by image file, size, date, crop, resolution, caption "
+                                                       "and model, so a change never reuses a stale one.")
+    folder_class_tokens: bool = setting(False, description="In kohya N_name folders, caption an image that has no "
+                                                           "caption file with the folder's name after N_ (kohya's class "
+                                                           "tokens) instead of reporting it.")
+    shuffle_caption: bool = setting(False, description="Shuffle the comma-separated tags of each caption at every step "
+                                                       "(the first keep_tokens tags stay in place).")
+    keep_tokens: int = setting(0, ge=0, le=1000, description="Leading comma-separated tags that shuffle_caption and "
+                                                             "caption_tag_dropout leave alone (a trigger word).")
+    caption_tag_dropout: float = setting(0.0, ge=0.0, lt=1.0, description="Probability of leaving out each tag "
+                                                                          "(after the first keep_tokens) at every step.")
+    masked_loss: bool = setting(False, description="Weight the loss by a mask per image: white trains, black is ignored. "
+                                                   "Masks come from mask_dir, or from each image's alpha channel.")
+    mask_dir: Path | None = setting(None, description="Folder of mask images named like the training images (kohya's "
+                                                      "conditioning_data_dir convention; the red channel is used). "
+                                                      "Default: the images' alpha channels.")
 
 
-class NetworkSection(_Section):
+@dataclass(eq=True)
+class NetworkSection:
     """The LoRA layers that are trained."""
 
-    rank: int = Field(8, ge=1, description="LoRA rank (network_dim).")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. "
-                                                        "Default: equal to rank.")
-    target_modules: Literal["attention", "transformer", "locon"] = Field(
+    rank: int = setting(8, ge=1, description="LoRA rank (network_dim).")
+    alpha: float | None = setting(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. "
+                                                          "Default: equal to rank.")
+    target_modules: Literal["attention", "transformer", "locon"] = setting(
         "transformer", description="Layers to adapt: attention (q, k, v, out); transformer (attention, feed-forward "
                                    "and projections, like kohya's LoRA); locon (transformer plus the ResNet convs).")
-    conv_rank: int | None = Field(None, ge=1, description="Rank of conv layers with target_modules = locon "
-                                                          "(default: rank).")
-    conv_alpha: float | None = Field(None, gt=0, description="Alpha of conv layers (default: conv_rank).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    train_text_encoder: bool = Field(False, description="Also train LoRA layers in the text encoder(s).")
-    network_type: Literal["lora", "dora", "loha", "lokr"] = Field(
+    conv_rank: int | None = setting(None, ge=1, description="Rank of conv layers with target_modules = locon "
+                                                            "(default: rank).")
+    conv_alpha: float | None = setting(None, gt=0, description="Alpha of conv layers (default: conv_rank).")
+    dropout: float = setting(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    train_text_encoder: bool = setting(False, description="Also train LoRA layers in the text encoder(s).")
+    network_type: Literal["lora", "dora", "loha", "lokr"] = setting(
         "lora", description="lora; dora (weight-decomposed LoRA, peft's use_dora; saved in kohya format with "
                             "LyCORIS' dora_scale, or as a PEFT folder); loha or lokr (LyCORIS' LoHa and LoKr, "
                             "kohya's algo=loha/lokr; saved in kohya format with LyCORIS keys). LoCon is lora "
                             "with target_modules = \"locon\".")
-    factor: int = Field(-1, ge=-1, description="LoKr: split each side of a weight into two factors with the smaller at "
-                                               "most this (LyCORIS' factor; -1: as close to square as possible).")
-    decompose_both: bool = Field(False, description="LoKr: make the smaller Kronecker factor low-rank too (LyCORIS' "
-                                                    "decompose_both).")
-    block_dims: str | None = Field(None, description="Rank per UNet block, kohya's block_dims: 25 comma-separated "
-                                                     "values for SD1/SD2, 23 for SDXL; 0 leaves a block out.")
-    block_alphas: str | None = Field(None, description="Alpha per UNet block (kohya's block_alphas; default: alpha).")
-    conv_block_dims: str | None = Field(None, description="Rank of the 3x3 convs per UNet block with target_modules = "
-                                                          "locon (kohya's conv_block_dims; default: conv_rank).")
-    conv_block_alphas: str | None = Field(None, description="Alpha of the 3x3 convs per UNet block (default: "
-                                                            "conv_alpha).")
-    down_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's down (input) blocks, "
-                                                         "shallow to deep: 12 values for SD1/SD2, 9 for SDXL, or "
-                                                         "cosine, sine, linear, reverse_linear, zeros (+base, e.g. "
-                                                         "sine+0.5); missing values are 1, a 0 leaves a block out.")
-    mid_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's middle block (1 value "
-                                                        "for SD1/SD2, 3 for SDXL).")
-    up_lr_weight: str | None = Field(None, description="Learning-rate factors of the UNet's up (output) blocks, deep "
-                                                       "to shallow, as down_lr_weight.")
+    factor: int = setting(-1, ge=-1, after=_factor, description="LoKr: split each side of a weight into two factors with the smaller at "
+                                                                "most this (LyCORIS' factor; -1: as close to square as possible).")
+    decompose_both: bool = setting(False, description="LoKr: make the smaller Kronecker factor low-rank too (LyCORIS' "
+                                                      "decompose_both).")
+    block_dims: str | None = setting(None, before=_ranks, description="Rank per UNet block, kohya's block_dims: 25 comma-separated "
+                                                                      "values for SD1/SD2, 23 for SDXL; 0 leaves a block out.")
+    block_alphas: str | None = setting(None, before=_alphas, description="Alpha per UNet block (kohya's block_alphas; default: alpha).")
+    conv_block_dims: str | None = setting(None, before=_ranks, description="Rank of the 3x3 convs per UNet block with target_modules = "
+                                                                           "locon (kohya's conv_block_dims; default: conv_rank).")
+    conv_block_alphas: str | None = setting(None, before=_alphas, description="Alpha of the 3x3 convs per UNet block (default: "
+                                                                              "conv_alpha).")
+    down_lr_weight: str | None = setting(None, before=_outer_weights, description="Learning-rate factors of the UNet's down (input) blocks, "
+                                                                                  "shallow to deep: 12 values for SD1/SD2, 9 for SDXL, or "
+                                                                                  "cosine, sine, linear, reverse_linear, zeros (+base, e.g. "
+                                                                                  "sine+0.5); missing values are 1, a 0 leaves a block out.")
+    mid_lr_weight: str | None = setting(None, before=_mid_weights, description="Learning-rate factors of the UNet's middle block (1 value "
+                                                                               "for SD1/SD2, 3 for SDXL).")
+    up_lr_weight: str | None = setting(None, before=_outer_weights, description="Learning-rate factors of the UNet's up (output) blocks, deep "
+                                                                                "to shallow, as down_lr_weight.")
 
-    train_blocks: Literal["all", "double", "single"] = Field(
+    train_blocks: Literal["all", "double", "single"] = setting(
         "all", description="Flux.1/SD3 (sd-scripts' train_blocks): train the double (joint) blocks, the single "
                            "blocks (Flux.1) or all.")
-    train_double_block_indices: str | None = Field(
-        None, description="Flux.1/SD3: which double (SD3: joint) blocks get LoRA layers, e.g. \"0-5,10\" "
-                          "(sd-scripts' train_double_block_indices; default: all).")
-    train_single_block_indices: str | None = Field(
-        None, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
-
-    img_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image attention "
-                                                             "(img_attn; sd-scripts' img_attn_dim); 0 leaves it out; "
-                                                             "default: rank.")
-    txt_attn_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text attention "
-                                                             "(txt_attn); 0 leaves it out; default: rank.")
-    img_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image MLP (img_mlp); "
-                                                            "0 leaves it out; default: rank.")
-    txt_mlp_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text MLP (txt_mlp); "
-                                                            "0 leaves it out; default: rank.")
-    img_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' image modulation "
-                                                            "(img_mod.lin), which is trained only when this is given.")
-    txt_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the double blocks' text modulation "
-                                                            "(txt_mod.lin), trained only when given.")
-    single_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' linear1 (q, k, v, "
-                                                           "mlp) and linear2; 0 leaves them out; default: rank.")
-    single_mod_dim: int | None = Field(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
-                                                               "(modulation.lin), trained only when given.")
-    in_dims: str | None = Field(None, description="Flux.1: ranks of the input layers img_in, time_in, vector_in, "
-                                                  "guidance_in, txt_in (sd-scripts' in_dims, e.g. \"4,0,0,0,4\"); "
-                                                  "0 or unset: not trained.")
-    x_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
-                                                           "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
-                                                           "out; default: rank.")
-    context_attn_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
-                                                                 "attention (context_block attn); default: rank.")
-    x_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image MLP (x_block "
-                                                          "mlp); default: rank.")
-    context_mlp_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text MLP "
-                                                                "(context_block mlp); default: rank.")
-    x_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image modulation "
-                                                          "(x_block adaLN_modulation), trained only when given.")
-    context_mod_dim: int | None = Field(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
-                                                                "modulation (context_block adaLN_modulation), trained "
-                                                                "only when given.")
-
-    @field_validator("in_dims", mode="before")
-    @classmethod
-    def _in_dims(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        parts = [p.strip() for p in str(value).strip().strip("[]").split(",")]
-        if len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise ValueError("give 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), e.g. \"4,0,0,0,4\"")
-        return ",".join(parts)
-
-    @field_validator("train_double_block_indices", "train_single_block_indices", mode="before")
-    @classmethod
-    def _indices(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        parse_indices(str(value))
-        return str(value).replace(" ", "")
-
-    @field_validator("factor")
-    @classmethod
-    def _factor(cls, value: int) -> int:
-        if value == 0:
-            raise ValueError("must be -1 (automatic) or a positive whole number, not 0")
-        return value
-
-    @field_validator("block_dims", "conv_block_dims", mode="before")
-    @classmethod
-    def _ranks(cls, value: Any) -> str | None:
-        return _number_list(value, integer=True, low=0, high=4096, lengths=BLOCK_LENGTHS)
-
-    @field_validator("block_alphas", "conv_block_alphas", mode="before")
-    @classmethod
-    def _alphas(cls, value: Any) -> str | None:
-        return _number_list(value, integer=False, low=0, high=1e6, lengths=BLOCK_LENGTHS, positive=True)
-
-    @field_validator("down_lr_weight", "up_lr_weight", mode="before")
-    @classmethod
-    def _outer_weights(cls, value: Any) -> str | None:
-        if isinstance(value, str) and LR_WEIGHT_PRESET.fullmatch(value.strip()):
-            return value.strip()
-        return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 13))
-
-    @field_validator("mid_lr_weight", mode="before")
-    @classmethod
-    def _mid_weights(cls, value: Any) -> str | None:
-        return _number_list(value, integer=False, low=0, high=1e3, lengths=range(1, 4))
+    train_double_block_indices: str | None = setting(
+        None, before=_indices, description="Flux.1/SD3: which double (SD3: joint) blocks get LoRA layers, e.g. \"0-5,10\" "
+                                           "(sd-scripts' train_double_block_indices; default: all).")
+    train_single_block_indices: str | None = setting(
+        None, before=_indices, description="Flux.1: which single blocks get LoRA layers, e.g. \"0-18\" (default: all).")
+    img_attn_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image attention "
+                                                               "(img_attn; sd-scripts' img_attn_dim); 0 leaves it out; "
+                                                               "default: rank.")
+    txt_attn_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text attention "
+                                                               "(txt_attn); 0 leaves it out; default: rank.")
+    img_mlp_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image MLP (img_mlp); "
+                                                              "0 leaves it out; default: rank.")
+    txt_mlp_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text MLP (txt_mlp); "
+                                                              "0 leaves it out; default: rank.")
+    img_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' image modulation "
+                                                              "(img_mod.lin), which is trained only when this is given.")
+    txt_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the double blocks' text modulation "
+                                                              "(txt_mod.lin), trained only when given.")
+    single_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the single blocks' linear1 (q, k, v, "
+                                                             "mlp) and linear2; 0 leaves them out; default: rank.")
+    single_mod_dim: int | None = setting(None, ge=0, description="Flux.1: rank of the single blocks' modulation "
+                                                                 "(modulation.lin), trained only when given.")
+    in_dims: str | None = setting(None, before=_in_dims, description="Flux.1: ranks of the input layers img_in, time_in, vector_in, "
+                                                                     "guidance_in, txt_in (sd-scripts' in_dims, e.g. \"4,0,0,0,4\"); "
+                                                                     "0 or unset: not trained.")
+    x_attn_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image attention "
+                                                             "(x_block attn, attn2; sd-scripts' x_attn_dim); 0 leaves it "
+                                                             "out; default: rank.")
+    context_attn_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                   "attention (context_block attn); default: rank.")
+    x_mlp_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image MLP (x_block "
+                                                            "mlp); default: rank.")
+    context_mlp_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text MLP "
+                                                                  "(context_block mlp); default: rank.")
+    x_mod_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' image modulation "
+                                                            "(x_block adaLN_modulation), trained only when given.")
+    context_mod_dim: int | None = setting(None, ge=0, description="SD3/SD3.5: rank of the joint blocks' text "
+                                                                  "modulation (context_block adaLN_modulation), trained "
+                                                                  "only when given.")
 
 
-class TrainingSection(_Section):
+@dataclass(eq=True)
+class TrainingSection:
     """The optimisation."""
 
-    num_epochs: int = Field(10, ge=1, description="Passes over the dataset (repeats included).")
-    max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps "
-                                                                "(overrides num_epochs).")
-    batch_size: int = Field(1, ge=1, description="Images per step on each device.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches accumulated per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="Learning rate of the UNet's LoRA layers.")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoders' LoRA layers "
-                                                                  "(default: learning_rate).")
-    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit", "prodigy", "adafactor"] = Field(
+    num_epochs: int = setting(10, ge=1, description="Passes over the dataset (repeats included).")
+    max_train_steps: int | None = setting(None, ge=1, description="Stop after this many optimizer steps "
+                                                                  "(overrides num_epochs).")
+    batch_size: int = setting(1, ge=1, description="Images per step on each device.")
+    gradient_accumulation_steps: int = setting(1, ge=1, description="Batches accumulated per optimizer step.")
+    learning_rate: float = setting(1e-4, gt=0, description="Learning rate of the UNet's LoRA layers.")
+    text_encoder_lr: float | None = setting(None, gt=0, description="Learning rate of the text encoders' LoRA layers "
+                                                                    "(default: learning_rate).")
+    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit", "prodigy", "adafactor"] = setting(
         "adamw", description="Optimizer. prodigy sets its own step size (use learning_rate = 1.0); adafactor is "
                              "transformers' Adafactor with a fixed learning rate; adamw8bit needs the bitsandbytes "
                              "package and a GPU.")
-    optimizer_args: list[str] = Field(default_factory=list, description="Extra optimizer arguments as key=value "
-                                                                        "(kohya's optimizer_args), e.g. d_coef=2 or "
-                                                                        "betas=0.9,0.99.")
-    weight_decay: float = Field(1e-2, ge=0, description="Weight decay of AdamW.")
-    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4, allow_inf_nan=False,
+    optimizer_args: list[str] = setting(default_factory=list, after=_key_values, description="Extra optimizer arguments as key=value "
+                                                                                             "(kohya's optimizer_args), e.g. d_coef=2 or "
+                                                                                             "betas=0.9,0.99.")
+    weight_decay: float = setting(1e-2, ge=0, description="Weight decay of AdamW.")
+    loraplus_lr_ratio: float | None = setting(None, gt=0, le=1e4,
                                             description="LoRA+: the up (B) factors learn this many times faster than "
                                                         "the down (A) factors (16 is the paper's value).")
-    fused_backward_pass: bool = Field(False, description="Step the optimizer on each tensor as soon as its gradient "
-                                                         "is ready and free the gradient (saves memory; adafactor, "
-                                                         "adamw, adam or sgd; no accumulation; clipping per tensor).")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (none: no clipping).")
+    fused_backward_pass: bool = setting(False, description="Step the optimizer on each tensor as soon as its gradient "
+                                                           "is ready and free the gradient (saves memory; adafactor, "
+                                                           "adamw, adam or sgd; no accumulation; clipping per tensor).")
+    max_grad_norm: float | None = setting(1.0, gt=0, description="Clip gradients to this norm (none: no clipping).")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = Field("constant", description="Learning-rate schedule.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up at the start of the schedule.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (fp16 needs a GPU).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoders.")
-    base_weights_dtype: Literal["default", "fp8_e4m3fn", "fp8_e5m2"] = Field(
+                          "polynomial"] = setting("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = setting(0, ge=0, description="Steps of linear warm-up at the start of the schedule.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", description="Mixed precision (fp16 needs a GPU).")
+    gradient_checkpointing: bool = setting(False, description="Trade compute for memory in the UNet and text encoders.")
+    base_weights_dtype: Literal["default", "fp8_e4m3fn", "fp8_e5m2"] = setting(
         "default", description="Storage of the frozen base weights: default (the mixed_precision dtype) or 8-bit "
                                "floats, computed in the mixed_precision dtype (needs a CUDA GPU).")
-    seed: int = Field(42, ge=0, description="Seed of everything random; the same seed gives the same adapter.")
-    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is the usual value).")
-    noise_offset: float = Field(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+    seed: int = setting(42, ge=0, description="Seed of everything random; the same seed gives the same adapter.")
+    snr_gamma: float | None = setting(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is the usual value).")
+    noise_offset: float = setting(0.0, ge=0, le=1.0, description="Noise offset (0.05-0.1 helps very dark or bright images).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", description="What the UNet predicts; auto reads it from the base model's scheduler config.")
-    weighting_scheme: Literal["auto", "none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = Field(
+    weighting_scheme: Literal["auto", "none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = setting(
         "auto", description="Flux.1/SD3 (flow matching): how noise levels are drawn and the loss weighted, as "
                             "diffusers' scripts do; auto is none (uniform) for Flux.1 and logit_normal for SD3.")
-    logit_mean: float = Field(0.0, ge=-10, le=10, allow_inf_nan=False,
+    logit_mean: float = setting(0.0, ge=-10, le=10,
                               description="Mean of the logit-normal noise-level distribution (weighting_scheme).")
-    logit_std: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+    logit_std: float = setting(1.0, gt=0, le=10,
                              description="Standard deviation of the logit-normal noise-level distribution.")
-    mode_scale: float = Field(1.29, ge=-1, le=10, allow_inf_nan=False,
+    mode_scale: float = setting(1.29, ge=-1, le=10,
                               description="Scale of the mode weighting scheme.")
-    guidance_scale: float = Field(3.5, ge=0, le=100, allow_inf_nan=False,
+    guidance_scale: float = setting(3.5, ge=0, le=100,
                                   description="Flux.1 dev: the guidance input of the transformer while training.")
-    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = setting(
         "l2", description="Loss between prediction and target: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber, "
                           "sd-scripts' definitions).")
-    huber_c: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="Huber threshold c (between 0 and 1).")
-    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+    huber_c: float = setting(0.1, gt=0, le=1, description="Huber threshold c (between 0 and 1).")
+    huber_schedule: Literal["constant", "exponential", "snr"] = setting(
         "snr", description="How c varies with the timestep: constant (c · huber_scale), exponential (from "
                            "huber_scale at t = 0 down to c · huber_scale) or snr (sd-scripts' default).")
-    huber_scale: float = Field(1.0, gt=0, le=1e3, allow_inf_nan=False,
+    huber_scale: float = setting(1.0, gt=0, le=1e3,
                                description="Scale of the constant and exponential Huber schedules.")
-    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (1/(SNR+1) for "
-                                                         "v-prediction): debiased estimation loss.")
-    multires_noise_iterations: int = Field(0, ge=0, le=64, description="Multi-resolution (pyramid) noise levels; "
-                                                                       "0: off, 6-10 typical.")
-    multires_noise_discount: float = Field(0.3, gt=0, le=1, allow_inf_nan=False,
+    debiased_estimation: bool = setting(False, description="Weight the loss by 1/sqrt(SNR) (1/(SNR+1) for "
+                                                           "v-prediction): debiased estimation loss.")
+    multires_noise_iterations: int = setting(0, ge=0, le=64, description="Multi-resolution (pyramid) noise levels; "
+                                                                         "0: off, 6-10 typical.")
+    multires_noise_discount: float = setting(0.3, gt=0, le=1,
                                            description="Weight of each coarser level of multires noise.")
-    ip_noise_gamma: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+    ip_noise_gamma: float = setting(0.0, ge=0, le=1,
                                   description="Input-perturbation noise strength (0.1 typical; 0: off).")
-    ema_decay: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False,
+    ema_decay: float | None = setting(None, gt=0, lt=1,
                                     description="Keep an exponential moving average of the LoRA weights with this "
                                                 "decay (e.g. 0.999; warmed up as min(decay, (1+t)/(10+t))).")
-    ema_on_cpu: bool = Field(False, description="Keep the EMA copy in CPU memory instead of on the GPU.")
-    save_ema: bool = Field(True, description="With ema_decay: save the EMA weights as the adapter (false: the raw "
-                                             "trained weights; the EMA stays in the checkpoints).")
-
-    @field_validator("optimizer_args")
-    @classmethod
-    def _key_values(cls, value: list[str]) -> list[str]:
-        parse_optimizer_args(value)
-        return value
+    ema_on_cpu: bool = setting(False, description="Keep the EMA copy in CPU memory instead of on the GPU.")
+    save_ema: bool = setting(True, description="With ema_decay: save the EMA weights as the adapter (false: the raw "
+                                               "trained weights; the EMA stays in the checkpoints).")
 
 
-class ValidationSection(_Section):
+@dataclass(eq=True)
+class ValidationSection:
     """A held-out loss at fixed timesteps and noise, comparable from one evaluation to the next."""
 
-    validation_split: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the dataset's images held out for "
-                                                                     "the validation loss (not trained on).")
-    validation_dir: Path | None = Field(None, description="A separate dataset folder (any layout) for the "
-                                                          "validation loss.")
-    validation_seed: int | None = Field(None, ge=0, description="Seed of the split and the validation noise "
-                                                                "(default: seed).")
-    validate_every_n_steps: int | None = Field(None, ge=1, description="Measure the validation loss every N steps.")
-    validate_every_n_epochs: int | None = Field(None, ge=1, description="Measure the validation loss every N epochs "
-                                                                        "(default, without either: every epoch).")
+    validation_split: float = setting(0.0, ge=0.0, lt=1.0, description="Share of the dataset's images held out for "
+                                                                       "the validation loss (not trained on).")
+    validation_dir: Path | None = setting(None, description="A separate dataset folder (any layout) for the "
+                                                            "validation loss.")
+    validation_seed: int | None = setting(None, ge=0, description="Seed of the split and the validation noise "
+                                                                  "(default: seed).")
+    validate_every_n_steps: int | None = setting(None, ge=1, description="Measure the validation loss every N steps.")
+    validate_every_n_epochs: int | None = setting(None, ge=1, description="Measure the validation loss every N epochs "
+                                                                          "(default, without either: every epoch).")
 
 
-class OutputSection(_Section):
+@dataclass(eq=True)
+class OutputSection:
     """Where and how results are written."""
 
-    output_dir: Path | None = Field(None, description="Output folder with the adapter, checkpoints/, samples/ "
-                                                      "and runs/ (default: output/<model_name>).")
-    output_format: Literal["kohya", "peft", "diffusers"] = Field("kohya", description="Format of the saved adapter.")
-    save_dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="Precision of the saved adapter.")
-    save_every_n_epochs: int | None = Field(None, ge=1, description="Also save the adapter and a checkpoint every "
-                                                                    "N epochs.")
-    save_every_n_steps: int | None = Field(None, ge=1, description="Also save the adapter and a checkpoint every "
-                                                                   "N steps.")
-    checkpoints_total_limit: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints "
-                                                                     "(none: keep all).")
-    tensorboard: bool = Field(True, description="Write TensorBoard logs (loss, learning rate, samples) under runs/.")
+    output_dir: Path | None = setting(None, description="Output folder with the adapter, checkpoints/, samples/ "
+                                                        "and runs/ (default: output/<model_name>).")
+    output_format: Literal["kohya", "peft", "diffusers"] = setting("kohya", description="Format of the saved adapter.")
+    save_dtype: Literal["fp32", "fp16", "bf16"] = setting("fp16", description="Precision of the saved adapter.")
+    save_every_n_epochs: int | None = setting(None, ge=1, description="Also save the adapter and a checkpoint every "
+                                                                      "N epochs.")
+    save_every_n_steps: int | None = setting(None, ge=1, description="Also save the adapter and a checkpoint every "
+                                                                     "N steps.")
+    checkpoints_total_limit: int | None = setting(3, ge=1, description="Keep only the newest N checkpoints "
+                                                                       "(none: keep all).")
+    tensorboard: bool = setting(True, description="Write TensorBoard logs (loss, learning rate, samples) under runs/.")
 
 
-class SamplingSection(_Section):
+@dataclass(eq=True)
+class SamplingSection:
     """Sample images rendered while training."""
 
-    sample_prompts: list[str] = Field(default_factory=list, description="Prompts rendered at every sample point, "
-                                                                        "into samples/.")
-    sample_every_n_epochs: int | None = Field(None, ge=1, description="Render the sample prompts every N epochs.")
-    sample_every_n_steps: int | None = Field(None, ge=1, description="Render the sample prompts every N steps.")
-    sample_steps: int = Field(20, ge=1, description="Denoising steps per sample.")
-    sample_guidance_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale of the samples.")
-    sample_negative_prompt: str = Field("", description="Negative prompt of the samples.")
-    sample_seed: int = Field(0, ge=0, description="Seed of the samples (the same at every sample point).")
+    sample_prompts: list[str] = setting(default_factory=list, description="Prompts rendered at every sample point, "
+                                                                          "into samples/.")
+    sample_every_n_epochs: int | None = setting(None, ge=1, description="Render the sample prompts every N epochs.")
+    sample_every_n_steps: int | None = setting(None, ge=1, description="Render the sample prompts every N steps.")
+    sample_steps: int = setting(20, ge=1, description="Denoising steps per sample.")
+    sample_guidance_scale: float = setting(7.0, ge=0, description="Classifier-free guidance scale of the samples.")
+    sample_negative_prompt: str = setting("", description="Negative prompt of the samples.")
+    sample_seed: int = setting(0, ge=0, description="Seed of the samples (the same at every sample point).")
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "network": NetworkSection, "training": TrainingSection,
     "validation": ValidationSection, "output": OutputSection, "sampling": SamplingSection,
 }
 
 
-class TrainConfig(BaseModel):
-    """A complete, validated training configuration."""
+@dataclass(eq=True)
+class TrainConfig:
+    """A complete, validated training configuration (build it with :func:`load_config` or
+    :meth:`model_validate`; assigning to a field later is not validated)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
 
-    model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
-    network: NetworkSection = Field(default_factory=NetworkSection)
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    validation: ValidationSection = Field(default_factory=ValidationSection)
-    output: OutputSection = Field(default_factory=OutputSection)
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        problems = _combination_problems(self)
+    @classmethod
+    def model_validate(cls, data: dict[str, Any], source: str = "the training configuration") -> TrainConfig:
+        """Validate nested values (``{"network": {"rank": 8}, ...}``); raises :class:`ConfigError` with
+        every problem."""
+        config, problems = _validate(data)
         if problems:
-            raise ValueError("\n".join(problems))  # load_config reports each line as one problem
-        return self
+            raise ConfigError(source, problems)
+        return config
+
+    def model_dump(self, mode: str = "python") -> dict[str, dict[str, Any]]:
+        """Every section's values (``mode="json"``: paths as text)."""
+        return {name: schema.dump(getattr(self, name), json_ready=mode == "json") for name in SECTIONS}
 
     @property
     def has_validation(self) -> bool:
@@ -617,7 +615,7 @@ class TrainConfig(BaseModel):
 def _field_table() -> dict[str, str]:
     table = {}
     for section, model in SECTIONS.items():
-        for name in model.model_fields:
+        for name in schema.fields_of(model):
             if name in table:  # a programming error, caught by the tests
                 raise AssertionError(f"config key {name} appears in [{table[name]}] and [{section}]")
             table[name] = section
@@ -628,68 +626,47 @@ def _field_table() -> dict[str, str]:
 KEY_SECTIONS: dict[str, str] = _field_table()
 
 
-def field_info(key: str):
-    """The pydantic ``FieldInfo`` of a config key."""
-    return SECTIONS[KEY_SECTIONS[key]].model_fields[key]
+def field_info(key: str) -> schema.FieldInfo:
+    """What the configuration declares about a key (``.annotation``, ``.description``, ``.default``)."""
+    return schema.fields_of(SECTIONS[KEY_SECTIONS[key]])[key]
 
 
 def is_flag(key: str) -> bool:
     """True when the key holds a boolean (a ``--key/--no-key`` switch on the command line)."""
-    return _base_type(field_info(key).annotation) is bool
+    return field_info(key).base is bool
 
 
 def is_optional(key: str) -> bool:
     """True when the key may be left unset (``None``)."""
-    annotation = field_info(key).annotation
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    return union and type(None) in typing.get_args(annotation)
+    return field_info(key).optional
 
 
 def is_list(key: str) -> bool:
     """True when the key holds a list (an option that may be repeated)."""
-    return typing.get_origin(_base_type(field_info(key).annotation)) is list
+    return typing.get_origin(field_info(key).base) is list
 
 
 def choices(key: str) -> tuple[str, ...] | None:
     """The allowed values of a key that takes one of a fixed set."""
-    base = _base_type(field_info(key).annotation)
-    return tuple(typing.get_args(base)) if typing.get_origin(base) is Literal else None
+    return field_info(key).choices
 
 
-def _base_type(annotation):
-    """``int | None`` -> ``int``."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _did_you_mean(name: str, known: list[str]) -> str:
-    suffix = [k for k in known if name.endswith("_" + k)]  # networ_rank -> rank
-    close = (suffix + [k for k in difflib.get_close_matches(name, known, n=2, cutoff=0.6) if k not in suffix])[:2]
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _describe(error: dict) -> list[str]:
-    if not error["loc"] and error["type"] == "value_error":  # combinations: each line names its keys
-        return str(error["ctx"]["error"]).split("\n")
-    return [_describe_one(error)]
-
-
-def _describe_one(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "config"
-    if error["type"] == "extra_forbidden":
-        loc = error["loc"]
-        known = list(SECTIONS) if len(loc) == 1 else list(SECTIONS[loc[0]].model_fields)
-        return f"{where}: unknown key{_did_you_mean(str(loc[-1]), known)}"
-    message = error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    message = message[0].lower() + message[1:]
-    shows_input = error["type"] not in ("missing", "model_type", "value_error") and "input" in error
-    if shows_input and not isinstance(error["input"], dict):
-        message += f" (got {json.dumps(error['input'], default=str)})"
-    return f"{where}: {message}"
+def _validate(data: Any) -> tuple[TrainConfig | None, list[str]]:
+    """Every section validated, then the settings that only fail together; ``(config or None, problems)``."""
+    if not isinstance(data, dict):
+        return None, ["config: input should be a valid dictionary"]
+    sections, problems = {}, []
+    for name, model in SECTIONS.items():
+        if name in data:
+            sections[name], found = schema.validate(model, data[name], name)
+            problems += found
+    problems += [f"{name}: unknown key{schema.did_you_mean(str(name), list(SECTIONS))}"
+                 for name in data if name not in SECTIONS]
+    if problems:
+        return None, problems
+    config = TrainConfig(**sections)
+    problems = _combination_problems(config)
+    return (None if problems else config), problems
 
 
 def _nest(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -706,7 +683,7 @@ def _nest(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str, Any]
         else:  # a table was meant to be a section, a value a key
             known = list(SECTIONS) if isinstance(value, dict) else list(KEY_SECTIONS)
             problems.append(f"{key}: unknown {'section' if isinstance(value, dict) else 'key'}"
-                            f"{_did_you_mean(key, known)}")
+                            f"{schema.did_you_mean(key, known)}")
     return nested
 
 
@@ -760,14 +737,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         name = name.replace("-", "_")
         section = section or KEY_SECTIONS.get(name, "")
         if section not in SECTIONS:
-            problems.append(f"{key}: unknown key{_did_you_mean(name, list(KEY_SECTIONS))}")
+            problems.append(f"{key}: unknown key{schema.did_you_mean(name, list(KEY_SECTIONS))}")
             continue
         nested.setdefault(section, {})[name] = str(value) if isinstance(value, Path) else value
-    try:
-        config = TrainConfig.model_validate(nested)
-    except ValidationError as exc:
-        problems += [line for e in exc.errors() for line in _describe(e)]
-        config = None
+    config, found = _validate(nested)
+    problems += found
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -796,7 +770,7 @@ def _toml(config: TrainConfig, comments: bool) -> str:
         if comments:
             lines.append(f"# {model.__doc__.strip()}")
         lines.append(f"[{section}]")
-        for key, info in model.model_fields.items():
+        for key, info in schema.fields_of(model).items():
             value = getattr(values, key)
             if comments:
                 lines += [f"# {line}" for line in textwrap.wrap(info.description, 96)]

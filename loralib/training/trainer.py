@@ -694,6 +694,9 @@ class Trainer:
             "final_validation_loss": self.validation_losses[-1][1] if self.validation_losses else None})
 
     def _finish(self, began: float, speed: float | None) -> TrainResult:
+        from ..files.pages import return_freed_memory
+
+        return_freed_memory()  # what the steps freed, so that saving does not raise the peak above theirs
         epoch = self._epoch_of(max(self.step - 1, 0)) + 1
         operation = self.operation()
         replace = self.force or self._replaces_own_adapter
