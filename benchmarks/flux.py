@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import platform
 import shutil
@@ -88,13 +89,27 @@ def best(fn, repeats: int, before=None) -> float:
     return min(times)
 
 
+def hashed_copy(source: Path, output: Path) -> None:
+    """load + save, plus the three SHA-256 passes every lorareg conversion makes, one after another:
+    the input's whole file and its tensor data (the input's identity in the output's history) and the
+    output's tensor data (its ``sshs_model_hash``), one after another, single-threaded (lorareg overlaps them)."""
+    save_file(load_file(source), output)
+    data = source.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    hashlib.sha256(data).hexdigest()
+    hashlib.sha256(memoryview(data)[start:]).hexdigest()
+    written = output.read_bytes()
+    hashlib.sha256(memoryview(written)[8 + int.from_bytes(written[:8], "little"):]).hexdigest()
+
+
 def bench_convert(work: Path, source: Path, repeats: int) -> list[tuple[str, float, float]]:
     """(step, seconds, ratio to the baseline of the same input), interleaved and best of ``repeats``."""
-    diffusers_file = work / "as_diffusers.safetensors"
+    diffusers_file = fresh(work / "as_diffusers.safetensors")
     convert(source, diffusers_file, "diffusers")
     # (output, step): the previous output is deleted before each timed run, outside the timing
     steps = {
         "safetensors load + save (baseline)": (work / "plain.safetensors", lambda out: save_file(load_file(source), out)),
+        "  + the three SHA-256 passes, in turn": (work / "hashed.safetensors", lambda out: hashed_copy(source, out)),
         "kohya -> diffusers (split)": (work / "d.safetensors", lambda out: convert(source, out, "diffusers")),
         "diffusers -> kohya (fused)": (work / "k.safetensors", lambda out: convert(diffusers_file, out, "kohya")),
         "kohya -> ComfyUI": (work / "c.safetensors", lambda out: convert(source, out, "comfyui")),
