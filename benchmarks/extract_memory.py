@@ -44,10 +44,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from processes import ROOT, load, run_child, warm
+
 RANK = 32
 GOAL_BYTES = 8 * 10**9  # issue 14: within 8 GB of RAM
 FLOOR = """\
@@ -212,31 +212,6 @@ def build(cache: Path, small: bool) -> tuple[Path, Path]:
         command = [sys.executable, __file__, "--build", str(folder)] + (["--small"] if small else [])
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return base, tuned
-
-
-def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and peak RSS (bytes) of one child process; exits if it fails."""
-    start = time.perf_counter()
-    child = subprocess.Popen(arguments, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    error = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(arguments)} failed: {error.strip()[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
-
-
-def warm(paths: tuple[Path, ...]) -> None:
-    """Read every input once so that each timed run reads from the page cache."""
-    for path in paths:
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:

@@ -23,10 +23,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from processes import ROOT, load, run_child
 
 
 def build(folder: Path, files: int) -> None:
@@ -45,20 +44,7 @@ def run_scan(folder: Path, home: Path, workers: str = "auto") -> tuple[float, fl
     it reaped) and peak RSS of one scan command."""
     env = {**os.environ, "LORAREG_HOME": str(home), "PYTHONPATH": str(ROOT)}
     extra = [] if workers == "auto" else ["--workers", workers]
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "lorareg", "scan", str(folder), *extra], env=env, cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    error = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"scan failed: {error[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
-
-
-def load() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return run_child([sys.executable, "-m", "lorareg", "scan", str(folder), *extra], env)
 
 
 def main() -> None:

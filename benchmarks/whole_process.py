@@ -42,11 +42,11 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from processes import ROOT, load, run_child, warm
+
 LORAREG = [sys.executable, "-m", "lorareg"]
 MERGE_WEIGHTS = (0.5, 0.3, -0.2)
 FLOOR = """\
@@ -164,20 +164,6 @@ def flops(task: Task) -> float | None:
     return 2 * widths * inner * inner + 2 * widths * inner * kept
 
 
-def run_child(arguments: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and peak RSS (bytes) of one child process; exits if it fails."""
-    start = time.perf_counter()
-    child = subprocess.Popen(arguments, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    error = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(arguments)} failed ({child.returncode}): {error.strip()[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
-
-
 def clear(path: Path) -> None:
     """Delete an output file or folder (untimed, so every run writes a fresh output)."""
     if path.is_dir():
@@ -197,19 +183,6 @@ def measure(task: Task, work: Path, env: dict[str, str], repeats: int) -> None:
             for path in outputs:
                 clear(path)
             task.runs[label].append(run_child(command, env))
-
-
-def warm(paths: dict[str, Path]) -> None:
-    """Read every input once so that each timed run reads from the page cache."""
-    for path in paths.values():
-        for file in safetensors_files(path):
-            with open(file, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-
-
-def load() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def report(tasks: list[Task], repeats: int, gflops: float) -> None:
@@ -268,7 +241,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lorareg-whole-"))
     env = {**os.environ, "LORAREG_HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
     try:
-        warm(paths)
+        warm(f for path in paths.values() for f in safetensors_files(path))
         for task in tasks:
             measure(task, work, env, args.repeats)
             print(f"  done: {task.name} (load average {load()})", flush=True)
