@@ -82,8 +82,9 @@ def write_safetensors(
     raw = _header_bytes(entries, meta)
     data_start = 8 + len(raw)
     digest = hashlib.sha256()
+    length = struct.pack("<Q", len(raw))  # the header keeps its length when filled in
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
+        f.write(length)
         f.write(raw)
         for view in views:
             f.write(view)
@@ -92,7 +93,8 @@ def write_safetensors(
         final = raw
         if pending or self_hashes:
             meta = _fill(meta, pending or {})
-            legacy = _legacy_hash(data_start, views)
+            # no legacy hash when the header reaches offset 1 MiB: it would hash the header being filled in
+            legacy = _legacy_hash([length + raw, *views]) if data_start <= LEGACY_OFFSET else None
             values = {"tensor_sha256": tensor_sha256, "tensor_sha256_0x": "0x" + tensor_sha256, "legacy": legacy}
             meta.update({key: values[kind] for key, kind in self_hashes.items()})
             meta = {k: v for k, v in meta.items() if v is not None}  # no legacy hash if the header covers 1 MiB
@@ -102,9 +104,8 @@ def write_safetensors(
             final += b" " * (len(raw) - len(final))  # trailing spaces are valid header padding
             f.seek(8)
             f.write(final)
-        prefix = struct.pack("<Q", len(raw)) + final
     index = index_bytes((name, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items())
-    legacy = hashlib.sha256(_window([prefix, *views], LEGACY_OFFSET, LEGACY_LENGTH)).hexdigest()[:8]
+    legacy = _legacy_hash([length + final, *views])
     return WrittenFile(Path(path), tensor_sha256, legacy, identity_of(index, tensor_sha256), _stamp(path))
 
 
@@ -179,14 +180,6 @@ def _header_bytes(entries: dict, metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-def _legacy_hash(data_start: int, views: list[memoryview]) -> str | None:
-    """The legacy hash of a file whose data starts at ``data_start``, or None if the header covers 1 MiB."""
-    if data_start > LEGACY_OFFSET:
-        return None
-    legacy, position = hashlib.sha256(), data_start
-    for view in views:
-        lo, hi = max(position, LEGACY_OFFSET), min(position + len(view), LEGACY_OFFSET + LEGACY_LENGTH)
-        if lo < hi:
-            legacy.update(view[lo - position:hi - position])
-        position += len(view)
-    return legacy.hexdigest()[:8]
+def _legacy_hash(chunks: list[bytes | memoryview]) -> str:
+    """The legacy hash (``sshs_legacy_hash``) of the file made of ``chunks``: its 64 KiB at offset 1 MiB."""
+    return hashlib.sha256(_window(chunks, LEGACY_OFFSET, LEGACY_LENGTH)).hexdigest()[:8]
