@@ -141,18 +141,13 @@ def describe(path: str | os.PathLike, hashes: FileHashes | Deferred | None = Non
         raise InvalidArgumentError(f"the path {os.fsencode(given)!r} is not valid UTF-8, which the catalog cannot store",
                                    "Rename the file (or its folder)")
     root = adapter_root(given) if given.is_file() else given
-    report = None
-    if isinstance(hashes, Deferred):
-        report = inspect(root, hashes=False, fingerprint=fingerprint)
-        hashes = hashes.result()
-    if hashes is not None and hashes.identity is not None:
-        report = report or inspect(root, hashes=False, fingerprint=fingerprint)
-        found = hashes.to_dict()
-    else:
-        report = None
-    if report is None:
-        report = inspect(root, hashes=True, fingerprint=fingerprint)
-        found = dict(report.hashes)
+    if isinstance(hashes, FileHashes) and hashes.identity is None:
+        hashes = None  # without the whole adapter's identity: the files are hashed here
+    report = inspect(root, hashes=hashes is None, fingerprint=fingerprint)  # while a Deferred still hashes
+    known = hashes.result() if isinstance(hashes, Deferred) else hashes
+    if known is not None and known.identity is None:
+        report, known = inspect(root, hashes=True, fingerprint=fingerprint), None
+    found = dict(report.hashes) if known is None else known.to_dict()
     first = report.files[0] if report.files else None
     main = root if first == str(root) else absolute(first) if first else main_file(root)
     stat = main.stat()
