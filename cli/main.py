@@ -23,6 +23,8 @@ import click
 from loralib.errors import LoraError
 from loralib.version import __version__
 
+from .threads import mark_start
+
 # name -> (module, function, one-line help). The help is here so that listing the commands
 # imports none of them.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -132,6 +134,7 @@ def quiet_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and turn every user-facing error into one line and an exit code."""
+    mark_start()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORAREG_DEBUG") not in (None, "", "0")
     as_json = _wants_json(args)

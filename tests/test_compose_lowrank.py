@@ -10,6 +10,7 @@ from loralib.compose.lowrank import (
     concatenate,
     dense_svd,
     frobenius_inner,
+    gram,
     norm_ratio,
     product_svd,
     relative_distance,
@@ -78,6 +79,33 @@ def test_ill_conditioned_factors_stay_exact(condition):
         new_up, new_down = product_svd(up, down).factors(k)
         error = float((new_up.double() @ new_down.double() - matrix).norm())
         assert abs(error - optimal_error(matrix, k)) <= 1e-4 * optimal_error(matrix, k), k
+
+
+@pytest.mark.parametrize("blas_threads", ["1", "4"])
+def test_gram_matrices_equal_the_plain_products_whichever_blas_computes_them(monkeypatch, blas_threads):
+    # With OPENBLAS_NUM_THREADS=1 (the CLI's setting) numpy's symmetric product computes them, else torch.
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", blas_threads)
+    for dtype in (torch.float32, torch.float64):
+        up, down = _factors(1280, 640, 48, seed=11, dtype=dtype)
+        columns, rows = gram(up), gram(down, rows=True)
+        assert columns.dtype == rows.dtype == dtype and columns.shape == rows.shape == (48, 48)
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+        for found, expected in ((columns, up.double().T @ up.double()), (rows, down.double() @ down.double().T)):
+            assert float((found.double() - expected).norm()) <= tolerance * float(expected.norm())
+        assert torch.equal(columns, columns.T) and torch.equal(rows, rows.T)
+    assert torch.allclose(gram(up.T.contiguous().T), gram(up), rtol=1e-12)  # a non-contiguous view
+
+
+def test_a_truncation_computes_the_kept_singular_vectors_only_and_they_are_the_full_ones():
+    up, down = _factors(300, 200, 40, seed=12)
+    spectrum = product_svd(up, down)
+    assert spectrum.method == "cholesky" and spectrum.core_u is None  # nothing mapped back yet
+    first_u, first_vh = spectrum.cores(6)
+    assert first_u.shape == (40, 6) and first_vh.shape == (6, 40) and spectrum.core_u is None
+    all_u, all_vh = spectrum.cores(spectrum.size)
+    assert spectrum.core_u is not None  # the full cores are kept once computed
+    assert torch.allclose(first_u, all_u[:, :6], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(first_vh, all_vh[:6], rtol=1e-12, atol=1e-14)
 
 
 def test_concatenation_and_balance_are_exact():

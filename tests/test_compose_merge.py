@@ -372,3 +372,25 @@ def test_cli_refuses_without_writing(lorareg, two_files, tmp_path, real_loras):
     res = lorareg("merge", real_loras / "sd1_lycoris-lokr_f16.safetensors", a, "--method", "linear", "-o", cross)
     assert res.code == 1 and "lokr" in res.err and not cross.exists()
     assert list(tmp_path.glob("*.partial")) == []
+
+
+def test_nonfinite_values_are_found_as_modules_are_computed_and_named_per_input(tmp_path):
+    from loralib.compose import resize
+    from loralib.errors import CorruptFileError
+
+    good, bad = adapter(SMALL_LAYERS, 4, 2.0, seed=1), adapter(SMALL_LAYERS, 4, 2.0, seed=2)
+    keys = list(bad.modules)
+    for key, value in ((keys[-1], float("nan")), (keys[0], float("inf"))):
+        bad.modules[key].down[0, 0] = value
+    loralib.save(good, tmp_path / "good.safetensors")
+    loralib.save(bad, tmp_path / "bad.safetensors", allow_nonfinite=True)
+    in_file = [key for key in loralib.load(tmp_path / "bad.safetensors").modules if key in (keys[0], keys[-1])]
+    listed = f"bad.safetensors holds NaN or infinite values in 2 module(s): {', '.join(in_file)}"  # the file's order
+    for weights in ((1.0, 0.5), (1.0, 0.0)):  # an input of weight 0 is refused too
+        with pytest.raises(CorruptFileError) as caught:
+            merge([(tmp_path / "good.safetensors", weights[0]), (tmp_path / "bad.safetensors", weights[1])], 2)
+        assert str(caught.value).startswith(listed)
+    with pytest.raises(CorruptFileError) as caught:
+        resize(tmp_path / "bad.safetensors", 2)
+    assert str(caught.value).startswith(listed)
+    assert merge([tmp_path / "good.safetensors", tmp_path / "good.safetensors"], 2).adapter.modules  # and clean inputs pass

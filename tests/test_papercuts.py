@@ -182,6 +182,29 @@ def test_thread_count_follows_lorareg_threads_then_the_load(lorareg, lora, tmp_p
         torch.set_num_threads(before)
 
 
+def test_busy_cores_are_measured_over_the_start_up_less_this_process_own_work():
+    from lorareg.cli.threads import CpuCounters, busy_elsewhere, read_counters
+
+    # 2 cores over 1 s: 1.5 core-seconds busy, 1.0 of them this process's own -> others kept 0.5 busy
+    before, after = CpuCounters(10.0, 100.0, 2, 3.0, 50.0), CpuCounters(11.5, 102.0, 2, 4.0, 51.0)
+    assert busy_elsewhere(before, after) == pytest.approx(0.5)
+    assert busy_elsewhere(before, CpuCounters(10.2, 100.2, 2, 3.0, 50.1)) is None  # too short to tell
+    stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1\n"
+    counters = read_counters(stat)
+    hertz = os.sysconf("SC_CLK_TCK")
+    assert (counters.busy, counters.total, counters.cores) == (150 / hertz, 1000 / hertz, 2)
+    assert read_counters("garbage") is None and read_counters("cpu x y\n") is None
+
+    # a real busy process beside this one: the kernel's counters see at least half a core of it
+    start = read_counters()
+    if start is None:  # no /proc/stat (not Linux): the load average is used, tested above
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.8\nwhile time.time() < end: pass"])
+    spinner.wait()
+    busy = busy_elsewhere(start, read_counters())
+    assert busy is not None and busy >= 0.5
+
+
 def test_the_readme_and_the_demo_say_how_to_run_lorareg_afterwards():
     readme = (ROOT / "README.md").read_text()
     assert ".venv/bin/lorareg" in readme and "source .venv/bin/activate" in readme

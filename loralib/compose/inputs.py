@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import LoraAdapter, LoraModule
+from ..adapter import LoraAdapter, LoraModule, is_finite
 from ..architectures import ARCHITECTURES, UNKNOWN
 from ..errors import CorruptFileError, InvalidArgumentError, MismatchError
 from ..layers import LayerShape
@@ -47,13 +47,15 @@ def load(adapter: AdapterLike) -> LoraAdapter:
     return load_adapter(adapter)
 
 
-def require_computable(adapter: LoraAdapter, name: str, weight: float = 1.0) -> None:
+def require_computable(adapter: LoraAdapter, name: str, weight: float = 1.0, *, values: bool = True) -> None:
     """Raise :class:`CorruptFileError` when ``adapter`` holds NaN or infinite factor values, or a
-    scale (alpha / rank, times ``weight``) beyond float32's range: no decomposition can use them."""
-    bad = adapter.nonfinite_modules()
+    scale (alpha / rank, times ``weight``) beyond float32's range: no decomposition can use them.
+
+    ``values=False`` checks the scales only; a computation that reads every module anyway checks
+    the values as it goes, with :class:`FiniteCheck`."""
+    bad = adapter.nonfinite_modules() if values else []
     if bad:
-        raise CorruptFileError(f"{name} holds NaN or infinite values in {len(bad)} module(s): {_listed(bad)}",
-                               "The adapter is damaged; it cannot be merged or resized")
+        raise nonfinite_error(name, bad)
     huge = [key for key, m in adapter.modules.items() if abs(getattr(m, "scale", 1.0) * weight) > FLOAT32_MAX]
     if huge:
         module = adapter.modules[huge[0]]
@@ -62,15 +64,53 @@ def require_computable(adapter: LoraAdapter, name: str, weight: float = 1.0) -> 
                                "The file is damaged, or its alphas were written by a broken converter")
 
 
+def nonfinite_error(name: str, keys: Sequence[str]) -> CorruptFileError:
+    """The error for an input ``name`` whose modules ``keys`` hold NaN or infinite values."""
+    return CorruptFileError(f"{name} holds NaN or infinite values in {len(keys)} module(s): {_listed(keys)}",
+                            "The adapter is damaged; it cannot be merged or resized")
+
+
+class FiniteCheck:
+    """Checks the inputs' factor values for NaN and infinity module by module, as a computation
+    reaches each module, instead of in a pass of its own before it.
+
+    The computation reads every value anyway: checking right before it means one pass over a
+    file's pages instead of two, on the computation's threads. A module that fails is not
+    computed (no factorisation could use it); :meth:`raise_if_failed`, once every module is done
+    and before anything is written, raises what :func:`require_computable` would have.
+    """
+
+    def __init__(self, inputs: Sequence[tuple[str, LoraAdapter]]) -> None:
+        self.inputs = list(inputs)
+        self.failed: list[set[str]] = [set() for _ in self.inputs]
+
+    def passes(self, key: str) -> bool:
+        """True when every input's module ``key`` (where it has one) holds finite values only."""
+        good = True
+        for (_, adapter), failed in zip(self.inputs, self.failed):
+            module = adapter.modules.get(key)
+            if module is not None and not is_finite(module):
+                failed.add(key)  # a set's add is atomic under the GIL: safe from the worker threads
+                good = False
+        return good
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`CorruptFileError` naming the first input with a failed module, and its modules."""
+        for (name, adapter), failed in zip(self.inputs, self.failed):
+            if failed:
+                raise nonfinite_error(name, [key for key in adapter.modules if key in failed])
+
+
 def _listed(keys: Sequence[str]) -> str:
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], *,
-                  allow_nonfinite: bool = False) -> list[WeightedAdapter]:
+                  allow_nonfinite: bool = False, check_values: bool = True) -> list[WeightedAdapter]:
     """Load ``[(adapter_or_path, weight), …]`` (a bare adapter has weight 1) and check the weights.
 
-    Inputs with NaN or infinite values are refused (:func:`require_computable`) unless ``allow_nonfinite``.
+    Inputs with NaN or infinite values are refused (:func:`require_computable`) unless
+    ``allow_nonfinite``; ``check_values=False`` leaves the values to the caller's :class:`FiniteCheck`.
     """
     loaded = []
     for position, item in enumerate(inputs):
@@ -84,7 +124,7 @@ def load_weighted(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], *,
         adapter = load(source)
         name = adapter_name(adapter, position)
         if not allow_nonfinite:
-            require_computable(adapter, name, weight)
+            require_computable(adapter, name, weight, values=check_values)
         loaded.append(WeightedAdapter(adapter, weight, name))
     if not loaded:
         raise InvalidArgumentError("nothing to combine: no input adapters were given")

@@ -40,6 +40,7 @@ from ..vocabulary import MERGE_METHODS
 from .base_layers import BaseLayers, needing_base
 from .inputs import (
     AdapterLike,
+    FiniteCheck,
     Progress,
     WeightedAdapter,
     check_compatible,
@@ -90,7 +91,8 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
         raise InvalidArgumentError("allowing NaN or infinite values only works for an exact merge",
                                    "Use the default method (concat) without --rank or --dynamic")
     device = resolve_device(device)
-    items = load_weighted(inputs, allow_nonfinite=allow_nonfinite)
+    items = load_weighted(inputs, allow_nonfinite=allow_nonfinite, check_values=False)
+    check = None if allow_nonfinite else FiniteCheck([(item.name, item.adapter) for item in items])
     architecture = check_compatible(items)
     if method == "linear":
         _check_equal_ranks(items)
@@ -101,6 +103,8 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
     layers = BaseLayers.open(base, needing_base([(i.name, i.adapter.modules) for i in weighted]))
 
     def merge_one(key: str) -> tuple[LoraModule, ModuleReport] | None:
+        if check is not None and not check.passes(key):
+            return None
         parts = [(item.adapter.modules[key], item.weight, position) for position, item in enumerate(items)
                  if key in item.adapter.modules and item.weight != 0 and item.adapter.modules[key].is_matrix]
         if not parts:
@@ -118,6 +122,8 @@ def merge(inputs: Iterable[AdapterLike | tuple[AdapterLike, float]], rank: int |
         for key, merged in zip(keys, map_modules(merge_one, keys, progress, names=keys, workers=workers_for(device))):
             if merged is not None:
                 modules[key], report.modules[key] = merged
+    if check is not None:
+        check.raise_if_failed()
     for item in weighted:
         report.notes += [f"{item.name}: {line}" for line in left_out_notes(item.adapter)]
     skipped = sum(1 for key in keys if key not in modules

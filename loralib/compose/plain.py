@@ -30,7 +30,7 @@ from ..lycoris import KIND_TITLES
 from ..metadata import input_record
 from ..records import OperationRecord
 from .base_layers import BaseLayers, needing_base
-from .inputs import AdapterLike, Progress, load, module_from_factors
+from .inputs import AdapterLike, FiniteCheck, Progress, load, module_from_factors
 from .lowrank import SVD_METHODS, work_dtype
 from .parallel import map_modules
 from .rank_rules import RankRule, rank_rule
@@ -47,13 +47,16 @@ def layer_of(module) -> LayerShape:
 
 def plain_modules(source: LoraAdapter, rule: RankRule | None, layers: BaseLayers, report: CompositionReport, *,
                   svd: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32,
-                  progress: Progress | None = None, device: torch.device | None = None) -> dict[str, LoraModule]:
+                  progress: Progress | None = None, device: torch.device | None = None,
+                  check: FiniteCheck | None = None) -> dict[str, LoraModule]:
     """Each weight-matrix module of ``source`` as a plain LoRA module (see the module docstring), computed
     on ``device`` (default: the CPU); the per-module results go into ``report`` and what no LoRA can
-    hold into its notes."""
+    hold into its notes. With ``check``, modules that fail it are left out (the caller raises)."""
 
     def convert_one(item: tuple[str, object]) -> tuple[LoraModule, ModuleReport] | None:
         key, module = item
+        if check is not None and not check.passes(key):
+            return None
         if not module.is_matrix:
             return None
         if module.kind == "lora":

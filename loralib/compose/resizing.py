@@ -19,7 +19,7 @@ from ..errors import InvalidArgumentError
 from ..metadata import input_record
 from ..records import OperationRecord
 from .base_layers import BaseLayers, needing_base
-from .inputs import AdapterLike, Progress, adapter_name, load, require_computable
+from .inputs import AdapterLike, FiniteCheck, Progress, adapter_name, load, require_computable
 from .plain import plain_modules
 from .rank_rules import rank_rule
 from .report import CompositionReport
@@ -42,12 +42,15 @@ def resize(adapter: AdapterLike, rank: int | None = None, *, dynamic: str | None
                                    "Pass --rank N, or --dynamic sv_fro:0.95 (optionally with --max-rank N)")
     device = resolve_device(device)
     source = load(adapter)
-    require_computable(source, adapter_name(source, 0))
+    require_computable(source, adapter_name(source, 0), values=False)
+    check = FiniteCheck([(adapter_name(source, 0), source)])  # as each module is computed
     dtype = dtype or source.dtype or torch.float32
     report = CompositionReport("resize")
     name = source.source_path.name if source.source_path else "the adapter"
     with BaseLayers.open(base, needing_base([(name, source.modules)])) as layers:
-        modules = plain_modules(source, rule, layers, report, dtype=dtype, progress=progress, device=device)
+        modules = plain_modules(source, rule, layers, report, dtype=dtype, progress=progress, device=device,
+                                check=check)
+    check.raise_if_failed()
     unchanged = sum(1 for k, e in report.modules.items()
                     if source.modules[k].kind == "lora" and e.rank == source.modules[k].rank)
     if unchanged:

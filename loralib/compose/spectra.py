@@ -28,13 +28,13 @@ from .report import ModuleReport
 
 def _left_vectors(spectrum: Spectrum, index: torch.Tensor) -> torch.Tensor:
     """Columns ``index`` of the left singular vectors ``U``."""
-    core = spectrum.core_u[:, index]
+    core = spectrum.cores(spectrum.size)[0][:, index]
     return core if spectrum.left is None else spectrum.left @ core.to(spectrum.left.dtype)
 
 
 def _right_vectors(spectrum: Spectrum, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of ``Vᵀ``."""
-    core = spectrum.core_vh[index]
+    core = spectrum.cores(spectrum.size)[1][index]
     return core if spectrum.right is None else core.to(spectrum.right.dtype) @ spectrum.right.T
 
 
