@@ -24,6 +24,7 @@ import torch
 
 from .architectures import COMPONENTS, UNKNOWN
 from .errors import CorruptFileError
+from .values import all_finite
 
 if TYPE_CHECKING:
     from .files.hashes import Deferred
@@ -77,17 +78,6 @@ def is_finite(module: AdapterModule, dtype: torch.dtype | None = None) -> bool:
     """True when every stored value of ``module`` is finite (once stored in ``dtype``, when given:
     a float32 value above 65504 becomes infinite in float16)."""
     return all(all_finite(t if dtype is None else t.to(dtype)) for t in module.tensors().values() if t is not None)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no value of ``tensor`` is NaN or infinite.
-
-    A sum is non-finite whenever a term is, and summing is several times faster than ``isfinite``
-    on half-precision tensors (no boolean copy); only when the sum itself is not finite — a NaN, or
-    an overflow of large finite values — is every value looked at."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 @dataclass
@@ -308,18 +298,17 @@ class LoraAdapter:
         if self.releaser is not None:
             self.releaser(key)
 
-    def nonfinite_modules(self, dtype: torch.dtype | None = None, *, release: bool = True) -> list[str]:
+    def nonfinite_modules(self, dtype: torch.dtype | None = None) -> list[str]:
         """Keys of the modules with a NaN or infinite factor value (once stored in ``dtype``, when given).
 
         Each module is released once checked (see :meth:`release`), so checking a file-backed adapter
-        does not bring all of it into memory at once; ``release=False`` keeps them for a caller that
-        reads every module right after (a writer), which saves bringing them in twice."""
+        does not bring all of it into memory at once. (Operations that read every module anyway check
+        them as they go instead: see :class:`loralib.compose.inputs.FiniteCheck` and the writers.)"""
         bad = []
         for key, module in self.modules.items():
             if not is_finite(module, dtype):
                 bad.append(key)
-            if release:
-                self.release(key)
+            self.release(key)
         return bad
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:

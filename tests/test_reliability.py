@@ -633,6 +633,26 @@ def test_nonfinite_factors_are_refused_naming_the_module_unless_allowed(lorareg,
                    "exact merge")
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers"])
+def test_values_that_overflow_only_once_stored_are_refused_while_writing_and_nothing_is_left(tmp_path, fmt):
+    from loralib.errors import CorruptFileError
+    from loralib.formats import save_adapter
+    import torch
+
+    from loralib.synthetic import random_adapter
+    from tests.helpers.compose_cases import SMALL_LAYERS
+
+    adapter = random_adapter(SMALL_LAYERS, 4, seed=3, architecture="sd15")
+    keys = list(adapter.modules)
+    adapter.modules[keys[-1]].up[0, 0] = 1e6  # finite in float32, infinite in float16
+    with pytest.raises(CorruptFileError, match=rf"1 module\(s\) would hold NaN or infinite values once stored as "
+                                               rf"float16: {keys[-1]}"):
+        save_adapter(adapter, tmp_path / "out.safetensors", fmt, dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
+    written = save_adapter(adapter, tmp_path / "out.safetensors", fmt, dtype=torch.float16, allow_nonfinite=True)
+    assert loralib.load(written.path).nonfinite_modules() == [keys[-1]]
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_the_finiteness_check_agrees_with_isfinite(dtype):
     """all_finite sums first (fast) and looks at every value only when the sum is not finite: a NaN,
@@ -640,7 +660,7 @@ def test_the_finiteness_check_agrees_with_isfinite(dtype):
     as torch.isfinite judges them."""
     import torch
 
-    from loralib.adapter import all_finite
+    from loralib.values import all_finite
 
     dt = getattr(torch, dtype)
     big = torch.finfo(dt).max

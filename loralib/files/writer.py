@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import to_safetensors
+from ..values import all_finite
 from .atomic import atomic_file
 from .hashes import LEGACY_LENGTH, LEGACY_OFFSET, Deferred, FileHashes, file_sha256, hash_file, identity_of, index_bytes
 
@@ -49,6 +50,8 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     self_hashes: Mapping[str, str] | None = None,
     pending: Mapping[str, Deferred] | None = None,
+    *,
+    finite: bool = False,
 ) -> WrittenFile:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically; return what identifies the file written.
 
@@ -62,6 +65,10 @@ def write_safetensors(
     as it is written (each tensor while its bytes are still in the CPU's cache; a second thread would
     take the core that inputs are hashed on); then the header is rewritten in place. The hash of the
     whole file (header included, so known only then) is left to :meth:`WrittenFile.hashes`.
+
+    With ``finite``, each floating-point tensor is checked for NaN and infinity as it is written
+    (its bytes are read then anyway): the first that fails stops the write with
+    :class:`NonFiniteTensor`, and nothing is left at ``path``.
     """
     # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -86,7 +93,9 @@ def write_safetensors(
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(length)
         f.write(raw)
-        for view in views:
+        for name, view in zip(names, views):
+            if finite and not all_finite(tensors[name]):
+                raise NonFiniteTensor(name)
             f.write(view)
             digest.update(view)
         tensor_sha256 = digest.hexdigest()
@@ -107,6 +116,14 @@ def write_safetensors(
     index = index_bytes((name, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items())
     legacy = _legacy_hash([length + final, *views])
     return WrittenFile(Path(path), tensor_sha256, legacy, identity_of(index, tensor_sha256), _stamp(path))
+
+
+class NonFiniteTensor(ValueError):
+    """A tensor being written holds NaN or infinite values (see :func:`write_safetensors`'s ``finite``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"tensor {name} holds NaN or infinite values")
+        self.name = name
 
 
 @dataclass

@@ -149,8 +149,6 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
     fmt = writer(format)
     if not adapter.modules:
         raise InvalidArgumentError("the adapter has no modules; there is nothing to write")
-    if not allow_nonfinite:
-        refuse_nonfinite(adapter, dtype)
     notes = []
     if adapter.embeddings and not fmt.holds_embeddings:
         if not drop_embeddings:
@@ -166,13 +164,24 @@ def save_adapter(adapter: LoraAdapter, path: str | Path, format: str = "kohya", 
         raise InvalidArgumentError(f"the rank of fused layers must be at least 1, not {fused_rank}")
     sources = input_files([*inputs, *([adapter.source_path] if adapter.source_path else []),
                            *(i.path for i in (operation.inputs if operation else []) if i.path)])
-    return fmt.write(adapter, Path(path), WriteRequest(force, dtype, title, operation, notes, sources, fused_rank))
+    request = WriteRequest(force, dtype, title, operation, notes, sources, fused_rank, finite=not allow_nonfinite)
+    from ..files.writer import NonFiniteTensor
+
+    try:
+        return fmt.write(adapter, Path(path), request)
+    except NonFiniteTensor as exc:  # found while writing (nothing was left behind): name every such module
+        refuse_nonfinite(adapter, dtype)
+        raise CorruptFileError(f"{exc}; it cannot be written",
+                               "Pass --allow-nonfinite (Python: allow_nonfinite=True) to write it anyway") from exc
 
 
 def refuse_nonfinite(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> None:
     """Raise :class:`CorruptFileError` naming the modules whose factors hold NaN or infinite values
-    once stored in ``dtype`` (the adapter's own dtype when None)."""
-    bad = adapter.nonfinite_modules(dtype, release=False)  # the writer reads every module next
+    once stored in ``dtype`` (the adapter's own dtype when None).
+
+    Writers check the values as they write them (:class:`WriteRequest`'s ``finite``); this names
+    every failing module once one is found."""
+    bad = adapter.nonfinite_modules(dtype)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         stored = f" once stored as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""

@@ -107,6 +107,7 @@ class WriteRequest:
     notes: list[str] = field(default_factory=list)
     inputs: tuple[Path, ...] = ()  # files the adapter was read from: never an output, even with force
     fused_rank: int | None = None  # cap on the rank of layers a format fuses (Flux/SD3 qkv), optimal approximation
+    finite: bool = False  # refuse NaN/infinite values as they are written (see files.writer.write_safetensors)
 
 
 @dataclass(frozen=True)

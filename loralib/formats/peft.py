@@ -200,7 +200,7 @@ def write(adapter: LoraAdapter, folder: Path, request: WriteRequest) -> SaveResu
             inside = tmp / relative_folder(component)
             inside.mkdir(exist_ok=True)
             weights = folder / relative_folder(component) / WEIGHTS_NAME
-            written[weights] = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, before={"format": "pt"}).moved(weights)
+            written[weights] = write_tensor_file(inside / WEIGHTS_NAME, tensors, header, request, before={"format": "pt"}).moved(weights)
             (inside / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             files += [weights, weights.with_name(CONFIG_NAME)]
     # the main file first, as readers list them (the top level, then the subfolders)

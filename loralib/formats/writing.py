@@ -22,14 +22,14 @@ def file_metadata(adapter: LoraAdapter, request: WriteRequest, default_title: st
     return meta.build(adapter, title=request.title or default_title, operation=request.operation)
 
 
-def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], header: meta.FileMetadata, *,
-                      before: Mapping[str, str] | None = None, after: Mapping[str, str] | None = None) -> WrittenFile:
+def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], header: meta.FileMetadata, request: WriteRequest,
+                      *, before: Mapping[str, str] | None = None, after: Mapping[str, str] | None = None) -> WrittenFile:
     """Write one safetensors file atomically with ``header``'s metadata (``before`` and ``after`` add
     entries around it), its self-describing hashes filled in; returns what identifies the file."""
     from ..files.writer import write_safetensors
 
     values = {**(before or {}), **header.values, **(after or {})}
-    return write_safetensors(path, tensors, values, meta.SELF_HASHES, header.pending)
+    return write_safetensors(path, tensors, values, meta.SELF_HASHES, header.pending, finite=request.finite)
 
 
 def write_single_file(adapter: LoraAdapter, path: Path, request: WriteRequest, format_name: str,
@@ -38,6 +38,6 @@ def write_single_file(adapter: LoraAdapter, path: Path, request: WriteRequest, f
     """The whole write of a one-file format: check the path, build the metadata, write, report."""
     check_output(path, force=request.force, inputs=request.inputs)
     header = file_metadata(adapter, request, path.stem)
-    written = write_tensor_file(path, tensors, header, before=before, after=after)
+    written = write_tensor_file(path, tensors, header, request, before=before, after=after)
     return SaveResult(path, format_name, [path], written.tensor_sha256, list(request.notes), header.completed_operation(),
                       _hashes=written.hashes)
