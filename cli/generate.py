@@ -30,7 +30,8 @@ def display_name(reference: str) -> str:
 @click.option("--base", required=True, metavar="MODEL", help="Base model: a diffusers folder, a .safetensors "
                                                              "checkpoint or a Hub id.")
 @click.option("--base-components", default=None, metavar="FOLDER",
-              help="Diffusers folder with the VAE and text encoders for a transformer-only Flux.1/SD3 --base file.")
+              help="Diffusers folder with the tokenizers, scheduler and configurations (and any VAE or text "
+                   "encoder the file lacks) for a single-file Flux.1/SD3 --base.")
 @click.option("--lora", "loras", multiple=True, metavar="REF[:WEIGHT]", shell_complete=complete_adapters,
               help="An adapter (file, folder, catalog name, hash prefix or Hub id) and its weight (default 1); "
                    "repeatable.")

@@ -175,14 +175,12 @@ def _load_parts(folder: Path, model_index: dict, dtype) -> SimpleNamespace:
     """Each part of an SD folder loaded with the class its model_index.json names, as the pipeline's
     ``from_pretrained`` does, without importing the pipeline classes (and the guiders, image processors
     and safety checker they bring: about a megabyte that training never uses)."""
-    import importlib
-
     parts = {}
     for name in _SD_PARTS:
-        library, class_name = (model_index.get(name) or (None, None))[:2]
+        library = (model_index.get(name) or (None,))[0]
         if library is None:
             continue
-        cls = getattr(importlib.import_module(library), class_name)
+        cls = _component_class(model_index, name)
         kwargs = {}
         if name not in ("tokenizer", "tokenizer_2", "scheduler"):
             kwargs = _dtype_argument(dtype)
@@ -193,14 +191,21 @@ def _load_parts(folder: Path, model_index: dict, dtype) -> SimpleNamespace:
 
 
 def _load_transformer_file(path: Path, info, components: Path | None, dtype) -> BaseModel:
-    """A Flux.1/SD3 transformer file, with the pipeline's other parts from the folder ``components``."""
-    from .transformer_files import load_transformer_file
+    """A Flux.1/SD3 transformer file, with the pipeline's other parts from the folder ``components``.
+
+    The parts an all-in-one file holds as well (VAE, text encoders) are read from the file, so the
+    folder needs only their configurations; tokenizers and the scheduler always come from it.
+    """
+    from .transformer_files import load_file_part, load_transformer_file
 
     family = ARCHITECTURES[info.architecture]
+    inside = info.components()
     if components is None:
+        held = f" and its {', '.join(inside)}" if inside else \
+            (" (lorareg reads no other part of it)" if info.has_other_parts else "")
         raise InvalidArgumentError(
-            f"{path.name} holds only the {family.title} transformer{' (lorareg reads no other part of it)' if info.has_other_parts else ''}; "
-            "the VAE, text encoders, tokenizers and scheduler come from a diffusers folder",
+            f"{path.name} holds the {family.title} transformer{held}; the tokenizers, scheduler, configurations "
+            "and any part the file lacks come from a diffusers folder",
             f"Pass --base-components (config key base_components) naming a {family.title} diffusers folder")
     components = Path(components).expanduser()
     index_file = components / "model_index.json"
@@ -210,8 +215,24 @@ def _load_transformer_file(path: Path, info, components: Path | None, dtype) -> 
                                    f"(it holds {model_index.get('_class_name', 'no model_index.json')})",
                                    f"Name a folder with a {family.pipeline_class}'s VAE and text encoders")
     transformer = load_transformer_file(path, info, dtype)
+    parts = {name: load_file_part(path, part, _component_class(model_index, name), components / name, dtype)
+             for name, part in inside.items() if name in model_index}
     cls = _pipeline_class(model_index)
-    return _from_pipeline(str(path), cls.from_pretrained(components, transformer=transformer, **_dtype_argument(dtype)))
+    try:
+        pipe = cls.from_pretrained(components, transformer=transformer, **parts, **_dtype_argument(dtype))
+    except OSError as exc:  # a part neither the file nor the folder has weights for
+        raise InvalidArgumentError(f"base components {components} lack weights the file {path.name} does not hold "
+                                   f"either ({str(exc).splitlines()[0][:160]})",
+                                   "Name a complete diffusers folder of the same model") from exc
+    return _from_pipeline(str(path), pipe)
+
+
+def _component_class(model_index: dict, name: str):
+    """The class a folder's model_index.json names for component ``name``."""
+    import importlib
+
+    library, class_name = model_index[name][:2]
+    return getattr(importlib.import_module(library), class_name)
 
 
 def _load_single_file(path: Path, dtype, components: Path | None = None):

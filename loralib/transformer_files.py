@@ -55,6 +55,22 @@ class TransformerFile:
     prefix: str
     config: dict[str, Any]
     has_other_parts: bool
+    parts: tuple[str, ...] = ()  # the other parts it holds that lorareg reads (PART_PREFIXES' names)
+
+    def components(self) -> dict[str, str]:
+        """The pipeline components the file holds besides the transformer: component name -> part name."""
+        return {COMPONENTS_OF_PARTS[self.family][part]: part for part in self.parts}
+
+
+# What all-in-one files (ComfyUI's checkpoint save, Stability's "incl_clips" files) hold besides the
+# transformer, under which prefixes: the VAE in the original (LDM) names, the text encoders in
+# transformers' own names.
+PART_PREFIXES = {"vae": ("vae.", "first_stage_model."), "clip_l": ("text_encoders.clip_l.transformer.",),
+                 "clip_g": ("text_encoders.clip_g.transformer.",), "t5xxl": ("text_encoders.t5xxl.transformer.",)}
+_PART_STARTS = tuple(start for starts in PART_PREFIXES.values() for start in starts)
+COMPONENTS_OF_PARTS = {FLUX_FAMILY: {"vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
+                       SD3_FAMILY: {"vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                                    "t5xxl": "text_encoder_3"}}
 
 
 def _native_map(family: str):
@@ -120,7 +136,7 @@ def write_transformer_file(transformer, family: str, path: str | Path, *, prefix
 
 def _strip(names: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, tuple[int, ...]]]:
     for prefix in PREFIXES:
-        inner = {k[len(prefix):]: v for k, v in names.items() if k.startswith(prefix)}
+        inner = {k[len(prefix):]: v for k, v in names.items() if k.startswith(prefix) and not k.startswith(_PART_STARTS)}
         if any(k.startswith(("double_blocks.", "joint_blocks.")) for k in inner):
             return prefix, inner
     return "", {}
@@ -152,16 +168,18 @@ def inspect_transformer_file(path: str | Path, shapes: Mapping[str, tuple[int, .
     if not inner:
         return None
     others = any(not k.startswith(prefix) for k in shapes) if prefix else False
+    held = tuple(part for part, starts in PART_PREFIXES.items() if any(k.startswith(starts) for k in shapes))
     try:
         if "double_blocks.0.img_attn.qkv.weight" in inner:
-            return TransformerFile(FLUX_FAMILY, FLUX.name, prefix, _flux_config(path, inner), others)
+            parts = tuple(p for p in held if p in COMPONENTS_OF_PARTS[FLUX_FAMILY])
+            return TransformerFile(FLUX_FAMILY, FLUX.name, prefix, _flux_config(path, inner), others, parts)
         if "joint_blocks.0.x_block.attn.qkv.weight" in inner:
             config = _sd3_config(path, inner)
             if config.get("dual_attention_layers"):
                 architecture = SD35_MEDIUM.name
             else:
                 architecture = SD35_LARGE.name if config.get("qk_norm") else SD3.name
-            return TransformerFile(SD3_FAMILY, architecture, prefix, config, others)
+            return TransformerFile(SD3_FAMILY, architecture, prefix, config, others, held)
     except KeyError as exc:
         raise InvalidArgumentError(f"{path.name} looks like a Flux.1/SD3 transformer but has no {exc.args[0]}",
                                    "The file is incomplete; download it again") from exc
@@ -255,7 +273,8 @@ def _load_narrow(path: str | Path, info: TransformerFile, cls, config: dict, dty
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    native = {k[len(info.prefix):]: v for k, v in tensors.items() if k.startswith(info.prefix)}
+    native = {k[len(info.prefix):]: v for k, v in tensors.items()
+              if k.startswith(info.prefix) and not k.startswith(_PART_STARTS)}
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     missing, unexpected = model.load_state_dict(diffusers_state_dict(native, info.family), strict=False)
     if missing or unexpected:
@@ -266,3 +285,34 @@ def _load_narrow(path: str | Path, info: TransformerFile, cls, config: dict, dty
 
     model.eval()  # as from_pretrained and from_single_file leave it
     return model.to(dtype) if dtype not in (None, torch.float32) else model
+
+
+def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=None):
+    """The pipeline component ``cls`` of an all-in-one file's ``part`` (see :data:`PART_PREFIXES`),
+    configured from ``config_folder`` (the diffusers folder's subfolder for that component).
+
+    The VAE goes through diffusers' own converter of the original names; a text encoder's weights
+    are transformers' own, loaded as they are. Weights the configuration expects but the file
+    lacks are a one-line error, never random values.
+    """
+    import torch
+
+    if part == "vae":
+        kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+        return cls.from_single_file(str(path), config=str(config_folder.parent), subfolder=config_folder.name,
+                                    local_files_only=True, **kwargs)
+    from safetensors import safe_open
+
+    (prefix,) = PART_PREFIXES[part]
+    with safe_open(str(path), framework="pt") as opened:
+        state = {name[len(prefix):]: opened.get_tensor(name) for name in opened.keys() if name.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older files store
+    config = cls.config_class.from_pretrained(config_folder)
+    kwargs = {} if dtype in (None, torch.float32) else {"dtype": dtype}
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise InvalidArgumentError(f"{Path(path).name} holds an incomplete or differently shaped {part} text encoder "
+                                   f"({len(missing)} weights missing, {len(info.get('mismatched_keys') or ())} of "
+                                   "another shape)", "The file is damaged, or the components folder is of another model")
+    return model.eval()

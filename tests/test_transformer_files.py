@@ -129,7 +129,7 @@ def test_training_on_the_file_lowers_the_loss(flux_files, tmp_path):
 
 def test_a_transformer_file_without_components_is_one_line(flux_files, tmp_path, lorareg):
     _, file = flux_files
-    with pytest.raises(InvalidArgumentError, match="holds only the Flux.1 transformer") as info:
+    with pytest.raises(InvalidArgumentError, match="holds the Flux.1 transformer;") as info:
         load_base_model(file)
     assert "\n" not in str(info.value) and "--base-components" in str(info.value)
     result = lorareg("generate", "x", "--base", file, "-o", tmp_path / "o")
@@ -163,3 +163,57 @@ def test_single_file_for_an_sd_architecture_is_refused(tmp_path, lorareg):
     result = lorareg("tiny-model", tmp_path / "b", "--arch", "sd1", "--single-file", tmp_path / "u.safetensors")
     assert result.code != 0 and "only for Flux.1 and SD3" in result.err
     assert not (tmp_path / "u.safetensors").exists()
+
+
+def _weightless_copy(folder, target, emptied):
+    """The diffusers folder with the weights of ``emptied`` components removed (their configs kept)."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    for name in emptied:
+        for weights in (target / name).glob("*.safetensors"):
+            weights.unlink()
+    return target
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_an_all_in_one_file_gives_its_vae_and_text_encoders_and_the_folder_only_configs(arch, tmp_path, lorareg):
+    # SD3's tiny CLIP-L and CLIP-G have one width, so which is which can only come from the names.
+    from tests.helpers.compose_cases import all_in_one_file
+
+    folder = write_tiny_model(tmp_path / arch, arch, single_file=tmp_path / "t.safetensors",
+                              single_file_prefix="model.diffusion_model.")
+    file = all_in_one_file(folder, tmp_path / "t.safetensors", tmp_path / "all-in-one.safetensors")
+    encoders = ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if arch == "sd3" else [])
+    configs_only = _weightless_copy(folder, tmp_path / "configs", ["vae", *encoders])
+    info = inspect_transformer_file(file, _shapes(file))
+    assert set(info.components()) == {"vae", *encoders}
+    base = load_base_model(file, components=configs_only)
+    reference = load_base_model(folder)
+    for ours, theirs in [(base.vae, reference.vae), *zip(base.text_encoders, reference.text_encoders),
+                         (base.denoiser, reference.denoiser)]:
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), type(theirs).__name__
+    settings = GenerationSettings("a red castle", "", 2, 3.5 if arch == "flux" else 5.0, 32, 32, seed=3)
+    # The weights are equal bit for bit (above); where they sit in memory still moves float rounding (~2e-7).
+    assert torch.allclose(render(reference.pipeline(), settings, [3], output_type="latent")[0],
+                          render(base.pipeline(), settings, [3], output_type="latent")[0], rtol=0, atol=1e-5)
+    result = lorareg("generate", "a red castle", "--steps", "1", "--width", "32", "--height", "32", "--base", file,
+                     "--base-components", configs_only, "-o", tmp_path / "images")
+    assert result.code == 0, result.err
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1
+
+
+def test_parts_an_all_in_one_file_lacks_come_from_the_folder_and_missing_weights_are_one_line(flux_files, tmp_path):
+    from tests.helpers.compose_cases import all_in_one_file
+
+    folder, transformer = flux_files
+    file = all_in_one_file(folder, transformer, tmp_path / "te-only.safetensors", parts=("clip_l", "t5xxl"))
+    base = load_base_model(file, components=_weightless_copy(folder, tmp_path / "no-te", ["text_encoder", "text_encoder_2"]))
+    vae = load_base_model(folder).vae.state_dict()
+    assert all(torch.equal(base.vae.state_dict()[k], v) for k, v in vae.items())  # from the folder
+    with pytest.raises(InvalidArgumentError, match="lack weights the file te-only.safetensors does not hold") as info:
+        load_base_model(file, components=_weightless_copy(folder, tmp_path / "no-vae", ["vae"]))
+    assert "\n" not in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="and its vae, text_encoder, text_encoder_2; the tokenizers"):
+        load_base_model(all_in_one_file(folder, transformer, tmp_path / "aio.safetensors"))

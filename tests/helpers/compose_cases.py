@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from loralib.adapter import LoraAdapter, LoraModule
@@ -112,3 +115,50 @@ def single_file_checkpoint(folder, target):
         out["first_stage_model." + name] = tensor  # carried along untouched
     save_file(out, target)
     return target
+
+
+def ldm_vae_state_dict(diffusers_state: dict, up_blocks: int) -> dict:
+    """A diffusers AutoencoderKL state dict in the original (LDM) names all-in-one checkpoints use:
+    ``down.{i}.block.{j}``, ``mid.block_1``/``attn_1`` (1×1 convs), ``up`` counted from the output side."""
+    out = {}
+    for name, tensor in diffusers_state.items():
+        new = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", new)
+        new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0", r"down.\1.downsample", new)
+        new = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda m: f"up.{up_blocks - 1 - int(m[1])}.block.{m[2]}", new)
+        new = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"up.{up_blocks - 1 - int(m[1])}.upsample", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", new)
+        attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+        found = re.match(r"(.*)mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", new)
+        if found:
+            new = f"{found[1]}mid.attn_1.{attention[found[2]]}.{found[3]}"
+            if found[2] != "group_norm" and found[3] == "weight":
+                tensor = tensor[:, :, None, None]  # LDM keeps them as 1×1 convolutions
+        out[new] = tensor
+    return out
+
+
+def all_in_one_file(folder, transformer_file, target, parts=("vae", "clip_l", "clip_g", "t5xxl")) -> Path:
+    """A ComfyUI-style all-in-one Flux.1/SD3 checkpoint: the transformer file's weights, the folder's
+    VAE under ``vae.`` in LDM names and its text encoders under ``text_encoders.<part>.transformer.``
+    in transformers' names (``clip_g`` and a T5 in ``text_encoder_3`` for SD3)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out = dict(load_file(transformer_file))
+    sd3 = (folder / "text_encoder_3").is_dir()
+    encoders = {"clip_l": "text_encoder", "clip_g": "text_encoder_2" if sd3 else None,
+                "t5xxl": "text_encoder_3" if sd3 else "text_encoder_2"}
+    for part in parts:
+        if part == "vae":
+            config = json.loads((folder / "vae" / "config.json").read_text())
+            vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+            out.update({"vae." + k: v for k, v in ldm_vae_state_dict(vae, len(config["up_block_types"])).items()})
+        elif encoders.get(part):
+            for name, tensor in load_file(folder / encoders[part] / "model.safetensors").items():
+                if part != "t5xxl" and not name.startswith(("text_model.", "text_projection.")):
+                    name = "text_model." + name  # as published files (and transformers before 5.6) name CLIP's
+                out[f"text_encoders.{part}.transformer.{name}"] = tensor
+    save_file(out, target)
+    return Path(target)
