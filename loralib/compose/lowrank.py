@@ -126,8 +126,8 @@ def gram(matrix: torch.Tensor, *, rows: bool = False) -> torch.Tensor:
     product; numpy hands a matrix times its own transpose to BLAS' symmetric routine (``syrk``),
     which computes one triangle: 1.4-3× faster here for LoRA shapes. numpy's BLAS is used only
     when it runs one thread per call (``OPENBLAS_NUM_THREADS=1``, which the ``lorareg`` command
-    sets): modules are computed side by side already, and a second BLAS thread per call only
-    competes with them for the cores.
+    sets before numpy loads; OpenBLAS reads it only then): modules are computed side by side
+    already, and a second BLAS thread per call only competes with them for the cores.
     """
     if matrix.device.type != "cpu" or matrix.dtype not in (torch.float32, torch.float64) or matrix.requires_grad \
             or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
@@ -179,7 +179,7 @@ def _cholesky_svd(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> 
     (chol_up, norms_up), (chol_down, norms_down) = left, right
     core = chol_up.T @ ((norms_up * scale[live] * norms_down)[:, None] * chol_down)
     # eigh of C Cᵀ is twice as fast as an SVD of C; float64 keeps σ accurate to 1e-8 σ_max
-    squares, core_u = torch.linalg.eigh(core @ core.T)
+    squares, core_u = torch.linalg.eigh(gram(core, rows=True))
     squares, core_u = squares.flip(0).clamp(min=0), core_u.flip(1)
     s = squares.sqrt()
 

@@ -234,12 +234,29 @@ def exact_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stacked_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(up, down, scale)`` with ``up @ diag(scale) @ down`` the exact weighted sum (no scaling pass)."""
+    """``(up, down, scale)`` with ``up @ diag(scale) @ down`` the exact weighted sum (no scaling pass).
+
+    Plain LoRA factors are widened straight into their place in the stacked matrices: one pass
+    over the stored values instead of a widened copy and then a concatenated one."""
     dtype = _dtype(parts)
-    factors = [module.low_rank(dtype) for module, _, _ in parts]
+    factors = [module.low_rank(module.dtype if _stored_as_is(module) else dtype) for module, _, _ in parts]
     scale = torch.cat([torch.full((f[0].shape[1],), weight * f[2], dtype=torch.float64)
                        for f, (_, weight, _) in zip(factors, parts)])
-    return torch.cat([f[0] for f in factors], dim=1), torch.cat([f[1] for f in factors], dim=0), scale
+    first_up, first_down, _ = factors[0]
+    up = torch.empty(first_up.shape[0], len(scale), dtype=dtype, device=first_up.device)
+    down = torch.empty(len(scale), first_down.shape[1], dtype=dtype, device=first_down.device)
+    start = 0
+    for part_up, part_down, _ in factors:
+        end = start + part_up.shape[1]
+        up[:, start:end].copy_(part_up)
+        down[start:end].copy_(part_down)
+        start = end
+    return up, down, scale
+
+
+def _stored_as_is(module: AdapterModule) -> bool:
+    """True when a module's low-rank factors are its stored tensors (a LoRA without a CP mid)."""
+    return module.kind == "lora" and getattr(module, "mid", None) is None and module.dtype.is_floating_point
 
 
 def _linear(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
