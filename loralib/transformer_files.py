@@ -299,8 +299,11 @@ def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=
 
     if part == "vae":
         kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
-        return cls.from_single_file(str(path), config=str(config_folder.parent), subfolder=config_folder.name,
-                                    local_files_only=True, **kwargs)
+        try:
+            return cls.from_single_file(str(path), config=str(config_folder.parent), subfolder=config_folder.name,
+                                        local_files_only=True, **kwargs)
+        except (RuntimeError, NotImplementedError, ValueError, KeyError) as exc:  # missing or misshapen weights
+            raise _damaged_part(path, part, str(exc).splitlines()[0][:120]) from exc
     from safetensors import safe_open
 
     (prefix,) = PART_PREFIXES[part]
@@ -309,10 +312,17 @@ def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older files store
     config = cls.config_class.from_pretrained(config_folder)
     kwargs = {} if dtype in (None, torch.float32) else {"dtype": dtype}
-    model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
+    except (RuntimeError, ValueError) as exc:  # weights of another shape than the configuration's
+        raise _damaged_part(path, part, "weights of another shape than its configuration says") from exc
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
-    if missing or info.get("mismatched_keys"):
-        raise InvalidArgumentError(f"{Path(path).name} holds an incomplete or differently shaped {part} text encoder "
-                                   f"({len(missing)} weights missing, {len(info.get('mismatched_keys') or ())} of "
-                                   "another shape)", "The file is damaged, or the components folder is of another model")
+    if missing:
+        raise _damaged_part(path, part, f"{len(missing)} weights missing, e.g. {missing[0]}")
     return model.eval()
+
+
+def _damaged_part(path: str | Path, part: str, why: str) -> InvalidArgumentError:
+    what = "VAE" if part == "vae" else f"{part} text encoder"
+    return InvalidArgumentError(f"{Path(path).name} holds an incomplete or damaged {what} ({why})",
+                                "The file is damaged, or the components folder is of another model")

@@ -13,6 +13,8 @@ Oracles:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,28 @@ def test_parts_an_all_in_one_file_lacks_come_from_the_folder_and_missing_weights
     assert "\n" not in str(info.value)
     with pytest.raises(InvalidArgumentError, match="and its vae, text_encoder, text_encoder_2; the tokenizers"):
         load_base_model(all_in_one_file(folder, transformer, tmp_path / "aio.safetensors"))
+
+
+def test_damaged_parts_of_an_all_in_one_file_are_one_line_naming_the_part(flux_files, tmp_path, lorareg):
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers.compose_cases import all_in_one_file
+
+    folder, transformer = flux_files
+    whole = load_file(all_in_one_file(folder, transformer, tmp_path / "aio.safetensors"))
+    reshaped = next(k for k in whole if k.startswith("text_encoders.clip_l.") and k.endswith("fc1.weight"))
+    damaged = {
+        "clip_l text encoder (weights of another shape": {**whole, reshaped: torch.zeros(3, 3)},
+        "VAE (": {k: v for k, v in whole.items() if not (k.startswith("vae.") and "mid.attn_1" in k)},
+        "t5xxl text encoder (9 weights missing": {k: v for k, v in whole.items()
+                                                  if not (k.startswith("text_encoders.t5xxl.") and ".block.1." in k)},
+    }
+    for number, (expected, tensors) in enumerate(damaged.items()):
+        file = tmp_path / f"damaged{number}.safetensors"
+        save_file(tensors, file)
+        with pytest.raises(InvalidArgumentError, match=f"holds an incomplete or damaged {re.escape(expected)}"):
+            load_base_model(file, components=folder)
+        result = lorareg("generate", "x", "--steps", "1", "--width", "32", "--height", "32", "--base", file,
+                         "--base-components", folder, "-o", tmp_path / f"out{number}")
+        assert result.code != 0 and len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+        assert not (tmp_path / f"out{number}").exists()
