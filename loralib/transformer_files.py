@@ -308,7 +308,8 @@ def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=
 
     (prefix,) = PART_PREFIXES[part]
     with safe_open(str(path), framework="pt") as opened:
-        state = {name[len(prefix):]: opened.get_tensor(name) for name in opened.keys() if name.startswith(prefix)}
+        names = opened.keys()  # safe_open is not iterable
+        state = {name[len(prefix):]: opened.get_tensor(name) for name in names if name.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older files store
     config = cls.config_class.from_pretrained(config_folder)
     kwargs = {} if dtype in (None, torch.float32) else {"dtype": dtype}

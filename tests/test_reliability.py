@@ -635,10 +635,10 @@ def test_nonfinite_factors_are_refused_naming_the_module_unless_allowed(lorareg,
 
 @pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers"])
 def test_values_that_overflow_only_once_stored_are_refused_while_writing_and_nothing_is_left(tmp_path, fmt):
-    from loralib.errors import CorruptFileError
-    from loralib.formats import save_adapter
     import torch
 
+    from loralib.errors import CorruptFileError
+    from loralib.formats import save_adapter
     from loralib.synthetic import random_adapter
     from tests.helpers.compose_cases import SMALL_LAYERS
 
