@@ -11,6 +11,9 @@ local folder so nothing is downloaded.
 Writing (:func:`native_state_dict`) is the inverse of diffusers' converters, built on the module
 tables of :mod:`loralib.naming.flux` and :mod:`loralib.naming.sd3`; ``lorareg tiny-model
 --single-file`` uses it, and the tests load its output with diffusers' converters.
+
+All-in-one files also hold the VAE and text encoders (:data:`PART_PREFIXES`);
+:func:`load_file_part` reads each of them, configured from a diffusers folder.
 """
 
 from __future__ import annotations
@@ -297,8 +300,9 @@ def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=
     """
     import torch
 
+    plain = dtype in (None, torch.float32)  # naming float32 only draws deprecation warnings
     if part == "vae":
-        kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {} if plain else {"torch_dtype": dtype}
         try:
             return cls.from_single_file(str(path), config=str(config_folder.parent), subfolder=config_folder.name,
                                         local_files_only=True, **kwargs)
@@ -312,7 +316,7 @@ def load_file_part(path: str | Path, part: str, cls, config_folder: Path, dtype=
         state = {name[len(prefix):]: opened.get_tensor(name) for name in names if name.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older files store
     config = cls.config_class.from_pretrained(config_folder)
-    kwargs = {} if dtype in (None, torch.float32) else {"dtype": dtype}
+    kwargs = {} if plain else {"dtype": dtype}
     try:
         model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as exc:  # weights of another shape than the configuration's
