@@ -13,7 +13,7 @@ from loralib.vocabulary import DEVICES, STORAGE_DTYPES, SVD_METHODS, WRITE_FORMA
 
 from .output import note, plain, print_error, print_json, shown
 from .paths import adapter_output, make_parents, refuse_existing
-from .refs import complete_adapters, register_output, resolve_adapter
+from .refs import complete_adapters, known_hashes, register_output, resolve_adapter
 
 
 @click.command("inspect")
@@ -199,7 +199,7 @@ def convert_command(ctx: click.Context, adapter: str, fmt: str, output: str | No
 
     use_threads(0)  # copying factors: one thread is enough
     result = convert(source, target, fmt, force=force, dtype=storage, drop_embeddings=drop_embeddings,
-                     allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+                     allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, source_hashes=known_hashes(ctx, source))
     register_output(ctx, result)
     if as_json:
         print_json({"output": str(result.path), "format": result.format, "files": [str(f) for f in result.files],

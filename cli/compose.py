@@ -23,7 +23,7 @@ from loralib.vocabulary import COMPONENTS, DEVICES, MERGE_METHODS, STORAGE_DTYPE
 
 from .output import note, plain, print_json, progress, shown
 from .paths import adapter_output, make_parents, output_file, refuse_existing
-from .refs import complete_adapters, register_output, resolve_adapter
+from .refs import complete_adapters, load_input, register_output, resolve_adapter
 from .threads import folder_bytes, use_threads
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -218,8 +218,9 @@ def merge_command(ctx: click.Context, adapters: tuple[str, ...], rank: int | Non
     from loralib.compose import merge
 
     use_threads(folder_bytes(path for path, _ in inputs))
+    loaded = [(load_input(ctx, path), weight) for path, weight in inputs]
     with progress("merging", enabled=not as_json) as update:
-        composition = merge(inputs, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
+        composition = merge(loaded, rank, method=method, dynamic=dynamic, max_rank=max_rank, density=density,
                             seed=seed, svd=svd, dtype=_dtype(dtype), base=Path(base) if base else None,
                             progress=update, allow_nonfinite=allow_nonfinite, device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, allow_nonfinite, rank)
@@ -255,7 +256,7 @@ def resize_command(ctx: click.Context, adapter: str, rank: int | None, dynamic: 
 
     use_threads(folder_bytes([source]))
     with progress("resizing", enabled=not as_json) as update:
-        composition = resize(source, rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
+        composition = resize(load_input(ctx, source), rank, dynamic=dynamic, max_rank=max_rank, dtype=_dtype(dtype),
                              base=Path(base) if base else None, progress=update, device=device)
     save_composition(ctx, composition, target, fmt, force, as_json, rank=rank)
 

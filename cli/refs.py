@@ -59,6 +59,20 @@ def resolve_adapter(ctx: click.Context, reference: str) -> Path:
     return resolve(reference, catalog_home(ctx))
 
 
+def known_hashes(ctx: click.Context, path: Path):
+    """The hashes the catalog holds for the unchanged single-file adapter ``path`` (None: hash it)."""
+    from lorareg.registry.known import known_hashes as recorded
+
+    return recorded(path, catalog_home(ctx))
+
+
+def load_input(ctx: click.Context, path: Path):
+    """Load an operation's input adapter, with its hashes from the catalog when it holds them."""
+    from loralib.formats import load_adapter
+
+    return load_adapter(path, hashes=known_hashes(ctx, path))
+
+
 def register_output(ctx: click.Context, result: SaveResult, samples: list[Path] = ()) -> None:
     """Record a written adapter (a loralib ``SaveResult``) and its lineage in the catalog, with the
     sample images made with it.

@@ -190,6 +190,21 @@ class Catalog:
         found = self._entries("a.name = ? COLLATE NOCASE", (" ".join(name.split()),))
         return found[0] if found else None
 
+    def file_hashes(self, path: str | os.PathLike, size: int, mtime_ns: int) -> FileHashes | None:
+        """The hashes recorded for the single-file adapter at ``path`` when it has not changed since
+        (the same size and modification time, as ``scan`` trusts); None when unknown or changed."""
+        from loralib.files.hashes import FileHashes
+
+        from .upgrade_v4 import placeholder_identity
+
+        row = self.conn.execute(
+            "SELECT f.sha256, a.tensor_sha256, a.legacy, a.identity FROM files f JOIN adapters a ON a.id = f.adapter_id "
+            "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ? AND f.state = 'ok'",
+            (str(path), size, mtime_ns)).fetchone()
+        if row is None or not all(row) or row["identity"] == placeholder_identity(row["tensor_sha256"]):
+            return None
+        return FileHashes(row["sha256"], row["tensor_sha256"], row["legacy"], row["identity"])
+
     def by_identity(self, identity: str) -> Entry | None:
         """The entry with this identity (its content as stored)."""
         found = self._entries("a.identity = ?", (identity.lower(),))

@@ -123,3 +123,39 @@ def test_register_output_accepts_paths_records_and_weights(tmp_path, layers):
         assert entry.operation["dataset"] == {"images": 12} and entry.operation["inputs"][1]["images"] == 12
         assert entry.samples == [{"path": str(sample), "prompt": None, "weight": 1.0, "source": "train"}]
         assert parents[0].identity == hash_file(a).identity and parents[0].name is None
+
+
+@pytest.mark.parametrize("command", ["convert", "resize", "merge"])
+def test_inputs_the_catalog_holds_unchanged_are_not_hashed_again(lorareg, layers, tmp_path, monkeypatch, command):
+    import hashlib
+    import os
+
+    import loralib.files.hashes as hashes
+    from loralib.metadata import history
+
+    source = tmp_path / "source.safetensors"
+    loralib.save(random_adapter(layers, rank=8, seed=3, architecture="sd1"), source)
+    assert lorareg("add", source).code == 0
+    hashed = []
+    real = hashes.hash_adapter_files
+    monkeypatch.setattr(hashes, "hash_adapter_files", lambda headers: hashed.extend(h.path for h in headers) or real(headers))
+    arguments = {"convert": ["convert", source], "resize": ["resize", source, "--rank", "4"],
+                 "merge": ["merge", f"{source}:0.5", f"{source}:0.5"]}[command]
+
+    def run(output):
+        result = lorareg(*arguments, "-o", output)
+        assert result.code == 0, result.err
+        (record,) = [r for r in history(loralib.load(output).metadata) if r["operation"] == command]
+        return record["inputs"][0]
+
+    recorded = run(tmp_path / "out1.safetensors")
+    assert source not in hashed  # the catalog's hashes were used
+    data = source.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    assert recorded["sha256"] == hashlib.sha256(data).hexdigest()  # and they are the file's
+    assert recorded["tensor_sha256"] == hashlib.sha256(data[start:]).hexdigest()
+    assert recorded["identity"] == hash_file(source).identity
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # changed since: hashed again
+    assert run(tmp_path / "out2.safetensors")["tensor_sha256"] == recorded["tensor_sha256"]
+    assert source in hashed

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraAdapter
+    from ..files.hashes import FileHashes
     from ..records import OperationRecord
 
 __all__ = ["FORMATS", "WRITE_FORMATS", "AdapterIndex", "Format", "Inputs", "Kind", "SaveResult", "convert",
@@ -74,12 +75,13 @@ def index_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterInd
     return index_inputs(inputs, identify_inputs(inputs))
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+def load_adapter(path: str | Path, *, allow_pickle: bool = False, hashes: FileHashes | None = None) -> LoraAdapter:
     """Load the LoRA adapter at ``path`` (a file or a PEFT/diffusers folder), in any readable format.
 
     The hashes of its files (its identity and tensor hash, which operation records name it by)
-    are computed in a background thread while the tensors load. Tensors are views of the
-    memory-mapped files; :meth:`LoraAdapter.release` lets go of a module's memory once used.
+    are computed in a background thread while the tensors load, unless ``hashes`` gives them
+    already (a catalog's record of this unchanged file). Tensors are views of the memory-mapped
+    files; :meth:`LoraAdapter.release` lets go of a module's memory once used.
     """
     from ..adapter import LoraAdapter
     from ..compose.parallel import single_threaded_torch
@@ -88,7 +90,10 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
 
     index = index_adapter(path, allow_pickle=allow_pickle)
     headers = [s.header for s in index.sources]
-    identity = Deferred(hash_adapter_files, headers) if all(h is not None for h in headers) else None
+    if hashes is not None:
+        identity = Deferred.ready(hashes)
+    else:
+        identity = Deferred(hash_adapter_files, headers) if all(h is not None for h in headers) else None
     tensors = {}
     for source in index.sources:
         wanted = [n for e in index.modules.values() if e.source is source for n in e.tensor_names()]
@@ -224,9 +229,11 @@ def refuse_kinds(adapter: LoraAdapter, fmt: Format) -> None:
 
 def convert(source: str | Path, output: str | Path, format: str = "kohya", *, force: bool = False,
             dtype: torch.dtype | None = None, drop_embeddings: bool = False, allow_pickle: bool = False,
-            allow_nonfinite: bool = False, fused_rank: int | None = None) -> SaveResult:
+            allow_nonfinite: bool = False, fused_rank: int | None = None,
+            source_hashes: FileHashes | None = None) -> SaveResult:
     """Convert the adapter at ``source`` to ``format`` at ``output``; ``ΔW`` of every module is unchanged
     (unless ``fused_rank`` asks for a lower rank of fused layers, see :func:`save_adapter`).
+    ``source_hashes`` are the source's hashes when already known (see :func:`load_adapter`).
 
     Refused before anything is read: an output that is the source itself (any spelling of it).
     """
@@ -236,7 +243,7 @@ def convert(source: str | Path, output: str | Path, format: str = "kohya", *, fo
 
     fmt = writer(format)
     refuse_input_as_output(output, input_files([source]))
-    adapter = load_adapter(source, allow_pickle=allow_pickle)
+    adapter = load_adapter(source, allow_pickle=allow_pickle, hashes=source_hashes)
     params = {"from_format": adapter.source_format, "to_format": fmt.name}
     if fused_rank is not None:
         params["fused_rank"] = fused_rank
