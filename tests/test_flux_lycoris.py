@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import loralib
 from loralib.errors import UnsupportedFormatError
+from tests.helpers.lycoris_cases import assert_close
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e '.[test]')")
 from lycoris.functional import loha as lyco_loha  # noqa: E402
@@ -36,12 +37,6 @@ def _no_grad():
 
 def _g(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def _close(a, b, tol=1e-5):
-    a, b = a.double(), b.double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12)
 
 
 def _split_rows(dense, path):
@@ -103,7 +98,7 @@ def test_the_bfl_lokr_key_list_is_read_into_exact_parts(key_lists, tmp_path):
     assert set(adapter.modules) == {k for p in wanted for k in PARTS[p][1]}
     for path, (_, dense) in built.items():
         for key, rows in _split_rows(dense, path).items():
-            _close(adapter.modules[key].delta(), rows)
+            assert_close(adapter.modules[key].delta(), rows)
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
@@ -115,9 +110,9 @@ def test_kohya_named_flux_loha_and_lokr_split_exactly(tmp_path, kind):
     assert set(adapter.kinds) == {kind} and adapter.architecture == "flux"
     for path, (_, dense) in built.items():
         for key, rows in _split_rows(dense, path).items():
-            _close(adapter.modules[key].delta(), rows)
+            assert_close(adapter.modules[key].delta(), rows)
             up, down, coefficient = adapter.modules[key].low_rank(torch.float64)  # the exact low-rank form too
-            _close(coefficient * up @ down, rows)
+            assert_close(coefficient * up @ down, rows)
 
 
 def test_full_differences_and_a_swapped_final_layer_split_exactly(tmp_path):
@@ -133,7 +128,7 @@ def test_full_differences_and_a_swapped_final_layer_split_exactly(tmp_path):
                                  torch.split(diff_b, PARTS["single_blocks.0.linear1"][2])):
         assert torch.equal(adapter.modules[key].delta(), rows) and torch.equal(adapter.modules[key].bias_delta(), bias)
     for key, rows in _split_rows(dense, "double_blocks.0.img_attn.qkv").items():
-        _close(adapter.modules[key].delta(), rows)
+        assert_close(adapter.modules[key].delta(), rows)
     shift, scale = final["diff"].chunk(2)  # BFL stores shift then scale; diffusers' norm_out.linear scale then shift
     assert torch.equal(adapter.modules["transformer.norm_out.linear"].delta(), torch.cat([scale, shift]))
 
@@ -162,7 +157,7 @@ def test_fused_dora_with_per_output_magnitude_splits_exactly(tmp_path, inner):
     expected = _dora_dense(base.double(), dense.double(), magnitude.reshape(-1).double(), eps)
     _, keys, rows = PARTS[path]
     for key, part_base, part in zip(keys, torch.split(base, rows), torch.split(expected, rows)):
-        _close(adapter.modules[key].delta(base=part_base), part, 1e-4)
+        assert_close(adapter.modules[key].delta(base=part_base), part, 1e-4)
     if inner == "lora":  # the bias difference beside the factors is split by rows too
         for key, bias in zip(keys, torch.split(factors["diff_b"], rows)):
             assert torch.equal(adapter.modules[key].bias_delta(), bias)
@@ -216,4 +211,4 @@ def test_a_flux_loha_is_inspected_and_converted_to_an_exact_plain_lora(tmp_path,
     assert set(plain.kinds) == {"lora"}
     for path, (_, dense) in built.items():
         for key, rows in _split_rows(dense, path).items():
-            _close(plain.modules[key].delta(), rows)
+            assert_close(plain.modules[key].delta(), rows)

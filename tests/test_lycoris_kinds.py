@@ -20,6 +20,7 @@ from loralib.errors import CorruptFileError, InvalidArgumentError
 from loralib.layers import LayerShape
 from loralib.lycoris.kinds import DoraModule, FullModule, LohaModule, LokrModule, NormModule, dora
 from loralib.lycoris.synthetic import random_loha, random_lokr
+from tests.helpers.lycoris_cases import assert_close
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e '.[test]')")
 from lycoris.functional import general as lyco_general  # noqa: E402
@@ -41,12 +42,6 @@ def _g(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
-    a, b = a.double(), b.double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12), float((a - b).norm() / b.norm())
-
-
 def _loha_oracle(m: LohaModule) -> torch.Tensor:
     scale = torch.tensor(m.alpha / m.rank)
     delta = lyco_loha.diff_weight(m.w1_b, m.w1_a, m.w2_b, m.w2_a, m.t1, m.t2, gamma=scale, backend="torch")
@@ -65,12 +60,12 @@ LOHA_CASES = {
 def test_loha_delta_matches_lycoris_and_its_low_rank_form_is_exact(case):
     module = LOHA_CASES[case]()
     reference = _loha_oracle(module)
-    _close(module.delta(), reference)
+    assert_close(module.delta(), reference)
     up, down, coefficient = module.low_rank(torch.float64)
     assert up.shape[1] == module.exact_rank == module.w1_b.shape[0] * module.w2_b.shape[0]
-    _close((coefficient * up @ down).reshape(module.weight_shape), reference)
+    assert_close((coefficient * up @ down).reshape(module.weight_shape), reference)
     x = torch.randn(5, module.flat_shape[1], generator=_g(9))
-    _close(module.apply(x), x @ reference.reshape(module.out_features, -1).T)
+    assert_close(module.apply(x), x @ reference.reshape(module.out_features, -1).T)
 
 
 def test_loha_apply_matches_lycoris_bypass_forward():
@@ -81,7 +76,7 @@ def test_loha_apply_matches_lycoris_bypass_forward():
     reference = Reference.make_module_from_state_dict("m", layer, module.w1_a, module.w1_b, module.w2_a, module.w2_b,
                                                       None, None, torch.tensor(module.alpha), None)
     x = torch.randn(3, LINEAR.in_features, generator=_g(6))
-    _close(module.apply(x), reference.bypass_forward_diff(x))
+    assert_close(module.apply(x), reference.bypass_forward_diff(x))
 
 
 def _lokr_oracle(m: LokrModule) -> torch.Tensor:
@@ -108,14 +103,14 @@ LOKR_CASES = {
 def test_lokr_delta_matches_lycoris_and_its_low_rank_form_is_exact(case):
     module = LOKR_CASES[case]()
     reference = _lokr_oracle(module)
-    _close(module.delta(), reference)
+    assert_close(module.delta(), reference)
     if case.startswith("both full"):
         assert module.scale == 1.0 and module.rank is None
     up, down, coefficient = module.low_rank(torch.float64)
     assert up.shape[1] == module.exact_rank
-    _close((coefficient * up @ down).reshape(module.weight_shape), reference)
+    assert_close((coefficient * up @ down).reshape(module.weight_shape), reference)
     x = torch.randn(4, module.flat_shape[1], generator=_g(9))
-    _close(module.apply(x), x @ reference.reshape(module.out_features, -1).T)
+    assert_close(module.apply(x), x @ reference.reshape(module.out_features, -1).T)
 
 
 def test_lokr_apply_matches_lycoris_bypass_forward():
@@ -127,7 +122,7 @@ def test_lokr_apply_matches_lycoris_bypass_forward():
     reference = Reference.make_module_from_state_dict("m", layer, module.w1, None, None, None, module.w2_a,
                                                       module.w2_b, None, None, torch.tensor(module.alpha), None)
     x = torch.randn(3, shape.in_features, generator=_g(8))
-    _close(module.apply(x), reference.bypass_forward_diff(x))
+    assert_close(module.apply(x), reference.bypass_forward_diff(x))
 
 
 def test_full_and_norm_differences_match_lycoris_merge():
@@ -138,15 +133,15 @@ def test_full_and_norm_differences_match_lycoris_merge():
     diff, diff_b = torch.randn(10, 12, generator=_g(1)), torch.randn(10, generator=_g(2))
     weight, bias = FullReference.make_module_from_state_dict("m", layer, diff, diff_b).get_merged_weight()
     module = FullModule(diff, diff_b)
-    _close(layer.weight + module.delta(), weight)
-    _close(layer.bias + module.bias_delta(), bias)
+    assert_close(layer.weight + module.delta(), weight)
+    assert_close(layer.bias + module.bias_delta(), bias)
     norm = nn.LayerNorm(10)
     w_norm, b_norm = torch.randn(10, generator=_g(3)), torch.randn(10, generator=_g(4))
     weight, bias = NormReference.make_module_from_state_dict("n", norm, w_norm, b_norm).get_merged_weight()
     module = NormModule(w_norm, b_norm)
     assert not module.is_matrix and module.kind == "norm"
-    _close(norm.weight + module.delta(), weight)
-    _close(norm.bias + module.bias_delta(), bias)
+    assert_close(norm.weight + module.delta(), weight)
+    assert_close(norm.bias + module.bias_delta(), bias)
 
 
 @pytest.mark.parametrize("on_out", [True, False])
@@ -163,9 +158,9 @@ def test_lycoris_dora_matches_weight_decompose(inner, on_out):
     reference = lyco_general.weight_decompose(base + module.delta(), scale, 1, wd_on_out=on_out, backend="torch")
     decomposed = dora(module, scale, "lycoris")
     assert decomposed.axis == ("out" if on_out else "in") and decomposed.kind == "dora"
-    _close(base + decomposed.delta(base=base), reference)
+    assert_close(base + decomposed.delta(base=base), reference)
     x = torch.randn(3, 64, generator=g)
-    _close(decomposed.apply(x, base), x @ (reference - base).T)
+    assert_close(decomposed.apply(x, base), x @ (reference - base).T)
     with pytest.raises(InvalidArgumentError, match="base model"):
         decomposed.delta()
 
@@ -180,7 +175,7 @@ def test_lycoris_locon_dora_module_merge_matches_ours_on_a_conv():
     reference = LoConModule.make_module_from_state_dict("c", layer, up, down, None, torch.tensor(1.5), scale)
     merged, _ = reference.get_merged_weight()
     module = dora(LoraModule(down, up, 1.5), scale, "lycoris")
-    _close(layer.weight + module.delta(base=layer.weight.detach()), merged)
+    assert_close(layer.weight + module.delta(base=layer.weight.detach()), merged)
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -199,7 +194,7 @@ def test_peft_dora_matches_peft_merge(conv):
     merged = reference.merge_and_unload()[0].weight
     module = dora(LoraModule(a, b, 5.0), magnitude, "peft")
     assert module.eps == 0 and module.axis == "out"
-    _close(base + module.delta(base=base), merged)
+    assert_close(base + module.delta(base=base), merged)
 
 
 def test_dora_magnitude_of_a_wrong_shape_is_a_corrupt_file():
@@ -235,12 +230,12 @@ def test_the_real_lokr_fixture_matches_lycoris_module_by_module(real_loras):
         x = torch.randn(2, m.in_features, generator=g)
         reference = lyco_lokr.kron_bypass(x, m.w1, m.w1_a, m.w1_b, m.w2, m.w2_a, m.w2_b, None, scale=m.scale,
                                           backend="torch")
-        _close(m.apply(x), reference, 1e-4)
+        assert_close(m.apply(x), reference, 1e-4)
     sample = [k for i, k in enumerate(modules) if i % 25 == 0 or "resnets.0.conv1" in k]
     assert any(modules[k].is_conv for k in sample)
     for key in sample:
         m = modules[key]
         reference = _lokr_oracle(m)
-        _close(m.delta(), reference)
+        assert_close(m.delta(), reference)
         up, down, coefficient = m.low_rank(torch.float64)
-        _close((coefficient * up @ down).reshape(m.weight_shape), reference)
+        assert_close((coefficient * up @ down).reshape(m.weight_shape), reference)

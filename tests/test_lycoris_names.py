@@ -16,6 +16,7 @@ import loralib
 from loralib.errors import LoraError
 from loralib.lycoris.shapes import factorization
 from loralib.naming.flat import meta_layers, shipped_layers
+from tests.helpers.lycoris_cases import assert_close
 
 pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e '.[test]')")
 from lycoris.functional import loha as lyco_loha
@@ -52,12 +53,6 @@ def _loha_dense(t: dict[str, torch.Tensor]) -> torch.Tensor:
     rank = t["hada_w1_b"].shape[0]
     return lyco_loha.diff_weight(t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], None, None,
                                  gamma=torch.tensor(1.0 / rank), backend="torch")
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
-    a, b = a.double(), b.double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12)
 
 
 def _write(path, modules: dict[str, dict[str, torch.Tensor]]):
@@ -98,7 +93,7 @@ def test_every_linear_layer_of_a_full_size_denoiser_reads_back_exactly(tmp_path,
     for path in [*loha_paths, *list(layers)[1::len(layers) // 3]]:  # ΔW against lycoris-lora's functions
         tensors = built[path]
         expected = _loha_dense(tensors) if "hada_w1_a" in tensors else _lokr_dense(tensors)
-        _close(adapter.modules[f"{component}.{path}"].delta(), expected)
+        assert_close(adapter.modules[f"{component}.{path}"].delta(), expected)
 
 
 def test_the_examples_of_the_issue_name_the_diffusers_layers(tmp_path):
@@ -145,13 +140,13 @@ def test_inspect_convert_and_merge_through_the_cli(tmp_path, lorareg):
     plain = loralib.load(tmp_path / "plain.safetensors")
     assert plain.is_plain and plain.architecture == "flux" and set(plain.modules) == set(expected)
     for key, dense in expected.items():
-        _close(plain.modules[key].delta(), dense)
+        assert_close(plain.modules[key].delta(), dense)
 
     res = lorareg("merge", file, f"{tmp_path / 'plain.safetensors'}:-0.25", "-o", tmp_path / "merged.safetensors")
     assert res.code == 0, res.err
     merged = loralib.load(tmp_path / "merged.safetensors")
     for key, dense in expected.items():
-        _close(merged.modules[key].delta(), 0.75 * dense)
+        assert_close(merged.modules[key].delta(), 0.75 * dense)
 
 
 def test_a_name_two_layers_flatten_to_is_refused(monkeypatch):

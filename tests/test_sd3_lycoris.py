@@ -22,6 +22,7 @@ from loralib.architectures import TRANSFORMER
 from loralib.base_model import full_size_layers
 from loralib.errors import LoraError
 from loralib.naming.sd3 import SD3_MAP
+from tests.helpers.lycoris_cases import assert_close
 
 pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e '.[test]')")
 from lycoris.functional import loha as lyco_loha
@@ -96,12 +97,6 @@ def expected_parts(native: str, dense: torch.Tensor, width: int | None = None) -
     return dict(zip(target.keys, torch.split(dense, rows)))
 
 
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
-    a, b = a.double(), b.double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12)
-
-
 def write(path, modules: dict[str, dict[str, torch.Tensor]]):
     save_file({f"{name}.{suffix}": t.contiguous() for name, tensors in modules.items() for suffix, t in tensors.items()},
               str(path))
@@ -131,7 +126,7 @@ def test_every_module_of_a_full_size_sd3_file_is_read_exactly(tmp_path, arch, ki
         assert "transformer.transformer_blocks.12.attn2.to_v" in adapter.modules
     for native in sample(arch):
         for key, rows in expected_parts(native, dense_of(built[native])).items():
-            close(adapter.modules[key].delta(), rows)
+            assert_close(adapter.modules[key].delta(), rows)
 
 
 def test_full_differences_and_the_pre_only_modulation_split_exactly(tmp_path):
@@ -186,7 +181,7 @@ def test_fused_sd3_dora_splits_into_parts_that_match_peft(tmp_path, spelling):
     assert set(adapter.kinds) == {"dora"} and adapter.architecture in ("sd3", "sd35-medium")
     merged = peft_dora_weight(base, down, up, 2.0, magnitude)
     for (key, part), part_base in zip(expected_parts(native, merged - base).items(), torch.split(base, 1536)):
-        close(adapter.modules[key].delta(base=part_base), part, 1e-4)
+        assert_close(adapter.modules[key].delta(base=part_base), part, 1e-4)
 
 
 def _cli_file(tmp_path, name="sample.safetensors", seed=4):
@@ -207,13 +202,13 @@ def test_inspect_convert_merge_and_resize_through_the_cli(tmp_path, lorareg):
     plain = loralib.load(tmp_path / "plain.safetensors")
     assert plain.is_plain and plain.architecture == "sd3"
     for key, rows in expected.items():
-        close(plain.modules[key].delta(), rows)
+        assert_close(plain.modules[key].delta(), rows)
 
     res = lorareg("merge", file, f"{tmp_path / 'plain.safetensors'}:-0.25", "-o", tmp_path / "merged.safetensors")
     assert res.code == 0, res.err
     merged = loralib.load(tmp_path / "merged.safetensors")
     for key, rows in expected.items():
-        close(merged.modules[key].delta(), 0.75 * rows)
+        assert_close(merged.modules[key].delta(), 0.75 * rows)
 
     res = lorareg("resize", file, "--rank", "2", "-o", tmp_path / "r2.safetensors")
     assert res.code == 0, res.err
@@ -252,7 +247,7 @@ def test_text_encoders_are_read_beside_the_transformer_and_norm_keys_are_refused
     adapter = loralib.load(write(tmp_path / "te.safetensors", {**built, spelled("joint_blocks.0.x_block.attn.qkv", "kohya"): qkv}))
     assert adapter.architecture == "sd3" and len(adapter.modules) == 6
     for name, (key, _) in encoders.items():
-        close(adapter.modules[key].delta(), loha_dense(built[name]))
+        assert_close(adapter.modules[key].delta(), loha_dense(built[name]))
     # MMDiT's q/k norms are RMS norms LyCORIS does not adapt: a norm difference there names no module
     file = write(tmp_path / "norm.safetensors", {spelled("joint_blocks.0.x_block.attn.qkv", "mmdit"): qkv,
                                                  spelled("joint_blocks.0.x_block.attn.ln_q", "mmdit"): {"w_norm": torch.ones(64)}})

@@ -16,6 +16,13 @@ from loralib.synthetic import random_module
 KINDS = ("lora", "loha", "lokr", "full", "dora", "loha-tucker", "lokr-full", "dora-lokr", "dora-in")
 
 
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """Assert equal shapes and ``‖a − b‖ ≤ tol · ‖b‖`` (in float64)."""
+    a, b = a.double(), b.double()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12), float((a - b).norm() / b.norm())
+
+
 def has_bias(key: str) -> bool:
     """Whether an SD layer has a bias: all but the UNet's attention q/k/v projections."""
     return re.search(r"attn[12]\.to_[qkv]$", key) is None
