@@ -200,9 +200,23 @@ def concatenate(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of ``Σ c_i · up_i @ down_i``: ``up = [c_1 up_1, …]``, ``down = [down_1; …]``, exactly."""
     dtype = dtype or work_dtype(*(t for up, down, _ in parts for t in (up, down)))
-    ups = [up.to(dtype) * coefficient for up, _, coefficient in parts]
-    downs = [down.to(dtype) for _, down, _ in parts]
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    return stack([(up.to(dtype) * coefficient, down) for up, down, coefficient in parts], dtype)
+
+
+def stack(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([up_1, up_2, …], [down_1; down_2; …])`` in ``dtype``: each factor is converted straight into
+    its place, one pass over its values (instead of a converted copy and then a concatenated one)."""
+    first_up, first_down = factors[0]
+    rank = sum(up.shape[1] for up, _ in factors)
+    up = torch.empty(first_up.shape[0], rank, dtype=dtype, device=first_up.device)
+    down = torch.empty(rank, first_down.shape[1], dtype=dtype, device=first_down.device)
+    start = 0
+    for part_up, part_down in factors:
+        end = start + part_up.shape[1]
+        up[:, start:end].copy_(part_up)
+        down[start:end].copy_(part_down)
+        start = end
+    return up, down
 
 
 def balance(up: torch.Tensor, down: torch.Tensor, coefficient: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ from .inputs import (
     output_shape,
     union_keys,
 )
-from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, work_dtype
+from .lowrank import SVD_METHODS, balance, norm_ratio, relative_distance, stack, work_dtype
 from .parallel import map_modules
 from .plain import left_out_notes
 from .rank_rules import RankRule, rank_rule
@@ -224,33 +224,22 @@ def exact_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the exact weighted sum ``Σ w_i · ΔW_i``: each module's exact low-rank form (LoRA,
     LoHa, LoKr), concatenated, each block balanced."""
     dtype = _dtype(parts)
-    ups, downs = [], []
+    balanced = []
     for module, weight, _ in parts:
         up, down, coefficient = module.low_rank(dtype)
-        up, down = balance(up, down, weight * coefficient)
-        ups.append(up)
-        downs.append(down)
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        balanced.append(balance(up, down, weight * coefficient))
+    return stack(balanced, dtype)
 
 
 def stacked_factors(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(up, down, scale)`` with ``up @ diag(scale) @ down`` the exact weighted sum (no scaling pass).
 
-    Plain LoRA factors are widened straight into their place in the stacked matrices: one pass
-    over the stored values instead of a widened copy and then a concatenated one."""
+    Plain LoRA factors are read as stored and widened straight into their place (:func:`stack`)."""
     dtype = _dtype(parts)
     factors = [module.low_rank(module.dtype if _stored_as_is(module) else dtype) for module, _, _ in parts]
     scale = torch.cat([torch.full((f[0].shape[1],), weight * f[2], dtype=torch.float64)
                        for f, (_, weight, _) in zip(factors, parts)])
-    first_up, first_down, _ = factors[0]
-    up = torch.empty(first_up.shape[0], len(scale), dtype=dtype, device=first_up.device)
-    down = torch.empty(len(scale), first_down.shape[1], dtype=dtype, device=first_down.device)
-    start = 0
-    for part_up, part_down, _ in factors:
-        end = start + part_up.shape[1]
-        up[:, start:end].copy_(part_up)
-        down[start:end].copy_(part_down)
-        start = end
+    up, down = stack([(up, down) for up, down, _ in factors], dtype)
     return up, down, scale
 
 
