@@ -6,7 +6,8 @@ with decaying spectra, at rank 32 and 128.
 
 1. convert kohya -> diffusers (q, k, v split), diffusers -> kohya (fused again) and kohya ->
    ComfyUI, each against a plain ``safetensors`` load + save of the same input file in the same
-   run (goal: <= 1.5x);
+   run (goal: <= 1.5x); each also with the input's hashes already known, as for a file the
+   catalog holds (lorareg then hashes only what it writes);
 2. resize rank r -> r/4 and merge of two rank-r LoRAs to rank r, lorareg's exact low-rank route
    (QR/Cholesky on the factors) against the dense route of sd-scripts' Flux scripts (``up @ down``
    in float32, then ``torch.linalg.svd``), on the same sample of modules — one per layer shape,
@@ -41,6 +42,7 @@ from loralib.base_model import full_size_layers
 from loralib.compose import merge, resize
 from loralib.compose.rank_rules import RankRule
 from loralib.compose.reduce import reduce_factors
+from loralib.files.hashes import hash_file
 from loralib.formats import convert, load_adapter
 from loralib.naming.flux import FLUX_MAP
 
@@ -106,6 +108,7 @@ def bench_convert(work: Path, source: Path, repeats: int) -> list[tuple[str, flo
     """(step, seconds, ratio to the baseline of the same input), interleaved and best of ``repeats``."""
     diffusers_file = fresh(work / "as_diffusers.safetensors")
     convert(source, diffusers_file, "diffusers")
+    known, known_diffusers = hash_file(source), hash_file(diffusers_file)
     # (output, step): the previous output is deleted before each timed run, outside the timing
     steps = {
         "safetensors load + save (baseline)": (work / "plain.safetensors", lambda out: save_file(load_file(source), out)),
@@ -113,6 +116,14 @@ def bench_convert(work: Path, source: Path, repeats: int) -> list[tuple[str, flo
         "kohya -> diffusers (split)": (work / "d.safetensors", lambda out: convert(source, out, "diffusers")),
         "diffusers -> kohya (fused)": (work / "k.safetensors", lambda out: convert(diffusers_file, out, "kohya")),
         "kohya -> ComfyUI": (work / "c.safetensors", lambda out: convert(source, out, "comfyui")),
+        # the input's hashes known, as the catalog knows them for a file it holds (see registry/known.py)
+        "kohya -> diffusers, hashes known": (work / "dk.safetensors",
+                                             lambda out: convert(source, out, "diffusers", source_hashes=known)),
+        "diffusers -> kohya, hashes known": (work / "kk.safetensors",
+                                             lambda out: convert(diffusers_file, out, "kohya",
+                                                                 source_hashes=known_diffusers)),
+        "kohya -> ComfyUI, hashes known": (work / "ck.safetensors",
+                                           lambda out: convert(source, out, "comfyui", source_hashes=known)),
     }
     times = {name: [] for name in steps}
     for _ in range(repeats):

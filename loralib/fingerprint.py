@@ -333,8 +333,10 @@ def _group_sketches(entries: list[ModuleEntry], read: RawReader, scratch: Scratc
 
 
 # Modules of one shape are decoded together up to this many bytes of float32 values, so that the
-# memory a fingerprint needs stays small whatever the adapter's size.
-GROUP_BYTES = 64 * 2**20
+# memory a fingerprint needs stays small whatever the adapter's size. Small enough that a group's
+# values are still in the CPU's cache when they are multiplied: on a full-size SDXL file, 4 MiB
+# groups fingerprint in 0.6-0.7 times the time of 64 MiB ones (the values are the same either way).
+GROUP_BYTES = 4 * 2**20
 
 
 def _values(*shapes: tuple[int, ...]) -> int:

@@ -187,3 +187,19 @@ def test_fingerprint_is_the_same_with_and_without_torch_loaded(layers, tmp_path,
     without = fingerprint_file(str(path))
     assert with_torch.modules == without.modules == len(layers)
     assert with_torch.to_bytes() == without.to_bytes()
+
+
+def test_fingerprint_does_not_depend_on_how_modules_are_grouped(layers, tmp_path, monkeypatch):
+    """Modules of one shape are decoded and multiplied in groups of at most GROUP_BYTES; the size of
+    the groups is a matter of speed only: the stored bytes are the same for groups of one module
+    each and for a single group of every module."""
+    import loralib.fingerprint as fp
+
+    path = tmp_path / "a.safetensors"
+    loralib.save(random_adapter(layers, 8, seed=6, dtype=torch.float16), path)
+    found = {}
+    for size in (1, fp.GROUP_BYTES, 2**40):
+        monkeypatch.setattr(fp, "GROUP_BYTES", size)
+        found[size] = fingerprint_file(str(path))
+    assert {f.modules for f in found.values()} == {len(layers)}
+    assert len({f.to_bytes() for f in found.values()}) == 1

@@ -157,3 +157,55 @@ def test_a_written_file_changed_afterwards_is_hashed_as_it_is_now(tmp_path):
     assert written.hashes() == hash_file(path)
     assert written.hashes().sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert written.hashes().tensor_sha256 != written.tensor_sha256
+
+
+def test_the_data_pass_hashes_in_order_and_hands_failures_to_the_writer():
+    from loralib.files.writer import DataPass
+
+    chunks = [os.urandom(n) for n in (0, 1, 4096, 3 << 20, 17)]
+    with DataPass() as data:
+        for chunk in chunks:
+            data.add(memoryview(chunk))
+        assert data.finish() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    with pytest.raises(TypeError), DataPass() as data:
+        data.add(12345)  # not bytes: hashlib fails on the helper thread
+        data.finish()
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_stops_the_hashing(tmp_path, monkeypatch):
+    import threading
+
+    from loralib.files import writer
+
+    written = []
+
+    class FullDisk(OSError):
+        pass
+
+    real_open = open
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, data):
+            written.append(len(data))
+            if len(written) > 3:
+                raise FullDisk("No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(writer, "open", lambda *a, **k: Failing(real_open(*a, **k)), raising=False)
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(FullDisk):
+        write_safetensors(path, _big_tensors() | {"b.alpha": torch.tensor(8.0)}, {}, SELF_HASHES)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "lorareg-hash"]

@@ -2,8 +2,8 @@
 
 The tensor-data hash must go into the file's own metadata (``sshs_model_hash``). It does not
 depend on the header, so the file is written once under a temporary name with fixed-length
-placeholders in the header, the data hashed alongside, the header completed in place, and the
-file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
+placeholders in the header, the data hashed on a second thread while it is written, the header
+completed in place, and the file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
 background thread while it loads) are completed the same way: the caller passes them, with the
 placeholder each one stands behind in the metadata. The writer returns a :class:`WrittenFile`:
 the tensor hash, legacy hash and identity of what it wrote, and the hash of the whole file (one
@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +63,14 @@ def write_safetensors(
     1 MiB; left out when the header itself reaches that far). ``pending`` maps placeholder strings
     that occur in metadata values to the deferred values that replace them (of the same length).
 
-    The header is first written with placeholders of the final values' length and the data hashed
-    as it is written (each tensor while its bytes are still in the CPU's cache; a second thread would
-    take the core that inputs are hashed on); then the header is rewritten in place. The hash of the
-    whole file (header included, so known only then) is left to :meth:`WrittenFile.hashes`.
+    The header is first written with placeholders of the final values' length; the data is hashed
+    on a second thread while this one writes it (:class:`DataPass`); then the header is rewritten
+    in place. The hash of the whole file (header included, so known only then) is left to
+    :meth:`WrittenFile.hashes`.
 
-    With ``finite``, each floating-point tensor is checked for NaN and infinity as it is written
-    (its bytes are read then anyway): the first that fails stops the write with
-    :class:`NonFiniteTensor`, and nothing is left at ``path``.
+    With ``finite``, each floating-point tensor is checked for NaN and infinity right before it is
+    written: the first that fails stops the write with :class:`NonFiniteTensor`, and nothing is
+    left at ``path``.
     """
     # Larger items first keeps every tensor aligned to its element size, as the safetensors library does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -88,17 +90,18 @@ def write_safetensors(
     meta.update({key: _PLACEHOLDER[kind] for key, kind in self_hashes.items()})
     raw = _header_bytes(entries, meta)
     data_start = 8 + len(raw)
-    digest = hashlib.sha256()
     length = struct.pack("<Q", len(raw))  # the header keeps its length when filled in
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    # "r+b": the temporary file was just created empty; truncating it again ("wb") would make ext4
+    # write the whole file out to disk when it is closed (its guard for files rewritten in place)
+    with atomic_file(path) as tmp, open(tmp, "r+b") as f, DataPass() as data:
         f.write(length)
         f.write(raw)
         for name, view in zip(names, views):
             if finite and not all_finite(tensors[name]):
                 raise NonFiniteTensor(name)
+            data.add(view)
             f.write(view)
-            digest.update(view)
-        tensor_sha256 = digest.hexdigest()
+        tensor_sha256 = data.finish()
         final = raw
         if pending or self_hashes:
             meta = _fill(meta, pending or {})
@@ -116,6 +119,56 @@ def write_safetensors(
     index = index_bytes((name, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items())
     legacy = _legacy_hash([length + final, *views])
     return WrittenFile(Path(path), tensor_sha256, legacy, identity_of(index, tensor_sha256), _stamp(path))
+
+
+class DataPass:
+    """The SHA-256 of a file's tensor data, computed on a helper thread from the bytes handed to
+    :meth:`add`, in order, while the caller writes them: hashing costs about as much as writing,
+    and both release the GIL.
+
+    :meth:`finish` waits and returns the hex digest (re-raising what failed on the helper).
+    Leaving the ``with`` block stops the helper.
+    """
+
+    _DONE = object()
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="lorareg-hash", daemon=True)
+
+    def __enter__(self) -> DataPass:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info and exc_info[0] is not None:
+            self._stopped = True  # the write failed: what is still queued is not worth hashing
+        if self._thread.is_alive():
+            self._queue.put(self._DONE)
+            self._thread.join()
+
+    def add(self, view: memoryview) -> None:
+        """Hash the next bytes."""
+        self._queue.put(view)
+
+    def finish(self) -> str:
+        """The SHA-256 of every byte added (waiting for the helper)."""
+        self.__exit__()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+    def _run(self) -> None:
+        while (view := self._queue.get()) is not self._DONE:
+            if self._stopped or self._error is not None:
+                continue  # only drain the queue
+            try:
+                self._digest.update(view)
+            except BaseException as exc:  # handed to the writing thread
+                self._error = exc
 
 
 class NonFiniteTensor(ValueError):
