@@ -159,3 +159,37 @@ def test_inputs_the_catalog_holds_unchanged_are_not_hashed_again(lorareg, layers
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # changed since: hashed again
     assert run(tmp_path / "out2.safetensors")["tensor_sha256"] == recorded["tensor_sha256"]
     assert source in hashed
+
+
+@pytest.mark.parametrize("named", ["folder", "weights file"])
+def test_a_peft_folder_the_catalog_holds_unchanged_is_not_hashed_again(lorareg, layers, tmp_path, monkeypatch, named):
+    import os
+
+    import loralib.files.hashes as hashes
+    from loralib.files.header import read_header
+    from loralib.metadata import history
+
+    folder = tmp_path / "peft_source"
+    loralib.save(random_adapter(layers, rank=8, seed=4, architecture="sd1"), folder, "peft")
+    weights = folder / "adapter_model.safetensors"
+    assert lorareg("add", folder).code == 0
+    hashed = []
+    real = hashes.hash_adapter_files
+    monkeypatch.setattr(hashes, "hash_adapter_files", lambda headers: hashed.extend(h.path for h in headers) or real(headers))
+    given = folder if named == "folder" else weights
+
+    def run(output):
+        result = lorareg("convert", given, "--to", "kohya", "-o", output)
+        assert result.code == 0, result.err
+        (record,) = [r for r in history(loralib.load(output).metadata) if r["operation"] == "convert"]
+        return record["inputs"][0]
+
+    recorded = run(tmp_path / "out1.safetensors")
+    assert weights not in hashed  # the catalog's hashes were used, and they are the folder's
+    truth = hashes.hash_adapter_files([read_header(weights)])
+    assert (recorded["identity"], recorded["tensor_sha256"], recorded["sha256"]) == \
+        (truth.identity, truth.tensor_sha256, truth.sha256)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # changed since: hashed again
+    assert run(tmp_path / "out2.safetensors")["identity"] == recorded["identity"]
+    assert weights in hashed
