@@ -3,11 +3,12 @@
 The tensor-data hash must go into the file's own metadata (``sshs_model_hash``). It does not
 depend on the header, so the file is written once under a temporary name with fixed-length
 placeholders in the header, the data hashed on a second thread while it is written, the header
-completed in place, and the file renamed into place. Values still being computed elsewhere (an input's hash, hashed in a
-background thread while it loads) are completed the same way: the caller passes them, with the
-placeholder each one stands behind in the metadata. The writer returns a :class:`WrittenFile`:
-the tensor hash, legacy hash and identity of what it wrote, and the hash of the whole file (one
-more pass over every byte, which only the catalog needs) when first asked for.
+completed in place, and the file renamed into place. Values still being computed elsewhere (an
+input's hash, hashed in a background thread while it loads) are completed the same way: the
+caller passes them, with the placeholder each one stands behind in the metadata. The writer
+returns a :class:`WrittenFile`: the tensor hash, legacy hash and identity of what it wrote, and the
+hash of the whole file (one more pass over every byte, which only the catalog needs) when first
+asked for.
 """
 
 from __future__ import annotations
