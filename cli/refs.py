@@ -60,7 +60,8 @@ def resolve_adapter(ctx: click.Context, reference: str) -> Path:
 
 
 def known_hashes(ctx: click.Context, path: Path):
-    """The hashes the catalog holds for the unchanged single-file adapter ``path`` (None: hash it)."""
+    """The hashes the catalog holds for the adapter ``path`` while it is unchanged (None: hash it);
+    see :func:`lorareg.registry.known.known_hashes`."""
     from lorareg.registry.known import known_hashes as recorded
 
     return recorded(path, catalog_home(ctx))

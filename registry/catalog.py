@@ -191,8 +191,11 @@ class Catalog:
         return found[0] if found else None
 
     def file_hashes(self, path: str | os.PathLike, size: int, mtime_ns: int) -> FileHashes | None:
-        """The hashes recorded for the single-file adapter at ``path`` when it has not changed since
-        (the same size and modification time, as ``scan`` trusts); None when unknown or changed."""
+        """The hashes recorded for the adapter whose main file is ``path`` (the file itself, or a PEFT
+        folder's weights) when that file has not changed since (the same size and modification time,
+        as ``scan`` trusts); None when unknown or changed. The identity returned is the adapter's, so
+        it stands for the whole adapter only when that file is its one weights file (which
+        :func:`.known.known_hashes` checks before asking)."""
         from loralib.files.hashes import FileHashes
 
         from .upgrade_v4 import placeholder_identity

@@ -144,12 +144,10 @@ class DataPass:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        if exc_info and exc_info[0] is not None:
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
             self._stopped = True  # the write failed: what is still queued is not worth hashing
-        if self._thread.is_alive():
-            self._queue.put(self._DONE)
-            self._thread.join()
+        self._join()
 
     def add(self, view: memoryview) -> None:
         """Hash the next bytes."""
@@ -157,10 +155,15 @@ class DataPass:
 
     def finish(self) -> str:
         """The SHA-256 of every byte added (waiting for the helper)."""
-        self.__exit__()
+        self._join()
         if self._error is not None:
             raise self._error
         return self._digest.hexdigest()
+
+    def _join(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(self._DONE)
+            self._thread.join()
 
     def _run(self) -> None:
         while (view := self._queue.get()) is not self._DONE:
